@@ -1,0 +1,34 @@
+# relay: the two commands a user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: install run test bench bench-smoke check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: install          ## install (first time) and start the relay; pass options with ARGS="-c relay.toml"
+	$(VENV)/bin/relay serve $(ARGS)
+
+test: install         ## run the whole test suite
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install        ## relay vs direct upstream benchmark; results in bench/results/
+	$(PY) -m bench $(ARGS)
+
+bench-smoke: install  ## a few-second run of the benchmark harness
+	$(PY) -m bench --smoke $(ARGS)
+
+check: install        ## validate a config: make check ARGS="-c relay.toml"
+	$(VENV)/bin/relay check $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

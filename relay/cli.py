@@ -1,0 +1,93 @@
+"""The commands: serve, check, --version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from relay import __version__
+from relay.config import Config, ConfigError, load
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="path to relay.toml (default: $RELAY_CONFIG; none = OpenAI from the environment)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="The Anthropic Messages API in front of any model.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gateway")
+    _add_config(serve)
+    serve.add_argument("--host", help="address to listen on (default from config, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default from config, else 8787)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
+    _add_config(check)
+    check.add_argument("models", nargs="*", help="model ids to show the resolution of")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"relay: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        return check(config, args.models)
+    return serve(config, args.host, args.port, args.log_level)
+
+
+def serve(config: Config, host: str | None, port: int | None, log_level: str) -> int:
+    import trio
+
+    from relay.log import setup
+    from relay.server import Server
+
+    setup(log_level)
+    server = Server(config)
+    try:
+        trio.run(server.serve, host, port)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"relay: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check(config: Config, models: list[str]) -> int:
+    from relay.errors import RelayError
+    from relay.routing import resolve
+
+    print(f"config: {config.source}")
+    s = config.server
+    print(f"server: http://{s.host}:{s.port}  client keys: {len(s.api_keys) or 'none (open)'}  body limit: {s.body_limit} bytes")
+    for p in config.providers.values():
+        keys = f"{len(p.api_keys)} key(s)" if p.api_keys else "no key"
+        print(f"provider {p.name}: format={p.format} base_url={p.base_url} {keys}")
+        if p.models:
+            print(f"  models: {', '.join(p.models)}")
+        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "system_turns", "reasoning_control", "think_tags") if getattr(p, k) not in (None, False, "keep", "none")]
+        if quirks:
+            print(f"  {' '.join(quirks)}")
+    for alias, targets in config.models.items():
+        print(f"alias {alias} -> {', '.join(targets)}")
+    for route, targets in config.routes.items():
+        print(f"route {route} -> {', '.join(targets)}")
+    samples = models or ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]
+    status = 0
+    for model in samples:
+        try:
+            targets = resolve(config, model)
+            print(f"resolve {model} -> {', '.join(t.label for t in targets)}")
+        except RelayError as exc:
+            print(f"resolve {model} -> error: {exc.message}")
+            status = 1 if models else status
+    return status

@@ -1,0 +1,267 @@
+"""Configuration: TOML -> frozen dataclasses, ``${VAR}`` expansion, errors that name the key and line.
+
+The file format is relay's public contract (documented in the README). Unknown keys are errors, not
+silently ignored, so a typo cannot quietly change behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("openai",)
+SYSTEM_TURNS = ("keep", "merge", "user")
+REASONING_CONTROLS = ("none", "reasoning_effort")
+AUTH_STYLES = ("bearer", "api-key", "x-api-key", "none")
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    format: str = "openai"
+    api_keys: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    max_tokens_cap: int | None = None
+    max_tokens_field: str = "max_tokens"
+    auth: str = "bearer"
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0  # longest silence between two upstream reads
+    max_connections: int = 256
+    # Quirks: data, not code paths.
+    system_turns: str = "keep"
+    reasoning_control: str = "none"
+    reasoning_return: bool = False  # send thinking back as reasoning_content (DeepSeek thinking + tools)
+    think_tags: bool = False  # split inline <think>...</think> out of content into thinking blocks
+    stream_usage: bool = True  # send stream_options.include_usage
+    pass_top_k: bool = False
+    passthrough_models: bool = False  # any model name the client sends goes upstream unchanged
+
+    @property
+    def api_key(self) -> str:
+        return self.api_keys[0] if self.api_keys else ""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    api_keys: tuple[str, ...] = ()
+    body_limit: int = 32 * 1024 * 1024
+    header_timeout: float = 30.0  # time to deliver a whole request once it has started
+    idle_timeout: float = 120.0  # keep-alive connection with no request
+    max_header_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    providers: dict[str, Provider] = field(default_factory=dict)
+    models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> "provider/model" targets
+    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+
+ROUTE_NAMES = ("default", "haiku", "sonnet", "opus")
+
+_SERVER_KEYS = {
+    "host": str,
+    "port": int,
+    "api_keys": list,
+    "body_limit": int,
+    "header_timeout": (int, float),
+    "idle_timeout": (int, float),
+    "max_header_bytes": int,
+}
+_PROVIDER_KEYS: dict[str, Any] = {
+    "format": str,
+    "base_url": str,
+    "api_key": (str, list),
+    "models": list,
+    "headers": dict,
+    "max_tokens_cap": int,
+    "max_tokens_field": str,
+    "auth": str,
+    "connect_timeout": (int, float),
+    "read_timeout": (int, float),
+    "max_connections": int,
+    "system_turns": str,
+    "reasoning_control": str,
+    "reasoning_return": bool,
+    "think_tags": bool,
+    "stream_usage": bool,
+    "pass_top_k": bool,
+    "passthrough_models": bool,
+}
+_CHOICES = {
+    "format": FORMATS,
+    "system_turns": SYSTEM_TURNS,
+    "reasoning_control": REASONING_CONTROLS,
+    "auth": AUTH_STYLES,
+    "max_tokens_field": MAX_TOKENS_FIELDS,
+}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Source:
+    """Finds the line of a key in the TOML text, so errors can point at it."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, table: str, key: str | None = None) -> int | None:
+        current = ""
+        header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
+        for number, line in enumerate(self.lines, 1):
+            m = header.match(line)
+            if m:
+                current = m.group(1).replace('"', "").replace(" ", "")
+                if key is None and current == table:
+                    return number
+                continue
+            if key is not None and current == table:
+                stripped = line.lstrip().replace('"', "")
+                if stripped.startswith(key) and stripped[len(key) :].lstrip().startswith("="):
+                    return number
+        return None
+
+    def error(self, table: str, key: str | None, message: str) -> ConfigError:
+        where = f"{table}.{key}" if key else table
+        line = self.line_of(table, key)
+        at = f"{self.path}:{line}" if line else self.path
+        return ConfigError(f"{at}: {where}: {message}")
+
+
+def _expand(value: Any, src: _Source, table: str, key: str, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise src.error(table, key, f"environment variable {name} is not set (write ${{{name}:-}} to make it optional)")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, src, table, key, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, src, table, key, env) for k, v in value.items()}
+    return value
+
+
+def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, table: str) -> None:
+    for key, value in data.items():
+        if key not in allowed:
+            raise src.error(table, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        kind = allowed[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise src.error(table, key, f"expected {names}, got {type(value).__name__}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise src.error(table, key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+
+
+def _targets(value: Any, src: _Source, table: str, key: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise src.error(table, key, "expected \"provider/model\" or a list of them")
+    return tuple(items)
+
+
+def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) -> Config:
+    env = dict(os.environ) if env is None else env
+    src = _Source(path, text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+    for key in data:
+        if key not in ("server", "providers", "models", "routes"):
+            raise src.error(key, None, "unknown section (allowed: server, providers, models, routes)")
+
+    raw_server = data.get("server", {})
+    _check_keys(raw_server, _SERVER_KEYS, src, "server")
+    raw_server = {k: _expand(v, src, "server", k, env) for k, v in raw_server.items()}
+    keys = tuple(k for k in raw_server.pop("api_keys", []) if k)
+    server = ServerConfig(api_keys=keys, **raw_server)
+    if not 0 <= server.port <= 65535:
+        raise src.error("server", "port", "must be 0..65535")
+
+    providers: dict[str, Provider] = {}
+    for name, raw in data.get("providers", {}).items():
+        table = f"providers.{name}"
+        if not isinstance(raw, dict):
+            raise src.error("providers", name, "expected a table")
+        _check_keys(raw, _PROVIDER_KEYS, src, table)
+        raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
+        if "base_url" not in raw:
+            raise src.error(table, None, "base_url is required")
+        api_key = raw.pop("api_key", ())
+        api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
+        headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
+        models = tuple(str(m) for m in raw.pop("models", []))
+        raw["base_url"] = raw["base_url"].rstrip("/")
+        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, **raw)
+
+    def check_target(target: str, table: str, key: str) -> None:
+        provider, sep, model = target.partition("/")
+        if not sep or not model:
+            raise src.error(table, key, f"{target!r} is not of the form provider/model")
+        if provider not in providers:
+            raise src.error(table, key, f"unknown provider {provider!r} (configured: {', '.join(providers) or 'none'})")
+
+    models: dict[str, tuple[str, ...]] = {}
+    for alias, value in data.get("models", {}).items():
+        targets = _targets(value, src, "models", alias)
+        for t in targets:
+            check_target(t, "models", alias)
+        models[alias] = targets
+
+    routes: dict[str, tuple[str, ...]] = {}
+    for route, value in data.get("routes", {}).items():
+        if route not in ROUTE_NAMES:
+            raise src.error("routes", route, f"unknown route (allowed: {', '.join(ROUTE_NAMES)})")
+        targets = _targets(value, src, "routes", route)
+        for t in targets:
+            check_target(t, "routes", route)
+        routes[route] = targets
+
+    return Config(server=server, providers=providers, models=models, routes=routes, source=path)
+
+
+def load(path: str | None, env: dict[str, str] | None = None) -> Config:
+    """Load the config file, or with none, serve from OPENAI_BASE_URL/OPENAI_API_KEY with model names passed through."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("RELAY_CONFIG")
+    if not path:
+        return default_config(env)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return parse(text, path, env)
+
+
+def default_config(env: dict[str, str]) -> Config:
+    key = env.get("OPENAI_API_KEY", "")
+    provider = Provider(
+        name="openai",
+        base_url=env.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/"),
+        api_keys=(key,) if key else (),
+        passthrough_models=True,
+    )
+    return Config(providers={"openai": provider}, source="<environment: OPENAI_BASE_URL, OPENAI_API_KEY>")

@@ -1,0 +1,187 @@
+"""Anthropic error types, the HTTP status mapping, and turning any upstream error body into one of ours.
+
+Every failure a client sees has the Anthropic shape
+``{"type":"error","error":{"type":...,"message":...}}`` with the matching status, whether the fault is the
+client's, relay's, or the upstream's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+# status -> Anthropic error type (docs: "Errors"; 400 is also used for unlisted 4xx)
+STATUS_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def type_for_status(status: int) -> str:
+    if status in STATUS_TYPES:
+        return STATUS_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+class RelayError(Exception):
+    """An error that becomes an Anthropic error response (or an ``event: error`` mid-stream)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or type_for_status(status)
+        self.headers = headers or []
+
+    def body(self, request_id: str | None = None) -> bytes:
+        doc: dict[str, Any] = {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+        if request_id:
+            doc["request_id"] = request_id
+        return orjson.dumps(doc)
+
+    def sse(self) -> bytes:
+        return b"event: error\ndata: " + self.body() + b"\n\n"
+
+
+def invalid(message: str) -> RelayError:
+    return RelayError(400, message, "invalid_request_error")
+
+
+# Upstream statuses that do not map one to one onto an Anthropic status.
+_UPSTREAM_STATUS = {422: 400, 502: 500, 520: 500, 522: 504, 524: 504}
+
+
+def _message_from(doc: Any, depth: int = 0) -> str | None:
+    """Dig the human message out of the many error shapes providers use."""
+    if depth > 4:
+        return None
+    if isinstance(doc, list):
+        for item in doc:  # Gemini's OpenAI endpoint wraps the error in an array
+            found = _message_from(item, depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(doc, str):
+        return doc or None
+    if not isinstance(doc, dict):
+        return None
+    err = doc.get("error")
+    if err is not None and err is not doc:
+        found = _message_from(err, depth + 1)
+        if found:
+            # OpenRouter: "Provider returned error" with the provider's own body in metadata.raw
+            raw = err.get("metadata", {}).get("raw") if isinstance(err, dict) and isinstance(err.get("metadata"), dict) else None
+            if isinstance(raw, str) and raw:
+                inner = raw
+                try:
+                    inner = _message_from(orjson.loads(raw), depth + 1) or raw
+                except orjson.JSONDecodeError:
+                    pass
+                provider = err["metadata"].get("provider_name")
+                found = f"{found}: {inner}" + (f" (provider {provider})" if provider else "")
+            return found
+    for key in ("message", "detail", "error_message", "msg"):
+        value = doc.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, (dict, list)):
+            found = _message_from(value, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def _retry_after_from(doc: Any) -> str | None:
+    """Google RPC errors carry RetryInfo.retryDelay ("32s") in details[] instead of a header."""
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            delay = node.get("retryDelay")
+            if isinstance(delay, str):
+                m = re.fullmatch(r"(\d+(?:\.\d+)?)s", delay.strip())
+                if m:
+                    return str(max(1, round(float(m.group(1)))))
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def from_upstream(
+    status: int,
+    body: bytes,
+    secrets: tuple[str, ...] = (),
+    retry_after: str | None = None,
+    provider: str = "upstream",
+) -> RelayError:
+    """An upstream HTTP error response becomes the Anthropic error with the matching status and type."""
+    text = body.decode("utf-8", "replace")
+    doc: Any = None
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        pass
+    message = _message_from(doc) if doc is not None else None
+    if not message:
+        message = text.strip()[:2000] or f"HTTP {status}"
+    out_status = _UPSTREAM_STATUS.get(status, status)
+    if not (400 <= out_status < 600):
+        out_status = 500
+    if retry_after is None and doc is not None and status == 429:
+        retry_after = _retry_after_from(doc)
+    headers = [(b"retry-after", retry_after.encode())] if retry_after else []
+    return RelayError(
+        out_status,
+        redact(f"{provider}: {message}", secrets),
+        type_for_status(out_status),
+        headers,
+    )
+
+
+def from_stream_error(doc: Any, secrets: tuple[str, ...] = (), provider: str = "upstream") -> RelayError:
+    """A ``data: {"error": ...}`` event inside an HTTP 200 stream."""
+    err = doc.get("error") if isinstance(doc, dict) else None
+    status = 500
+    if isinstance(err, dict):
+        code = err.get("code")
+        if isinstance(code, int) and 400 <= code < 600:
+            status = _UPSTREAM_STATUS.get(code, code)
+        elif isinstance(code, str) and code.isdigit() and 400 <= int(code) < 600:
+            status = int(code)
+        kind = str(err.get("type") or err.get("status") or "")
+        if status == 500 and ("rate" in kind or "RESOURCE_EXHAUSTED" in kind):
+            status = 429
+        elif status == 500 and ("overload" in kind or "UNAVAILABLE" in kind):
+            status = 529
+        elif status == 500 and kind in ("invalid_request_error", "BadRequestError", "INVALID_ARGUMENT"):
+            status = 400
+    message = _message_from(doc) or "upstream reported an error"
+    return RelayError(status, redact(f"{provider}: {message}", secrets), type_for_status(status))
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """Upstream keys never leave relay, even when an upstream echoes them back in an error."""
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret in text:
+            text = text.replace(secret, "[redacted]")
+    # Key-looking tokens an upstream may echo (sk-..., AIza...) even when they are not ours.
+    return re.sub(r"\b(sk-[A-Za-z0-9_\-]{8})[A-Za-z0-9_\-]{8,}", r"\1…[redacted]", text)

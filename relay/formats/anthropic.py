@@ -1,0 +1,182 @@
+"""The target format: Anthropic Messages events as byte templates, ids, and stop/usage shapes.
+
+Hot-path output is built from byte templates plus ``orjson.dumps`` of the one string that varies, never by
+serialising a dict per event.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+
+_ALPHABET = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _base62(nbytes: int, length: int) -> str:
+    raw = os.urandom(nbytes)
+    return bytes(_ALPHABET[b % 62] for b in raw)[:length].decode()
+
+
+def message_id() -> str:
+    return "msg_01" + _base62(24, 22)
+
+
+def tool_use_id() -> str:
+    return "toolu_01" + _base62(24, 22)
+
+
+def request_id() -> str:
+    return "req_01" + _base62(24, 22)
+
+
+def thinking_signature() -> str:
+    """An opaque signature so clients (the SDK, Claude Code) accept a thinking block relay made.
+
+    It is not verifiable by Anthropic; relay drops thinking blocks on the way back upstream, so no one checks.
+    """
+    return "relay-" + _base62(48, 43)
+
+
+# ---- stream event templates ------------------------------------------------------------------
+
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def message_start(msg_id: str, model: str, input_tokens: int = 0) -> bytes:
+    return (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"'
+        + msg_id.encode()
+        + b'","type":"message","role":"assistant","model":'
+        + orjson.dumps(model)
+        + b',"content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":%d,'
+        b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0}}}\n\n' % input_tokens
+    )
+
+
+def text_block_start(index: int) -> bytes:
+    return (
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+        b'"content_block":{"type":"text","text":""}}\n\n' % index
+    )
+
+
+def thinking_block_start(index: int) -> bytes:
+    return (
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+        b'"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n' % index
+    )
+
+
+def tool_block_start(index: int, tool_id: str, name: str) -> bytes:
+    return (
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+        b'"content_block":{"type":"tool_use","id":' % index
+        + orjson.dumps(tool_id)
+        + b',"name":'
+        + orjson.dumps(name)
+        + b',"input":{}}}\n\n'
+    )
+
+
+def text_delta(index: int, text: str) -> bytes:
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+        b'"delta":{"type":"text_delta","text":' % index
+        + orjson.dumps(text)
+        + b"}}\n\n"
+    )
+
+
+def thinking_delta(index: int, text: str) -> bytes:
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+        b'"delta":{"type":"thinking_delta","thinking":' % index
+        + orjson.dumps(text)
+        + b"}}\n\n"
+    )
+
+
+def signature_delta(index: int, signature: str) -> bytes:
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+        b'"delta":{"type":"signature_delta","signature":' % index
+        + orjson.dumps(signature)
+        + b"}}\n\n"
+    )
+
+
+def input_json_delta(index: int, partial: str) -> bytes:
+    return (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+        b'"delta":{"type":"input_json_delta","partial_json":' % index
+        + orjson.dumps(partial)
+        + b"}}\n\n"
+    )
+
+
+def block_stop(index: int) -> bytes:
+    return b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % index
+
+
+def message_delta(stop_reason: str | None, stop_sequence: str | None, usage: dict[str, int]) -> bytes:
+    return (
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        + orjson.dumps(stop_reason)
+        + b',"stop_sequence":'
+        + orjson.dumps(stop_sequence)
+        + b'},"usage":'
+        + orjson.dumps(usage)
+        + b"}\n\n"
+    )
+
+
+def usage_dict(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_creation: int = 0) -> dict[str, int]:
+    return {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": cache_creation,
+        "cache_read_input_tokens": cache_read,
+        "output_tokens": output_tokens,
+    }
+
+
+def message(
+    msg_id: str,
+    model: str,
+    content: list[dict[str, Any]],
+    stop_reason: str | None,
+    stop_sequence: str | None,
+    usage: dict[str, int],
+) -> dict[str, Any]:
+    return {
+        "id": msg_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": usage,
+    }
+
+
+def events_from_message(msg: dict[str, Any]) -> bytes:
+    """A whole Message replayed as a stream, for upstreams that answer a stream request in one piece."""
+    usage = msg["usage"]
+    out = [message_start(msg["id"], msg["model"], usage.get("input_tokens", 0))]
+    for index, block in enumerate(msg["content"]):
+        kind = block["type"]
+        if kind == "text":
+            out += [text_block_start(index), text_delta(index, block["text"])]
+        elif kind == "thinking":
+            out += [thinking_block_start(index), thinking_delta(index, block["thinking"]),
+                    signature_delta(index, block.get("signature") or thinking_signature())]
+        elif kind == "tool_use":
+            out.append(tool_block_start(index, block["id"], block["name"]))
+            if block["input"]:
+                out.append(input_json_delta(index, orjson.dumps(block["input"]).decode()))
+        out.append(block_stop(index))
+    out += [message_delta(msg["stop_reason"], msg["stop_sequence"], usage), MESSAGE_STOP]
+    return b"".join(out)

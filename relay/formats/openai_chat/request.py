@@ -1,0 +1,383 @@
+"""Anthropic Messages request -> OpenAI Chat Completions request.
+
+Every Anthropic field has a deliberate fate: mapped, or dropped on purpose (reported in ``dropped`` so the
+server can log it at debug). Pure: dict in, dict out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from relay.config import Provider
+from relay.errors import invalid
+
+# Anthropic server tools and versioned built-in tools: the upstream model cannot run them.
+_SERVER_TOOL_PREFIXES = ("web_search", "web_fetch", "code_execution", "bash_", "text_editor", "computer_", "memory")
+BILLING_HEADER = "x-anthropic-billing-header:"
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high", "xhigh": "high", "minimal": "low"}
+
+
+def _text_of_blocks(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}: expected a string or a list of content blocks")
+    parts: list[str] = []
+    for block in content:
+        if not isinstance(block, dict):
+            raise invalid(f"{where}: content blocks must be objects")
+        if block.get("type") == "text":
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise invalid(f"{where}: text block without a string 'text'")
+            parts.append(text)
+    return "\n\n".join(parts)
+
+
+def system_text(system: Any) -> str:
+    """The leading system prompt. Claude Code's per-request billing header block is left out: it changes on
+    every call and would defeat the upstream's prefix cache."""
+    if system is None:
+        return ""
+    if isinstance(system, list):
+        system = [
+            b for b in system
+            if not (isinstance(b, dict) and isinstance(b.get("text"), str) and b["text"].startswith(BILLING_HEADER))
+        ]
+    return _text_of_blocks(system, "system")
+
+
+def _image_url(source: Any, where: str) -> str:
+    if not isinstance(source, dict):
+        raise invalid(f"{where}: image block without a source")
+    kind = source.get("type")
+    if kind == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(media, str) or not isinstance(data, str):
+            raise invalid(f"{where}: base64 image needs media_type and data")
+        return f"data:{media};base64,{data}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise invalid(f"{where}: unsupported image source type {kind!r}")
+
+
+def _document_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source")
+    title = block.get("title")
+    prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
+    if not isinstance(source, dict):
+        raise invalid(f"{where}: document block without a source")
+    kind = source.get("type")
+    if kind == "text":
+        return {"type": "text", "text": prefix + str(source.get("data", ""))}
+    if kind == "base64":
+        media = source.get("media_type", "application/pdf")
+        name = title if isinstance(title, str) and title else "document.pdf"
+        return {"type": "file", "file": {"filename": name, "file_data": f"data:{media};base64,{source.get('data', '')}"}}
+    if kind == "url":
+        return {"type": "text", "text": f"{prefix}Document at {source.get('url')}"}
+    if kind == "content":
+        return {"type": "text", "text": prefix + _text_of_blocks(source.get("content", []), where)}
+    raise invalid(f"{where}: unsupported document source type {kind!r}")
+
+
+def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            raise invalid(f"{where}.content.{i}: content blocks must be objects")
+        kind = block.get("type")
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise invalid(f"{where}.content.{i}: text block without a string 'text'")
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), f"{where}.content.{i}")}})
+        elif kind == "document":
+            parts.append(_document_part(block, f"{where}.content.{i}"))
+        elif kind == "search_result":
+            body = _text_of_blocks(block.get("content", []), f"{where}.content.{i}")
+            parts.append({"type": "text", "text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
+        elif kind == "tool_reference":
+            parts.append({"type": "text", "text": _tool_loaded(block)})
+        elif kind in ("thinking", "redacted_thinking"):
+            dropped.add("user thinking block")
+        elif kind is None:
+            raise invalid(f"{where}.content.{i}: content block without a type")
+        else:
+            dropped.add(f"content block type {kind}")
+    return parts
+
+
+def _tool_loaded(block: dict[str, Any]) -> str:
+    return f"Tool {block.get('tool_name')} is now loaded and can be called."
+
+
+def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Text-only content goes as a plain string: the form every OpenAI-compatible server accepts."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[str, list[dict[str, Any]]]:
+    """A tool_result's text for the tool message, and any images that must follow as a user message."""
+    content = block.get("content", "")
+    texts: list[str] = []
+    images: list[dict[str, Any]] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in _user_parts(content, where, dropped):
+            if part["type"] == "text":
+                texts.append(part["text"])
+            else:
+                images.append(part)
+    else:
+        raise invalid(f"{where}: tool_result content must be a string or a list")
+    text = "\n\n".join(texts)
+    if block.get("is_error") and not text.lower().startswith("error"):
+        text = "Error: " + text
+    if images and not text:
+        text = "(the result is the image below)"
+    return text, images
+
+
+def _referenced_tools(messages: list[Any]) -> set[str]:
+    names: set[str] = set()
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                for inner in block["content"]:
+                    if isinstance(inner, dict) and inner.get("type") == "tool_reference":
+                        names.add(str(inner.get("tool_name")))
+    return names
+
+
+def _tools(req: dict[str, Any], referenced: set[str], dropped: set[str]) -> list[dict[str, Any]]:
+    tools = req.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise invalid("tools: expected a list")
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise invalid(f"tools.{i}: expected an object")
+        kind = tool.get("type")
+        name = tool.get("name")
+        if kind not in (None, "custom"):
+            if isinstance(kind, str) and kind.startswith(_SERVER_TOOL_PREFIXES):
+                dropped.add(f"server tool {kind} (the upstream cannot run it)")
+                continue
+            dropped.add(f"tool type {kind}")
+            continue
+        if not isinstance(name, str) or not name:
+            raise invalid(f"tools.{i}.name: Field required")
+        if tool.get("defer_loading") and name not in referenced:
+            continue  # as Anthropic does: a deferred tool reaches the model only once a tool_reference loads it
+        schema = tool.get("input_schema")
+        if schema is None:
+            schema = {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise invalid(f"tools.{i}.input_schema: expected an object")
+        function: dict[str, Any] = {"name": name, "parameters": schema}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _effort(req: dict[str, Any]) -> str | None:
+    """Claude's thinking settings -> an OpenAI reasoning_effort, or None when thinking is off."""
+    thinking = req.get("thinking")
+    output_config = req.get("output_config")
+    effort = output_config.get("effort") if isinstance(output_config, dict) else None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return None
+    if isinstance(effort, str) and effort in EFFORTS:
+        return EFFORTS[effort]
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int):
+            return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+        return "medium"
+    if kind == "adaptive":
+        return "medium"
+    return None
+
+
+def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> tuple[dict[str, Any], set[str]]:
+    """Returns the upstream body and the set of things deliberately dropped (for a debug log line)."""
+    dropped: set[str] = set()
+    messages_in = req.get("messages")
+    if not isinstance(messages_in, list):
+        raise invalid("messages: Field required (a list)")
+    system = system_text(req.get("system"))
+    merged_system: list[str] = [system] if system else []
+    out: list[dict[str, Any]] = []
+    # each tool call id waiting for its result; OpenAI requires every call to be answered before the next turn
+    pending_calls: list[str] = []
+    referenced = _referenced_tools(messages_in)
+
+    def answer_pending() -> None:
+        for call_id in pending_calls:
+            out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result: the tool call was interrupted)"})
+        pending_calls.clear()
+
+    for n, message in enumerate(messages_in):
+        where = f"messages.{n}"
+        if not isinstance(message, dict):
+            raise invalid(f"{where}: expected an object")
+        role = message.get("role")
+        content = message.get("content")
+        if role not in ("user", "assistant", "system"):
+            raise invalid(f"{where}.role: Input should be 'user' or 'assistant'")
+        if content is None:
+            raise invalid(f"{where}.content: Field required")
+        if role == "system":
+            text = _text_of_blocks(content, f"{where}.content")
+            if provider.system_turns == "merge" or not out:  # a system turn before any other is the system prompt
+                merged_system.append(text)
+            else:
+                answer_pending()
+                out.append({"role": "user" if provider.system_turns == "user" else "system", "content": text})
+            continue
+        if isinstance(content, str):
+            if role == "user":
+                answer_pending()
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise invalid(f"{where}.content: expected a string or a list of content blocks")
+        if role == "assistant":
+            answer_pending()
+            texts: list[str] = []
+            reasoning: list[str] = []
+            calls: list[dict[str, Any]] = []
+            for i, block in enumerate(content):
+                if not isinstance(block, dict):
+                    raise invalid(f"{where}.content.{i}: content blocks must be objects")
+                kind = block.get("type")
+                if kind == "text":
+                    if isinstance(block.get("text"), str) and block["text"]:
+                        texts.append(block["text"])
+                elif kind == "tool_use":
+                    call_id = block.get("id")
+                    name = block.get("name")
+                    if not isinstance(call_id, str) or not isinstance(name, str):
+                        raise invalid(f"{where}.content.{i}: tool_use needs a string id and name")
+                    arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
+                    calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+                elif kind == "thinking":
+                    if isinstance(block.get("thinking"), str):
+                        reasoning.append(block["thinking"])
+                elif kind == "redacted_thinking":
+                    dropped.add("redacted_thinking")
+                elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result"):
+                    dropped.add(f"assistant {kind}")
+                elif kind is None:
+                    raise invalid(f"{where}.content.{i}: content block without a type")
+                else:
+                    dropped.add(f"assistant block {kind}")
+            entry: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else (None if calls else "")}
+            if calls:
+                entry["tool_calls"] = calls
+                pending_calls.extend(c["id"] for c in calls)
+            if reasoning:
+                if provider.reasoning_return:
+                    entry["reasoning_content"] = "\n\n".join(reasoning)
+                else:
+                    dropped.add("thinking blocks (the client's record)")
+            out.append(entry)
+            continue
+        # user turn: tool results first (they must follow the calling assistant turn), then the rest
+        rest: list[Any] = []
+        follow_images: list[dict[str, Any]] = []
+        for i, block in enumerate(content):
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                call_id = block.get("tool_use_id")
+                if not isinstance(call_id, str):
+                    raise invalid(f"{where}.content.{i}.tool_use_id: Field required")
+                text, images = _tool_result(block, f"{where}.content.{i}", dropped)
+                if call_id in pending_calls:
+                    pending_calls.remove(call_id)
+                    out.append({"role": "tool", "tool_call_id": call_id, "content": text})
+                else:  # a result for a call the upstream never saw: keep its content as plain text
+                    rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
+                if images:
+                    follow_images.append({"type": "text", "text": f"[images returned by tool call {call_id}]"})
+                    follow_images.extend(images)
+            else:
+                rest.append(block)
+        answer_pending()
+        parts = follow_images + _user_parts(rest, where, dropped)
+        if parts:
+            out.append({"role": "user", "content": _collapse(parts)})
+
+    if merged_system:
+        out.insert(0, {"role": "system", "content": "\n\n".join(merged_system)})
+
+    body: dict[str, Any] = {"model": model, "messages": out}
+    max_tokens = req.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise invalid("max_tokens: Field required (a positive integer)")
+    if provider.max_tokens_cap is not None:
+        max_tokens = min(max_tokens, provider.max_tokens_cap)
+    body[provider.max_tokens_field] = max_tokens
+
+    tools = _tools(req, referenced, dropped)
+    if tools:
+        body["tools"] = tools
+        choice = req.get("tool_choice")
+        if isinstance(choice, dict):
+            kind = choice.get("type")
+            if kind == "auto":
+                body["tool_choice"] = "auto"
+            elif kind == "any":
+                body["tool_choice"] = "required"
+            elif kind == "tool":
+                body["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+            elif kind == "none":
+                body["tool_choice"] = "none"
+            if choice.get("disable_parallel_tool_use") is True:
+                body["parallel_tool_calls"] = False
+
+    stops = req.get("stop_sequences")
+    if stops:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise invalid("stop_sequences: expected a list of strings")
+        body["stop"] = stops
+    for key in ("temperature", "top_p"):
+        value = req.get(key)
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise invalid(f"{key}: expected a number")
+            body[key] = value
+    if req.get("top_k") is not None:
+        if provider.pass_top_k:
+            body["top_k"] = req["top_k"]
+        else:
+            dropped.add("top_k (not an OpenAI parameter)")
+    if provider.reasoning_control == "reasoning_effort":
+        effort = _effort(req)
+        if effort:
+            body["reasoning_effort"] = effort
+    elif req.get("thinking") or req.get("output_config"):
+        dropped.add("thinking/output_config (provider has no reasoning control)")
+    for key in ("metadata", "context_management", "service_tier", "container", "mcp_servers"):
+        if key in req:
+            dropped.add(key)
+    if stream:
+        body["stream"] = True
+        if provider.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+    return body, dropped

@@ -1,0 +1,427 @@
+"""The trio + h11 server: connection loop, limits, dispatch, and the two data paths.
+
+Nothing format-specific happens here beyond choosing the translator: bodies are parsed once and handed to
+``formats``; upstream bytes are fed to a translator and whatever it returns is written at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import httpcore
+import orjson
+import trio
+
+from relay import routing, tokens
+from relay.config import Config
+from relay.errors import RelayError, invalid
+from relay.formats import anthropic as A
+from relay.formats.openai_chat import request as oa_request
+from relay.formats.openai_chat import response as oa_response
+from relay.formats.openai_chat.stream import StreamTranslator
+from relay.log import access_line
+from relay.upstream import Upstreams
+
+log = logging.getLogger("relay.server")
+
+READ_SIZE = 65536
+HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
+SERVER_HEADER = (b"server", b"relay")
+
+
+@dataclass
+class Exchange:
+    """What the access log needs to know about one request."""
+
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    model: str = ""
+    target: str = ""
+    stream: bool | None = None
+    ttfb: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    request_id: str = field(default_factory=A.request_id)
+    note: str = ""
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Connection:
+    """One client connection: an h11 state machine and the socket it reads and writes."""
+
+    def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                self.h11.receive_data(data)
+                continue
+            return event
+
+    async def send(self, *events: Any) -> None:
+        data = b"".join(self.h11.send(e) or b"" for e in events)
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ClientGone() from exc
+
+
+def _headers(content_type: bytes, request_id: str, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type), (b"request-id", request_id.encode()), SERVER_HEADER, *(extra or [])]
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.upstreams = Upstreams(config)
+        self._keys = [k.encode() for k in config.server.api_keys]
+
+    # ---- listening --------------------------------------------------------------------------
+
+    async def serve(self, host: str | None = None, port: int | None = None, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        host = host or self.config.server.host
+        port = self.config.server.port if port is None else port
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
+        try:
+            task_status.started(bound)
+            await trio.serve_listeners(self.handle, listeners)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.upstreams.aclose()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = Connection(stream, self.config.server.max_header_bytes)
+        try:
+            await self._connection_loop(conn)
+        except ClientGone:
+            pass
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("unhandled error on a connection")
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+
+    async def _connection_loop(self, conn: Connection) -> None:
+        server = self.config.server
+        while True:
+            # wait for the next request on a keep-alive connection, but not forever
+            event: Any = None
+            with trio.move_on_after(server.idle_timeout):
+                try:
+                    event = await conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._protocol_error(conn, exc)
+                    return
+            if not isinstance(event, h11.Request):
+                return
+            request = event
+            ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
+            try:
+                with trio.fail_after(server.header_timeout):
+                    body = await self._read_body(conn, request)
+            except trio.TooSlowError:
+                await self._error(conn, ex, RelayError(408, f"request not received within {server.header_timeout:g}s", "invalid_request_error"), close=True)
+                return
+            except h11.RemoteProtocolError as exc:
+                await self._protocol_error(conn, exc)
+                return
+            except RelayError as err:  # body too large: the rest of it is never read, so close
+                await self._error(conn, ex, err, close=True)
+                return
+            await self._dispatch(conn, ex, request, body)
+            access_line(
+                ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
+                ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
+                duration_ms=(time.perf_counter() - ex.started) * 1000,
+                input_tokens=ex.input_tokens, output_tokens=ex.output_tokens, request_id=ex.request_id, note=ex.note,
+            )
+            if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_body(self, conn: Connection, request: h11.Request) -> bytes:
+        limit = self.config.server.body_limit
+        for name, value in request.headers:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ClientGone()
+
+    # ---- responses --------------------------------------------------------------------------
+
+    async def _protocol_error(self, conn: Connection, exc: h11.RemoteProtocolError) -> None:
+        """A request h11 cannot parse: answer with a raw 400/431 (h11's state is spent) and close."""
+        status = exc.error_status_hint or 400
+        err = RelayError(status, f"malformed HTTP request: {exc}", "invalid_request_error" if status != 413 else "request_too_large")
+        body = err.body()
+        head = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, _reason(status).encode(), len(body))
+        )
+        try:
+            await conn.stream.send_all(head + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _json(self, conn: Connection, ex: Exchange, status: int, body: bytes, *, head_only: bool = False,
+                    extra: list[tuple[bytes, bytes]] | None = None, close: bool = False) -> None:
+        ex.status = status
+        headers = _headers(b"application/json", ex.request_id, extra)
+        headers.append((b"content-length", str(len(body)).encode()))
+        if close:
+            headers.append((b"connection", b"close"))
+        events: list[Any] = [h11.Response(status_code=status, headers=headers, reason=_reason(status).encode())]
+        if not head_only:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        await conn.send(*events)
+
+    async def _error(self, conn: Connection, ex: Exchange, err: RelayError, *, close: bool = False, head_only: bool = False) -> None:
+        ex.note = (ex.note + " " if ex.note else "") + f"error={err.error_type}"
+        if err.status >= 500:
+            log.warning("%s %s -> %d %s: %s", ex.method, ex.path, err.status, err.error_type, err.message)
+        await self._json(conn, ex, err.status, err.body(ex.request_id), extra=err.headers, close=close, head_only=head_only)
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def _authorized(self, request: h11.Request) -> bool:
+        if not self._keys:
+            return True
+        presented = b""
+        for name, value in request.headers:
+            if name == b"x-api-key":
+                presented = value
+                break
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+        ok = False
+        for key in self._keys:  # constant time per key, and every key is compared
+            ok |= hmac.compare_digest(presented, key)
+        return ok
+
+    async def _dispatch(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+        path = ex.path.split("?", 1)[0]
+        method = ex.method
+        try:
+            if path in HEALTH_PATHS:
+                if method not in ("GET", "HEAD"):
+                    raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
+                await self._json(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
+                return
+            if not path.startswith("/v1/"):
+                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
+            if not self._authorized(request):
+                raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)", "authentication_error")
+            if path == "/v1/messages":
+                self._require(method, "POST", path)
+                await self._messages(conn, ex, body)
+            elif path == "/v1/messages/count_tokens":
+                self._require(method, "POST", path)
+                req = self._parse(body)
+                await self._json(conn, ex, 200, orjson.dumps({"input_tokens": tokens.estimate(req)}))
+            elif path == "/v1/models":
+                self._require(method, "GET", path)
+                await self._json(conn, ex, 200, orjson.dumps(self._models()))
+            elif path.startswith("/v1/models/"):
+                self._require(method, "GET", path)
+                wanted = path[len("/v1/models/"):]
+                found = next((m for m in self._models()["data"] if m["id"] == wanted), None)
+                if found is None:
+                    raise RelayError(404, f"model: {wanted}", "not_found_error")
+                await self._json(conn, ex, 200, orjson.dumps(found))
+            else:
+                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
+        except RelayError as err:
+            await self._error(conn, ex, err, head_only=method == "HEAD")
+
+    @staticmethod
+    def _require(method: str, allowed: str, path: str) -> None:
+        if method != allowed:
+            raise RelayError(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error")
+
+    @staticmethod
+    def _parse(body: bytes) -> dict[str, Any]:
+        if not body:
+            raise invalid("request body is empty; expected a JSON object")
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise invalid(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(req, dict):
+            raise invalid("request body must be a JSON object")
+        return req
+
+    def _models(self) -> dict[str, Any]:
+        data = [
+            {"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
+            for mid in routing.listed_models(self.config)
+        ]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+
+    # ---- POST /v1/messages ------------------------------------------------------------------
+
+    async def _messages(self, conn: Connection, ex: Exchange, body: bytes) -> None:
+        req = self._parse(body)
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            raise invalid("model: Field required")
+        ex.model = model
+        stream = req.get("stream") is True
+        ex.stream = stream
+        target = routing.resolve(self.config, model)[0]
+        provider = target.provider
+        ex.target = target.label
+        payload, dropped = oa_request.build(req, provider, target.model, stream)
+        if dropped and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(dropped)))
+        raw = orjson.dumps(payload)
+        stops = tuple(req.get("stop_sequences") or ())
+        options = dict(think_tags=provider.think_tags, stop_sequences=stops, secrets=provider.api_keys, provider=provider.name)
+        async with self.upstreams.request(provider, "/chat/completions", raw, stream=stream) as upstream:
+            if stream and not upstream.content_type.startswith(b"application/json"):
+                translator = StreamTranslator(model, input_tokens_hint=tokens.estimate(req), **options)
+                await self._pump(conn, ex, upstream, translator)
+                return
+            data = await upstream.read(64 * 1024 * 1024)
+        ex.ttfb = time.perf_counter()
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
+        message = oa_response.translate(doc, model, **options)
+        ex.input_tokens = message["usage"]["input_tokens"] + message["usage"]["cache_read_input_tokens"]
+        ex.output_tokens = message["usage"]["output_tokens"]
+        if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
+            await self._sse_head(conn, ex, A.events_from_message(message))
+            await conn.send(h11.EndOfMessage())
+            return
+        await self._json(conn, ex, 200, orjson.dumps(message))
+
+    async def _sse_head(self, conn: Connection, ex: Exchange, first: bytes) -> None:
+        ex.status = 200
+        ex.ttfb = ex.ttfb or time.perf_counter()
+        headers = _headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
+        await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=first))
+
+    async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: StreamTranslator) -> None:
+        """Upstream chunks -> translator -> client, one write per upstream read; a client that goes away
+        cancels the upstream request at once (the watcher cancels this nursery)."""
+        gone = False
+
+        async def watch_client(cancel: trio.CancelScope) -> None:
+            nonlocal gone
+            while True:
+                try:
+                    data = await conn.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    gone = True
+                    cancel.cancel()
+                    return
+                conn.h11.receive_data(data)  # a pipelined next request: h11 keeps it for later
+
+        error: RelayError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_client, nursery.cancel_scope)
+            try:
+                error = await self._relay_chunks(conn, ex, upstream, translator)
+            except ClientGone:
+                gone = True
+            finally:
+                nursery.cancel_scope.cancel()
+        if translator.has_usage:
+            ex.input_tokens = translator.input_tokens + translator.cache_read
+            ex.output_tokens = translator.output_tokens
+        if gone:
+            ex.note = "client disconnected"
+        elif translator.error is not None and translator.started:
+            ex.note = f"midstream error={translator.error.error_type}"
+        if error is not None:
+            raise error
+
+    async def _relay_chunks(self, conn: Connection, ex: Exchange, upstream: Any, translator: StreamTranslator) -> RelayError | None:
+        """Returns the error to answer with when the upstream failed before anything was sent."""
+        try:
+            async for chunk in upstream.chunks():
+                out = translator.feed(chunk)
+                if out:
+                    await self._write_sse(conn, ex, out)
+                if translator.done:
+                    break
+            else:
+                out = translator.finish()
+                if out:
+                    await self._write_sse(conn, ex, out)
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
+            out = translator.abort(_midstream(ex.target, exc))
+            if out:
+                await self._write_sse(conn, ex, out)
+        if translator.error is not None and not translator.started:
+            return translator.error
+        if ex.status == 0:  # nothing came out at all: never leave the client without an answer
+            return RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
+        await conn.send(h11.EndOfMessage())
+        return None
+
+    async def _write_sse(self, conn: Connection, ex: Exchange, data: bytes) -> None:
+        if ex.status == 0:
+            await self._sse_head(conn, ex, data)
+        else:
+            await conn.send(h11.Data(data=data))
+
+
+def _midstream(target: str, exc: Exception) -> RelayError:
+    if isinstance(exc, httpcore.ReadTimeout):
+        return RelayError(504, f"{target}: the upstream stopped sending mid-stream (read timeout)", "api_error")
+    return RelayError(502, f"{target}: the upstream connection broke mid-stream ({type(exc).__name__})", "api_error")
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+            413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+            529: "Overloaded"}
+
+
+def _reason(status: int) -> str:
+    return _REASONS.get(status, "Error")

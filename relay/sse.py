@@ -1,0 +1,82 @@
+"""Incremental Server-Sent Events parser: bytes in, (event, data) pairs out, no I/O and no JSON.
+
+It holds back only the bytes of an event that has not been terminated yet (which cannot be acted on),
+never a complete event. Handles CRLF/CR/LF line ends split anywhere, ``data:`` with or without the space,
+comment (keep-alive) lines, multi-line data, and a final event that ends without a blank line.
+"""
+
+from __future__ import annotations
+
+MAX_PENDING = 16 * 1024 * 1024  # one event larger than this is a broken upstream, not a big answer
+
+Event = tuple[bytes | None, bytes]  # (event name or None, data)
+
+
+class SSEError(Exception):
+    pass
+
+
+class SSEParser:
+    __slots__ = ("_buf", "_skip_lf")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._skip_lf = False  # a chunk ended in CR: a LF starting the next one belongs to it
+
+    def feed(self, data: bytes) -> list[Event]:
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        if b"\r" in data:
+            if data[-1:] == b"\r":
+                self._skip_lf = True
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf + data if self._buf else data
+        events: list[Event] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            block = buf[start:end]
+            start = end + 2
+            if block:
+                event = _parse_block(block)
+                if event is not None:
+                    events.append(event)
+        rest = buf[start:]
+        if len(rest) > MAX_PENDING:
+            raise SSEError(f"upstream sent an event larger than {MAX_PENDING} bytes")
+        self._buf = rest
+        return events
+
+    def close(self) -> list[Event]:
+        """End of stream: a last event that was not followed by a blank line still counts."""
+        rest, self._buf = self._buf, b""
+        rest = rest.strip(b"\n")
+        if not rest:
+            return []
+        event = _parse_block(rest)
+        return [event] if event is not None else []
+
+
+def _parse_block(block: bytes) -> Event | None:
+    if block[:5] == b"data:" and b"\n" not in block:  # the common case: one data line
+        value = block[5:]
+        return (None, value[1:] if value[:1] == b" " else value)
+    name: bytes | None = None
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line[:1] == b":":
+            continue
+        field, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value
+    if not data:
+        return None
+    return (name, b"\n".join(data))

@@ -1,0 +1,150 @@
+"""Upstream HTTP: one httpcore connection pool per provider, timeouts, and error mapping.
+
+Knows no wire format: it sends bytes and yields bytes. A non-2xx answer is read (bounded) and raised as
+the matching Anthropic error before any byte reaches the client.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpcore
+
+from relay import __version__
+from relay.config import Config, Provider
+from relay.errors import RelayError, from_upstream
+
+ERROR_BODY_LIMIT = 1024 * 1024
+USER_AGENT = f"relay/{__version__}".encode()
+
+
+@dataclass
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    _response: httpcore.Response
+
+    @property
+    def content_type(self) -> bytes:
+        for k, v in self.headers:
+            if k.lower() == b"content-type":
+                return v.lower()
+        return b""
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_stream()  # type: ignore[return-value]
+
+    async def read(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self._response.aiter_stream():  # type: ignore[union-attr]
+            size += len(chunk)
+            if size > limit:
+                raise RelayError(502, f"upstream response larger than {limit} bytes", "api_error")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+def auth_headers(provider: Provider) -> list[tuple[bytes, bytes]]:
+    key = provider.api_key
+    if not key or provider.auth == "none":
+        return []
+    if provider.auth == "bearer":
+        return [(b"authorization", b"Bearer " + key.encode())]
+    return [(provider.auth.encode(), key.encode())]
+
+
+def transport_error(provider: Provider, exc: Exception) -> RelayError:
+    """Connection-level failures, worded for a person and without the URL's secrets."""
+    name = provider.name
+    if isinstance(exc, httpcore.ConnectTimeout):
+        return RelayError(504, f"{name}: timed out connecting to the upstream after {provider.connect_timeout:g}s", "api_error")
+    if isinstance(exc, httpcore.PoolTimeout):
+        return RelayError(529, f"{name}: all {provider.max_connections} upstream connections are busy", "overloaded_error")
+    if isinstance(exc, httpcore.ReadTimeout):
+        return RelayError(504, f"{name}: the upstream sent nothing for {provider.read_timeout:g}s", "api_error")
+    if isinstance(exc, httpcore.ConnectError):
+        return RelayError(502, f"{name}: cannot connect to the upstream ({exc or 'connection refused'})", "api_error")
+    if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)):
+        return RelayError(502, f"{name}: the upstream connection failed ({type(exc).__name__}: {exc or 'closed'})", "api_error")
+    return RelayError(502, f"{name}: upstream request failed ({type(exc).__name__})", "api_error")
+
+
+class Upstreams:
+    """The per-provider pools. Created once per server; closed on shutdown."""
+
+    def __init__(self, config: Config) -> None:
+        self._ssl = ssl.create_default_context()
+        self._pools: dict[str, httpcore.AsyncConnectionPool] = {}
+        self.config = config
+
+    def _pool(self, provider: Provider) -> httpcore.AsyncConnectionPool:
+        pool = self._pools.get(provider.name)
+        if pool is None:
+            pool = httpcore.AsyncConnectionPool(
+                ssl_context=self._ssl,
+                max_connections=provider.max_connections,
+                max_keepalive_connections=provider.max_connections,
+                keepalive_expiry=60.0,
+                http1=True,
+                http2=False,
+            )
+            self._pools[provider.name] = pool
+        return pool
+
+    @asynccontextmanager
+    async def request(
+        self,
+        provider: Provider,
+        path: str,
+        body: bytes,
+        *,
+        stream: bool,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> AsyncIterator[UpstreamResponse]:
+        url = provider.base_url + path
+        headers = [
+            (b"host", _host_header(url)),
+            (b"content-type", b"application/json"),
+            (b"accept", b"text/event-stream" if stream else b"application/json"),
+            (b"user-agent", USER_AGENT),
+            *auth_headers(provider),
+            *((k.encode(), v.encode()) for k, v in provider.headers),
+            *(extra_headers or []),
+        ]
+        timeouts = {
+            "connect": provider.connect_timeout,
+            "read": provider.read_timeout,
+            "write": provider.read_timeout,
+            "pool": provider.connect_timeout,
+        }
+        try:
+            async with self._pool(provider).stream(
+                "POST", url, headers=headers, content=body, extensions={"timeout": timeouts}
+            ) as response:
+                result = UpstreamResponse(response.status, list(response.headers), response)
+                if response.status >= 300:
+                    try:
+                        data = await result.read(ERROR_BODY_LIMIT)
+                    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError):
+                        data = b""
+                    retry_after = next((v.decode("latin-1") for k, v in result.headers if k.lower() == b"retry-after"), None)
+                    raise from_upstream(response.status, data, provider.api_keys, retry_after, provider.name)
+                yield result
+        except httpcore.UnsupportedProtocol:
+            raise RelayError(500, f"{provider.name}: base_url must start with http:// or https://", "api_error") from None
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError, httpcore.ProtocolError) as exc:
+            raise transport_error(provider, exc) from None
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
+
+
+def _host_header(url: str) -> bytes:
+    rest = url.split("://", 1)[-1]
+    return rest.split("/", 1)[0].encode()
