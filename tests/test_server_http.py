@@ -1,0 +1,156 @@
+"""The HTTP surface over raw sockets: routes, auth, limits, framing, keep-alive, timeouts."""
+
+from __future__ import annotations
+
+import orjson
+import trio
+
+from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
+from tests.mock_upstream import MockUpstream, completion
+
+
+async def exchange(port: int, raw: bytes, *, read_until_close: bool = False, head: bool = False) -> bytes:
+    """Send raw bytes, return the raw response (one response, framed by content-length, or until close)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(raw)
+    data = b""
+    with trio.fail_after(10):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+            if head and b"\r\n\r\n" in data:
+                break
+            if not read_until_close and b"\r\n\r\n" in data:
+                head_, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(l.split(b":")[1]) for l in head_.split(b"\r\n") if l.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+    await stream.aclose()
+    return data
+
+
+def split(resp: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = resp.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
+    return status, headers, body
+
+
+def post(path: str, body: bytes, *, key: str = RELAY_KEY, extra: bytes = b"") -> bytes:
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nhost: relay\r\nx-api-key: " + key.encode()
+            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(body) + extra + b"\r\n" + body)
+
+
+async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
+    for raw in (b"HEAD /api/hello HTTP/1.1\r\nhost: x\r\n\r\n", b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+                b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n"):
+        status, headers, body = split(await exchange(relay.port, raw, head=raw.startswith(b"HEAD")))
+        assert status == 200
+        assert headers["request-id"].startswith("req_")
+        if raw.startswith(b"HEAD"):
+            assert body == b""
+        else:
+            assert orjson.loads(body) == {"status": "ok"}
+
+
+async def test_unknown_path_is_anthropic_404(relay: RelayHandle) -> None:
+    status, _, body = split(await exchange(relay.port, b"GET /v2/nothing HTTP/1.1\r\nhost: x\r\n\r\n"))
+    assert status == 404
+    doc = orjson.loads(body)
+    assert doc["type"] == "error" and doc["error"]["type"] == "not_found_error" and doc["request_id"].startswith("req_")
+
+
+async def test_auth_required(relay: RelayHandle) -> None:
+    status, _, body = split(await exchange(relay.port, post("/v1/messages", b"{}", key="wrong")))
+    assert status == 401 and orjson.loads(body)["error"]["type"] == "authentication_error"
+    raw = (b"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + RELAY_KEY.encode() + b"\r\n\r\n")
+    status, _, body = split(await exchange(relay.port, raw))
+    assert status == 200
+    ids = [m["id"] for m in orjson.loads(body)["data"]]
+    assert ids == ["alias-model", "mock/mock-model"]
+
+
+async def test_bad_bodies_get_clear_400s(relay: RelayHandle) -> None:
+    cases = {
+        b"": "empty",
+        b"{not json": "not valid JSON",
+        b"[1,2]": "JSON object",
+        b'{"max_tokens":5,"messages":[]}': "model",
+        b'{"model":"mock-model","max_tokens":5}': "messages",
+        b'{"model":"mock-model","messages":[{"role":"user","content":"x"}]}': "max_tokens",
+        b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"robot","content":"x"}]}': "messages.0.role",
+        b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"ftp"}}]}]}': "image source",
+    }
+    for body, words in cases.items():
+        status, _, out = split(await exchange(relay.port, post("/v1/messages", body)))
+        doc = orjson.loads(out)
+        assert status == 400, (body, doc)
+        assert doc["error"]["type"] == "invalid_request_error"
+        assert words in doc["error"]["message"], (words, doc)
+
+
+async def test_unknown_model_is_404(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    config = relay_config(upstream.base_url).replace('default = "mock/mock-model"', "")
+    relay = await start_relay(nursery, config)
+    body = b'{"model":"gpt-nothing","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    status, _, out = split(await exchange(relay.port, post("/v1/messages", body)))
+    assert status == 404
+    assert "gpt-nothing" in orjson.loads(out)["error"]["message"]
+
+
+async def test_body_limit_413(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nbody_limit = 1000"))
+    status, headers, out = split(await exchange(relay.port, post("/v1/messages", b"x" * 2000)))
+    assert status == 413 and orjson.loads(out)["error"]["type"] == "request_too_large"
+    # chunked bodies are counted as they arrive
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+           + b"".join(b"%x\r\n%s\r\n" % (300, b"y" * 300) for _ in range(5)) + b"0\r\n\r\n")
+    status, _, out = split(await exchange(relay.port, raw))
+    assert status == 413
+
+
+async def test_chunked_request_body_and_keepalive(relay: RelayHandle, upstream: MockUpstream) -> None:
+    upstream.handler = lambda r: completion({"content": "ok"})
+    body = b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    chunked = (b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode()
+               + b"\r\ntransfer-encoding: chunked\r\n\r\n" + b"%x\r\n" % 10 + body[:10] + b"\r\n"
+               + b"%x\r\n" % (len(body) - 10) + body[10:] + b"\r\n0\r\n\r\n")
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    for _ in range(3):  # three requests on one connection
+        await stream.send_all(chunked)
+        data = b""
+        with trio.fail_after(10):
+            while b'"end_turn"' not in data:
+                data += await stream.receive_some(65536)
+        assert data.startswith(b"HTTP/1.1 200")
+    await stream.aclose()
+    assert len(upstream.requests) == 3
+
+
+async def test_count_tokens(relay: RelayHandle) -> None:
+    body = orjson.dumps({"model": "mock-model", "system": "You are terse.", "messages": [
+        {"role": "user", "content": "hello " * 400}],
+        "tools": [{"name": "t", "description": "d", "input_schema": {"type": "object"}}]})
+    status, _, out = split(await exchange(relay.port, post("/v1/messages/count_tokens", body)))
+    assert status == 200
+    n = orjson.loads(out)["input_tokens"]
+    assert 500 < n < 800  # "hello " is one token each in real tokenizers: 400 words + framing
+
+
+async def test_idle_connection_is_closed(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nidle_timeout = 0.3\nheader_timeout = 0.3"))
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""  # silent client: closed, not held forever
+    # a client that starts a request but never finishes it gets a 408
+    out = await exchange(relay.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 50\r\n\r\n{", read_until_close=True)
+    assert out.startswith(b"HTTP/1.1 408")
+
+
+async def test_malformed_http_gets_400(relay: RelayHandle) -> None:
+    out = await exchange(relay.port, b"THIS IS NOT HTTP\r\n\r\n", read_until_close=True)
+    assert out.startswith(b"HTTP/1.1 400")
+    assert orjson.loads(out.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
