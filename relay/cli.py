@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from relay import __version__
@@ -25,11 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
     _add_config(check)
     check.add_argument("models", nargs="*", help="model ids to show the resolution of")
+    claude = sub.add_parser("claude", help="run Claude Code through relay (starts a relay if none is listening)")
+    _add_config(claude)
+    claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c comes first)")
+    settings = sub.add_parser("claude-settings", help="print the ~/.claude/settings.json block for this relay")
+    _add_config(settings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["claude"]:  # everything after relay's own -c goes to claude untouched
+        rest = argv[1:]
+        config_path = None
+        if rest[:1] in (["-c"], ["--config"]) and len(rest) > 1:
+            config_path, rest = rest[1], rest[2:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        argv = ["claude"] + (["-c", config_path] if config_path else []) + ["--", *rest]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -41,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return check(config, args.models)
+    if args.command == "claude-settings":
+        from relay.launcher import settings_json
+
+        print(settings_json(config))
+        return 0
+    if args.command == "claude":
+        from relay.launcher import run_claude
+
+        return run_claude(config, args.config or os.environ.get("RELAY_CONFIG"), args.args)
     return serve(config, args.host, args.port, args.log_level)
 
 

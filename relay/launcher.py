@@ -1,0 +1,70 @@
+"""`relay claude`: run the Claude Code CLI against relay, starting a relay for the session if none listens."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from relay.config import Config
+
+
+def client_env(config: Config, host: str | None = None, port: int | None = None) -> dict[str, str]:
+    """The variables that point Claude Code at relay."""
+    host = host or config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    port = config.server.port if port is None else port
+    token = config.server.api_keys[0] if config.server.api_keys else "relay"
+    return {"ANTHROPIC_BASE_URL": f"http://{host}:{port}", "ANTHROPIC_AUTH_TOKEN": token}
+
+
+def settings_json(config: Config) -> str:
+    return json.dumps({"env": client_env(config)}, indent=2)
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def run_claude(config: Config, config_path: str | None, args: list[str]) -> int:
+    claude = shutil.which("claude")
+    if claude is None:
+        print("relay: the `claude` command is not on PATH (npm install -g @anthropic-ai/claude-code)", file=sys.stderr)
+        return 127
+    env = {**os.environ, **client_env(config)}
+    url = env["ANTHROPIC_BASE_URL"].removeprefix("http://")
+    host, _, port = url.rpartition(":")
+    started: subprocess.Popen[bytes] | None = None
+    if not listening(host, int(port)):
+        cmd = [sys.executable, "-m", "relay", "serve", "--log-level", "warning"]
+        if config_path:
+            cmd += ["-c", config_path]
+        started = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not listening(host, int(port)):
+            if started.poll() is not None or time.monotonic() > deadline:
+                print("relay: could not start a relay for this session", file=sys.stderr)
+                started.kill()
+                return 1
+            time.sleep(0.1)
+    try:
+        return subprocess.call([claude, *args], env=env)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if started is not None:
+            started.terminate()
+            try:
+                started.wait(10)
+            except subprocess.TimeoutExpired:
+                started.kill()

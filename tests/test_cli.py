@@ -1,0 +1,107 @@
+"""The installed commands as a user runs them: a real relay process in front of a mock upstream."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import anthropic
+import trio
+
+from relay import __version__
+from tests.conftest import RELAY_KEY, UPSTREAM_KEY, relay_config
+from tests.mock_upstream import MockUpstream, text_stream
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_version() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"relay {__version__}"
+
+
+def test_check_prints_resolution(tmp_path: Path) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config("http://127.0.0.1:1/v1"))
+    out = run_cli("check", "-c", str(cfg), "claude-3-5-haiku", "alias-model")
+    assert out.returncode == 0, out.stderr
+    assert "provider mock: format=openai base_url=http://127.0.0.1:1/v1 1 key(s)" in out.stdout
+    assert "resolve claude-3-5-haiku -> mock/small-model" in out.stdout
+    assert "resolve alias-model -> mock/aliased-upstream-model" in out.stdout
+    assert UPSTREAM_KEY not in out.stdout
+
+
+def test_check_reports_config_error_with_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config("http://x/v1").replace("read_timeout = 5", "read_timout = 5"))
+    out = run_cli("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert re.search(r"relay\.toml:\d+: providers\.mock\.read_timout: unknown key", out.stderr)
+    assert "Traceback" not in out.stderr
+
+
+async def test_serve_process_end_to_end(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
+    upstream.handler = lambda r: text_stream("from ", "a real process")
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0"], stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        log = b""
+        with trio.fail_after(20):
+            while b"listening on" not in log:
+                log += await proc.stderr.receive_some(4096)
+        port = int(re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
+
+        def call() -> str:
+            client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
+            with client.messages.stream(model="claude-sonnet-test", max_tokens=20,
+                                        messages=[{"role": "user", "content": "secret prompt text"}]) as s:
+                return s.get_final_text()
+
+        assert await trio.to_thread.run_sync(call) == "from a real process"
+        with trio.fail_after(10):
+            while b"POST /v1/messages" not in log:
+                log += await proc.stderr.receive_some(4096)
+        access = log.decode()
+        assert re.search(r"POST /v1/messages 200 model=claude-sonnet-test -> mock/mock-model stream ttfb=[\d.]+ms dur=[\d.]+ms in=10 out=5", access), access
+        assert "secret prompt text" not in access and UPSTREAM_KEY not in access and RELAY_KEY not in access
+    finally:
+        proc.terminate()
+        with trio.move_on_after(10):
+            await proc.wait()
+
+
+def test_claude_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config("http://127.0.0.1:1/v1").replace("[server]", "[server]\nport = 9911"))
+    out = run_cli("claude-settings", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    import json
+    assert json.loads(out.stdout) == {"env": {"ANTHROPIC_BASE_URL": "http://127.0.0.1:9911", "ANTHROPIC_AUTH_TOKEN": RELAY_KEY}}
+
+
+def test_relay_claude_starts_a_relay_and_runs_claude(tmp_path: Path) -> None:
+    """`relay claude` with a stand-in `claude` on PATH: it must see relay's URL and key, and relay must answer."""
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config("http://127.0.0.1:1/v1").replace("[server]", f"[server]\nport = {port}"))
+    fake = tmp_path / "bin" / "claude"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport os, sys, urllib.request\n"
+                    "print(os.environ['ANTHROPIC_BASE_URL'], os.environ['ANTHROPIC_AUTH_TOKEN'], *sys.argv[1:])\n"
+                    "print(urllib.request.urlopen(os.environ['ANTHROPIC_BASE_URL'] + '/health').status)\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    out = run_cli("claude", "-c", str(cfg), "-p", "hello", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "200"]
