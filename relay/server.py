@@ -21,15 +21,15 @@ from relay import routing, tokens
 from relay.config import Config
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
-from relay.formats.openai_chat import request as oa_request
-from relay.formats.openai_chat import response as oa_response
-from relay.formats.openai_chat.stream import StreamTranslator
+from relay.formats import registry
+from relay.formats.base import Options, Translator
 from relay.log import access_line
 from relay.upstream import Upstreams
 
 log = logging.getLogger("relay.server")
 
 READ_SIZE = 65536
+RETRYABLE = {408, 429, 500, 502, 503, 504, 529}
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
 SERVER_HEADER = (b"server", b"relay")
 
@@ -307,19 +307,35 @@ class Server:
         ex.model = model
         stream = req.get("stream") is True
         ex.stream = stream
-        target = routing.resolve(self.config, model)[0]
+        targets = routing.resolve(self.config, model)
+        failures: list[str] = []
+        for number, target in enumerate(targets, 1):
+            ex.target = target.label
+            try:
+                await self._serve_from(conn, ex, req, target, stream)
+                break
+            except RelayError as err:
+                # fall back to the route's next target, but only while nothing has reached the client
+                if ex.status != 0 or number == len(targets) or err.status not in RETRYABLE:
+                    raise
+                failures.append(f"{target.label}:{err.status}")
+                log.info("%s %s failed with %d (%s); trying %s", ex.request_id, target.label, err.status,
+                         err.error_type, targets[number].label)
+            finally:
+                if failures:
+                    ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
+
+    async def _serve_from(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target, stream: bool) -> None:
         provider = target.provider
-        ex.target = target.label
-        payload, dropped = oa_request.build(req, provider, target.model, stream)
-        if dropped and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(dropped)))
-        raw = orjson.dumps(payload)
-        stops = tuple(req.get("stop_sequences") or ())
-        options = dict(think_tags=provider.think_tags, stop_sequences=stops, secrets=provider.api_keys, provider=provider.name)
-        async with self.upstreams.request(provider, "/chat/completions", raw, stream=stream) as upstream:
+        fmt = registry.get(provider.format)
+        call = fmt.build(req, provider, target.model, stream)
+        if call.dropped and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
+        opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()),
+                       tokens.estimate(req) if stream else 0)
+        async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers) as upstream:
             if stream and not upstream.content_type.startswith(b"application/json"):
-                translator = StreamTranslator(model, input_tokens_hint=tokens.estimate(req), **options)
-                await self._pump(conn, ex, upstream, translator)
+                await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
                 return
             data = await upstream.read(64 * 1024 * 1024)
         ex.ttfb = time.perf_counter()
@@ -327,8 +343,8 @@ class Server:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
-        message = oa_response.translate(doc, model, **options)
-        ex.input_tokens = message["usage"]["input_tokens"] + message["usage"]["cache_read_input_tokens"]
+        message = fmt.translate_response(doc, opts)
+        ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
         ex.output_tokens = message["usage"]["output_tokens"]
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
             await self._sse_head(conn, ex, A.events_from_message(message))
@@ -342,7 +358,7 @@ class Server:
         headers = _headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
         await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=first))
 
-    async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: StreamTranslator) -> None:
+    async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> None:
         """Upstream chunks -> translator -> client, one write per upstream read; a client that goes away
         cancels the upstream request at once (the watcher cancels this nursery)."""
         gone = False
@@ -379,7 +395,7 @@ class Server:
         if error is not None:
             raise error
 
-    async def _relay_chunks(self, conn: Connection, ex: Exchange, upstream: Any, translator: StreamTranslator) -> RelayError | None:
+    async def _relay_chunks(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> RelayError | None:
         """Returns the error to answer with when the upstream failed before anything was sent."""
         try:
             async for chunk in upstream.chunks():

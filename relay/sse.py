@@ -32,7 +32,22 @@ class SSEParser:
             if data[-1:] == b"\r":
                 self._skip_lf = True
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._buf + data if self._buf else data
+        if not self._buf:  # the common case: reads hold whole events; split once, no scanning loop
+            parts = data.split(b"\n\n")
+            rest = parts.pop()
+            if len(rest) > MAX_PENDING:
+                raise SSEError(f"upstream sent an event larger than {MAX_PENDING} bytes")
+            self._buf = rest
+            out: list[Event] = []
+            for block in parts:
+                if block[:6] == b"data: " and b"\n" not in block:
+                    out.append((None, block[6:]))
+                elif block:
+                    event = _parse_block(block)
+                    if event is not None:
+                        out.append(event)
+            return out
+        buf = self._buf + data
         events: list[Event] = []
         start = 0
         while True:

@@ -145,20 +145,29 @@ class StreamTranslator:
         if not self.started:
             self._start()
         choices = chunk.get("choices")
-        choice: dict[str, Any] | None = None
+        choice: Any = None
         if choices:
             choice = choices[0]
-            if len(choices) > 1 or (isinstance(choice, dict) and choice.get("index", 0) != 0):
+            if len(choices) > 1 or (type(choice) is dict and choice.get("index", 0) != 0):
                 choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
-        usage = chunk_usage(chunk, choice)
-        if usage is not None:
-            self.input_tokens, self.output_tokens, self.cache_read = usage_numbers(usage)
-            self.has_usage = True
-        if not isinstance(choice, dict):
+        if "usage" in chunk or "x_groq" in chunk or (type(choice) is dict and "usage" in choice):
+            usage = chunk_usage(chunk, choice)
+            if usage is not None:
+                self.input_tokens, self.output_tokens, self.cache_read = usage_numbers(usage)
+                self.has_usage = True
+        if type(choice) is not dict:
             return
         delta = choice.get("delta")
-        if isinstance(delta, dict) and delta:
-            self._on_delta(delta)
+        if delta and type(delta) is dict:
+            content = delta.get("content")
+            if len(delta) <= 2 and type(content) is str and self._splitter is None and (len(delta) == 1 or "role" in delta):
+                if content:  # the hot path: a plain text delta
+                    if self._block != _TEXT:
+                        self._emit("text", content)
+                    else:
+                        self._out.append(A.text_delta(self._index, content))
+            else:
+                self._on_delta(delta)
         finish = choice.get("finish_reason")
         if finish:
             if finish == "error":
