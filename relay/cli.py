@@ -98,9 +98,11 @@ def check(config: Config, models: list[str]) -> int:
         print(f"provider {p.name}: format={p.format} base_url={p.base_url} {keys}")
         if p.models:
             print(f"  models: {', '.join(p.models)}")
-        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "system_turns", "reasoning_control", "think_tags") if getattr(p, k) not in (None, False, "keep", "none")]
+        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "context_window", "system_turns", "reasoning_control", "think_tags", "discover_context") if getattr(p, k) not in (None, False, "keep", "none")]
         if quirks:
             print(f"  {' '.join(quirks)}")
+        for model, lim in p.limits.items():
+            print(f"  {model}: context_window={lim.context_window} max_output={lim.max_output}")
     for alias, targets in config.models.items():
         print(f"alias {alias} -> {', '.join(targets)}")
     for route, targets in config.routes.items():
@@ -110,7 +112,9 @@ def check(config: Config, models: list[str]) -> int:
     for model in samples:
         try:
             targets = resolve(config, model)
-            print(f"resolve {model} -> {', '.join(t.label for t in targets)}")
+            window = targets[0].provider.limits_for(targets[0].model).context_window
+            extra = f"  (context window {window})" if window else ""
+            print(f"resolve {model} -> {', '.join(t.label for t in targets)}{extra}")
         except RelayError as exc:
             print(f"resolve {model} -> error: {exc.message}")
             status = 1 if models else status

@@ -24,6 +24,12 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    context_window: int | None = None
+    max_output: int | None = None
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     base_url: str
@@ -45,6 +51,18 @@ class Provider:
     stream_usage: bool = True  # send stream_options.include_usage
     pass_top_k: bool = False
     passthrough_models: bool = False  # any model name the client sends goes upstream unchanged
+    # Context: the window and output limit of the provider's models, with per-model overrides.
+    context_window: int | None = None
+    discover_context: bool = False  # ask a local server (llama.cpp, vLLM, Ollama, LM Studio) for its window
+    limits: dict[str, "ModelLimits"] = field(default_factory=dict)
+
+    def limits_for(self, model: str) -> "ModelLimits":
+        """The known window and output cap of one model: per-model entry, else the provider's defaults."""
+        own = self.limits.get(model)
+        return ModelLimits(
+            own.context_window if own and own.context_window else self.context_window,
+            own.max_output if own and own.max_output else self.max_tokens_cap,
+        )
 
     @property
     def api_key(self) -> str:
@@ -101,7 +119,11 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "stream_usage": bool,
     "pass_top_k": bool,
     "passthrough_models": bool,
+    "context_window": int,
+    "discover_context": bool,
+    "limits": dict,
 }
+_LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
 _CHOICES = {
     "format": FORMATS,
     "system_turns": SYSTEM_TURNS,
@@ -214,6 +236,13 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
         models = tuple(str(m) for m in raw.pop("models", []))
         raw["base_url"] = raw["base_url"].rstrip("/")
+        limits: dict[str, ModelLimits] = {}
+        for model_name, entry in raw.pop("limits", {}).items():
+            if not isinstance(entry, dict):
+                raise src.error(table, "limits", f"{model_name!r}: expected {{ context_window = N, max_output = N }}")
+            _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
+            limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
+        raw["limits"] = limits
         providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, **raw)
 
     def check_target(target: str, table: str, key: str) -> None:

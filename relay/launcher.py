@@ -23,8 +23,40 @@ def client_env(config: Config, host: str | None = None, port: int | None = None)
     return {"ANTHROPIC_BASE_URL": f"http://{host}:{port}", "ANTHROPIC_AUTH_TOKEN": token}
 
 
-def settings_json(config: Config) -> str:
-    return json.dumps({"env": client_env(config)}, indent=2)
+MAIN_MODEL_FALLBACK = "claude-sonnet"  # what Claude Code asks for when ANTHROPIC_MODEL is unset
+
+
+def static_window(config: Config, model: str) -> int | None:
+    """The configured window of the model the main conversation routes to (no server is asked)."""
+    from relay.errors import RelayError
+    from relay.routing import resolve
+
+    try:
+        target = resolve(config, model)[0]
+    except RelayError:
+        return None
+    return target.provider.limits_for(target.model).context_window
+
+
+def settings_json(config: Config, model: str | None = None) -> str:
+    env = client_env(config)
+    window = static_window(config, model or os.environ.get("ANTHROPIC_MODEL") or MAIN_MODEL_FALLBACK)
+    if window:
+        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(window)
+    return json.dumps({"env": env}, indent=2)
+
+
+def served_window(base_url: str, token: str, model: str) -> int | None:
+    """Ask the running relay, which may learn the window from a local server."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{base_url}/v1/models/{model}", headers={"x-api-key": token})
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            value = json.loads(response.read()).get("context_window")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def listening(host: str, port: int) -> bool:
@@ -57,6 +89,11 @@ def run_claude(config: Config, config_path: str | None, args: list[str]) -> int:
                 started.kill()
                 return 1
             time.sleep(0.1)
+    if "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in env:  # compact at the real window, not Claude Code's 200k guess
+        model = env.get("ANTHROPIC_MODEL") or MAIN_MODEL_FALLBACK
+        window = served_window(env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_AUTH_TOKEN"], model)
+        if window:
+            env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(window)
     try:
         return subprocess.call([claude, *args], env=env)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import trio
 
 from relay import routing, tokens
 from relay.config import Config
+from relay.context import fit_max_tokens
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
@@ -263,10 +264,7 @@ class Server:
             elif path.startswith("/v1/models/"):
                 self._require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
-                found = next((m for m in self._models()["data"] if m["id"] == wanted), None)
-                if found is None:
-                    raise RelayError(404, f"model: {wanted}", "not_found_error")
-                await self._json(conn, ex, 200, orjson.dumps(found))
+                await self._json(conn, ex, 200, orjson.dumps(await self._model_entry(wanted)))
             else:
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
@@ -289,13 +287,28 @@ class Server:
             raise invalid("request body must be a JSON object")
         return req
 
+    def _entry(self, mid: str, target: routing.Target, window: int | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
+        limits = target.provider.limits_for(target.model)
+        if window:
+            entry["context_window"] = window
+        if limits.max_output:
+            entry["max_output_tokens"] = limits.max_output
+        return entry
+
     def _models(self) -> dict[str, Any]:
-        data = [
-            {"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
-            for mid in routing.listed_models(self.config)
-        ]
+        data = []
+        for mid in routing.listed_models(self.config):
+            target = routing.resolve(self.config, mid)[0]
+            window = target.provider.limits_for(target.model).context_window
+            data.append(self._entry(mid, target, window or self.upstreams.known_window(target.provider, target.model)))
         return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
+
+    async def _model_entry(self, mid: str) -> dict[str, Any]:
+        """Any id relay can route, with its window (asking a local server for it, once)."""
+        target = routing.resolve(self.config, mid)[0]
+        return self._entry(mid, target, await self.window_of(target))
 
     # ---- POST /v1/messages ------------------------------------------------------------------
 
@@ -328,11 +341,12 @@ class Server:
     async def _serve_from(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target, stream: bool) -> None:
         provider = target.provider
         fmt = registry.get(provider.format)
+        estimate = tokens.estimate(req)
+        req = await self._fit_context(ex, req, target, estimate)
         call = fmt.build(req, provider, target.model, stream)
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
-        opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()),
-                       tokens.estimate(req) if stream else 0)
+        opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()), estimate)
         async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers) as upstream:
             if stream and not upstream.content_type.startswith(b"application/json"):
                 await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
@@ -351,6 +365,26 @@ class Server:
             await conn.send(h11.EndOfMessage())
             return
         await self._json(conn, ex, 200, orjson.dumps(message))
+
+    async def window_of(self, target: routing.Target) -> int | None:
+        window = target.provider.limits_for(target.model).context_window
+        if window is None and target.provider.discover_context:
+            window = await self.upstreams.discover_window(target.provider, target.model)
+        return window
+
+    async def _fit_context(self, ex: Exchange, req: dict[str, Any], target: routing.Target, estimate: int) -> dict[str, Any]:
+        """Lower max_tokens to what the model's window has room for; refuse, as Anthropic does, what cannot fit."""
+        max_tokens = req.get("max_tokens")
+        limits = target.provider.limits_for(target.model)
+        window = await self.window_of(target)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or limits.max_output):
+            return req
+        fitted = fit_max_tokens(estimate, max_tokens, window, limits.max_output)
+        if fitted == max_tokens:
+            return req
+        log.info("%s max_tokens %d -> %d to fit %s (window %s, input ~%d tokens)",
+                 ex.request_id, max_tokens, fitted, target.label, window, estimate)
+        return {**req, "max_tokens": fitted}
 
     async def _sse_head(self, conn: Connection, ex: Exchange, first: bytes) -> None:
         ex.status = 200

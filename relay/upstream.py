@@ -10,11 +10,14 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpcore
+import orjson
 
 from relay import __version__
 from relay.config import Config, Provider
+from relay.context import window_from_server
 from relay.errors import RelayError, from_upstream
 
 ERROR_BODY_LIMIT = 1024 * 1024
@@ -79,6 +82,7 @@ class Upstreams:
     def __init__(self, config: Config) -> None:
         self._ssl = ssl.create_default_context()
         self._pools: dict[str, httpcore.AsyncConnectionPool] = {}
+        self._windows: dict[tuple[str, str], int | None] = {}
         self.config = config
 
     def _pool(self, provider: Provider) -> httpcore.AsyncConnectionPool:
@@ -138,6 +142,49 @@ class Upstreams:
             raise RelayError(500, f"{provider.name}: base_url must start with http:// or https://", "api_error") from None
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError, httpcore.ProtocolError) as exc:
             raise transport_error(provider, exc) from None
+
+    async def get_json(self, provider: Provider, url: str, body: bytes | None = None) -> Any:
+        """A small GET (or POST with body) for a server's self-description; None on any failure."""
+        headers = [(b"host", _host_header(url)), (b"accept", b"application/json"), (b"user-agent", USER_AGENT),
+                   *auth_headers(provider)]
+        if body is not None:
+            headers.append((b"content-type", b"application/json"))
+        timeouts = {"connect": provider.connect_timeout, "read": 5.0, "write": 5.0, "pool": provider.connect_timeout}
+        try:
+            response = await self._pool(provider).request(
+                "POST" if body is not None else "GET", url, headers=headers, content=body, extensions={"timeout": timeouts})
+        except Exception:
+            return None
+        if response.status != 200:
+            return None
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            return None
+
+    def known_window(self, provider: Provider, model: str) -> int | None:
+        return self._windows.get((provider.name, model))
+
+    async def discover_window(self, provider: Provider, model: str) -> int | None:
+        """Ask a local server how large its context is, once per model; the answer (or its absence) is kept."""
+        key = (provider.name, model)
+        if key in self._windows:
+            return self._windows[key]
+        base = provider.base_url
+        root = base[: -len("/v1")] if base.endswith("/v1") else base
+        probes: list[tuple[str, str, bytes | None]] = [
+            ("models", base + "/models", None),
+            ("props", root + "/props", None),
+            ("lmstudio", root + "/api/v0/models/" + model, None),
+            ("ollama", root + "/api/show", orjson.dumps({"model": model})),
+        ]
+        window = None
+        for kind, url, body in probes:
+            window = window_from_server(kind, await self.get_json(provider, url, body), model)
+            if window:
+                break
+        self._windows[key] = window
+        return window
 
     async def aclose(self) -> None:
         for pool in self._pools.values():

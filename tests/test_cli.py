@@ -94,14 +94,16 @@ def test_relay_claude_starts_a_relay_and_runs_claude(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = tmp_path / "relay.toml"
-    cfg.write_text(relay_config("http://127.0.0.1:1/v1").replace("[server]", f"[server]\nport = {port}"))
+    cfg.write_text(relay_config("http://127.0.0.1:1/v1", "context_window = 65536").replace("[server]", f"[server]\nport = {port}"))
     fake = tmp_path / "bin" / "claude"
     fake.parent.mkdir()
     fake.write_text(f"#!{sys.executable}\nimport os, sys, urllib.request\n"
                     "print(os.environ['ANTHROPIC_BASE_URL'], os.environ['ANTHROPIC_AUTH_TOKEN'], *sys.argv[1:])\n"
+                    "print(os.environ.get('CLAUDE_CODE_AUTO_COMPACT_WINDOW'))\n"
                     "print(urllib.request.urlopen(os.environ['ANTHROPIC_BASE_URL'] + '/health').status)\n")
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_"))}
+    env["PATH"] = f"{fake.parent}:{os.environ['PATH']}"
     out = run_cli("claude", "-c", str(cfg), "-p", "hello", env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "200"]
+    assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "65536", "200"]

@@ -1,0 +1,91 @@
+"""Context windows: max_tokens fitted to the window, prompt-too-long answered without calling the upstream,
+and a local server's window read from the server itself."""
+
+from __future__ import annotations
+
+import anthropic
+import orjson
+import pytest
+import trio
+
+from relay.context import MIN_OUTPUT, fit_max_tokens, window_from_server
+from relay.errors import RelayError
+from tests.conftest import RELAY_KEY, relay_config, start_relay
+from tests.mock_upstream import MockUpstream, Recorded, Reply, json_reply, text_stream
+
+
+@pytest.mark.parametrize(("estimate", "requested", "window", "cap", "expect"), [
+    (1000, 4000, 8000, None, 4000),       # fits: untouched
+    (1000, 8000, 8000, None, 7000),       # lowered to the room left
+    (1000, 7000, 8000, None, 7000),       # exactly at the boundary
+    (1000, 7001, 8000, None, 7000),
+    (6976, 32000, 8000, None, 1024),      # room == floor: still allowed
+    (1000, 32000, None, 8192, 8192),      # no window: only the output cap
+    (1000, 32000, 200000, 16384, 16384),
+    (7500, 300, 8000, None, 300),         # small requests keep a small floor
+])
+def test_fit_max_tokens(estimate: int, requested: int, window: int | None, cap: int | None, expect: int) -> None:
+    assert fit_max_tokens(estimate, requested, window, cap) == expect
+
+
+@pytest.mark.parametrize(("estimate", "window", "message"), [
+    (6977, 8000, f"prompt is too long: 6977 tokens > {8000 - MIN_OUTPUT} maximum"),  # one token past the floor
+    (9000, 8000, "prompt is too long: 9000 tokens > 8000 maximum"),
+])
+def test_nothing_fits(estimate: int, window: int, message: str) -> None:
+    with pytest.raises(RelayError) as info:
+        fit_max_tokens(estimate, 32000, window, None)
+    assert info.value.status == 400 and info.value.error_type == "invalid_request_error"
+    assert info.value.message == message
+
+
+def test_window_from_server_shapes() -> None:
+    assert window_from_server("models", {"data": [{"id": "q", "max_model_len": 32768}]}, "q") == 32768  # vLLM
+    assert window_from_server("props", {"default_generation_settings": {"n_ctx": 8192}}, "q") == 8192  # llama.cpp
+    assert window_from_server("lmstudio", {"loaded_context_length": 4096, "max_context_length": 32768}, "q") == 4096
+    assert window_from_server("ollama", {"parameters": "num_ctx 16384\nstop x", "model_info": {"qwen2.context_length": 32768}}, "q") == 16384
+    assert window_from_server("ollama", {"model_info": {"llama.context_length": 131072}}, "q") == 131072
+    assert window_from_server("models", {"data": [{"id": "other"}, {"id": "q"}]}, "q") is None
+
+
+def ask(port: int, text: str, max_tokens: int = 32000) -> str:
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
+    with client.messages.stream(model="mock-model", max_tokens=max_tokens, messages=[{"role": "user", "content": text}]) as s:
+        return s.get_final_text()
+
+
+async def test_max_tokens_lowered_and_overlong_refused(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    upstream.handler = lambda r: text_stream("ok")
+    relay = await start_relay(nursery, relay_config(upstream.base_url, "context_window = 4000"))
+    assert await trio.to_thread.run_sync(ask, relay.port, "word " * 400) == "ok"
+    sent = upstream.requests[0].json["max_tokens"]
+    assert 3400 < sent < 3700  # 4000 minus relay's estimate of ~400 words
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await trio.to_thread.run_sync(ask, relay.port, "word " * 20000)
+    assert info.value.body["error"]["message"].startswith("prompt is too long: ")
+    assert info.value.body["error"]["message"].endswith(" tokens > 4000 maximum")
+    assert len(upstream.requests) == 1  # the upstream never saw the request that could not fit
+
+
+async def test_window_discovered_from_local_server(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    def handler(r: Recorded) -> Reply:
+        if r.method == "GET" and r.path == "/v1/models":
+            return json_reply({"object": "list", "data": [{"id": "mock-model", "max_model_len": 3000}]})
+        return text_stream("ok")
+
+    upstream.handler = handler
+    relay = await start_relay(nursery, relay_config(upstream.base_url, "discover_context = true"))
+    assert await trio.to_thread.run_sync(ask, relay.port, "hello") == "ok"
+    assert 2900 < upstream.requests[-1].json["max_tokens"] <= 3000
+    gets = [r for r in upstream.requests if r.method == "GET"]
+    assert len(gets) == 1
+    await trio.to_thread.run_sync(ask, relay.port, "again")
+    assert len([r for r in upstream.requests if r.method == "GET"]) == 1  # asked once, then cached
+
+    def model_entry() -> dict:  # type: ignore[type-arg]
+        import urllib.request
+        req = urllib.request.Request(f"http://127.0.0.1:{relay.port}/v1/models/mock-model", headers={"x-api-key": RELAY_KEY})
+        return orjson.loads(urllib.request.urlopen(req).read())
+
+    entry = await trio.to_thread.run_sync(model_entry)
+    assert entry["id"] == "mock-model" and entry["context_window"] == 3000
