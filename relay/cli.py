@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default from config, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default from config, else 8787)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--allow-open", action="store_true",
+                       help="allow serving with no client keys on a non-loopback address")
     check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
     _add_config(check)
     check.add_argument("models", nargs="*", help="model ids to show the resolution of")
@@ -65,21 +67,54 @@ def main(argv: list[str] | None = None) -> int:
         from relay.launcher import run_claude
 
         return run_claude(config, args.config or os.environ.get("RELAY_CONFIG"), args.args)
-    return serve(config, args.host, args.port, args.log_level)
+    return serve(config, args.host, args.port, args.log_level, args.allow_open, args.config or os.environ.get("RELAY_CONFIG"))
 
 
-def serve(config: Config, host: str | None, port: int | None, log_level: str) -> int:
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def serve(config: Config, host: str | None, port: int | None, log_level: str, allow_open: bool = False,
+          config_path: str | None = None) -> int:
     import trio
 
     from relay.log import setup
     from relay.server import Server
 
+    bind = host or config.server.host
+    if not config.server.api_keys and not _loopback(bind) and not allow_open:
+        print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
+              "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+        return 2
     setup(log_level)
     server = Server(config)
+
+    async def run() -> None:
+        import signal
+
+        async with trio.open_nursery() as nursery:
+            async def serve_then_stop() -> None:
+                await server.serve(host, port)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve_then_stop)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        try:
+                            server.reload(load(config_path))
+                        except ConfigError as exc:
+                            server_log.error("reload refused, keeping the running config: %s", exc)
+                    elif server.draining:  # a second signal: stop now
+                        nursery.cancel_scope.cancel()
+                    else:
+                        server.drain()
+
+    import logging
+
+    server_log = logging.getLogger("relay")
     try:
-        trio.run(server.serve, host, port)
-    except KeyboardInterrupt:
-        pass
+        trio.run(run)
     except OSError as exc:
         print(f"relay: cannot listen: {exc}", file=sys.stderr)
         return 1

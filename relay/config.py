@@ -78,6 +78,8 @@ class ServerConfig:
     header_timeout: float = 30.0  # time to deliver a whole request once it has started
     idle_timeout: float = 120.0  # keep-alive connection with no request
     max_header_bytes: int = 64 * 1024
+    max_connections: int = 4096  # past this, new connections get 529 overloaded_error
+    shutdown_grace: float = 30.0  # seconds open streams get to finish on SIGTERM/SIGINT
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ _SERVER_KEYS = {
     "header_timeout": (int, float),
     "idle_timeout": (int, float),
     "max_header_bytes": int,
+    "max_connections": int,
+    "shutdown_grace": (int, float),
 }
 _PROVIDER_KEYS: dict[str, Any] = {
     "format": str,

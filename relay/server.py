@@ -93,24 +93,62 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstreams = Upstreams(config)
+        self._retired: list[Upstreams] = []
         self._keys = [k.encode() for k in config.server.api_keys]
+        self._accepting = trio.CancelScope()
+        self._idle: set[trio.CancelScope] = set()
+        self._drain_deadline = float("inf")
+        self._open = 0
+        self.draining = False
 
     # ---- listening --------------------------------------------------------------------------
 
     async def serve(self, host: str | None = None, port: int | None = None, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until drained, then let open requests finish (up to the drain deadline) and return."""
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
         try:
-            task_status.started(bound)
-            await trio.serve_listeners(self.handle, listeners)
+            async with trio.open_nursery() as connections:
+                with self._accepting:
+                    task_status.started(bound)
+                    await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
+                for listener in listeners:
+                    await listener.aclose()
+                connections.cancel_scope.deadline = self._drain_deadline
         finally:
             with trio.CancelScope(shield=True):
-                await self.upstreams.aclose()
+                for upstreams in (self.upstreams, *self._retired):
+                    await upstreams.aclose()
+
+    def drain(self, grace: float | None = None) -> None:
+        """Stop accepting; idle keep-alive connections close now, busy ones when their response is done."""
+        grace = self.config.server.shutdown_grace if grace is None else grace
+        self.draining = True
+        self._drain_deadline = trio.current_time() + grace
+        self._accepting.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+        log.info("draining: no new connections; open requests have %gs to finish", grace)
+
+    def reload(self, config: Config) -> None:
+        """New config for new requests; requests in flight keep the upstream pools they started with."""
+        if (config.server.host, config.server.port) != (self.config.server.host, self.config.server.port):
+            log.warning("reload: host/port changes take effect on restart only")
+        self._retired.append(self.upstreams)
+        self.config = config
+        self.upstreams = Upstreams(config)
+        self._keys = [k.encode() for k in config.server.api_keys]
+        log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        if self._open >= self.config.server.max_connections:
+            await _send_raw(stream, RelayError(529, "relay is at its connection limit; retry shortly", "overloaded_error"))
+            await stream.aclose()
+            return
+        self._open += 1
         conn = Connection(stream, self.config.server.max_header_bytes)
         try:
             await self._connection_loop(conn)
@@ -119,6 +157,7 @@ class Server:
         except Exception:  # a bug must cost one connection, never the server
             log.exception("unhandled error on a connection")
         finally:
+            self._open -= 1
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 try:
@@ -131,12 +170,17 @@ class Server:
         while True:
             # wait for the next request on a keep-alive connection, but not forever
             event: Any = None
-            with trio.move_on_after(server.idle_timeout):
+            if self.draining:
+                return
+            with trio.move_on_after(server.idle_timeout) as idle:
+                self._idle.add(idle)
                 try:
                     event = await conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     await self._protocol_error(conn, exc)
                     return
+                finally:
+                    self._idle.discard(idle)
             if not isinstance(event, h11.Request):
                 return
             request = event
@@ -191,16 +235,8 @@ class Server:
     async def _protocol_error(self, conn: Connection, exc: h11.RemoteProtocolError) -> None:
         """A request h11 cannot parse: answer with a raw 400/431 (h11's state is spent) and close."""
         status = exc.error_status_hint or 400
-        err = RelayError(status, f"malformed HTTP request: {exc}", "invalid_request_error" if status != 413 else "request_too_large")
-        body = err.body()
-        head = (
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            % (status, _reason(status).encode(), len(body))
-        )
-        try:
-            await conn.stream.send_all(head + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        await _send_raw(conn.stream, RelayError(status, f"malformed HTTP request: {exc}",
+                                                "request_too_large" if status == 413 else "invalid_request_error"))
 
     async def _json(self, conn: Connection, ex: Exchange, status: int, body: bytes, *, head_only: bool = False,
                     extra: list[tuple[bytes, bytes]] | None = None, close: bool = False) -> None:
@@ -458,6 +494,17 @@ class Server:
             await self._sse_head(conn, ex, data)
         else:
             await conn.send(h11.Data(data=data))
+
+
+async def _send_raw(stream: trio.SocketStream, err: RelayError) -> None:
+    """An error response written outside h11 (its state is spent, or no h11 connection exists yet)."""
+    body = err.body()
+    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (err.status, _reason(err.status).encode(), len(body)))
+    try:
+        await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def _midstream(target: str, exc: Exception) -> RelayError:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import anthropic
+import pytest
 import trio
 
 from relay import __version__
@@ -107,3 +108,68 @@ def test_relay_claude_starts_a_relay_and_runs_claude(tmp_path: Path) -> None:
     out = run_cli("claude", "-c", str(cfg), "-p", "hello", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "65536", "200"]
+
+
+def test_refuses_open_relay_on_public_address(tmp_path: Path) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[providers.p]\nbase_url = "http://127.0.0.1:1/v1"\n')
+    out = run_cli("serve", "-c", str(cfg), "--host", "0.0.0.0", "--port", "0")
+    assert out.returncode == 2 and "--allow-open" in out.stderr
+
+
+async def start_process(cfg: Path) -> tuple[trio.Process, int, list[bytes]]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0"], stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    log = [b""]
+    with trio.fail_after(20):
+        while b"listening on" not in log[0]:
+            log[0] += await proc.stderr.receive_some(4096)
+    port = int(re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log[0]).group(1))  # type: ignore[union-attr]
+    return proc, port, log
+
+
+async def test_sigterm_lets_open_stream_finish_and_sighup_reloads(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
+    import signal
+    from tests.mock_upstream import Reply, chunk, sse
+    upstream.handler = lambda r: Reply(pieces=[*sse(chunk({"content": "first "}), done=False), 1.0,
+                                               *sse(chunk({"content": "second"}), chunk({}, "stop"))])
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url))
+    proc, port, log = await start_process(cfg)
+    try:
+        # SIGHUP with a broken file: refused, old config kept; then a good one: taken
+        cfg.write_text("[broken")
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stderr is not None
+        with trio.fail_after(10):
+            while b"reload refused" not in log[0]:
+                log[0] += await proc.stderr.receive_some(4096)
+        cfg.write_text(relay_config(upstream.base_url).replace('default = "mock/mock-model"', 'default = "mock/reloaded-model"'))
+        proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while b"reloaded config" not in log[0]:
+                log[0] += await proc.stderr.receive_some(4096)
+
+        result: list[str] = []
+
+        def call() -> None:
+            client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
+            with client.messages.stream(model="anything", max_tokens=20, messages=[{"role": "user", "content": "x"}]) as s:
+                result.append(s.get_final_text())
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trio.to_thread.run_sync, call)
+            with trio.fail_after(10):
+                while not upstream.requests:
+                    await trio.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)  # mid-stream: the stream must still complete
+        assert result == ["first second"]
+        assert upstream.requests[-1].json["model"] == "reloaded-model"
+        with trio.fail_after(10):
+            assert await proc.wait() == 0
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)  # no longer accepting
+    finally:
+        if proc.returncode is None:
+            proc.kill()
