@@ -43,6 +43,10 @@ class Provider:
     connect_timeout: float = 10.0
     read_timeout: float = 300.0  # longest silence between two upstream reads
     max_connections: int = 256
+    retries: int = 1  # extra attempts on the same provider for 429/5xx/connect failures, before falling back
+    max_retry_wait: float = 5.0  # a Retry-After longer than this is passed to the client instead of waited out
+    failure_threshold: int = 5  # consecutive failures that open the circuit
+    cooldown: float = 30.0  # seconds an open circuit skips the provider before a probe
     # Quirks: data, not code paths.
     system_turns: str = "keep"
     reasoning_control: str = "none"
@@ -116,6 +120,10 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "connect_timeout": (int, float),
     "read_timeout": (int, float),
     "max_connections": int,
+    "retries": int,
+    "max_retry_wait": (int, float),
+    "failure_threshold": int,
+    "cooldown": (int, float),
     "system_turns": str,
     "reasoning_control": str,
     "reasoning_return": bool,

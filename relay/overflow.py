@@ -92,6 +92,11 @@ _RAW: list[tuple[str, tuple[str, ...]]] = [
     (r"'max_tokens' or 'max_completion_tokens' is too large: " + _N + r"\. This model's " + _CTX
      + r" and your request has " + _N + r" input tokens", ("k", "m", "n")),
     (_CTX + r"\. However, your request has " + _N + r" input tokens", ("m", "n")),
+    # vLLM renderers/params.py: the token check, then its character pre-check (characters again not tokens)
+    (r"you passed " + _N + r" input tokens and requested " + _N + r" output tokens\. However, the model's context "
+     r"length is only " + _N + r" tokens", ("n", "k", "m")),
+    (r"you passed [\d,]+ input characters and requested " + _N + r" output tokens\. However, the model's context "
+     r"length is only " + _N + r" tokens", ("k", "m")),
     # OpenAI, DeepSeek, old vLLM, OpenRouter: a total with its split in parentheses
     (_CTX + r"[.,] however,? you requested (?:about )?" + _N + r" tokens \(([^)]*)\)", ("m", "t", "p")),
     (_CTX + r"[.,] however,? you requested " + _N + r" tokens in the messages", ("m", "n")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,23 +359,57 @@ class Server:
         ex.stream = stream
         targets = routing.resolve(self.config, model)
         failures: list[str] = []
-        for number, target in enumerate(targets, 1):
+        try:
+            for number, target in enumerate(targets, 1):
+                last = number == len(targets)
+                health = self.upstreams.health_of(target.provider)
+                if not last and not health.available(trio.current_time()):
+                    failures.append(f"{target.label}:circuit-open")
+                    continue
+                if await self._try_target(conn, ex, req, target, stream, health, failures, last):
+                    return
+        finally:
+            if failures:
+                ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
+
+    async def _try_target(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target,
+                          stream: bool, health: Any, failures: list[str], last: bool) -> bool:
+        """Attempts on one target: True when served; False to fall back; raises what the client must see."""
+        provider = target.provider
+        attempt = 0
+        while True:
+            key = health.pick_key(trio.current_time())
             ex.target = target.label
             try:
-                await self._serve_from(conn, ex, req, target, stream)
-                break
+                await self._serve_from(conn, ex, req, target, stream, key)
+                health.succeeded()
+                return True
             except RelayError as err:
-                # fall back to the route's next target, but only while nothing has reached the client
-                if ex.status != 0 or number == len(targets) or err.status not in RETRYABLE:
+                now = trio.current_time()
+                retry_after = _retry_after(err)
+                if err.status in (401, 403, 429):
+                    health.key_refused(key, err.status, now, retry_after)
+                elif err.status >= 500:
+                    health.failed(now)
+                if ex.status != 0:  # bytes reached the client: nothing can be retried
+                    raise
+                rotated = err.status in (401, 403, 429) and health.has_fresh_key(now)
+                if err.status not in RETRYABLE and not rotated:
                     raise
                 failures.append(f"{target.label}:{err.status}")
-                log.info("%s %s failed with %d (%s); trying %s", ex.request_id, target.label, err.status,
-                         err.error_type, targets[number].label)
-            finally:
-                if failures:
-                    ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
+                attempt += 1
+                wait = 0.0 if rotated else min(retry_after if retry_after is not None else 0.25 * 2 ** attempt * random.uniform(0.5, 1.0), 1e9)
+                if attempt <= provider.retries and wait <= provider.max_retry_wait:
+                    log.info("%s %s failed with %d (%s); retrying in %.2fs", ex.request_id, target.label, err.status, err.error_type, wait)
+                    await trio.sleep(wait)
+                    continue
+                if last:
+                    raise
+                log.info("%s %s failed with %d (%s); falling back", ex.request_id, target.label, err.status, err.error_type)
+                return False
 
-    async def _serve_from(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target, stream: bool) -> None:
+    async def _serve_from(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target, stream: bool,
+                          key: str | None = None) -> None:
         provider = target.provider
         fmt = registry.get(provider.format)
         estimate = tokens.estimate(req)
@@ -383,7 +418,7 @@ class Server:
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
         opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()), estimate)
-        async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers) as upstream:
+        async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers, key=key) as upstream:
             if stream and not upstream.content_type.startswith(b"application/json"):
                 await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
                 return
@@ -494,6 +529,16 @@ class Server:
             await self._sse_head(conn, ex, data)
         else:
             await conn.send(h11.Data(data=data))
+
+
+def _retry_after(err: RelayError) -> float | None:
+    for name, value in err.headers:
+        if name == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
 
 
 async def _send_raw(stream: trio.SocketStream, err: RelayError) -> None:

@@ -19,6 +19,7 @@ from relay import __version__
 from relay.config import Config, Provider
 from relay.context import window_from_server
 from relay.errors import RelayError, from_upstream
+from relay.health import ProviderHealth
 
 ERROR_BODY_LIMIT = 1024 * 1024
 USER_AGENT = f"relay/{__version__}".encode()
@@ -51,8 +52,8 @@ class UpstreamResponse:
         return b"".join(parts)
 
 
-def auth_headers(provider: Provider) -> list[tuple[bytes, bytes]]:
-    key = provider.api_key
+def auth_headers(provider: Provider, key: str | None = None) -> list[tuple[bytes, bytes]]:
+    key = provider.api_key if key is None else key
     if not key or provider.auth == "none":
         return []
     if provider.auth == "bearer":
@@ -83,6 +84,7 @@ class Upstreams:
         self._ssl = ssl.create_default_context()
         self._pools: dict[str, httpcore.AsyncConnectionPool] = {}
         self._windows: dict[tuple[str, str], int | None] = {}
+        self._health: dict[str, ProviderHealth] = {}
         self.config = config
 
     def _pool(self, provider: Provider) -> httpcore.AsyncConnectionPool:
@@ -108,6 +110,7 @@ class Upstreams:
         *,
         stream: bool,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
+        key: str | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         url = provider.base_url + path
         headers = [
@@ -115,7 +118,7 @@ class Upstreams:
             (b"content-type", b"application/json"),
             (b"accept", b"text/event-stream" if stream else b"application/json"),
             (b"user-agent", USER_AGENT),
-            *auth_headers(provider),
+            *auth_headers(provider, key),
             *((k.encode(), v.encode()) for k, v in provider.headers),
             *(extra_headers or []),
         ]
@@ -161,6 +164,13 @@ class Upstreams:
             return orjson.loads(response.content)
         except orjson.JSONDecodeError:
             return None
+
+    def health_of(self, provider: Provider) -> ProviderHealth:
+        health = self._health.get(provider.name)
+        if health is None or health.keys != provider.api_keys:
+            health = ProviderHealth(provider.api_keys, provider.failure_threshold, provider.cooldown)
+            self._health[provider.name] = health
+        return health
 
     def known_window(self, provider: Provider, model: str) -> int | None:
         return self._windows.get((provider.name, model))

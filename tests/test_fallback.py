@@ -17,12 +17,13 @@ async def two_upstreams(nursery: trio.Nursery) -> tuple[MockUpstream, MockUpstre
     return first, second
 
 
-def config(first: str, second: str) -> str:
+def config(first: str, second: str, a_extra: str = "") -> str:
     return f"""
 [server]
 api_keys = ["{RELAY_KEY}"]
 [providers.a]
 base_url = "{first}"
+{a_extra}
 [providers.b]
 base_url = "{second}"
 [routes]
@@ -46,7 +47,7 @@ async def test_falls_back_on_retryable_status(nursery: trio.Nursery, status: int
     second.handler = lambda r: text_stream("from b")
     relay = await start_relay(nursery, config(first.base_url, second.base_url))
     assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
-    assert [r.json["model"] for r in first.requests] == ["model-a"]
+    assert [r.json["model"] for r in first.requests] == ["model-a", "model-a"]  # one retry, then fall back
     assert [r.json["model"] for r in second.requests] == ["model-b"]
 
 
@@ -64,3 +65,41 @@ async def test_client_errors_do_not_fall_back(nursery: trio.Nursery) -> None:
     with pytest.raises(anthropic.BadRequestError):
         await trio.to_thread.run_sync(ask, relay.port, False)
     assert second.requests == []
+
+
+async def test_long_retry_after_is_not_waited_out(nursery: trio.Nursery) -> None:
+    first, second = await two_upstreams(nursery)
+    first.handler = lambda r: json_reply({"error": {"message": "slow down"}}, 429, [("retry-after", "60")])
+    second.handler = lambda r: text_stream("from b")
+    relay = await start_relay(nursery, config(first.base_url, second.base_url))
+    with trio.fail_after(5):
+        assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+    assert len(first.requests) == 1
+
+
+async def test_key_rotation_and_cooldown(nursery: trio.Nursery) -> None:
+    first, second = await two_upstreams(nursery)
+    first.handler = lambda r: (json_reply({"error": {"message": "bad key"}}, 401)
+                               if r.headers["authorization"] == "Bearer key-one" else text_stream("ok"))
+    relay = await start_relay(nursery, config(first.base_url, second.base_url, 'api_key = ["key-one", "key-two"]'))
+    for _ in range(3):
+        assert await trio.to_thread.run_sync(ask, relay.port, True) == "ok"
+    used = [r.headers["authorization"] for r in first.requests]
+    assert used == ["Bearer key-one", "Bearer key-two", "Bearer key-two", "Bearer key-two"]  # key-one rests
+    assert second.requests == []
+
+
+async def test_circuit_opens_then_probes(nursery: trio.Nursery) -> None:
+    first, second = await two_upstreams(nursery)
+    healthy = {"a": False}
+    first.handler = lambda r: text_stream("from a") if healthy["a"] else json_reply({"error": {"message": "down"}}, 500)
+    second.handler = lambda r: text_stream("from b")
+    relay = await start_relay(nursery, config(first.base_url, second.base_url,
+                                              "retries = 0\nfailure_threshold = 2\ncooldown = 0.5"))
+    for _ in range(4):
+        assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+    assert len(first.requests) == 2  # after two failures the circuit opened: a was skipped, not asked
+    healthy["a"] = True
+    await trio.sleep(0.6)
+    assert await trio.to_thread.run_sync(ask, relay.port, True) == "from a"  # the probe succeeds: closed again
+    assert await trio.to_thread.run_sync(ask, relay.port, True) == "from a"

@@ -12,41 +12,24 @@ import orjson
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.inbound import (
+    BILLING_HEADER,
+    EFFORTS,
+    client_tools,
+    effort,
+    max_tokens,
+    note_unmapped,
+    number,
+    stop_sequences,
+    system_text,
+    text_of_blocks,
+    tool_choice,
+    tool_loaded,
+)
 
-# Anthropic server tools and versioned built-in tools: the upstream model cannot run them.
-_SERVER_TOOL_PREFIXES = ("web_search", "web_fetch", "code_execution", "bash_", "text_editor", "computer_", "memory")
-BILLING_HEADER = "x-anthropic-billing-header:"
-EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high", "xhigh": "high", "minimal": "low"}
-
-
-def _text_of_blocks(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(f"{where}: expected a string or a list of content blocks")
-    parts: list[str] = []
-    for block in content:
-        if not isinstance(block, dict):
-            raise invalid(f"{where}: content blocks must be objects")
-        if block.get("type") == "text":
-            text = block.get("text")
-            if not isinstance(text, str):
-                raise invalid(f"{where}: text block without a string 'text'")
-            parts.append(text)
-    return "\n\n".join(parts)
-
-
-def system_text(system: Any) -> str:
-    """The leading system prompt. Claude Code's per-request billing header block is left out: it changes on
-    every call and would defeat the upstream's prefix cache."""
-    if system is None:
-        return ""
-    if isinstance(system, list):
-        system = [
-            b for b in system
-            if not (isinstance(b, dict) and isinstance(b.get("text"), str) and b["text"].startswith(BILLING_HEADER))
-        ]
-    return _text_of_blocks(system, "system")
+# Kept under their old names: other modules and tests import them from here.
+_text_of_blocks = text_of_blocks
+__all__ = ["BILLING_HEADER", "EFFORTS", "build", "system_text"]
 
 
 def _image_url(source: Any, where: str) -> str:
@@ -101,7 +84,7 @@ def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[s
             body = _text_of_blocks(block.get("content", []), f"{where}.content.{i}")
             parts.append({"type": "text", "text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
         elif kind == "tool_reference":
-            parts.append({"type": "text", "text": _tool_loaded(block)})
+            parts.append({"type": "text", "text": tool_loaded(block)})
         elif kind in ("thinking", "redacted_thinking"):
             dropped.add("user thinking block")
         elif kind is None:
@@ -109,10 +92,6 @@ def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[s
         else:
             dropped.add(f"content block type {kind}")
     return parts
-
-
-def _tool_loaded(block: dict[str, Any]) -> str:
-    return f"Tool {block.get('tool_name')} is now loaded and can be called."
 
 
 def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -145,48 +124,10 @@ def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[
     return text, images
 
 
-def _referenced_tools(messages: list[Any]) -> set[str]:
-    names: set[str] = set()
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for block in content:
-            if isinstance(block, dict) and block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-                for inner in block["content"]:
-                    if isinstance(inner, dict) and inner.get("type") == "tool_reference":
-                        names.add(str(inner.get("tool_name")))
-    return names
-
-
-def _tools(req: dict[str, Any], referenced: set[str], dropped: set[str]) -> list[dict[str, Any]]:
-    tools = req.get("tools")
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise invalid("tools: expected a list")
+def _tools(req: dict[str, Any], dropped: set[str]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise invalid(f"tools.{i}: expected an object")
-        kind = tool.get("type")
-        name = tool.get("name")
-        if kind not in (None, "custom"):
-            if isinstance(kind, str) and kind.startswith(_SERVER_TOOL_PREFIXES):
-                dropped.add(f"server tool {kind} (the upstream cannot run it)")
-                continue
-            dropped.add(f"tool type {kind}")
-            continue
-        if not isinstance(name, str) or not name:
-            raise invalid(f"tools.{i}.name: Field required")
-        if tool.get("defer_loading") and name not in referenced:
-            continue  # as Anthropic does: a deferred tool reaches the model only once a tool_reference loads it
-        schema = tool.get("input_schema")
-        if schema is None:
-            schema = {"type": "object", "properties": {}}
-        if not isinstance(schema, dict):
-            raise invalid(f"tools.{i}.input_schema: expected an object")
-        function: dict[str, Any] = {"name": name, "parameters": schema}
+    for tool in client_tools(req, dropped):
+        function: dict[str, Any] = {"name": tool["name"], "parameters": tool["input_schema"]}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
         if isinstance(tool.get("strict"), bool):
@@ -195,24 +136,18 @@ def _tools(req: dict[str, Any], referenced: set[str], dropped: set[str]) -> list
     return out
 
 
-def _effort(req: dict[str, Any]) -> str | None:
-    """Claude's thinking settings -> an OpenAI reasoning_effort, or None when thinking is off."""
-    thinking = req.get("thinking")
-    output_config = req.get("output_config")
-    effort = output_config.get("effort") if isinstance(output_config, dict) else None
-    kind = thinking.get("type") if isinstance(thinking, dict) else None
-    if kind == "disabled":
-        return None
-    if isinstance(effort, str) and effort in EFFORTS:
-        return EFFORTS[effort]
-    if kind == "enabled":
-        budget = thinking.get("budget_tokens")
-        if isinstance(budget, int):
-            return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
-        return "medium"
-    if kind == "adaptive":
-        return "medium"
-    return None
+def _reasoning(body: dict[str, Any], req: dict[str, Any], provider: Provider, dropped: set[str]) -> None:
+    """Claude's thinking settings in whichever control the provider accepts (``reasoning_control``)."""
+    control = provider.reasoning_control
+    level = effort(req)
+    if control == "reasoning_effort":
+        if level:
+            body["reasoning_effort"] = level
+    elif control == "none":
+        if req.get("thinking") or req.get("output_config"):
+            dropped.add("thinking/output_config (provider has no reasoning control)")
+    else:
+        dropped.add(f"thinking (reasoning_control {control} is not an OpenAI Chat control)")
 
 
 def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> tuple[dict[str, Any], set[str]]:
@@ -226,7 +161,6 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     out: list[dict[str, Any]] = []
     # each tool call id waiting for its result; OpenAI requires every call to be answered before the next turn
     pending_calls: list[str] = []
-    referenced = _referenced_tools(messages_in)
 
     def answer_pending() -> None:
         for call_id in pending_calls:
@@ -327,55 +261,32 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         out.insert(0, {"role": "system", "content": "\n\n".join(merged_system)})
 
     body: dict[str, Any] = {"model": model, "messages": out}
-    max_tokens = req.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise invalid("max_tokens: Field required (a positive integer)")
-    if provider.max_tokens_cap is not None:
-        max_tokens = min(max_tokens, provider.max_tokens_cap)
-    body[provider.max_tokens_field] = max_tokens
+    body[provider.max_tokens_field] = max_tokens(req, provider)
 
-    tools = _tools(req, referenced, dropped)
+    tools = _tools(req, dropped)
     if tools:
         body["tools"] = tools
-        choice = req.get("tool_choice")
-        if isinstance(choice, dict):
-            kind = choice.get("type")
-            if kind == "auto":
-                body["tool_choice"] = "auto"
-            elif kind == "any":
-                body["tool_choice"] = "required"
-            elif kind == "tool":
-                body["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
-            elif kind == "none":
-                body["tool_choice"] = "none"
-            if choice.get("disable_parallel_tool_use") is True:
-                body["parallel_tool_calls"] = False
+        kind, name, serial = tool_choice(req)
+        if kind is not None:
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or {
+                "type": "function", "function": {"name": name}}
+        if serial:
+            body["parallel_tool_calls"] = False
 
-    stops = req.get("stop_sequences")
+    stops = stop_sequences(req)
     if stops:
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise invalid("stop_sequences: expected a list of strings")
         body["stop"] = stops
     for key in ("temperature", "top_p"):
-        value = req.get(key)
+        value = number(req, key)
         if value is not None:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise invalid(f"{key}: expected a number")
             body[key] = value
     if req.get("top_k") is not None:
         if provider.pass_top_k:
             body["top_k"] = req["top_k"]
         else:
             dropped.add("top_k (not an OpenAI parameter)")
-    if provider.reasoning_control == "reasoning_effort":
-        effort = _effort(req)
-        if effort:
-            body["reasoning_effort"] = effort
-    elif req.get("thinking") or req.get("output_config"):
-        dropped.add("thinking/output_config (provider has no reasoning control)")
-    for key in ("metadata", "context_management", "service_tier", "container", "mcp_servers"):
-        if key in req:
-            dropped.add(key)
+    _reasoning(body, req, provider, dropped)
+    note_unmapped(req, dropped)
     if stream:
         body["stream"] = True
         if provider.stream_usage:

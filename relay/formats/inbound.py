@@ -1,0 +1,219 @@
+"""Reading the Anthropic request: the validation and the format-neutral pieces every upstream format needs.
+
+Each translated format (OpenAI Chat, Gemini, OpenAI Responses) decides what a field becomes; what the field
+*is* (the system prompt without Claude Code's billing line, the tools the model may see, the thinking effort,
+a bounded max_tokens) is decided once, here, so the formats cannot drift apart. Pure: dicts in, values out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from relay.config import Provider
+from relay.errors import invalid
+
+# Anthropic server tools and versioned built-in tools: the upstream model cannot run them.
+SERVER_TOOL_PREFIXES = ("web_search", "web_fetch", "code_execution", "bash_", "text_editor", "computer_", "memory")
+BILLING_HEADER = "x-anthropic-billing-header:"
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high", "xhigh": "high", "minimal": "low"}
+
+
+def text_of_blocks(content: Any, where: str) -> str:
+    """The text of a string or a list of blocks (non-text blocks ignored), paragraphs joined by a blank line."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}: expected a string or a list of content blocks")
+    parts: list[str] = []
+    for block in content:
+        if not isinstance(block, dict):
+            raise invalid(f"{where}: content blocks must be objects")
+        if block.get("type") == "text":
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise invalid(f"{where}: text block without a string 'text'")
+            parts.append(text)
+    return "\n\n".join(parts)
+
+
+def system_text(system: Any) -> str:
+    """The leading system prompt. Claude Code's per-request billing header block is left out: it changes on
+    every call and would defeat the upstream's prefix cache."""
+    if system is None:
+        return ""
+    if isinstance(system, list):
+        system = [
+            b for b in system
+            if not (isinstance(b, dict) and isinstance(b.get("text"), str) and b["text"].startswith(BILLING_HEADER))
+        ]
+    return text_of_blocks(system, "system")
+
+
+def turns(req: dict[str, Any]) -> Iterator[tuple[str, str, str | list[Any]]]:
+    """(where, role, content) for each message, validated as Anthropic's API does."""
+    messages = req.get("messages")
+    if not isinstance(messages, list):
+        raise invalid("messages: Field required (a list)")
+    for n, message in enumerate(messages):
+        where = f"messages.{n}"
+        if not isinstance(message, dict):
+            raise invalid(f"{where}: expected an object")
+        role = message.get("role")
+        content = message.get("content")
+        if role not in ("user", "assistant", "system"):
+            raise invalid(f"{where}.role: Input should be 'user' or 'assistant'")
+        if content is None:
+            raise invalid(f"{where}.content: Field required")
+        if not isinstance(content, (str, list)):
+            raise invalid(f"{where}.content: expected a string or a list of content blocks")
+        yield where, role, content
+
+
+def blocks(content: list[Any], where: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(where, type, block) for each content block, each checked to be a typed object."""
+    for i, block in enumerate(content):
+        at = f"{where}.content.{i}"
+        if not isinstance(block, dict):
+            raise invalid(f"{at}: content blocks must be objects")
+        kind = block.get("type")
+        if not isinstance(kind, str):
+            raise invalid(f"{at}: content block without a type")
+        yield at, kind, block
+
+
+def tool_loaded(block: dict[str, Any]) -> str:
+    """Claude Code's ToolSearch answers with tool_reference blocks; upstreams get them as this sentence."""
+    return f"Tool {block.get('tool_name')} is now loaded and can be called."
+
+
+def referenced_tools(messages: Any) -> set[str]:
+    """Names of deferred tools that a tool_reference in the conversation has loaded."""
+    names: set[str] = set()
+    if not isinstance(messages, list):
+        return names
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                for inner in block["content"]:
+                    if isinstance(inner, dict) and inner.get("type") == "tool_reference":
+                        names.add(str(inner.get("tool_name")))
+    return names
+
+
+def client_tools(req: dict[str, Any], dropped: set[str]) -> list[dict[str, Any]]:
+    """The tools the upstream model may call: validated, server tools dropped, deferred tools only once a
+    tool_reference loaded them (as Anthropic does). Each has ``name`` and an object ``input_schema``."""
+    tools = req.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise invalid("tools: expected a list")
+    referenced: set[str] | None = None
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise invalid(f"tools.{i}: expected an object")
+        kind = tool.get("type")
+        name = tool.get("name")
+        if kind not in (None, "custom"):
+            if isinstance(kind, str) and kind.startswith(SERVER_TOOL_PREFIXES):
+                dropped.add(f"server tool {kind} (the upstream cannot run it)")
+            else:
+                dropped.add(f"tool type {kind}")
+            continue
+        if not isinstance(name, str) or not name:
+            raise invalid(f"tools.{i}.name: Field required")
+        if tool.get("defer_loading"):
+            if referenced is None:
+                referenced = referenced_tools(req.get("messages"))
+            if name not in referenced:
+                continue
+        schema = tool.get("input_schema")
+        if schema is None:
+            schema = {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise invalid(f"tools.{i}.input_schema: expected an object")
+        out.append({**tool, "input_schema": schema})
+    return out
+
+
+def tool_choice(req: dict[str, Any]) -> tuple[str | None, str | None, bool]:
+    """(kind: auto/any/tool/none or None, the named tool, parallel calls disabled)."""
+    choice = req.get("tool_choice")
+    if not isinstance(choice, dict):
+        return None, None, False
+    kind = choice.get("type")
+    name = choice.get("name") if kind == "tool" and isinstance(choice.get("name"), str) else None
+    return (kind if kind in ("auto", "any", "tool", "none") else None), name, choice.get("disable_parallel_tool_use") is True
+
+
+def effort(req: dict[str, Any]) -> str | None:
+    """Claude's thinking settings -> low/medium/high, or None when thinking is off or not asked for."""
+    thinking = req.get("thinking")
+    output_config = req.get("output_config")
+    asked = output_config.get("effort") if isinstance(output_config, dict) else None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return None
+    if isinstance(asked, str) and asked in EFFORTS:
+        return EFFORTS[asked]
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int):
+            return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+        return "medium"
+    if kind == "adaptive":
+        return "medium"
+    return None
+
+
+def thinking_budget(req: dict[str, Any]) -> int | None:
+    """The explicit ``thinking.budget_tokens`` when thinking is enabled with one."""
+    thinking = req.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+            return budget
+    return None
+
+
+def max_tokens(req: dict[str, Any], provider: Provider) -> int:
+    """The validated max_tokens, clamped to the provider's cap."""
+    value = req.get("max_tokens")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise invalid("max_tokens: Field required (a positive integer)")
+    if provider.max_tokens_cap is not None:
+        value = min(value, provider.max_tokens_cap)
+    return value
+
+
+def stop_sequences(req: dict[str, Any]) -> list[str]:
+    stops = req.get("stop_sequences")
+    if not stops:
+        return []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid("stop_sequences: expected a list of strings")
+    return stops
+
+
+def number(req: dict[str, Any], key: str) -> float | int | None:
+    value = req.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise invalid(f"{key}: expected a number")
+    return value
+
+
+UNMAPPED = ("metadata", "context_management", "service_tier", "container", "mcp_servers")
+
+
+def note_unmapped(req: dict[str, Any], dropped: set[str]) -> None:
+    """Top-level Anthropic fields no upstream format has an equivalent for."""
+    for key in UNMAPPED:
+        if key in req:
+            dropped.add(key)

@@ -1,0 +1,67 @@
+"""Per-provider health: upstream key rotation with cool-downs, and a circuit breaker.
+
+Pure state with the clock passed in, so it is tested without sleeping. The server asks it which key to use
+and whether a provider is worth trying, and tells it how each attempt went.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+AUTH_COOLDOWN = 300.0  # a key the upstream refused (401/403) is probably revoked: rest it long
+RATE_COOLDOWN = 30.0  # a key that hit a rate limit, unless Retry-After says otherwise
+
+
+@dataclass
+class ProviderHealth:
+    keys: tuple[str, ...]
+    failure_threshold: int = 5
+    cooldown: float = 30.0
+    _next: int = 0
+    _resting: dict[str, float] = field(default_factory=dict)  # key -> time it may be used again
+    _failures: int = 0
+    _open_until: float = 0.0
+    _probing: bool = False
+
+    def pick_key(self, now: float) -> str:
+        """Round robin over keys that are not resting; if all rest, the one that wakes first."""
+        if not self.keys:
+            return ""
+        for _ in range(len(self.keys)):
+            key = self.keys[self._next % len(self.keys)]
+            self._next += 1
+            if self._resting.get(key, 0.0) <= now:
+                return key
+        return min(self.keys, key=lambda k: self._resting.get(k, 0.0))
+
+    def key_refused(self, key: str, status: int, now: float, retry_after: float | None = None) -> None:
+        if status in (401, 403):
+            self._resting[key] = now + AUTH_COOLDOWN
+        elif status == 429:
+            self._resting[key] = now + (retry_after if retry_after is not None else RATE_COOLDOWN)
+
+    def has_fresh_key(self, now: float) -> bool:
+        return any(self._resting.get(k, 0.0) <= now for k in self.keys)
+
+    def available(self, now: float) -> bool:
+        """Closed: yes. Open: no, until the cool-down ends; then one probe request is let through."""
+        if self._failures < self.failure_threshold:
+            return True
+        if now < self._open_until or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self._probing = False
+
+    def failed(self, now: float) -> None:
+        self._failures += 1
+        self._probing = False
+        if self._failures >= self.failure_threshold:
+            self._open_until = now + self.cooldown
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self.failure_threshold
