@@ -11,16 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from relay.errors import RelayError
+from relay.overflow import anthropic_message
 
 MIN_OUTPUT = 1024  # below this a reply is not worth asking for: compacting is the better answer
 
 
-def prompt_too_long_message(prompt_tokens: int, window: int) -> str:
-    return f"prompt is too long: {prompt_tokens} tokens > {window} maximum"
-
-
 def prompt_too_long(prompt_tokens: int, window: int) -> RelayError:
-    return RelayError(400, prompt_too_long_message(prompt_tokens, window), "invalid_request_error")
+    return RelayError(400, anthropic_message(prompt_tokens, window), "invalid_request_error")
 
 
 def fit_max_tokens(estimate: int, requested: int, window: int | None, max_output: int | None) -> int:

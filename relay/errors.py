@@ -7,10 +7,13 @@ client's, relay's, or the upstream's.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 import orjson
+
+from relay.overflow import Overflow, detect
 
 # status -> Anthropic error type (docs: "Errors"; 400 is also used for unlisted 4xx)
 STATUS_TYPES: dict[int, str] = {
@@ -50,6 +53,7 @@ class RelayError(Exception):
         self.message = message
         self.error_type = error_type or type_for_status(status)
         self.headers = headers or []
+        self.overflow: Overflow | None = None  # the upstream said the context window overflowed
 
     def body(self, request_id: str | None = None) -> bytes:
         doc: dict[str, Any] = {"type": "error", "error": {"type": self.error_type, "message": self.message}}
@@ -149,12 +153,9 @@ def from_upstream(
     if retry_after is None and doc is not None and status == 429:
         retry_after = _retry_after_from(doc)
     headers = [(b"retry-after", retry_after.encode())] if retry_after else []
-    return RelayError(
-        out_status,
-        redact(f"{provider}: {message}", secrets),
-        type_for_status(out_status),
-        headers,
-    )
+    err = RelayError(out_status, redact(f"{provider}: {message}", secrets), type_for_status(out_status), headers)
+    err.overflow = detect(message, doc)
+    return err
 
 
 def from_stream_error(doc: Any, secrets: tuple[str, ...] = (), provider: str = "upstream") -> RelayError:
@@ -175,7 +176,20 @@ def from_stream_error(doc: Any, secrets: tuple[str, ...] = (), provider: str = "
         elif status == 500 and kind in ("invalid_request_error", "BadRequestError", "INVALID_ARGUMENT"):
             status = 400
     message = _message_from(doc) or "upstream reported an error"
-    return RelayError(status, redact(f"{provider}: {message}", secrets), type_for_status(status))
+    out = RelayError(status, redact(f"{provider}: {message}", secrets), type_for_status(status))
+    out.overflow = detect(message, doc)
+    return out
+
+
+def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, max_tokens: int | None) -> RelayError:
+    """An upstream's context-overflow error in Anthropic's own words, which Claude Code parses to compact or to
+    lower max_tokens; the upstream's words go to the log."""
+    if err.overflow is None:
+        return err
+    logging.getLogger("relay.overflow").info("upstream context overflow: %s", err.message)
+    out = RelayError(400, err.overflow.to_anthropic(estimate, window, max_tokens), "invalid_request_error")
+    out.overflow = err.overflow
+    return out
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
@@ -185,3 +199,29 @@ def redact(text: str, secrets: tuple[str, ...]) -> str:
             text = text.replace(secret, "[redacted]")
     # Key-looking tokens an upstream may echo (sk-..., AIza...) even when they are not ours.
     return re.sub(r"\b(sk-[A-Za-z0-9_\-]{8})[A-Za-z0-9_\-]{8,}", r"\1…[redacted]", text)
+
+
+# Anthropic error type -> status, for upstreams that speak Anthropic's API (the inverse of STATUS_TYPES).
+_TYPE_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                "permission_error": 403, "not_found_error": 404, "conflict_error": 409, "request_too_large": 413,
+                "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
+
+
+def from_anthropic_error(doc: Any, secrets: tuple[str, ...] = (), provider: str = "upstream") -> RelayError:
+    """An Anthropic-shaped error (``{"type":"error","error":{"type","message"}}``) from an upstream that speaks
+    Anthropic's API: its own type decides the status, so an ``event: error`` before anything was sent becomes
+    the HTTP error Anthropic would have answered with."""
+    err = doc.get("error") if isinstance(doc, dict) else None
+    kind = err.get("type") if isinstance(err, dict) else None
+    if kind not in _TYPE_STATUS:
+        return from_stream_error(doc, secrets, provider)
+    message = _message_from(doc) or kind
+    out = RelayError(_TYPE_STATUS[kind], redact(f"{provider}: {message}", secrets), kind)
+    out.overflow = detect(message, doc)
+    return out
+
+
+def retry_after_header(doc: Any) -> list[tuple[bytes, bytes]]:
+    """A ``retry-after`` header from a Google RetryInfo in an error body, for errors that arrive in a stream."""
+    delay = _retry_after_from(doc)
+    return [(b"retry-after", delay.encode())] if delay else []

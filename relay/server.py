@@ -413,22 +413,27 @@ class Server:
         provider = target.provider
         fmt = registry.get(provider.format)
         estimate = tokens.estimate(req)
-        req = await self._fit_context(ex, req, target, estimate)
+        req, window = await self._fit_context(ex, req, target, estimate)
         call = fmt.build(req, provider, target.model, stream)
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
-        opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()), estimate)
-        async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers, key=key) as upstream:
-            if stream and not upstream.content_type.startswith(b"application/json"):
-                await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
-                return
-            data = await upstream.read(64 * 1024 * 1024)
-        ex.ttfb = time.perf_counter()
+        max_tokens = req.get("max_tokens")
+        opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()), estimate, window,
+                       max_tokens if isinstance(max_tokens, int) else None)
         try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
-        message = fmt.translate_response(doc, opts)
+            async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers, key=key) as upstream:
+                if stream and not upstream.content_type.startswith(b"application/json"):
+                    await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
+                    return
+                data = await upstream.read(64 * 1024 * 1024)
+            ex.ttfb = time.perf_counter()
+            try:
+                doc = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
+            message = fmt.translate_response(doc, opts)
+        except RelayError as err:
+            raise opts.overflow(err) from None
         ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
         ex.output_tokens = message["usage"]["output_tokens"]
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
@@ -443,19 +448,20 @@ class Server:
             window = await self.upstreams.discover_window(target.provider, target.model)
         return window
 
-    async def _fit_context(self, ex: Exchange, req: dict[str, Any], target: routing.Target, estimate: int) -> dict[str, Any]:
+    async def _fit_context(self, ex: Exchange, req: dict[str, Any], target: routing.Target,
+                           estimate: int) -> tuple[dict[str, Any], int | None]:
         """Lower max_tokens to what the model's window has room for; refuse, as Anthropic does, what cannot fit."""
         max_tokens = req.get("max_tokens")
         limits = target.provider.limits_for(target.model)
         window = await self.window_of(target)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or limits.max_output):
-            return req
+            return req, window
         fitted = fit_max_tokens(estimate, max_tokens, window, limits.max_output)
         if fitted == max_tokens:
-            return req
+            return req, window
         log.info("%s max_tokens %d -> %d to fit %s (window %s, input ~%d tokens)",
                  ex.request_id, max_tokens, fitted, target.label, window, estimate)
-        return {**req, "max_tokens": fitted}
+        return {**req, "max_tokens": fitted}, window
 
     async def _sse_head(self, conn: Connection, ex: Exchange, first: bytes) -> None:
         ex.status = 200

@@ -89,3 +89,38 @@ async def test_window_discovered_from_local_server(nursery: trio.Nursery, upstre
 
     entry = await trio.to_thread.run_sync(model_entry)
     assert entry["id"] == "mock-model" and entry["context_window"] == 3000
+
+
+async def test_upstream_overflow_errors_become_anthropic_wording(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    from tests.mock_upstream import chunk, sse
+    replies = {
+        # llama.cpp: numbers only in fields (ggml-org/llama.cpp#15780)
+        "llama": json_reply({"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+                                       "type": "exceed_context_size_error", "n_prompt_tokens": 9000, "n_ctx": 8192}}, 400),
+        # DeepSeek: prompt fits, prompt + max_tokens does not -> Anthropic's max_tokens wording
+        "deepseek": json_reply({"error": {"message": "This model's maximum context length is 65536 tokens. However, you requested "
+                                          "70000 tokens (60000 in the messages, 10000 in the completion). Please reduce the length "
+                                          "of the messages or completion.", "type": "invalid_request_error"}}, 400),
+        # an overflow reported inside the stream, before any content
+        "stream": Reply(pieces=sse({"error": {"message": "This model's maximum context length is 4096 tokens. However, your "
+                                              "messages resulted in 5000 tokens.", "code": 400}})),
+        # ... and after content: an event: error with the same wording
+        "late": Reply(pieces=sse(chunk({"content": "par"}), {"error": {"message": "This model's maximum context length is 4096 "
+                                                                       "tokens. However, your messages resulted in 5000 tokens."}}, done=False)),
+    }
+    upstream.handler = lambda r: replies[r.json["messages"][-1]["content"]]
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    expected = {
+        "llama": "prompt is too long: 9000 tokens > 8192 maximum",
+        "deepseek": "input length and `max_tokens` exceed context limit: 60000 + 10000 > 65536, decrease input length or `max_tokens` and try again",
+        "stream": "prompt is too long: 5000 tokens > 4096 maximum",
+        "late": "prompt is too long: 5000 tokens > 4096 maximum",
+    }
+    for name, message in expected.items():
+        with pytest.raises(anthropic.APIStatusError) as info:
+            await trio.to_thread.run_sync(ask, relay.port, name)
+        if name == "late":
+            assert message in str(info.value)
+        else:
+            assert info.value.status_code == 400
+            assert info.value.body["error"] == {"type": "invalid_request_error", "message": message}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relay.config import Provider
-from relay.errors import RelayError
+from relay.errors import RelayError, as_anthropic_overflow
 
 
 @dataclass
@@ -23,13 +23,32 @@ class UpstreamCall:
 
 
 @dataclass(frozen=True)
+class ClientRequest:
+    """The client's request as it arrived, for formats that forward it rather than translate it
+    (``anthropic``: the body's bytes re-targeted, ``anthropic-version``/``anthropic-beta`` passed on)."""
+
+    body: bytes  # the raw request body
+    json: dict[str, Any]  # ``body`` parsed; a build that receives another dict knows relay changed the request
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # the client's request headers (lower-case names)
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+@dataclass(frozen=True)
 class Options:
     """What a response translator needs to know about the request it answers."""
 
     model: str  # the model name the client asked for (responses carry it)
     provider: Provider
     stop_sequences: tuple[str, ...] = ()
-    input_tokens_hint: int = 0
+    input_tokens_hint: int = 0  # relay's estimate of the prompt
+    context_window: int | None = None  # the serving model's window, when known
+    max_tokens: int | None = None  # what relay asked the upstream for
+
+    def overflow(self, error: RelayError) -> RelayError:
+        """Put an upstream's context-overflow error in Anthropic's words (other errors pass unchanged)."""
+        return as_anthropic_overflow(error, self.input_tokens_hint, self.context_window, self.max_tokens)
 
 
 class Translator(Protocol):
@@ -51,7 +70,8 @@ class Translator(Protocol):
 
 
 class Format(Protocol):
-    def build(self, req: dict[str, Any], provider: Provider, model: str, stream: bool) -> UpstreamCall: ...
+    def build(self, req: dict[str, Any], provider: Provider, model: str, stream: bool,
+              client: ClientRequest | None = None) -> UpstreamCall: ...
 
     def stream_translator(self, opts: Options) -> Translator: ...
 

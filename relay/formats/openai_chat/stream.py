@@ -7,6 +7,7 @@ produces, at once: nothing complete is held back. The only thing that waits is t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -38,8 +39,10 @@ class StreamTranslator:
         secrets: tuple[str, ...] = (),
         provider: str = "upstream",
         message_id: str | None = None,
+        on_error: Callable[[RelayError], RelayError] | None = None,
     ) -> None:
         self.model = model
+        self._on_error = on_error  # e.g. rewording a context overflow the way Anthropic says it
         self.message_id = message_id or A.message_id()
         self.started = False  # message_start has been produced
         self.done = False  # message_stop or an error event has been produced
@@ -116,6 +119,8 @@ class StreamTranslator:
         return out
 
     def _fail(self, error: RelayError) -> None:
+        if self._on_error is not None:
+            error = self._on_error(error)
         self.error = error
         self.done = True
         if self.started:
