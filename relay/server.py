@@ -26,6 +26,7 @@ from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import Options, Translator
 from relay.log import access_line
+from relay.metrics import Metrics
 from relay.upstream import Upstreams
 
 log = logging.getLogger("relay.server")
@@ -94,6 +95,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstreams = Upstreams(config)
+        self.metrics = Metrics()
         self._retired: list[Upstreams] = []
         self._keys = [k.encode() for k in config.server.api_keys]
         self._accepting = trio.CancelScope()
@@ -199,6 +201,10 @@ class Server:
                 await self._error(conn, ex, err, close=True)
                 return
             await self._dispatch(conn, ex, request, body)
+            now = time.perf_counter()
+            self.metrics.request_done(
+                ex.path.split("?", 1)[0], ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
+                None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
             access_line(
                 ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
                 ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
@@ -284,6 +290,12 @@ class Server:
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
                 await self._json(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
                 return
+            if path == "/metrics":
+                if not self._authorized(request):
+                    raise RelayError(401, "metrics need the relay key (x-api-key or Authorization: Bearer)", "authentication_error")
+                self._require(method, "GET", path)
+                await self._metrics(conn, ex)
+                return
             if not path.startswith("/v1/"):
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
             if not self._authorized(request):
@@ -306,6 +318,12 @@ class Server:
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
             await self._error(conn, ex, err, head_only=method == "HEAD")
+
+    async def _metrics(self, conn: Connection, ex: Exchange) -> None:
+        ex.status = 200
+        body = self.metrics.render()
+        headers = _headers(b"text/plain; version=0.0.4", ex.request_id, [(b"content-length", str(len(body)).encode())])
+        await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=body), h11.EndOfMessage())
 
     @staticmethod
     def _require(method: str, allowed: str, path: str) -> None:
@@ -387,6 +405,7 @@ class Server:
             except RelayError as err:
                 now = trio.current_time()
                 retry_after = _retry_after(err)
+                self.metrics.upstream_failed(provider.name, err.status)
                 if err.status in (401, 403, 429):
                     health.key_refused(key, err.status, now, retry_after)
                 elif err.status >= 500:
@@ -406,6 +425,7 @@ class Server:
                 if last:
                     raise
                 log.info("%s %s failed with %d (%s); falling back", ex.request_id, target.label, err.status, err.error_type)
+                self.metrics.fell_back(provider.name)
                 return False
 
     async def _serve_from(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target, stream: bool,
@@ -488,14 +508,18 @@ class Server:
                 conn.h11.receive_data(data)  # a pipelined next request: h11 keeps it for later
 
         error: RelayError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_client, nursery.cancel_scope)
-            try:
-                error = await self._relay_chunks(conn, ex, upstream, translator)
-            except ClientGone:
-                gone = True
-            finally:
-                nursery.cancel_scope.cancel()
+        self.metrics.open_streams += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_client, nursery.cancel_scope)
+                try:
+                    error = await self._relay_chunks(conn, ex, upstream, translator)
+                except ClientGone:
+                    gone = True
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.metrics.open_streams -= 1
         if translator.has_usage:
             ex.input_tokens = translator.input_tokens + translator.cache_read
             ex.output_tokens = translator.output_tokens

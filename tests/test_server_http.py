@@ -154,3 +154,23 @@ async def test_malformed_http_gets_400(relay: RelayHandle) -> None:
     out = await exchange(relay.port, b"THIS IS NOT HTTP\r\n\r\n", read_until_close=True)
     assert out.startswith(b"HTTP/1.1 400")
     assert orjson.loads(out.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+
+
+async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
+    from tests.mock_upstream import json_reply, text_stream
+    upstream.handler = lambda r: text_stream("a", "b", usage=(11, 2)) if r.json.get("stream") else json_reply({"error": {"message": "x"}}, 400)
+    body = b'{"model":"mock-model","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    streamed = await exchange(relay.port, post("/v1/messages", body, extra=b"connection: close\r\n"), read_until_close=True)
+    assert b"event: message_stop" in streamed
+    await exchange(relay.port, post("/v1/messages", body.replace(b',"stream":true', b"")))
+    status, _, denied = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"))
+    assert status == 401
+    status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\n\r\n"))
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    lines = text.decode().splitlines()
+    assert 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="200"} 1' in lines
+    assert 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="400"} 1' in lines
+    assert 'relay_tokens_total{provider="mock",direction="input"} 11' in lines
+    assert 'relay_upstream_errors_total{provider="mock",status="400"} 1' in lines
+    assert 'relay_time_to_first_byte_seconds_count{provider="mock"} 1' in lines
+    assert "relay_open_streams 0" in lines

@@ -1,0 +1,89 @@
+"""Prometheus text-format metrics, kept in process: counters, two latency histograms, and a gauge."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    parts = []
+    for name, value in zip(names, values):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{name}="{escaped}"')
+    return "{" + ",".join(parts) + "}"
+
+
+class Histogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.total += value
+        self.n += 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], int] = defaultdict(int)  # (path, provider, model, status)
+        self.tokens: dict[tuple[str, ...], int] = defaultdict(int)  # (provider, direction)
+        self.upstream_errors: dict[tuple[str, ...], int] = defaultdict(int)  # (provider, status)
+        self.fallbacks: dict[tuple[str, ...], int] = defaultdict(int)  # (provider,)
+        self.duration: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)  # (provider,)
+        self.ttfb: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)
+        self.open_streams = 0
+
+    def request_done(self, path: str, provider: str, model: str, status: int, duration: float,
+                     ttfb: float | None, tokens_in: int | None, tokens_out: int | None) -> None:
+        self.requests[(path, provider, model, str(status))] += 1
+        if provider:
+            self.duration[(provider,)].observe(duration)
+            if ttfb is not None:
+                self.ttfb[(provider,)].observe(ttfb)
+            if tokens_in:
+                self.tokens[(provider, "input")] += tokens_in
+            if tokens_out:
+                self.tokens[(provider, "output")] += tokens_out
+
+    def upstream_failed(self, provider: str, status: int) -> None:
+        self.upstream_errors[(provider, str(status))] += 1
+
+    def fell_back(self, provider: str) -> None:
+        self.fallbacks[(provider,)] += 1
+
+    def render(self) -> bytes:
+        out: list[str] = []
+
+        def counter(name: str, help_: str, names: tuple[str, ...], data: dict[tuple[str, ...], int]) -> None:
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} counter")
+            for key, value in sorted(data.items()):
+                out.append(f"{name}{_labels(names, key)} {value}")
+
+        def histogram(name: str, help_: str, data: dict[tuple[str, ...], Histogram]) -> None:
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} histogram")
+            for (provider,), h in sorted(data.items()):
+                running = 0
+                for bound, count in zip((*BUCKETS, float("inf")), h.counts):
+                    running += count
+                    le = "+Inf" if bound == float("inf") else repr(bound)
+                    out.append(f'{name}_bucket{{provider="{provider}",le="{le}"}} {running}')
+                out.append(f'{name}_sum{{provider="{provider}"}} {h.total}')
+                out.append(f'{name}_count{{provider="{provider}"}} {h.n}')
+
+        counter("relay_requests_total", "Requests answered, by path, provider, requested model and status.",
+                ("path", "provider", "model", "status"), self.requests)
+        counter("relay_tokens_total", "Tokens reported by upstreams.", ("provider", "direction"), self.tokens)
+        counter("relay_upstream_errors_total", "Failed upstream attempts by status.", ("provider", "status"), self.upstream_errors)
+        counter("relay_fallbacks_total", "Requests moved off a provider to the route's next target.", ("provider",), self.fallbacks)
+        histogram("relay_request_duration_seconds", "Whole request time.", self.duration)
+        histogram("relay_time_to_first_byte_seconds", "Time until the first byte went to the client.", self.ttfb)
+        out.append("# HELP relay_open_streams Streams being relayed now.\n# TYPE relay_open_streams gauge")
+        out.append(f"relay_open_streams {self.open_streams}")
+        return ("\n".join(out) + "\n").encode()
