@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default from config, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default from config, else 8787)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     serve.add_argument("--allow-open", action="store_true",
                        help="allow serving with no client keys on a non-loopback address")
     check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from relay.launcher import run_claude
 
         return run_claude(config, args.config or os.environ.get("RELAY_CONFIG"), args.args)
-    return serve(config, args.host, args.port, args.log_level, args.allow_open, args.config or os.environ.get("RELAY_CONFIG"))
+    return serve(config, args.host, args.port, args.log_level, args.allow_open,
+                 args.config or os.environ.get("RELAY_CONFIG"), args.log_format)
 
 
 def _loopback(host: str) -> bool:
@@ -75,7 +77,7 @@ def _loopback(host: str) -> bool:
 
 
 def serve(config: Config, host: str | None, port: int | None, log_level: str, allow_open: bool = False,
-          config_path: str | None = None) -> int:
+          config_path: str | None = None, log_format: str = "text") -> int:
     import trio
 
     from relay.log import setup
@@ -86,7 +88,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
         print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
               "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
         return 2
-    setup(log_level)
+    setup(log_level, log_format)
     server = Server(config)
 
     async def run() -> None:

@@ -4,14 +4,40 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from typing import Any
+
+import orjson
 
 logger = logging.getLogger("relay")
 access = logging.getLogger("relay.access")
 
 
-def setup(level: str = "info") -> None:
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, with the access log's fields as keys, for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            doc.update(fields)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logging.Formatter.converter = time.gmtime
     root = logging.getLogger("relay")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -49,4 +75,8 @@ def access_line(
         parts.append(f"id={request_id}")
     if note:
         parts.append(note)
-    access.info(" ".join(parts))
+    fields = {"method": method, "path": path, "status": status, "model": model, "target": target,
+              "stream": stream, "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
+              "duration_ms": round(duration_ms, 2), "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "request_id": request_id, "note": note}
+    access.info(" ".join(parts), extra={"fields": fields})

@@ -173,3 +173,15 @@ async def test_sigterm_lets_open_stream_finish_and_sighup_reloads(nursery: trio.
     finally:
         if proc.returncode is None:
             proc.kill()
+
+
+def test_json_log_format() -> None:
+    import json
+    import logging
+
+    from relay.log import JSONFormatter
+    record = logging.LogRecord("relay.access", logging.INFO, __file__, 1, "POST /v1/messages 200", None, None)
+    record.fields = {"status": 200, "request_id": "req_x", "ttfb_ms": 1.5}
+    doc = json.loads(JSONFormatter().format(record))
+    assert doc["level"] == "info" and doc["msg"] == "POST /v1/messages 200"
+    assert doc["status"] == 200 and doc["request_id"] == "req_x" and doc["ttfb_ms"] == 1.5
