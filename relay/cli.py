@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     claude = sub.add_parser("claude", help="run Claude Code through relay (starts a relay if none is listening)")
     _add_config(claude)
     claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c comes first)")
+    usage = sub.add_parser("usage", help="print per-key usage totals (requests and tokens by model)")
+    _add_config(usage)
+    usage.add_argument("--db", action="append", help="usage file(s) to add up (default: the config's usage_db)")
+    usage.add_argument("--since", help="only days from YYYY-MM-DD on")
     settings = sub.add_parser("claude-settings", help="print the ~/.claude/settings.json block for this relay")
     _add_config(settings)
     return parser
@@ -59,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return check(config, args.models)
+    if args.command == "usage":
+        from relay.usage import default_path, report
+
+        paths = args.db or [config.server.usage_db or default_path()]
+        print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12}")
+        for key, model, n, tin, tout in report(paths, args.since):
+            print(f"{key:<16} {model:<40} {n:>9} {tin:>12} {tout:>12}")
+        return 0
     if args.command == "claude-settings":
         from relay.launcher import settings_json
 

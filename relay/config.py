@@ -84,11 +84,22 @@ class ServerConfig:
     max_header_bytes: int = 64 * 1024
     max_connections: int = 4096  # past this, new connections get 529 overloaded_error
     shutdown_grace: float = 30.0  # seconds open streams get to finish on SIGTERM/SIGINT
+    usage_db: str | None = None  # SQLite file of per-key usage; None = the default path, "" = off
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """A client key, named for the usage book, optionally limited to some models (fnmatch patterns)."""
+
+    key: str
+    name: str
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    keys: tuple[ClientKey, ...] = ()
     providers: dict[str, Provider] = field(default_factory=dict)
     models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> "provider/model" targets
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -107,6 +118,7 @@ _SERVER_KEYS = {
     "max_header_bytes": int,
     "max_connections": int,
     "shutdown_grace": (int, float),
+    "usage_db": str,
 }
 _PROVIDER_KEYS: dict[str, Any] = {
     "format": str,
@@ -223,8 +235,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
     for key in data:
-        if key not in ("server", "providers", "models", "routes"):
-            raise src.error(key, None, "unknown section (allowed: server, providers, models, routes)")
+        if key not in ("server", "providers", "models", "routes", "keys"):
+            raise src.error(key, None, "unknown section (allowed: server, providers, models, routes, keys)")
 
     raw_server = data.get("server", {})
     _check_keys(raw_server, _SERVER_KEYS, src, "server")
@@ -280,7 +292,17 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             check_target(t, "routes", route)
         routes[route] = targets
 
-    return Config(server=server, providers=providers, models=models, routes=routes, source=path)
+    client_keys: list[ClientKey] = [ClientKey(k, f"key{n}") for n, k in enumerate(server.api_keys, 1)]
+    raw_keys = data.get("keys", [])
+    if not isinstance(raw_keys, list):
+        raise src.error("keys", None, "write each key as a [[keys]] table")
+    for n, entry in enumerate(raw_keys, 1):
+        _check_keys(entry, {"key": str, "name": str, "models": list}, src, "keys")
+        entry = {k: _expand(v, src, "keys", k, env) for k, v in entry.items()}
+        if not entry.get("key"):
+            raise src.error("keys", "key", f"[[keys]] entry {n} has no key")
+        client_keys.append(ClientKey(entry["key"], entry.get("name") or f"scoped{n}", tuple(entry.get("models", []))))
+    return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes, source=path)
 
 
 def load(path: str | None, env: dict[str, str] | None = None) -> Config:

@@ -6,6 +6,7 @@ Nothing format-specific happens here beyond choosing the translator: bodies are 
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import logging
 import random
@@ -19,7 +20,8 @@ import orjson
 import trio
 
 from relay import routing, tokens
-from relay.config import Config
+from relay.config import ClientKey, Config
+from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
@@ -32,6 +34,8 @@ from relay.upstream import Upstreams
 log = logging.getLogger("relay.server")
 
 READ_SIZE = 65536
+OPEN = ClientKey("", "open")  # who a request is when relay has no keys configured
+USAGE_FLUSH_SECONDS = 5.0
 RETRYABLE = {408, 429, 500, 502, 503, 504, 529}
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
 SERVER_HEADER = (b"server", b"relay")
@@ -53,6 +57,7 @@ class Exchange:
     output_tokens: int | None = None
     request_id: str = field(default_factory=A.request_id)
     note: str = ""
+    client: ClientKey | None = None
 
 
 class ClientGone(Exception):
@@ -97,8 +102,11 @@ class Server:
         self.upstreams = Upstreams(config)
         self.metrics = Metrics()
         self._retired: list[Upstreams] = []
-        self._keys = [k.encode() for k in config.server.api_keys]
+        self._keys = [(k, k.key.encode()) for k in config.keys]
+        path = config.server.usage_db
+        self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
         self._accepting = trio.CancelScope()
+        self._flushing = trio.CancelScope()
         self._idle: set[trio.CancelScope] = set()
         self._drain_deadline = float("inf")
         self._open = 0
@@ -115,6 +123,8 @@ class Server:
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
         try:
             async with trio.open_nursery() as connections:
+                if self.usage is not None:
+                    connections.start_soon(self._flush_usage_forever)
                 with self._accepting:
                     task_status.started(bound)
                     await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
@@ -123,8 +133,25 @@ class Server:
                 connections.cancel_scope.deadline = self._drain_deadline
         finally:
             with trio.CancelScope(shield=True):
+                await self.flush_usage()
                 for upstreams in (self.upstreams, *self._retired):
                     await upstreams.aclose()
+
+    async def flush_usage(self) -> None:
+        if self.usage is None:
+            return
+        rows = self.usage.take()
+        if rows:
+            try:
+                await trio.to_thread.run_sync(self.usage.write, rows)
+            except Exception as exc:  # a full disk must not take the gateway down
+                log.warning("could not write usage to %s: %s", self.usage.path, exc)
+
+    async def _flush_usage_forever(self) -> None:
+        with self._flushing:  # drain() cancels this, so shutdown never waits out a sleep
+            while True:
+                await trio.sleep(USAGE_FLUSH_SECONDS)
+                await self.flush_usage()
 
     def drain(self, grace: float | None = None) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones when their response is done."""
@@ -132,6 +159,7 @@ class Server:
         self.draining = True
         self._drain_deadline = trio.current_time() + grace
         self._accepting.cancel()
+        self._flushing.cancel()
         for scope in list(self._idle):
             scope.cancel()
         log.info("draining: no new connections; open requests have %gs to finish", grace)
@@ -143,7 +171,7 @@ class Server:
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
-        self._keys = [k.encode() for k in config.server.api_keys]
+        self._keys = [(k, k.key.encode()) for k in config.keys]
         log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -205,6 +233,8 @@ class Server:
             self.metrics.request_done(
                 ex.path.split("?", 1)[0], ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
                 None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
+            if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
+                self.usage.add(ex.client.name, ex.model, ex.input_tokens, ex.output_tokens)
             access_line(
                 ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
                 ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
@@ -266,9 +296,9 @@ class Server:
 
     # ---- dispatch ---------------------------------------------------------------------------
 
-    def _authorized(self, request: h11.Request) -> bool:
-        if not self._keys:
-            return True
+    def _client(self, request: h11.Request) -> ClientKey | None:
+        """The client key presented (x-api-key or Bearer), or None. Every configured key is compared in
+        constant time, so timing tells nothing about which one nearly matched."""
         presented = b""
         for name, value in request.headers:
             if name == b"x-api-key":
@@ -276,10 +306,14 @@ class Server:
                 break
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 presented = value[7:].strip()
-        ok = False
-        for key in self._keys:  # constant time per key, and every key is compared
-            ok |= hmac.compare_digest(presented, key)
-        return ok
+        found: ClientKey | None = None
+        for key, raw in self._keys:
+            if hmac.compare_digest(presented, raw):
+                found = key
+        return found
+
+    def _authorized(self, request: h11.Request) -> bool:
+        return not self._keys or self._client(request) is not None
 
     async def _dispatch(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
@@ -298,8 +332,10 @@ class Server:
                 return
             if not path.startswith("/v1/"):
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            if not self._authorized(request):
+            client = self._client(request) if self._keys else OPEN
+            if client is None:
                 raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)", "authentication_error")
+            ex.client = client
             if path == "/v1/messages":
                 self._require(method, "POST", path)
                 await self._messages(conn, ex, body)
@@ -373,6 +409,8 @@ class Server:
         if not isinstance(model, str) or not model:
             raise invalid("model: Field required")
         ex.model = model
+        if ex.client is not None and ex.client.models and not any(fnmatch.fnmatchcase(model, p) for p in ex.client.models):
+            raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
         stream = req.get("stream") is True
         ex.stream = stream
         targets = routing.resolve(self.config, model)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from relay.config import parse
 from relay.server import Server
 from tests.mock_upstream import MockUpstream
 
+# relay keeps a usage book under XDG_STATE_HOME: tests (and relays they start) write it in a temp folder
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="relay-test-state-")
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 RELAY_KEY = "relay-test-key"
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
