@@ -8,6 +8,7 @@ client's, relay's, or the upstream's.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -123,7 +124,7 @@ def _retry_after_from(doc: Any) -> str | None:
             if isinstance(delay, str):
                 m = re.fullmatch(r"(\d+(?:\.\d+)?)s", delay.strip())
                 if m:
-                    return str(max(1, round(float(m.group(1)))))
+                    return str(max(1, math.ceil(float(m.group(1)))))  # never invite a retry too early
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(node)

@@ -24,6 +24,8 @@ class SSEParser:
         self._skip_lf = False  # a chunk ended in CR: a LF starting the next one belongs to it
 
     def feed(self, data: bytes) -> list[Event]:
+        if not data:  # an empty read says nothing, and must not forget a CR the last read ended with
+            return []
         if self._skip_lf:
             self._skip_lf = False
             if data[:1] == b"\n":

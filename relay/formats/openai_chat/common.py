@@ -126,15 +126,19 @@ CLOSE_TAG = "</think>"
 class ThinkSplitter:
     """Splits inline ``<think>…</think>`` out of content text, across chunk boundaries.
 
-    Holds back only a trailing fragment that could be the start of a tag (at most 7 characters), because
-    whether it is text or markup is not known until the next chunk.
+    Holds back only what cannot be classified yet: a trailing fragment that could be the start of a tag (at
+    most 7 characters), and whitespace at the start of a think section, which becomes a thinking block only if
+    real reasoning follows (Qwen3 with thinking off writes an empty ``<think>\n\n</think>`` on every reply).
     """
 
-    __slots__ = ("inside", "_held")
+    __slots__ = ("inside", "_held", "_blank", "_thought", "_trim")
 
     def __init__(self) -> None:
         self.inside = False
-        self._held = ""
+        self._held = ""  # a possible partial tag
+        self._blank = ""  # whitespace opening a think section, not yet known to lead anywhere
+        self._thought = False  # this think section has had real reasoning
+        self._trim = 0  # newlines still to drop after </think> (markup, not answer)
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         text = self._held + text
@@ -144,25 +148,42 @@ class ThinkSplitter:
             tag = CLOSE_TAG if self.inside else OPEN_TAG
             at = text.find(tag)
             if at >= 0:
-                if at:
-                    out.append(("thinking" if self.inside else "text", text[:at]))
+                self._emit(out, text[:at])
                 text = text[at + len(tag):]
                 self.inside = not self.inside
-                if not self.inside and text.startswith("\n\n"):
-                    text = text[2:]  # the blank line models put after </think> is markup, not answer
+                self._blank, self._thought = "", False
+                self._trim = 0 if self.inside else 2
                 continue
             keep = _partial_suffix(text, tag)
             if keep:
                 self._held = text[-keep:]
                 text = text[:-keep]
-            if text:
-                out.append(("thinking" if self.inside else "text", text))
+            self._emit(out, text)
             break
         return out
 
+    def _emit(self, out: list[tuple[str, str]], text: str) -> None:
+        if not self.inside:
+            while self._trim and text[:1] == "\n":
+                text = text[1:]
+                self._trim -= 1
+            if text:
+                self._trim = 0
+                out.append(("text", text))
+            return
+        if not self._thought:
+            if not text.strip():
+                self._blank += text
+                return
+            text, self._blank, self._thought = self._blank + text, "", True
+        if text:
+            out.append(("thinking", text))
+
     def flush(self) -> list[tuple[str, str]]:
         held, self._held = self._held, ""
-        return [("thinking" if self.inside else "text", held)] if held else []
+        out: list[tuple[str, str]] = []
+        self._emit(out, held)
+        return out
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -51,7 +51,7 @@ def translate(
         raise RelayError(502, f"{provider}: the upstream response has no choices", "api_error")
     choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), choices[0])
     if choice.get("finish_reason") == "error" or "error" in choice:
-        raise from_stream_error(choice, secrets, provider)
+        raise from_stream_error(choice if "error" in choice else doc, secrets, provider)
     message = choice.get("message")
     if not isinstance(message, dict):
         message = {}

@@ -147,14 +147,17 @@ class StreamTranslator:
         if name == b"error" or ("error" in chunk and not chunk.get("choices")):
             self._fail(from_stream_error(chunk, self._secrets, self._provider))
             return
-        if not self.started:
-            self._start()
         choices = chunk.get("choices")
         choice: Any = None
         if choices:
             choice = choices[0]
             if len(choices) > 1 or (type(choice) is dict and choice.get("index", 0) != 0):
                 choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
+            if type(choice) is dict and choice.get("finish_reason") == "error":  # OpenRouter's in-band error
+                self._fail(from_stream_error(choice if "error" in choice else chunk, self._secrets, self._provider))
+                return
+        if not self.started:
+            self._start()
         if "usage" in chunk or "x_groq" in chunk or (type(choice) is dict and "usage" in choice):
             usage = chunk_usage(chunk, choice)
             if usage is not None:
@@ -175,9 +178,6 @@ class StreamTranslator:
                 self._on_delta(delta)
         finish = choice.get("finish_reason")
         if finish:
-            if finish == "error":
-                self._fail(from_stream_error(choice, self._secrets, self._provider))
-                return
             self._finish = finish
             self._matched = matched_stop(choice, self._stops)
             if self._splitter is not None:
