@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default from config, else 8787)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--allow-open", action="store_true",
                        help="allow serving with no client keys on a non-loopback address")
     check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
@@ -80,8 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         from relay.launcher import run_claude
 
         return run_claude(config, args.config or os.environ.get("RELAY_CONFIG"), args.args)
-    return serve(config, args.host, args.port, args.log_level, args.allow_open,
-                 args.config or os.environ.get("RELAY_CONFIG"), args.log_format)
+    config_path = args.config or os.environ.get("RELAY_CONFIG")
+    if args.workers > 1:
+        from relay.workers import supervise
+
+        bind = args.host or config.server.host
+        if not config.server.api_keys and not config.keys and not _loopback(bind) and not args.allow_open:
+            return serve(config, args.host, args.port, args.log_level, False, config_path)  # prints the refusal
+        worker_args = ["--log-level", args.log_level, "--log-format", args.log_format, "--workers", "1"]
+        if config_path:
+            worker_args += ["-c", config_path]
+        if args.allow_open:
+            worker_args.append("--allow-open")
+        return supervise(args.workers, bind, config.server.port if args.port is None else args.port, worker_args)
+    return serve(config, args.host, args.port, args.log_level, args.allow_open, config_path, args.log_format,
+                 args.reuse_port)
 
 
 def _loopback(host: str) -> bool:
@@ -89,14 +104,14 @@ def _loopback(host: str) -> bool:
 
 
 def serve(config: Config, host: str | None, port: int | None, log_level: str, allow_open: bool = False,
-          config_path: str | None = None, log_format: str = "text") -> int:
+          config_path: str | None = None, log_format: str = "text", reuse_port: bool = False) -> int:
     import trio
 
     from relay.log import setup
     from relay.server import Server
 
     bind = host or config.server.host
-    if not config.server.api_keys and not _loopback(bind) and not allow_open:
+    if not config.server.api_keys and not config.keys and not _loopback(bind) and not allow_open:
         print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
               "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
         return 2
@@ -108,7 +123,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
 
         async with trio.open_nursery() as nursery:
             async def serve_then_stop() -> None:
-                await server.serve(host, port)
+                await server.serve(host, port, reuse_port=reuse_port)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(serve_then_stop)

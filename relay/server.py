@@ -114,11 +114,12 @@ class Server:
 
     # ---- listening --------------------------------------------------------------------------
 
-    async def serve(self, host: str | None = None, port: int | None = None, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Accept until drained, then let open requests finish (up to the drain deadline) and return."""
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = [await _reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
         try:
@@ -597,6 +598,21 @@ class Server:
             await self._sse_head(conn, ex, data)
         else:
             await conn.send(h11.Data(data=data))
+
+
+async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listening socket that shares its port with the other workers (SO_REUSEPORT): the kernel spreads
+    new connections across them."""
+    import socket as stdlib_socket
+
+    info = await trio.socket.getaddrinfo(host, port, type=stdlib_socket.SOCK_STREAM)
+    family, kind, proto, _, address = info[0]
+    sock = trio.socket.socket(family, kind, proto)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+    await sock.bind(address)
+    sock.listen(4096)
+    return trio.SocketListener(sock)
 
 
 def _retry_after(err: RelayError) -> float | None:

@@ -185,3 +185,45 @@ def test_json_log_format() -> None:
     doc = json.loads(JSONFormatter().format(record))
     assert doc["level"] == "info" and doc["msg"] == "POST /v1/messages 200"
     assert doc["status"] == 200 and doc["request_id"] == "req_x" and doc["ttfb_ms"] == 1.5
+
+
+async def test_workers_share_the_port_and_are_replaced(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
+    import os
+    import signal
+    upstream.handler = lambda r: text_stream("hi")
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0", "--workers", "2"], stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    log = b""
+    try:
+        with trio.fail_after(30):
+            while log.count(b"listening on http://127.0.0.1:") < 3:  # the supervisor and two workers
+                log += await proc.stderr.receive_some(4096)
+        port = int(re.search(rb"listening on http://127\.0\.0\.1:(\d+) with 2 workers", log).group(1))  # type: ignore[union-attr]
+
+        def call() -> str:
+            client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
+            return client.messages.create(model="mock-model", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+                                          stream=False).content[0].text  # type: ignore[union-attr]
+
+        from tests.mock_upstream import completion
+        upstream.handler = lambda r: completion({"content": "hi"})
+        for _ in range(4):
+            assert await trio.to_thread.run_sync(call) == "hi"
+        children = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGKILL)  # a crashed worker is replaced
+        with trio.fail_after(20):
+            while b"starting another" not in log:
+                log += await proc.stderr.receive_some(4096)
+            while log.count(b"listening on http://127.0.0.1:") < 4:
+                log += await proc.stderr.receive_some(4096)
+        assert await trio.to_thread.run_sync(call) == "hi"
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
