@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", help="only days from YYYY-MM-DD on")
     settings = sub.add_parser("claude-settings", help="print the ~/.claude/settings.json block for this relay")
     _add_config(settings)
+    sub.add_parser("presets", help="list the provider presets (preset = \"name\" in a provider block)")
     return parser
 
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "presets":
+        from relay.presets import listing
+
+        print(listing())
+        return 0
     try:
         config = load(args.config)
     except ConfigError as exc:

@@ -11,11 +11,18 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, urlencode
 
-FORMATS = ("openai",)
+from relay import presets
+
+FORMATS = ("openai", "anthropic", "gemini", "openai-responses")
 SYSTEM_TURNS = ("keep", "merge", "user")
-REASONING_CONTROLS = ("none", "reasoning_effort")
-AUTH_STYLES = ("bearer", "api-key", "x-api-key", "none")
+# How Claude's thinking settings reach the upstream: reasoning_effort (OpenAI Chat/Responses, Gemini's thinking
+# level), thinking_type (thinking: {type}, DeepSeek/Kimi/GLM), enable_thinking (+thinking_budget, DashScope,
+# SiliconFlow), reasoning_object (reasoning: {effort}, OpenRouter), thinking_budget/thinking_level (native Gemini).
+REASONING_CONTROLS = ("none", "reasoning_effort", "thinking_type", "enable_thinking", "reasoning_object",
+                      "thinking_budget", "thinking_level")
+AUTH_STYLES = ("bearer", "api-key", "x-api-key", "x-goog-api-key", "none")
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
@@ -42,6 +49,7 @@ class Provider:
     auth: str = "bearer"
     connect_timeout: float = 10.0
     read_timeout: float = 300.0  # longest silence between two upstream reads
+    first_byte_timeout: float = 300.0  # a stream that has not started by then is given up (and falls back)
     max_connections: int = 256
     retries: int = 1  # extra attempts on the same provider for 429/5xx/connect failures, before falling back
     max_retry_wait: float = 5.0  # a Retry-After longer than this is passed to the client instead of waited out
@@ -59,6 +67,18 @@ class Provider:
     context_window: int | None = None
     discover_context: bool = False  # ask a local server (llama.cpp, vLLM, Ollama, LM Studio) for its window
     limits: dict[str, "ModelLimits"] = field(default_factory=dict)
+    # Presets and the URL's shape.
+    preset: str | None = None
+    query: tuple[tuple[str, str], ...] = ()  # appended to every upstream URL (Azure's api-version)
+    explicit: frozenset[str] = frozenset()  # keys the provider block set itself; the rest came from a preset
+
+    def url(self, path: str, model: str = "") -> str:
+        """base_url (``{model}`` filled in: Azure deployment URLs) + the format's path + ``query``."""
+        base = self.base_url.replace("{model}", quote(model, safe="")) if "{model}" in self.base_url else self.base_url
+        url = base + path
+        if self.query:
+            url += ("&" if "?" in url else "?") + urlencode(self.query)
+        return url
 
     def limits_for(self, model: str) -> "ModelLimits":
         """The known window and output cap of one model: per-model entry, else the provider's defaults."""
@@ -103,10 +123,11 @@ class Config:
     providers: dict[str, Provider] = field(default_factory=dict)
     models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> "provider/model" targets
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    long_context_threshold: int = 60000  # estimated input tokens above which `long_context` serves Claude ids
     source: str = "<defaults>"
 
 
-ROUTE_NAMES = ("default", "haiku", "sonnet", "opus")
+ROUTE_NAMES = ("default", "haiku", "sonnet", "opus", "background", "think", "long_context", "web_search")
 
 _SERVER_KEYS = {
     "host": str,
@@ -121,6 +142,8 @@ _SERVER_KEYS = {
     "usage_db": str,
 }
 _PROVIDER_KEYS: dict[str, Any] = {
+    "preset": str,
+    "query": dict,
     "format": str,
     "base_url": str,
     "api_key": (str, list),
@@ -131,6 +154,7 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "auth": str,
     "connect_timeout": (int, float),
     "read_timeout": (int, float),
+    "first_byte_timeout": (int, float),
     "max_connections": int,
     "retries": int,
     "max_retry_wait": (int, float),
@@ -149,6 +173,7 @@ _PROVIDER_KEYS: dict[str, Any] = {
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
 _CHOICES = {
+    "preset": tuple(presets.PRESETS),
     "format": FORMATS,
     "system_turns": SYSTEM_TURNS,
     "reasoning_control": REASONING_CONTROLS,
@@ -253,8 +278,13 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             raise src.error("providers", name, "expected a table")
         _check_keys(raw, _PROVIDER_KEYS, src, table)
         raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
+        explicit = frozenset(raw)
+        preset = raw.pop("preset", None)
+        raw = presets.apply(preset, raw) if preset else presets.format_defaults(raw)
         if "base_url" not in raw:
-            raise src.error(table, None, "base_url is required")
+            needs = presets.PRESETS[preset].needs if preset else ""
+            raise src.error(table, None, "base_url is required" + (f" with preset {preset!r}: {needs}" if needs else ""))
+        query = tuple((str(k), str(v)) for k, v in raw.pop("query", {}).items())
         api_key = raw.pop("api_key", ())
         api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
@@ -267,7 +297,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
             limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
         raw["limits"] = limits
-        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, **raw)
+        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, preset=preset,
+                                   query=query, explicit=explicit, **raw)
 
     def check_target(target: str, table: str, key: str) -> None:
         provider, sep, model = target.partition("/")
@@ -284,7 +315,11 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         models[alias] = targets
 
     routes: dict[str, tuple[str, ...]] = {}
-    for route, value in data.get("routes", {}).items():
+    raw_routes = dict(data.get("routes", {}))
+    threshold = raw_routes.pop("long_context_threshold", 60000)
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
+        raise src.error("routes", "long_context_threshold", "expected a positive int (estimated input tokens)")
+    for route, value in raw_routes.items():
         if route not in ROUTE_NAMES:
             raise src.error("routes", route, f"unknown route (allowed: {', '.join(ROUTE_NAMES)})")
         targets = _targets(value, src, "routes", route)
@@ -302,7 +337,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         if not entry.get("key"):
             raise src.error("keys", "key", f"[[keys]] entry {n} has no key")
         client_keys.append(ClientKey(entry["key"], entry.get("name") or f"scoped{n}", tuple(entry.get("models", []))))
-    return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes, source=path)
+    return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes,
+                  long_context_threshold=threshold, source=path)
 
 
 def load(path: str | None, env: dict[str, str] | None = None) -> Config:

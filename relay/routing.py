@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from relay.config import Config, Provider
 from relay.errors import RelayError
@@ -23,8 +25,28 @@ def _target(config: Config, spec: str) -> Target:
     return Target(config.providers[provider], model)
 
 
-def resolve(config: Config, model: str) -> list[Target]:
-    """Resolution order: alias; provider/model; a provider's listed model; Claude tier route; default."""
+def scenario(config: Config, model: str, req: dict[str, Any] | None, estimate: int) -> str | None:
+    """Which scenario route serves a Claude id: long context, web search, background work, thinking."""
+    routes = config.routes
+    if req is None:
+        return None
+    if "long_context" in routes and estimate > config.long_context_threshold:
+        return "long_context"
+    if "web_search" in routes and any(
+        isinstance(t, dict) and str(t.get("type", "")).startswith("web_search") for t in req.get("tools") or []
+    ):
+        return "web_search"
+    if "background" in routes and "haiku" in model.lower():
+        return "background"
+    thinking = req.get("thinking")
+    if "think" in routes and isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive"):
+        return "think"
+    return None
+
+
+def resolve(config: Config, model: str, req: dict[str, Any] | None = None, estimate: int = 0) -> list[Target]:
+    """Resolution order: alias; provider/model; a provider's listed model; for Claude ids a scenario route
+    (long_context, web_search, background, think), then the tier route; default."""
     if model in config.models:
         return [_target(config, t) for t in config.models[model]]
     provider, sep, upstream_model = model.partition("/")
@@ -35,6 +57,9 @@ def resolve(config: Config, model: str) -> list[Target]:
             return [Target(p, model)]
     lowered = model.lower()
     if "claude" in lowered or lowered.startswith(("haiku", "sonnet", "opus")):
+        route = scenario(config, model, req, estimate)
+        if route is not None:
+            return [_target(config, t) for t in config.routes[route]]
         for tier in ("haiku", "sonnet", "opus"):
             if tier in lowered and tier in config.routes:
                 return [_target(config, t) for t in config.routes[tier]]
@@ -55,3 +80,49 @@ def listed_models(config: Config) -> list[str]:
         for m in p.models:
             seen[f"{p.name}/{m}"] = None
     return list(seen)
+
+
+MODEL_TAG = re.compile(r"^\s*<relay-model>\s*([^<\s]+)\s*</relay-model>\s*")
+
+
+def take_model_tag(req: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """A sub-agent picks its model with ``<relay-model>provider/model</relay-model>`` at the start of its
+    system prompt or first user message; the tag is removed before the upstream sees it."""
+    system = req.get("system")
+    if isinstance(system, str):
+        m = MODEL_TAG.match(system)
+        if m:
+            return m.group(1), {**req, "system": system[m.end():]}
+    elif isinstance(system, list):
+        for i, block in enumerate(system):
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                m = MODEL_TAG.match(block["text"])
+                if m:
+                    blocks = [*system[:i], {**block, "text": block["text"][m.end():]}, *system[i + 1:]]
+                    return m.group(1), {**req, "system": blocks}
+    messages = req.get("messages")
+    if isinstance(messages, list):
+        for n, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") != "user":
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                m = MODEL_TAG.match(content)
+                if m:
+                    return m.group(1), _replace_message(req, n, {**message, "content": content[m.end():]})
+            elif isinstance(content, list):
+                for i, block in enumerate(content):
+                    if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+                        m = MODEL_TAG.search(block["text"]) if "<relay-model>" in block["text"] else None
+                        if m and not block["text"][: m.start()].strip():
+                            new_block = {**block, "text": block["text"][m.end():]}
+                            new_content = [*content[:i], new_block, *content[i + 1:]]
+                            return m.group(1), _replace_message(req, n, {**message, "content": new_content})
+            break  # only the first user message
+    return None, req
+
+
+def _replace_message(req: dict[str, Any], index: int, message: dict[str, Any]) -> dict[str, Any]:
+    messages = list(req["messages"])
+    messages[index] = message
+    return {**req, "messages": messages}

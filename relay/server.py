@@ -26,7 +26,7 @@ from relay.context import fit_max_tokens
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
-from relay.formats.base import Options, Translator
+from relay.formats.base import ClientRequest, Options, Translator
 from relay.log import access_line
 from relay.metrics import Metrics
 from relay.upstream import Upstreams
@@ -58,6 +58,9 @@ class Exchange:
     request_id: str = field(default_factory=A.request_id)
     note: str = ""
     client: ClientKey | None = None
+    estimate: int = 0  # relay's estimate of the request's input tokens
+    first_byte: trio.CancelScope | None = None  # the first-byte deadline of the current upstream attempt
+    incoming: ClientRequest | None = None  # the request as sent, for formats that forward it (anthropic)
 
 
 class ClientGone(Exception):
@@ -339,11 +342,12 @@ class Server:
             ex.client = client
             if path == "/v1/messages":
                 self._require(method, "POST", path)
-                await self._messages(conn, ex, body)
+                await self._messages(conn, ex, body, request.headers)
             elif path == "/v1/messages/count_tokens":
                 self._require(method, "POST", path)
                 req = self._parse(body)
-                await self._json(conn, ex, 200, orjson.dumps({"input_tokens": tokens.estimate(req)}))
+                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)))
+                await self._json(conn, ex, 200, orjson.dumps({"input_tokens": count}))
             elif path == "/v1/models":
                 self._require(method, "GET", path)
                 await self._json(conn, ex, 200, orjson.dumps(self._models()))
@@ -404,8 +408,9 @@ class Server:
 
     # ---- POST /v1/messages ------------------------------------------------------------------
 
-    async def _messages(self, conn: Connection, ex: Exchange, body: bytes) -> None:
+    async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
         req = self._parse(body)
+        ex.incoming = ClientRequest(body, req, tuple(headers))
         model = req.get("model")
         if not isinstance(model, str) or not model:
             raise invalid("model: Field required")
@@ -414,7 +419,9 @@ class Server:
             raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
         stream = req.get("stream") is True
         ex.stream = stream
-        targets = routing.resolve(self.config, model)
+        override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
+        ex.estimate = tokens.estimate(req)
+        targets = routing.resolve(self.config, override or model, req, ex.estimate)
         failures: list[str] = []
         try:
             for number, target in enumerate(targets, 1):
@@ -471,20 +478,27 @@ class Server:
                           key: str | None = None) -> None:
         provider = target.provider
         fmt = registry.get(provider.format)
-        estimate = tokens.estimate(req)
+        estimate = ex.estimate
         req, window = await self._fit_context(ex, req, target, estimate)
-        call = fmt.build(req, provider, target.model, stream)
+        call = fmt.build(req, provider, target.model, stream, ex.incoming)
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
         max_tokens = req.get("max_tokens")
         opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()), estimate, window,
                        max_tokens if isinstance(max_tokens, int) else None)
+        # a stream must start within first_byte_timeout (the pump lifts the deadline at the first upstream read)
+        first_byte = ex.first_byte = trio.CancelScope(
+            deadline=trio.current_time() + provider.first_byte_timeout if stream else float("inf"))
         try:
-            async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers, key=key) as upstream:
-                if stream and not upstream.content_type.startswith(b"application/json"):
-                    await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
-                    return
-                data = await upstream.read(64 * 1024 * 1024)
+            with first_byte:
+                async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
+                                                  key=key, model=target.model) as upstream:
+                    if stream and not upstream.content_type.startswith(b"application/json"):
+                        await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
+                        return
+                    data = await upstream.read(64 * 1024 * 1024)
+            if first_byte.cancelled_caught:
+                raise RelayError(504, f"{provider.name}: no first byte within {provider.first_byte_timeout:g}s", "api_error")
             ex.ttfb = time.perf_counter()
             try:
                 doc = orjson.loads(data)
@@ -500,6 +514,29 @@ class Server:
             await conn.send(h11.EndOfMessage())
             return
         await self._json(conn, ex, 200, orjson.dumps(message))
+
+    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest) -> int:
+        """The upstream's own count when its format forwards count_tokens (``anthropic``), else relay's estimate
+        (also when the upstream has no counter or fails: a count is advisory, never worth an error)."""
+        model = req.get("model")
+        target = None
+        if isinstance(model, str) and model:
+            try:
+                target = routing.resolve(self.config, model)[0]
+            except RelayError:
+                pass
+        counter = getattr(registry.get(target.provider.format), "count_tokens", None) if target else None
+        if target is not None and counter is not None:
+            call = counter(req, target.provider, target.model, incoming)
+            try:
+                async with self.upstreams.request(target.provider, call.path, call.body, stream=False,
+                                                  extra_headers=call.headers, model=target.model) as upstream:
+                    doc = orjson.loads(await upstream.read(1024 * 1024))
+                if isinstance(doc, dict) and isinstance(doc.get("input_tokens"), int):
+                    return int(doc["input_tokens"])
+            except (RelayError, orjson.JSONDecodeError) as exc:
+                log.info("count_tokens via %s failed (%s); answering with the local estimate", target.label, exc)
+        return tokens.estimate(req)
 
     async def window_of(self, target: routing.Target) -> int | None:
         window = target.provider.limits_for(target.model).context_window
@@ -573,6 +610,9 @@ class Server:
         """Returns the error to answer with when the upstream failed before anything was sent."""
         try:
             async for chunk in upstream.chunks():
+                if ex.first_byte is not None:
+                    ex.first_byte.deadline = float("inf")
+                    ex.first_byte = None
                 out = translator.feed(chunk)
                 if out:
                     await self._write_sse(conn, ex, out)

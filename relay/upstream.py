@@ -111,8 +111,9 @@ class Upstreams:
         stream: bool,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
         key: str | None = None,
+        model: str = "",
     ) -> AsyncIterator[UpstreamResponse]:
-        url = provider.base_url + path
+        url = provider.url(path, model)
         headers = [
             (b"host", _host_header(url)),
             (b"content-type", b"application/json"),

@@ -85,3 +85,38 @@ def test_no_file_serves_openai_from_environment() -> None:
 def test_missing_file_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="cannot read config"):
         load(str(tmp_path / "absent.toml"), {})
+
+
+SCENARIOS = GOOD.replace('opus = ["deepseek/deepseek-reasoner", "local/big"]', """opus = ["deepseek/deepseek-reasoner", "local/big"]
+background = "local/tiny"
+think = "deepseek/deepseek-reasoner"
+long_context = "local/long"
+web_search = "local/searcher"
+long_context_threshold = 1000""")
+
+
+@pytest.mark.parametrize(("model", "req", "estimate", "expect"), [
+    ("claude-sonnet-4-5", {}, 5000, "local/long"),
+    ("claude-sonnet-4-5", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 10, "local/searcher"),
+    ("claude-3-5-haiku-20241022", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, 10, "local/tiny"),
+    ("claude-sonnet-4-5", {"thinking": {"type": "adaptive"}}, 10, "deepseek/deepseek-reasoner"),
+    ("claude-sonnet-4-5", {"thinking": {"type": "disabled"}}, 10, "deepseek/deepseek-chat"),
+    ("deepseek-chat", {"thinking": {"type": "adaptive"}}, 5000, "deepseek/deepseek-chat"),  # explicit ids win
+    ("local/x", {}, 5000, "local/x"),
+])
+def test_scenario_routes(model: str, req: dict, estimate: int, expect: str) -> None:  # type: ignore[type-arg]
+    c = parse(SCENARIOS, "relay.toml", ENV)
+    assert resolve(c, model, req, estimate)[0].label == expect
+
+
+def test_relay_model_tag_is_honoured_and_stripped() -> None:
+    from relay.routing import take_model_tag
+    req = {"system": [{"type": "text", "text": "<relay-model>local/qwen</relay-model>\nYou review code."}], "messages": []}
+    model, out = take_model_tag(req)
+    assert model == "local/qwen" and out["system"][0]["text"] == "You review code."
+    assert req["system"][0]["text"].startswith("<relay-model>")  # the caller's dict is not changed
+    req = {"messages": [{"role": "user", "content": [{"type": "text", "text": "<system-reminder>x</system-reminder>"},
+                                                     {"type": "text", "text": " <relay-model>deepseek/deepseek-reasoner</relay-model> Find the bug"}]}]}
+    model, out = take_model_tag(req)
+    assert model == "deepseek/deepseek-reasoner" and out["messages"][0]["content"][1]["text"] == "Find the bug"
+    assert take_model_tag({"messages": [{"role": "user", "content": "no tag <relay-model>a/b</relay-model>"}]})[0] is None

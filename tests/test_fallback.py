@@ -103,3 +103,31 @@ async def test_circuit_opens_then_probes(nursery: trio.Nursery) -> None:
     await trio.sleep(0.6)
     assert await trio.to_thread.run_sync(ask, relay.port, True) == "from a"  # the probe succeeds: closed again
     assert await trio.to_thread.run_sync(ask, relay.port, True) == "from a"
+
+
+async def test_sub_agent_model_tag_routes_and_is_stripped(nursery: trio.Nursery) -> None:
+    first, second = await two_upstreams(nursery)
+    first.handler = second.handler = lambda r: text_stream("ok")
+    relay = await start_relay(nursery, config(first.base_url, second.base_url))
+
+    def go() -> str:
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{relay.port}", api_key=RELAY_KEY, max_retries=0)
+        with client.messages.stream(model="claude-sonnet-4-5", max_tokens=5, system="<relay-model>b/special</relay-model>Be a reviewer.",
+                                    messages=[{"role": "user", "content": "hi"}]) as s:
+            return s.get_final_text()
+
+    assert await trio.to_thread.run_sync(go) == "ok"
+    assert first.requests == []
+    (sent,) = second.requests
+    assert sent.json["model"] == "special"
+    assert sent.json["messages"][0] == {"role": "system", "content": "Be a reviewer."}
+
+
+async def test_slow_first_byte_falls_back(nursery: trio.Nursery) -> None:
+    from tests.mock_upstream import Reply, chunk, sse
+    first, second = await two_upstreams(nursery)
+    first.handler = lambda r: Reply(pieces=[3.0, *sse(chunk({"content": "late"}), chunk({}, "stop"))])
+    second.handler = lambda r: text_stream("from b")
+    relay = await start_relay(nursery, config(first.base_url, second.base_url, "retries = 0\nfirst_byte_timeout = 0.3"))
+    with trio.fail_after(2.5):
+        assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"

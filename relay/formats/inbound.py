@@ -171,6 +171,15 @@ def effort(req: dict[str, Any]) -> str | None:
     return None
 
 
+def thinking_wanted(req: dict[str, Any]) -> bool | None:
+    """Whether the client asked for thinking (True), turned it off (False), or said nothing (None)."""
+    thinking = req.get("thinking")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return False
+    return True if effort(req) else None
+
+
 def thinking_budget(req: dict[str, Any]) -> int | None:
     """The explicit ``thinking.budget_tokens`` when thinking is enabled with one."""
     thinking = req.get("thinking")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import cast
 
-from relay.formats import openai_chat
+from relay.formats import anthropic_passthrough, gemini, openai_chat, openai_responses
 from relay.formats.base import Format
 
 FORMATS: dict[str, Format] = {
     "openai": cast(Format, openai_chat),
+    "anthropic": cast(Format, anthropic_passthrough),
+    "gemini": cast(Format, gemini),
+    "openai-responses": cast(Format, openai_responses),
 }
 
 

@@ -23,6 +23,8 @@ from relay.formats.inbound import (
     stop_sequences,
     system_text,
     text_of_blocks,
+    thinking_budget,
+    thinking_wanted,
     tool_choice,
     tool_loaded,
 )
@@ -140,9 +142,21 @@ def _reasoning(body: dict[str, Any], req: dict[str, Any], provider: Provider, dr
     """Claude's thinking settings in whichever control the provider accepts (``reasoning_control``)."""
     control = provider.reasoning_control
     level = effort(req)
+    wanted = thinking_wanted(req)
     if control == "reasoning_effort":
         if level:
             body["reasoning_effort"] = level
+    elif control == "thinking_type":  # DeepSeek, Kimi, GLM: thinking: {"type": "enabled" | "disabled"}
+        if wanted is not None:
+            body["thinking"] = {"type": "enabled" if wanted else "disabled"}
+    elif control == "enable_thinking":  # DashScope, SiliconFlow: enable_thinking (+ thinking_budget)
+        if wanted is not None:
+            body["enable_thinking"] = wanted
+            if wanted and (budget := thinking_budget(req)):
+                body["thinking_budget"] = budget
+    elif control == "reasoning_object":  # OpenRouter: reasoning: {"effort": ...}
+        if level:
+            body["reasoning"] = {"effort": level}
     elif control == "none":
         if req.get("thinking") or req.get("output_config"):
             dropped.add("thinking/output_config (provider has no reasoning control)")

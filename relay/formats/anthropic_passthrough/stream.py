@@ -1,0 +1,158 @@
+"""An Anthropic stream passed through: the upstream's bytes go out as they came in.
+
+Only two things are read: ``message_start`` (held until it is complete, to put the client's model name in it
+and take the input usage) and, after it, the event names, to take usage from ``message_delta`` and to notice
+``message_stop`` and ``error``. Every other byte is forwarded untouched in the read it arrived in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import orjson
+
+from relay.errors import RelayError, from_anthropic_error
+from relay.sse import SSEError, SSEParser
+
+_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
+_EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+def _kind(name: bytes | None, payload: bytes) -> bytes:
+    """The event type: its ``event:`` line, or (providers that leave that line out) the data's ``type``."""
+    if name is not None:
+        return name
+    m = _TYPE.search(payload, 0, 80)
+    return m.group(1) if m else b""
+
+
+class PassthroughTranslator:
+    def __init__(self, model: str, *, secrets: tuple[str, ...] = (), provider: str = "upstream",
+                 on_error: Callable[[RelayError], RelayError] | None = None) -> None:
+        self.model = model
+        self.started = False  # bytes have gone to the client
+        self.done = False
+        self.error: RelayError | None = None
+        self.has_usage = False
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cache_read = 0
+        self._parser = SSEParser()
+        self._head = b""  # raw bytes before message_start is complete
+        self._secrets = secrets
+        self._provider = provider
+        self._on_error = on_error
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        try:
+            events = self._parser.feed(data)
+        except SSEError as exc:
+            return self._fail(RelayError(502, f"{self._provider}: {exc}", "api_error"))
+        if self.started:
+            for name, payload in events:
+                self._after_start(_kind(name, payload), payload)
+            return data
+        self._head += data
+        return self._before_start(events)
+
+    def finish(self) -> bytes:
+        if self.done:
+            return b""
+        events = self._parser.close()
+        out = self._before_start(events) if not self.started else b""
+        if self.started:
+            for name, payload in events:
+                self._after_start(_kind(name, payload), payload)
+        if self.done:
+            return out
+        if not self.started:
+            return self._fail(RelayError(502, f"{self._provider}: the upstream stream ended without a message", "api_error"))
+        return out + self._fail(RelayError(502, f"{self._provider}: the upstream stream ended before message_stop", "api_error"))
+
+    def abort(self, error: RelayError) -> bytes:
+        if self.done:
+            return b""
+        return self._fail(error)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _before_start(self, events: list[tuple[bytes | None, bytes]]) -> bytes:
+        for number, (name, payload) in enumerate(events):
+            kind = _kind(name, payload)
+            if kind == b"ping":
+                continue
+            if kind == b"error":
+                return self._fail(self._error(payload))
+            self.started = True
+            head, self._head = self._head, b""
+            if kind != b"message_start":  # a stream without message_start: not ours to fix, pass it on
+                out = head
+            else:
+                out = self._message_start(payload) + _after_first_event(head, b'"message_start"')
+            for later_name, later in events[number + 1:]:
+                self._after_start(_kind(later_name, later), later)
+            return out
+        return b""
+
+    def _message_start(self, payload: bytes) -> bytes:
+        try:
+            doc = orjson.loads(payload)
+            message = doc["message"]
+            message["model"] = self.model
+            self._usage(message.get("usage"))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return b"event: message_start\ndata: " + payload + b"\n\n"
+        return b"event: message_start\ndata: " + orjson.dumps(doc) + b"\n\n"
+
+    def _after_start(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"message_delta":
+            try:
+                doc = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return
+            if isinstance(doc, dict):
+                self._usage(doc.get("usage"))
+        elif kind == b"message_stop":
+            self.done = True
+        elif kind == b"error":
+            self.error = self._error(payload)
+            self.done = True
+
+    def _usage(self, usage: object) -> None:
+        if not isinstance(usage, dict):
+            return
+        if isinstance(usage.get("input_tokens"), int):
+            self.input_tokens = usage["input_tokens"]
+        if isinstance(usage.get("output_tokens"), int):
+            self.output_tokens = usage["output_tokens"]
+        if isinstance(usage.get("cache_read_input_tokens"), int):
+            self.cache_read = usage["cache_read_input_tokens"]
+        self.has_usage = True
+
+    def _error(self, payload: bytes) -> RelayError:
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            doc = {"error": {"type": "api_error", "message": payload.decode("utf-8", "replace")[:500]}}
+        error = from_anthropic_error(doc, self._secrets, self._provider)
+        return self._on_error(error) if self._on_error else error
+
+    def _fail(self, error: RelayError) -> bytes:
+        self.error = error
+        self.done = True
+        return error.sse() if self.started else b""
+
+
+def _after_first_event(head: bytes, marker: bytes) -> bytes:
+    """The raw bytes after the event that contains ``marker`` (everything the upstream sent past it)."""
+    at = head.find(marker)
+    if at < 0:
+        return b""
+    ends = [(i, len(sep)) for sep in _EVENT_END if (i := head.find(sep, at)) >= 0]
+    if not ends:
+        return b""
+    i, size = min(ends)
+    return head[i + size:]

@@ -1,0 +1,280 @@
+"""Anthropic Messages request -> Gemini ``generateContent`` request.
+
+system -> ``systemInstruction``; user/assistant -> ``user``/``model`` contents; tools -> one
+``functionDeclarations`` tool with schemas cleaned (``schema.py``); tool_use/tool_result ->
+``functionCall``/``functionResponse`` parts (Gemini matches them by name and order: every call of a model turn
+is answered, in order, in the next user content); thinking blocks carrying a Gemini thought signature put it
+back on the part it came with (``common.py``); thinking settings -> ``generationConfig.thinkingConfig``.
+Pure: dict in, dict out.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Any
+
+from relay.config import Provider
+from relay.errors import invalid
+from relay.formats.gemini import schema
+from relay.formats.gemini.common import PLACEHOLDER_SIGNATURE, PREVIOUS, decode_signature, upstream_call_id
+from relay.formats.inbound import (
+    blocks,
+    client_tools,
+    effort,
+    max_tokens,
+    note_unmapped,
+    number,
+    stop_sequences,
+    system_text,
+    text_of_blocks,
+    thinking_budget,
+    tool_choice,
+    tool_loaded,
+    turns,
+)
+
+# Thinking budgets for an effort when Claude gave none (Gemini 2.5 Pro: 128..32768; Flash: 0..24576).
+BUDGETS = {"low": 1024, "medium": 8192, "high": 24576}
+# Gemini 3 Pro takes thinkingLevel low|high only; medium is sent as high.
+LEVELS = {"low": "low", "medium": "high", "high": "high"}
+INTERRUPTED = "(no result: the tool call was interrupted)"
+
+Part = dict[str, Any]
+
+
+def _media(source: Any, where: str, default_type: str) -> Part:
+    if not isinstance(source, dict):
+        raise invalid(f"{where}: block without a source")
+    kind = source.get("type")
+    if kind == "base64":
+        data = source.get("data")
+        if not isinstance(data, str):
+            raise invalid(f"{where}: base64 source needs data")
+        return {"inlineData": {"mimeType": source.get("media_type") or default_type, "data": data}}
+    if kind == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+        return {"fileData": {"mimeType": mimetypes.guess_type(url)[0] or default_type, "fileUri": url}}
+    raise invalid(f"{where}: unsupported source type {kind!r}")
+
+
+def _user_parts(content: str | list[Any], where: str, dropped: set[str]) -> list[Part]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts: list[Part] = []
+    for at, kind, block in blocks(content, where):
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise invalid(f"{at}: text block without a string 'text'")
+            if block["text"]:
+                parts.append({"text": block["text"]})
+        elif kind == "image":
+            parts.append(_media(block.get("source"), at, "image/jpeg"))
+        elif kind == "document":
+            source = block.get("source") if isinstance(block.get("source"), dict) else {}
+            title = block.get("title")
+            prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
+            if source.get("type") == "text":
+                parts.append({"text": prefix + str(source.get("data", ""))})
+            elif source.get("type") == "content":
+                parts.append({"text": prefix + text_of_blocks(source.get("content", []), at)})
+            else:
+                parts.append(_media(source, at, "application/pdf"))
+        elif kind == "search_result":
+            body = text_of_blocks(block.get("content", []), at)
+            parts.append({"text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
+        elif kind == "tool_reference":
+            parts.append({"text": tool_loaded(block)})
+        elif kind in ("thinking", "redacted_thinking"):
+            dropped.add("user thinking block")
+        else:
+            dropped.add(f"content block type {kind}")
+    return parts
+
+
+def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[dict[str, Any], list[Part]]:
+    """The ``functionResponse.response`` object and any media that must follow it as parts. Gemini reads
+    ``output`` as the function's output and ``error`` as its failure (generateContent docs)."""
+    content = block.get("content", "")
+    if not isinstance(content, (str, list)):
+        raise invalid(f"{where}: tool_result content must be a string or a list")
+    parts = _user_parts(content, where, dropped)
+    text = "\n\n".join(p["text"] for p in parts if "text" in p)
+    media = [p for p in parts if "text" not in p]
+    if media and not text:
+        text = "(the result is the media that follows)"
+    return ({"error": text} if block.get("is_error") else {"output": text}), media
+
+
+def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pending: list[str],
+                 dropped: set[str]) -> list[Part]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts: list[Part] = []
+    carried: str | None = None  # a signature waiting for the next part
+    for at, kind, block in blocks(content, where):
+        part: Part
+        if kind == "text":
+            if not isinstance(block.get("text"), str) or not block["text"]:
+                continue
+            part = {"text": block["text"]}
+        elif kind == "tool_use":
+            call_id, name = block.get("id"), block.get("name")
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise invalid(f"{at}: tool_use needs a string id and name")
+            args = block.get("input")
+            call: dict[str, Any] = {"name": name, "args": args if isinstance(args, dict) else {}}
+            if (own := upstream_call_id(call_id)) is not None:
+                call["id"] = own
+            part = {"functionCall": call}
+            names[call_id] = name
+            pending.append(call_id)
+        elif kind == "thinking":
+            decoded = decode_signature(block.get("signature"))
+            if decoded is None:
+                dropped.add("thinking blocks (the client's record)")
+            elif decoded[0] == PREVIOUS and parts:
+                parts[-1].setdefault("thoughtSignature", decoded[1])
+            else:
+                carried = decoded[1]
+            continue
+        else:
+            dropped.add(f"assistant block {kind}")
+            continue
+        if carried is not None:
+            part["thoughtSignature"] = carried
+            carried = None
+        parts.append(part)
+    if carried is not None and parts:
+        parts[-1].setdefault("thoughtSignature", carried)
+    first_call = next((p for p in parts if "functionCall" in p), None)
+    if first_call is not None and "thoughtSignature" not in first_call:
+        first_call["thoughtSignature"] = PLACEHOLDER_SIGNATURE
+    return parts
+
+
+def _contents(req: dict[str, Any], provider: Provider, system: list[str], dropped: set[str]) -> list[dict[str, Any]]:
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool_use id -> function name, for the functionResponse
+    pending: list[str] = []  # the calls of the last model turn, in order, waiting for their results
+
+    def add(role: str, parts: list[Part]) -> None:
+        if not parts:
+            return
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+
+    def answers(results: dict[str, Part]) -> list[Part]:
+        out = [results.get(cid) or _response(cid, names[cid], {"error": INTERRUPTED}) for cid in pending]
+        pending.clear()
+        return out
+
+    for where, role, content in turns(req):
+        if role == "system":
+            text = text_of_blocks(content, f"{where}.content")
+            if provider.system_turns == "merge" or not contents:
+                system.append(text)
+            else:
+                add("user", [*answers({}), {"text": text}])
+            continue
+        if role == "assistant":
+            add("user", answers({}))
+            add("model", _model_parts(content, where, names, pending, dropped))
+            continue
+        results: dict[str, Part] = {}
+        media: list[Part] = []
+        rest: list[Any] = []
+        for at, kind, block in blocks(content, where) if isinstance(content, list) else ():
+            if kind != "tool_result":
+                rest.append(block)
+                continue
+            call_id = block.get("tool_use_id")
+            if not isinstance(call_id, str):
+                raise invalid(f"{at}.tool_use_id: Field required")
+            response, extra = _tool_result(block, at, dropped)
+            if call_id in pending:
+                results[call_id] = _response(call_id, names[call_id], response)
+                media.extend(extra)
+            else:  # a result for a call the upstream never saw: keep its content as plain text
+                text = response.get("output", response.get("error", ""))
+                rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
+                media.extend(extra)
+        user = _user_parts(rest if isinstance(content, list) else content, where, dropped)
+        add("user", [*answers(results), *media, *user])
+    return contents
+
+
+def _response(call_id: str, name: str, response: dict[str, Any]) -> Part:
+    out: dict[str, Any] = {"name": name, "response": response}
+    if (own := upstream_call_id(call_id)) is not None:
+        out["id"] = own
+    return {"functionResponse": out}
+
+
+def _thinking_config(req: dict[str, Any], provider: Provider, dropped: set[str]) -> dict[str, Any] | None:
+    control = provider.reasoning_control
+    level = effort(req)
+    if control == "none" or level is None:
+        if control == "none" and (req.get("thinking") or req.get("output_config")):
+            dropped.add("thinking/output_config (provider has no reasoning control)")
+        return None
+    if control == "thinking_budget":
+        return {"includeThoughts": True, "thinkingBudget": thinking_budget(req) or BUDGETS[level]}
+    return {"includeThoughts": True, "thinkingLevel": LEVELS[level]}  # thinking_level, reasoning_effort
+
+
+def _tools(req: dict[str, Any], dropped: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    declarations: list[dict[str, Any]] = []
+    for tool in client_tools(req, dropped):
+        declaration: dict[str, Any] = {"name": tool["name"]}
+        if isinstance(tool.get("description"), str):
+            declaration["description"] = tool["description"]
+        parameters = schema.parameters(tool["input_schema"])
+        if parameters is not None:
+            declaration["parameters"] = parameters
+        declarations.append(declaration)
+    if not declarations:
+        return [], None
+    kind, name, serial = tool_choice(req)
+    if serial:
+        dropped.add("disable_parallel_tool_use (Gemini has no equivalent)")
+    config: dict[str, Any] | None = None
+    if kind in ("auto", "any", "none"):
+        config = {"functionCallingConfig": {"mode": kind.upper()}}
+    elif kind == "tool" and name:
+        config = {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+    return [{"functionDeclarations": declarations}], config
+
+
+def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> tuple[dict[str, Any], set[str]]:
+    """The upstream body and the set of things deliberately dropped (for a debug log line)."""
+    dropped: set[str] = set()
+    system = [text] if (text := system_text(req.get("system"))) else []
+    body: dict[str, Any] = {"contents": _contents(req, provider, system, dropped)}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+    tools, tool_config = _tools(req, dropped)
+    if tools:
+        body["tools"] = tools
+    if tool_config:
+        body["toolConfig"] = tool_config
+    generation: dict[str, Any] = {"maxOutputTokens": max_tokens(req, provider)}
+    stops = stop_sequences(req)
+    if stops:
+        generation["stopSequences"] = stops
+    for key, name in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+        value = number(req, key)
+        if value is not None:
+            generation[name] = value
+    thinking = _thinking_config(req, provider, dropped)
+    if thinking:
+        generation["thinkingConfig"] = thinking
+    body["generationConfig"] = generation
+    note_unmapped(req, dropped)
+    return body, dropped
+
+
+def path(model: str, stream: bool) -> str:
+    model = model.removeprefix("models/")
+    return f"/models/{model}:streamGenerateContent?alt=sse" if stream else f"/models/{model}:generateContent"

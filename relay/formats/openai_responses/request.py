@@ -1,0 +1,224 @@
+"""Anthropic Messages request -> OpenAI Responses request (``POST /responses``).
+
+system -> ``instructions``; messages -> ``input`` items: user/assistant messages, ``function_call`` for each
+tool_use, ``function_call_output`` for each tool_result (every call answered, as the API requires), reasoning
+items from thinking blocks that carry one (``common.py``); tools -> function tools with ``strict: false``
+(the API defaults to strict, which Claude Code's schemas do not satisfy); thinking -> ``reasoning.effort``.
+Requests go with ``store: false``: relay sends the whole conversation each time. Pure: dict in, dict out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from relay.config import Provider
+from relay.errors import invalid
+from relay.formats.inbound import (
+    blocks,
+    client_tools,
+    effort,
+    max_tokens,
+    note_unmapped,
+    number,
+    stop_sequences,
+    system_text,
+    text_of_blocks,
+    tool_choice,
+    tool_loaded,
+    turns,
+)
+from relay.formats.openai_responses.common import decode_reasoning
+
+MIN_OUTPUT_TOKENS = 16  # the API refuses max_output_tokens below 16 (Claude Code probes with max_tokens 1)
+INTERRUPTED = "(no result: the tool call was interrupted)"
+
+Item = dict[str, Any]
+
+
+def _image_url(source: Any, where: str) -> str:
+    if not isinstance(source, dict):
+        raise invalid(f"{where}: image block without a source")
+    kind = source.get("type")
+    if kind == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(media, str) or not isinstance(data, str):
+            raise invalid(f"{where}: base64 image needs media_type and data")
+        return f"data:{media};base64,{data}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise invalid(f"{where}: unsupported image source type {kind!r}")
+
+
+def _input_parts(content: str | list[Any], where: str, dropped: set[str]) -> list[Item]:
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}] if content else []
+    parts: list[Item] = []
+    for at, kind, block in blocks(content, where):
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise invalid(f"{at}: text block without a string 'text'")
+            if block["text"]:
+                parts.append({"type": "input_text", "text": block["text"]})
+        elif kind == "image":
+            parts.append({"type": "input_image", "image_url": _image_url(block.get("source"), at), "detail": "auto"})
+        elif kind == "document":
+            source = block.get("source") if isinstance(block.get("source"), dict) else {}
+            title = block.get("title")
+            prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
+            if source.get("type") == "base64":
+                media = source.get("media_type") or "application/pdf"
+                parts.append({"type": "input_file", "filename": title if isinstance(title, str) and title else "document.pdf",
+                              "file_data": f"data:{media};base64,{source.get('data', '')}"})
+            elif source.get("type") == "url":
+                parts.append({"type": "input_file", "file_url": str(source.get("url"))})
+            elif source.get("type") == "content":
+                parts.append({"type": "input_text", "text": prefix + text_of_blocks(source.get("content", []), at)})
+            else:
+                parts.append({"type": "input_text", "text": prefix + str(source.get("data", ""))})
+        elif kind == "search_result":
+            body = text_of_blocks(block.get("content", []), at)
+            parts.append({"type": "input_text", "text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
+        elif kind == "tool_reference":
+            parts.append({"type": "input_text", "text": tool_loaded(block)})
+        elif kind in ("thinking", "redacted_thinking"):
+            dropped.add("user thinking block")
+        else:
+            dropped.add(f"content block type {kind}")
+    return parts
+
+
+def _assistant_items(content: str | list[Any], where: str, pending: list[str], dropped: set[str]) -> list[Item]:
+    if isinstance(content, str):
+        return [{"role": "assistant", "content": content}] if content else []
+    items: list[Item] = []
+    for at, kind, block in blocks(content, where):
+        if kind == "text":
+            text = block.get("text")
+            if not isinstance(text, str) or not text:
+                continue
+            if items and items[-1].get("role") == "assistant":
+                items[-1]["content"] += "\n\n" + text
+            else:
+                items.append({"role": "assistant", "content": text})
+        elif kind == "tool_use":
+            call_id, name = block.get("id"), block.get("name")
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise invalid(f"{at}: tool_use needs a string id and name")
+            arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
+            items.append({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
+            pending.append(call_id)
+        elif kind == "thinking":
+            encrypted = decode_reasoning(block.get("signature"))
+            if encrypted is None:
+                dropped.add("thinking blocks (the client's record)")
+                continue
+            thought = block.get("thinking")
+            summary = [{"type": "summary_text", "text": thought}] if isinstance(thought, str) and thought else []
+            items.append({"type": "reasoning", "summary": summary, "encrypted_content": encrypted})
+        else:
+            dropped.add(f"assistant block {kind}")
+    return items
+
+
+def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: set[str]) -> list[Item]:
+    items: list[Item] = []
+    pending: list[str] = []  # calls waiting for their output; the API refuses a call left unanswered
+
+    def answer_pending() -> None:
+        items.extend({"type": "function_call_output", "call_id": c, "output": INTERRUPTED} for c in pending)
+        pending.clear()
+
+    for where, role, content in turns(req):
+        if role == "system":
+            text = text_of_blocks(content, f"{where}.content")
+            if provider.system_turns == "merge" or not items:
+                system.append(text)
+            else:
+                answer_pending()
+                items.append({"role": "user" if provider.system_turns == "user" else "system", "content": text})
+            continue
+        if role == "assistant":
+            answer_pending()
+            items.extend(_assistant_items(content, where, pending, dropped))
+            continue
+        rest: list[Any] = []
+        follow: list[Item] = []
+        for at, kind, block in blocks(content, where) if isinstance(content, list) else ():
+            if kind != "tool_result":
+                rest.append(block)
+                continue
+            call_id = block.get("tool_use_id")
+            if not isinstance(call_id, str):
+                raise invalid(f"{at}.tool_use_id: Field required")
+            result = block.get("content", "")
+            if not isinstance(result, (str, list)):
+                raise invalid(f"{at}: tool_result content must be a string or a list")
+            parts = _input_parts(result, at, dropped)
+            text = "\n\n".join(p["text"] for p in parts if p["type"] == "input_text")
+            media = [p for p in parts if p["type"] != "input_text"]
+            if block.get("is_error") and not text.lower().startswith("error"):
+                text = "Error: " + text
+            if media:
+                text = text or "(the result is the image below)"
+                follow += [{"type": "input_text", "text": f"[images returned by tool call {call_id}]"}, *media]
+            if call_id in pending:
+                pending.remove(call_id)
+                items.append({"type": "function_call_output", "call_id": call_id, "output": text})
+            else:  # a result for a call the upstream never saw: keep its content as plain text
+                rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
+        answer_pending()
+        parts = follow + _input_parts(rest if isinstance(content, list) else content, where, dropped)
+        if parts:
+            items.append({"role": "user", "content": parts})
+    return items
+
+
+def _tools(req: dict[str, Any], dropped: set[str]) -> list[Item]:
+    out: list[Item] = []
+    for tool in client_tools(req, dropped):
+        function: Item = {"type": "function", "name": tool["name"], "parameters": tool["input_schema"],
+                          "strict": tool.get("strict") is True}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        out.append(function)
+    return out
+
+
+def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> tuple[dict[str, Any], set[str]]:
+    """The upstream body and the set of things deliberately dropped (for a debug log line)."""
+    dropped: set[str] = set()
+    system = [text] if (text := system_text(req.get("system"))) else []
+    body: dict[str, Any] = {"model": model, "input": _input(req, provider, system, dropped)}
+    if system:
+        body["instructions"] = "\n\n".join(system)
+    body["max_output_tokens"] = max(max_tokens(req, provider), MIN_OUTPUT_TOKENS)
+    tools = _tools(req, dropped)
+    if tools:
+        body["tools"] = tools
+        kind, name, serial = tool_choice(req)
+        if kind is not None:
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or {
+                "type": "function", "name": name}
+        if serial:
+            body["parallel_tool_calls"] = False
+    for key in ("temperature", "top_p"):
+        value = number(req, key)
+        if value is not None:
+            body[key] = value
+    if stop_sequences(req):
+        dropped.add("stop_sequences (the Responses API has none)")
+    if req.get("top_k") is not None:
+        dropped.add("top_k (not an OpenAI parameter)")
+    level = effort(req) if provider.reasoning_control != "none" else None
+    if level:
+        body["reasoning"] = {"effort": level, "summary": "auto"}
+        body["include"] = ["reasoning.encrypted_content"]
+    elif req.get("thinking") or req.get("output_config"):
+        dropped.add("thinking/output_config (provider has no reasoning control)")
+    note_unmapped(req, dropped)
+    body["store"] = False
+    if stream:
+        body["stream"] = True
+    return body, dropped

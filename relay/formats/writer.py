@@ -1,0 +1,178 @@
+"""The Anthropic side of a stream translator, shared by the formats whose upstream events are typed parts
+(Gemini, OpenAI Responses): open and close blocks, write deltas from the byte templates, close the message,
+turn a failure into an HTTP error (nothing sent yet) or an ``event: error`` (after).
+
+A format subclasses it and implements ``_on_event`` (one parsed SSE event) and ``_stop_reason``; ``feed``,
+``finish`` and ``abort`` are the Translator protocol the server drives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from relay.errors import RelayError
+from relay.formats import anthropic as A
+from relay.sse import Event, SSEError, SSEParser
+
+NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
+
+
+class BlockWriter:
+    def __init__(self, model: str, *, input_tokens_hint: int = 0, secrets: tuple[str, ...] = (),
+                 provider: str = "upstream", message_id: str | None = None,
+                 on_error: Callable[[RelayError], RelayError] | None = None) -> None:
+        self.model = model
+        self.message_id = message_id or A.message_id()
+        self.started = False  # message_start has been produced
+        self.done = False  # message_stop or an error event has been produced
+        self.error: RelayError | None = None
+        self.input_tokens = input_tokens_hint
+        self.output_tokens = 0
+        self.cache_read = 0
+        self.has_usage = False
+        self.saw_tool = False
+        self.secrets = secrets
+        self.provider = provider
+        self._hint = input_tokens_hint
+        self._on_error = on_error
+        self._parser = SSEParser()
+        self._out: list[bytes] = []
+        self._block = NONE
+        self._index = -1
+        self._signature = ""  # the open thinking block's signature, once known
+
+    # ---- the Translator protocol ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        try:
+            events = self._parser.feed(data)
+        except SSEError as exc:
+            self.fail(RelayError(502, f"{self.provider}: {exc}", "api_error"))
+            return self.flush()
+        for event in events:
+            self._on_event(event)
+            if self.done:
+                break
+        return self.flush()
+
+    def finish(self) -> bytes:
+        """The upstream body ended."""
+        if self.done:
+            return b""
+        for event in self._parser.close():
+            self._on_event(event)
+            if self.done:
+                return self.flush()
+        if not self.started:
+            self.fail(RelayError(502, f"{self.provider}: the upstream stream ended without any data", "api_error"))
+        else:
+            self._on_end()
+        return self.flush()
+
+    def abort(self, error: RelayError) -> bytes:
+        if self.done:
+            return b""
+        self.fail(error)
+        return self.flush()
+
+    # ---- for the format ---------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def _on_end(self) -> None:
+        """The stream ended without the format's own end event: close what is open."""
+        self.close()
+
+    def _stop_reason(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self._out.append(A.message_start(self.message_id, self.model, self._hint))
+
+    def text(self, text: str) -> None:
+        if not text:
+            return
+        if self._block != TEXT:
+            self._open(TEXT)
+        self._out.append(A.text_delta(self._index, text))
+
+    def thinking(self, text: str, signature: str | None = None) -> None:
+        """Thinking text into the open thinking block (opening one if needed); a signature, when given, is
+        kept for the block's close."""
+        if self._block != THINKING:
+            self._open(THINKING)
+        if text:
+            self._out.append(A.thinking_delta(self._index, text))
+        if signature:
+            self._signature = signature
+
+    @property
+    def in_thinking(self) -> bool:
+        return self._block == THINKING
+
+    @property
+    def signed(self) -> bool:
+        """The open thinking block already has its signature."""
+        return self._block == THINKING and bool(self._signature)
+
+    def tool(self, tool_id: str, name: str) -> None:
+        self._open(TOOL)
+        self.saw_tool = True
+        self._out.append(A.tool_block_start(self._index, tool_id, name))
+
+    def tool_args(self, partial: str) -> None:
+        if partial and self._block == TOOL:
+            self._out.append(A.input_json_delta(self._index, partial))
+
+    def close_block(self) -> None:
+        if self._block == NONE:
+            return
+        if self._block == THINKING:
+            self._out.append(A.signature_delta(self._index, self._signature or A.thinking_signature()))
+            self._signature = ""
+        self._out.append(A.block_stop(self._index))
+        self._block = NONE
+
+    def usage(self, input_tokens: int, output_tokens: int, cache_read: int = 0) -> None:
+        self.input_tokens, self.output_tokens, self.cache_read = input_tokens, output_tokens, cache_read
+        self.has_usage = True
+
+    def close(self, stop_sequence: str | None = None) -> None:
+        """message_delta (stop reason, usage) and message_stop."""
+        self.start()
+        self.close_block()
+        usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
+        self._out.append(A.message_delta(self._stop_reason(), stop_sequence, usage))
+        self._out.append(A.MESSAGE_STOP)
+        self.done = True
+
+    def fail(self, error: RelayError) -> None:
+        if self._on_error is not None:
+            error = self._on_error(error)
+        self.error = error
+        self.done = True
+        if self.started:
+            self.close_block()
+            self._out.append(error.sse())
+
+    def flush(self) -> bytes:
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def _open(self, kind: int) -> None:
+        self.start()
+        self.close_block()
+        self._index += 1
+        self._block = kind
+        if kind == TEXT:
+            self._out.append(A.text_block_start(self._index))
+        elif kind == THINKING:
+            self._out.append(A.thinking_block_start(self._index))

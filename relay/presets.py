@@ -1,0 +1,168 @@
+"""Provider presets: ``preset = "deepseek"`` in a provider block fills in what that provider needs, so a user
+writes only a key. Quirks are data here, never code paths: every value is an ordinary provider key, and any of
+them can be overridden in the provider block (the block wins, key by key; ``headers`` and ``query`` merge).
+
+Each entry names the page its values come from. ``verified`` says whether that page was read and confirms them
+(``True``), or whether a value rests on a third-party page or on convention (``False``: the README says which).
+Naming: a provider's bare name is its OpenAI-compatible API; ``<name>-anthropic`` is its Anthropic-compatible
+endpoint (passed through, the fastest path, and the one these providers document for Claude Code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    values: dict[str, Any]
+    source: str  # the provider documentation the values come from
+    notes: str = ""
+    verified: bool = True
+    needs: str = ""  # what the user must add besides a key (e.g. the Azure resource URL)
+
+
+# Defaults that follow from the format alone, under any preset and any explicit value.
+FORMAT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "anthropic": {"auth": "x-api-key"},
+    "gemini": {"auth": "x-goog-api-key", "reasoning_control": "thinking_budget"},
+}
+
+_LOCAL = {"auth": "none", "discover_context": True}
+
+
+def _p(name: str, source: str, notes: str = "", verified: bool = True, needs: str = "", **values: Any) -> Preset:
+    return Preset(name, values, source, notes, verified, needs)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    _p("openai", "https://platform.openai.com/docs/api-reference/chat",
+       "GPT-5 and o-series take max_completion_tokens and reasoning_effort; set reasoning_control = \"none\" for "
+       "gpt-4o/4.1, which refuse reasoning_effort", verified=False,
+       base_url="https://api.openai.com/v1", max_tokens_field="max_completion_tokens",
+       reasoning_control="reasoning_effort"),
+    _p("openai-responses", "https://platform.openai.com/docs/api-reference/responses",
+       "the Responses API (store: false, reasoning carried as encrypted content)", verified=False,
+       format="openai-responses", base_url="https://api.openai.com/v1", reasoning_control="reasoning_effort"),
+    _p("azure-openai", "https://learn.microsoft.com/azure/ai-services/openai/reference",
+       "deployment URLs, key in the api-key header, api-version 2024-10-21 (latest GA data-plane inference)",
+       needs='base_url = "https://RESOURCE.openai.azure.com/openai/deployments/{model}" ({model} = the deployment)',
+       auth="api-key", query={"api-version": "2024-10-21"}, max_tokens_field="max_completion_tokens"),
+    _p("anthropic", "https://docs.anthropic.com/en/api/messages",
+       "Anthropic itself, passed through", verified=False,
+       format="anthropic", base_url="https://api.anthropic.com"),
+    _p("deepseek", "https://api-docs.deepseek.com/guides/thinking_mode",
+       "thinking toggled by thinking.type; reasoning_content must go back on tool-call turns",
+       base_url="https://api.deepseek.com", reasoning_control="thinking_type", reasoning_return=True),
+    _p("deepseek-anthropic", "https://api-docs.deepseek.com/guides/anthropic_api",
+       "anthropic-version/anthropic-beta ignored; x-api-key supported",
+       format="anthropic", base_url="https://api.deepseek.com/anthropic"),
+    _p("moonshot", "https://www.developersdigest.tech/reference/api-compatibility/moonshot (quotes platform.kimi.ai)",
+       "Kimi; China: https://api.moonshot.cn/v1. Thinking via thinking.type (third-party report)", verified=False,
+       base_url="https://api.moonshot.ai/v1", reasoning_control="thinking_type", reasoning_return=True),
+    _p("moonshot-anthropic", "https://www.developersdigest.tech/reference/api-compatibility/moonshot (quotes platform.kimi.ai)",
+       "China: https://api.moonshot.cn/anthropic", verified=False,
+       format="anthropic", base_url="https://api.moonshot.ai/anthropic", auth="bearer"),
+    _p("qwen", "https://www.alibabacloud.com/help/en/model-studio/deep-thinking",
+       "DashScope international (Singapore); China: https://dashscope.aliyuncs.com/compatible-mode/v1. "
+       "Hybrid models toggle thinking with enable_thinking (+ thinking_budget)",
+       base_url="https://dashscope-intl.aliyuncs.com/compatible-mode/v1", reasoning_control="enable_thinking"),
+    _p("qwen-anthropic", "https://www.alibabacloud.com/help/en/model-studio/claude-code",
+       "international edition (Singapore) pay-as-you-go; Coding Plan keys use their own base URL",
+       format="anthropic", base_url="https://dashscope-intl.aliyuncs.com/apps/anthropic"),
+    _p("zhipu", "https://java.agentscope.io/v2/en/integration/model/glm; https://docs.continue.dev/customize/model-providers/more/zai",
+       "GLM; international Z.AI: https://api.z.ai/api/paas/v4. GLM-4.7/5 think by default (thinking.type)",
+       verified=False, base_url="https://open.bigmodel.cn/api/paas/v4", reasoning_control="thinking_type"),
+    _p("zhipu-anthropic", "https://raw.githubusercontent.com/Agents365-ai/dsclaude/main/glmclaude (a launcher script)",
+       "international Z.AI: https://api.z.ai/api/anthropic", verified=False,
+       format="anthropic", base_url="https://open.bigmodel.cn/api/anthropic", auth="bearer"),
+    _p("minimax", "https://www.developersdigest.tech/reference/api-compatibility/minimax (quotes platform.minimax.io)",
+       "M-series models write their reasoning inline in <think> tags on the OpenAI API", verified=False,
+       base_url="https://api.minimax.io/v1", think_tags=True),
+    _p("minimax-anthropic", "https://platform.minimax.io/docs/api-reference/text-anthropic-api",
+       "China: https://api.minimaxi.com/anthropic",
+       format="anthropic", base_url="https://api.minimax.io/anthropic"),
+    _p("mistral", "https://docs.datafold.com/integrations/llm-providers/openai-compatible (example base URL)",
+       "Magistral thinking arrives as typed content arrays (handled)", verified=False,
+       base_url="https://api.mistral.ai/v1"),
+    _p("groq", "https://ai-sdk.dev/v5/providers/ai-sdk-providers/groq",
+       "reasoning models stream a `reasoning` field", verified=False,
+       base_url="https://api.groq.com/openai/v1"),
+    _p("xai", "https://reference.langchain.com/python/langchain-xai/chat_models/ChatXAI/xai_api_base; vercel/ai @ai-sdk/xai 4.0.8 release notes",
+       "reasoning_effort is refused by several Grok models, so it is not sent", verified=False,
+       base_url="https://api.x.ai/v1"),
+    _p("openrouter", "https://openrouter.ai/openai/gpt-4-32k/api (base URL, HTTP-Referer/X-Title)",
+       "app attribution headers; reasoning sent as reasoning.effort (not confirmed on the page read); "
+       "reasoning_details (with signatures) handled", verified=False,
+       base_url="https://openrouter.ai/api/v1", reasoning_control="reasoning_object",
+       headers={"HTTP-Referer": "http://localhost", "X-Title": "relay"}),
+    _p("gemini", "https://ai.google.dev/gemini-api/docs/thought-signatures; https://ai.google.dev/api/caching#Schema",
+       "native API: thinking budget, thought signatures kept across tool loops, schemas cleaned",
+       format="gemini", base_url="https://generativelanguage.googleapis.com/v1beta"),
+    _p("gemini-openai", "https://ai.google.dev/gemini-api/docs/openai",
+       "Gemini's OpenAI-compatible endpoint (tool calls without index, finish_reason stop after calls: handled); "
+       "reasoning_effort support not on the excerpt read", verified=False,
+       base_url="https://generativelanguage.googleapis.com/v1beta/openai", reasoning_control="reasoning_effort"),
+    _p("together", "https://docs.together.ai/docs/inference/openai-compatibility", "",
+       base_url="https://api.together.ai/v1"),
+    _p("fireworks", "https://www.skills.sh/ericrisco/rsc-harness/together-fireworks (a third-party guide)",
+       "model ids look like accounts/fireworks/models/<name>", verified=False,
+       base_url="https://api.fireworks.ai/inference/v1"),
+    _p("siliconflow", "https://docs.siliconflow.cn/docs/api/chat-completions-post; https://www.siliconflow.com/es/blog/openai-sdk-siliconflow-compatibility-checks",
+       "global endpoint; China: https://api.siliconflow.cn/v1. enable_thinking + thinking_budget",
+       base_url="https://api.siliconflow.com/v1", reasoning_control="enable_thinking"),
+    _p("ollama", "(none read: Ollama's documented default port 11434)",
+       "no key; reasoning arrives in `reasoning`", verified=False,
+       base_url="http://localhost:11434/v1", **_LOCAL),
+    _p("vllm", "https://docs.boundaryml.com/ref/llm-client-providers/vllm (quotes docs.vllm.ai)",
+       "no key by default; chat templates reject a system message that is not first", verified=False,
+       base_url="http://localhost:8000/v1", system_turns="merge", pass_top_k=True, **_LOCAL),
+    _p("llamacpp", "https://docs.memberjunction.org/api/variables/_memberjunction_ai-llamacpp.DEFAULT_LLAMA_CPP_URL.html",
+       "llama-server's default port; templates reject a system message that is not first", verified=False,
+       base_url="http://localhost:8080/v1", system_turns="merge", pass_top_k=True, **_LOCAL),
+    _p("lmstudio", "https://lmstudio.ai/docs/developer/core/server",
+       "the server's default port (1234) is not on the page read", verified=False,
+       base_url="http://localhost:1234/v1", system_turns="merge", **_LOCAL),
+)}
+
+MERGED = ("headers", "query")  # tables merged key by key; every other key is replaced whole
+
+
+def apply(name: str, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The provider block with the preset (and the format's defaults) under the keys it set explicitly."""
+    preset = PRESETS[name]
+    merged: dict[str, Any] = {**preset.values}
+    for key, value in explicit.items():
+        if key in MERGED and isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return format_defaults(merged, set(explicit) | set(preset.values))
+
+
+def format_defaults(block: dict[str, Any], given: set[str] | None = None) -> dict[str, Any]:
+    """What the format implies for keys nobody set (e.g. ``x-goog-api-key`` for ``format = "gemini"``)."""
+    given = set(block) if given is None else given
+    defaults = FORMAT_DEFAULTS.get(block.get("format", "openai"), {})
+    return {**{k: v for k, v in defaults.items() if k not in given}, **block}
+
+
+def listing() -> str:
+    """The text of ``relay presets``."""
+    lines = []
+    for preset in PRESETS.values():
+        values = preset.values
+        fmt = values.get("format", "openai")
+        base = values.get("base_url", "(set base_url)")
+        lines.append(f"{preset.name:<20} {fmt:<17} {base}")
+        quirks = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("format", "base_url"))
+        if quirks:
+            lines.append(f"{'':<20} {quirks}")
+        if preset.needs:
+            lines.append(f"{'':<20} needs: {preset.needs}")
+        if preset.notes:
+            lines.append(f"{'':<20} {preset.notes}")
+        lines.append(f"{'':<20} source: {preset.source}{'' if preset.verified else ' (partly unverified)'}")
+    return "\n".join(lines)
