@@ -36,6 +36,8 @@ log = logging.getLogger("relay.server")
 READ_SIZE = 65536
 OPEN = ClientKey("", "open")  # who a request is when relay has no keys configured
 USAGE_FLUSH_SECONDS = 5.0
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 1024 * 1024
 RETRYABLE = {408, 429, 500, 502, 503, 504, 529}
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
 SERVER_HEADER = (b"server", b"relay")
@@ -73,6 +75,7 @@ class Connection:
     def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.chunked = False  # the response being written uses chunked framing (relay may frame chunks itself)
 
     async def next_event(self) -> Any:
         while True:
@@ -564,11 +567,15 @@ class Server:
         ex.ttfb = ex.ttfb or time.perf_counter()
         headers = _headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
         await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=first))
+        conn.chunked = conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing for this response
 
     async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> None:
-        """Upstream chunks -> translator -> client, one write per upstream read; a client that goes away
-        cancels the upstream request at once (the watcher cancels this nursery)."""
+        """Upstream chunks -> translator -> client. Three tasks: the reader translates every upstream chunk the
+        moment it arrives; the writer sends everything translated so far in one write whenever the reader has
+        to wait for the network (an upstream read often holds dozens of HTTP chunks: they leave together, none
+        waits for a later read); the watcher cancels it all when the client goes away."""
         gone = False
+        outbox = _Outbox()
 
         async def watch_client(cancel: trio.CancelScope) -> None:
             nonlocal gone
@@ -583,17 +590,36 @@ class Server:
                     return
                 conn.h11.receive_data(data)  # a pipelined next request: h11 keeps it for later
 
+        async def write(cancel: trio.CancelScope) -> None:
+            nonlocal gone
+            try:
+                await outbox.run(lambda data: self._write_sse(conn, ex, data))
+            except ClientGone:
+                gone = True
+                cancel.cancel()
+
         error: RelayError | None = None
         self.metrics.open_streams += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_client, nursery.cancel_scope)
-                try:
-                    error = await self._relay_chunks(conn, ex, upstream, translator)
-                except ClientGone:
-                    gone = True
-                finally:
-                    nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as io:
+                    io.start_soon(write, nursery.cancel_scope)
+                    try:
+                        error = await self._relay_chunks(ex, upstream, translator, outbox)
+                    finally:
+                        outbox.close()
+                if not gone and error is None:
+                    if ex.status == 0:  # nothing came out at all: never leave the client without an answer
+                        error = RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
+                    else:
+                        try:
+                            await conn.send(h11.EndOfMessage())
+                        except ClientGone:
+                            gone = True
+                        if not gone and translator.error is None:
+                            await _drain(upstream)
+                nursery.cancel_scope.cancel()
         finally:
             self.metrics.open_streams -= 1
         if translator.has_usage:
@@ -606,8 +632,9 @@ class Server:
         if error is not None:
             raise error
 
-    async def _relay_chunks(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> RelayError | None:
-        """Returns the error to answer with when the upstream failed before anything was sent."""
+    async def _relay_chunks(self, ex: Exchange, upstream: Any, translator: Translator, outbox: "_Outbox") -> RelayError | None:
+        """Feeds the translator; returns the error to answer with when the upstream failed before anything
+        was produced."""
         try:
             async for chunk in upstream.chunks():
                 if ex.first_byte is not None:
@@ -615,29 +642,71 @@ class Server:
                     ex.first_byte = None
                 out = translator.feed(chunk)
                 if out:
-                    await self._write_sse(conn, ex, out)
+                    outbox.put(out)
                 if translator.done:
                     break
             else:
-                out = translator.finish()
-                if out:
-                    await self._write_sse(conn, ex, out)
+                outbox.put(translator.finish())
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
-            out = translator.abort(_midstream(ex.target, exc))
-            if out:
-                await self._write_sse(conn, ex, out)
+            outbox.put(translator.abort(_midstream(ex.target, exc)))
         if translator.error is not None and not translator.started:
             return translator.error
-        if ex.status == 0:  # nothing came out at all: never leave the client without an answer
-            return RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
-        await conn.send(h11.EndOfMessage())
         return None
 
     async def _write_sse(self, conn: Connection, ex: Exchange, data: bytes) -> None:
         if ex.status == 0:
             await self._sse_head(conn, ex, data)
+        elif conn.chunked:  # the hot path: frame the chunk ourselves, one write, no h11 bookkeeping
+            try:
+                await conn.stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ClientGone() from exc
         else:
             await conn.send(h11.Data(data=data))
+
+
+class _Outbox:
+    """Translated bytes waiting for the client socket. The writer takes all of it at once, so the events of
+    one upstream read leave in one write; it never waits for more than is already there."""
+
+    __slots__ = ("parts", "ready", "closed")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.ready = trio.Event()
+        self.closed = False
+
+    def put(self, data: bytes) -> None:
+        if data:
+            self.parts.append(data)
+            self.ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    async def run(self, write: Any) -> None:
+        while True:
+            if self.parts:
+                data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+                self.parts.clear()
+                await write(data)
+            elif self.closed:
+                return
+            else:
+                await self.ready.wait()
+                self.ready = trio.Event()
+
+
+async def _drain(upstream: Any) -> None:
+    """Read what is left of a finished stream (the [DONE] and the chunked terminator, usually already here),
+    so the upstream connection goes back to the pool instead of being closed; give up quickly if it is not."""
+    with trio.move_on_after(DRAIN_SECONDS):
+        size = 0
+        async for chunk in upstream.chunks():
+            size += len(chunk)
+            if size > DRAIN_BYTES:
+                return
 
 
 async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:

@@ -30,6 +30,7 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     _response: httpcore.Response
+    _chunks: AsyncIterator[bytes] | None = None
 
     @property
     def content_type(self) -> bytes:
@@ -39,12 +40,15 @@ class UpstreamResponse:
         return b""
 
     def chunks(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_stream()  # type: ignore[return-value]
+        """The body as it arrives; the same iterator every call, so a reader can stop and later drain the rest."""
+        if self._chunks is None:
+            self._chunks = self._response.stream.__aiter__()  # type: ignore[union-attr]
+        return self._chunks
 
     async def read(self, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
-        async for chunk in self._response.aiter_stream():  # type: ignore[union-attr]
+        async for chunk in self.chunks():
             size += len(chunk)
             if size > limit:
                 raise RelayError(502, f"upstream response larger than {limit} bytes", "api_error")
