@@ -38,11 +38,33 @@ def static_window(config: Config, model: str) -> int | None:
     return target.provider.limits_for(target.model).context_window
 
 
+CLAUDE_MIN_COMPACT_WINDOW = 100_000  # Claude Code 2.1.331 reads a smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as 100k
+CLAUDE_OUTPUT_RESERVE = 20_000  # it keeps this much of the window for output
+MIN_RESERVE = 6_000  # room left at the compaction point: the next turn's input and a reply
+
+
+def compaction_env(window: int) -> dict[str, str]:
+    """Variables that make Claude Code compact before the real window fills.
+
+    Claude Code compacts near (window - 20k output reserve - 13k), but floors the window at 100k; for a
+    smaller model the percentage override moves the point down to the real window less a reserve (15%, at
+    least 6k). Not lower: Claude Code's own prompt and tools are ~12k, and a compaction point close to that
+    makes it compact again after every turn.
+    """
+    env = {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(window)}
+    if window < CLAUDE_MIN_COMPACT_WINDOW:
+        effective = CLAUDE_MIN_COMPACT_WINDOW - CLAUDE_OUTPUT_RESERVE
+        compact_at = window - max(MIN_RESERVE, window * 15 // 100)
+        pct = compact_at * 100 // effective
+        env["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"] = str(max(10, min(95, pct)))
+    return env
+
+
 def settings_json(config: Config, model: str | None = None) -> str:
     env = client_env(config)
     window = static_window(config, model or os.environ.get("ANTHROPIC_MODEL") or MAIN_MODEL_FALLBACK)
     if window:
-        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(window)
+        env.update(compaction_env(window))
     return json.dumps({"env": env}, indent=2)
 
 
@@ -89,11 +111,12 @@ def run_claude(config: Config, config_path: str | None, args: list[str]) -> int:
                 started.kill()
                 return 1
             time.sleep(0.1)
-    if "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in env:  # compact at the real window, not Claude Code's 200k guess
+    if not {"CLAUDE_CODE_AUTO_COMPACT_WINDOW", "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"} & env.keys():
+        # compact at the real window, not Claude Code's guess for a model it does not know
         model = env.get("ANTHROPIC_MODEL") or MAIN_MODEL_FALLBACK
         window = served_window(env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_AUTH_TOKEN"], model)
         if window:
-            env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(window)
+            env.update(compaction_env(window))
     try:
         return subprocess.call([claude, *args], env=env)
     except KeyboardInterrupt:

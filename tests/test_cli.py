@@ -227,3 +227,10 @@ async def test_workers_share_the_port_and_are_replaced(nursery: trio.Nursery, up
     finally:
         if proc.returncode is None:
             proc.kill()
+
+
+def test_compaction_env_for_small_windows() -> None:
+    from relay.launcher import compaction_env
+    assert compaction_env(200_000) == {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "200000"}
+    assert compaction_env(40_000) == {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "40000", "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE": "42"}
+    assert compaction_env(64_000)["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"] == "68"  # compact at 54.4k of 64k

@@ -2,8 +2,10 @@
 
 claude_bin   the pinned CLI, npm-installed once into a cache outside the repo (skips when npm is missing or fails)
 upstream     a ScriptedModel (see upstream.py) serving on 127.0.0.1; tests pick the wire format with a `dialect` fixture
-relay        `python -m relay serve` in front of `upstream`; yields its base URL
-claude       runs `claude -p ... --output-format stream-json` with a temp HOME and project dir
+relay        `python -m relay serve` in front of `upstream`; yields its base URL (log: tmp_path / "relay.log")
+provider_extra  extra TOML lines for relay's `[providers.mock]` table (default none); override it in a test module
+claude       runs `claude -p ... --output-format stream-json` with a temp HOME and project dir (or through a launcher
+             such as `relay claude`, which then finds `claude` on PATH)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,17 +122,26 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 @pytest.fixture
-async def relay(upstream: ScriptedModel, tmp_path: Path) -> AsyncIterator[str]:
+def provider_extra() -> str:
+    """Extra lines for relay's `[providers.mock]` table, e.g. `context_window = 20000`."""
+    return ""
+
+
+@pytest.fixture
+async def relay(upstream: ScriptedModel, tmp_path: Path, provider_extra: str) -> AsyncIterator[str]:
     port = _free_port()
     config = tmp_path / "relay.toml"
     config.write_text(
         f"""[server]
 api_keys = ["{CLIENT_KEY}"]
+host = "127.0.0.1"
+port = {port}
 [providers.mock]
 format = "openai"
 base_url = "{upstream.url}/v1"
 api_key = "{UPSTREAM_KEY}"
 models = ["{MODEL}"]
+{provider_extra}
 [routes]
 default = "mock/{MODEL}"
 """
@@ -218,14 +229,26 @@ class Claude:
             env["IS_SANDBOX"] = "1"  # else --dangerously-skip-permissions refuses to run as root
         return env
 
-    async def run(self, prompt: str, base_url: str, *args: str, timeout: float = CLAUDE_TIMEOUT) -> ClaudeRun:
-        cmd = [str(self.exe), "-p", prompt, "--output-format", "stream-json", "--verbose", "--model", MODEL]
+    async def run(self, prompt: str, base_url: str, *args: str, timeout: float = CLAUDE_TIMEOUT,
+                  env: Mapping[str, str] | None = None, launcher: Sequence[str] = ()) -> ClaudeRun:
+        """`env`: extra variables for this run, over the harness's own. `launcher`: a command that runs `claude`
+        from PATH with the arguments that follow it (e.g. `python -m relay claude -c relay.toml --`); this CLI is
+        then the `claude` on PATH."""
+        exe: list[str] = [str(self.exe)]
+        run_env = {**self.env(base_url), **(env or {})}
+        if launcher:
+            bin_dir = self.home / "bin"
+            bin_dir.mkdir(exist_ok=True)
+            if not (bin_dir / "claude").exists():
+                (bin_dir / "claude").symlink_to(self.exe)
+            exe, run_env["PATH"] = list(launcher), f"{bin_dir}{os.pathsep}{run_env['PATH']}"
+        cmd = [*exe, "-p", prompt, "--output-format", "stream-json", "--verbose", "--model", MODEL]
         cmd += ["--dangerously-skip-permissions", *args]
         out, err = self.home / "claude.stdout", self.home / "claude.stderr"
         # Files, not pipes: a shell the Bash tool left behind cannot hold the run open.
         with out.open("wb") as stdout, err.open("wb") as stderr:
             proc = await trio.lowlevel.open_process(
-                cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=self.project, env=self.env(base_url),
+                cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=self.project, env=run_env,
                 start_new_session=True,
             )
         try:

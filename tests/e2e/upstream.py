@@ -65,6 +65,8 @@ class Seen:
 
 
 Script = Sequence[Turn] | Callable[[Seen], Turn]
+Usage = Callable[[Seen], Mapping[str, int]]  # the OpenAI `usage` object to report for a request
+Gate = Callable[[Seen], Reply | None]  # a reply that stands instead of the script's (e.g. a refusal), or None
 
 
 def _pieces(text: str, size: int = PIECE) -> list[str]:
@@ -87,6 +89,8 @@ class ScriptedModel:
     dialect: Dialect
     script: Script = ()
     side_text: str = "ok"
+    usage: Usage | None = None  # default: the fixed USAGE
+    gate: Gate | None = None  # asked first about every request to /v1/chat/completions (openai, gemini)
     url: str = ""  # set once serving
     requests: list[Seen] = field(default_factory=list)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -114,6 +118,8 @@ class ScriptedModel:
                 return json_reply({"type": "error", "error": {"type": "not_found_error", "message": path}}, 404)
         elif path != "/v1/chat/completions":
             return json_reply({"error": {"message": f"no route {path}", "type": "invalid_request_error"}}, 404)
+        elif self.gate is not None and (refusal := self.gate(seen)) is not None:
+            return refusal
         turn = self._script_turn(seen)
         n = len(self.requests)
         answer = Answer(
@@ -122,6 +128,7 @@ class ScriptedModel:
             # Unique per answer: Claude Code merges consecutive assistant messages that share an id.
             f"msg_mock{n:04d}" if self.dialect == "anthropic" else f"chatcmpl-mock{n:04d}",
             ["" if self.dialect == "gemini" else self._new_id() for _ in turn.tool_calls],
+            dict(self.usage(seen)) if self.usage is not None else USAGE,
         )
         stream = bool(body.get("stream"))
         if self.dialect == "anthropic":
@@ -157,6 +164,7 @@ class Answer:
     model: str
     id: str
     call_ids: list[str]
+    usage: Mapping[str, int] = field(default_factory=lambda: USAGE)
 
     @property
     def calls(self) -> list[tuple[ToolCall, str]]:
@@ -184,7 +192,7 @@ def _openai_chunks(a: Answer) -> Iterator[JSON]:
         for piece in _pieces(_args(tc)):
             yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
     yield chunk({}, "tool_calls" if a.calls else "stop")
-    yield {**base, "choices": [], "usage": USAGE}
+    yield {**base, "choices": [], "usage": a.usage}
 
 
 def _gemini_chunks(a: Answer) -> Iterator[JSON]:
@@ -199,7 +207,7 @@ def _gemini_chunks(a: Answer) -> Iterator[JSON]:
         yield chunk({"content": piece})
     for tc, id_ in a.calls:
         yield chunk({"tool_calls": [{"function": {"arguments": _args(tc), "name": tc.name}, "id": id_, "type": "function"}]})
-    yield {**base, "choices": [{"delta": {"role": "assistant"}, "finish_reason": "stop", "index": 0}], "usage": USAGE}
+    yield {**base, "choices": [{"delta": {"role": "assistant"}, "finish_reason": "stop", "index": 0}], "usage": a.usage}
 
 
 def _openai_completion(a: Answer, dialect: Dialect) -> JSON:
@@ -212,7 +220,7 @@ def _openai_completion(a: Answer, dialect: Dialect) -> JSON:
         ]
     finish = "tool_calls" if a.calls and dialect == "openai" else "stop"
     choice = {"index": 0, "message": message, "finish_reason": finish}
-    return {"id": a.id, "object": "chat.completion", "created": CREATED, "model": a.model, "choices": [choice], "usage": USAGE}
+    return {"id": a.id, "object": "chat.completion", "created": CREATED, "model": a.model, "choices": [choice], "usage": a.usage}
 
 
 def _anthropic_blocks(a: Answer) -> list[JSON]:
