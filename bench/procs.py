@@ -1,0 +1,235 @@
+"""Starting the mock upstream and the relay as separate processes, and reading their costs from /proc.
+
+Separate processes because the figures are about relay alone: its CPU time and RSS are read from
+``/proc/<pid>/stat`` and ``/proc/<pid>/status`` (summed over its worker processes), which only works when
+nothing else shares its interpreter. Linux only, as is this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+from bench import _net
+
+ROOT = Path(__file__).resolve().parent.parent
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the tiny race with other programs is acceptable here)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ppids() -> dict[int, int]:
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            out[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (relay's ``--workers`` children count as relay)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _ppids().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time consumed so far by ``pids`` (vanished ones count as 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident set size summed over ``pids``, from ``/proc/<pid>/statm`` (cheap enough to poll)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total * _PAGE
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores: shows how much else the machine was doing during a phase."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields)
+    return total - fields[3] - fields[4], total
+
+
+def cores(busy: int, total: int) -> float:
+    """Busy jiffies over total jiffies (all cores), as a number of busy cores."""
+    return busy / max(1, total) * (os.cpu_count() or 1)
+
+
+def busy_cores(seconds: float) -> float:
+    """How many cores the machine keeps busy over ``seconds`` (used to warn that figures will be noisy)."""
+    busy0, all0 = machine_busy()
+    time.sleep(seconds)
+    busy1, all1 = machine_busy()
+    return cores(busy1 - busy0, all1 - all0)
+
+
+class RssSampler:
+    """Peak RSS of some processes while a phase runs, polled from a thread every ``interval`` seconds."""
+
+    def __init__(self, pids: list[int], interval: float = 0.02) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak = rss_bytes(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes(self.pids))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pids))
+
+
+class Child:
+    """A child process with its stderr in a log file, stopped by its own pid only."""
+
+    def __init__(self, name: str, argv: list[str], stdout: int | None = None, owns: Path | None = None) -> None:
+        self.name = name
+        self.owns = owns  #: a file (relay's config) removed when the process is stopped
+        self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=stdout, stderr=self._log, preexec_fn=_net.raise_fd_limit)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+        if self.owns is not None:
+            self.owns.unlink(missing_ok=True)
+
+
+def start_upstream(profiles: dict[str, dict[str, object]]) -> tuple[Child, int]:
+    """Start ``bench.upstream`` with these profiles; returns it and the port it listens on."""
+    argv = [sys.executable, "-m", "bench.upstream", "--port", "0", "--profiles", orjson.dumps(profiles).decode()]
+    child = Child("upstream", argv, stdout=subprocess.PIPE)
+    assert child.proc.stdout is not None
+    line = child.proc.stdout.readline().decode().split()
+    if len(line) != 2 or line[0] != "READY":
+        child.stop()
+        raise RuntimeError(f"mock upstream did not start: {line!r}\n{child.log_tail()}")
+    return child, int(line[1])
+
+
+class RelayUnavailable(RuntimeError):
+    """relay could not be started (not written yet, a broken config, ...); the message says why."""
+
+
+def relay_supports_workers() -> bool:
+    """Whether ``relay serve`` knows ``--workers`` (it may come later than the rest)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "relay", "serve", "--help"], cwd=ROOT, capture_output=True, timeout=30, text=True
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--workers" in out.stdout
+
+
+def relay_config(upstream_port: int, profile: str) -> str:
+    """A relay config whose one provider is the mock upstream's ``profile``."""
+    return (
+        "[server]\n"
+        'host = "127.0.0.1"\n'
+        "port = 8787\n"
+        "[providers.mock]\n"
+        'format = "openai"\n'
+        f'base_url = "http://127.0.0.1:{upstream_port}/p/{profile}/v1"\n'
+        'api_key = "x"\n'
+        'models = ["mock-model"]\n'
+        "[routes]\n"
+        'default = "mock/mock-model"\n'
+    )
+
+
+def start_relay(upstream_port: int, profile: str, workers: int = 1, timeout: float = 20.0) -> tuple[Child, int]:
+    """Start ``relay serve`` in front of the mock and wait for ``GET /health``; raises RelayUnavailable."""
+    config = Path(tempfile.mkstemp(prefix="bench-relay-", suffix=".toml")[1])
+    config.write_text(relay_config(upstream_port, profile))
+    port = free_port()
+    argv = [sys.executable, "-m", "relay", "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning"]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    child = Child("relay", argv, owns=config)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if child.proc.poll() is not None:
+                raise RelayUnavailable(f"relay exited with {child.proc.returncode}:\n{child.log_tail()}")
+            if _healthy(port):
+                return child, port
+            if time.monotonic() > deadline:
+                raise RelayUnavailable(f"relay did not answer /health within {timeout:.0f} s:\n{child.log_tail()}")
+            time.sleep(0.05)
+    except BaseException:
+        child.stop()
+        raise
+
+
+def _healthy(port: int) -> bool:
+    """GET /health over a plain socket (urllib would honour proxy variables meant for the outside)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+    except OSError:
+        return False

@@ -1,0 +1,40 @@
+"""`make bench-smoke` runs in the suite so the benchmark harness cannot rot unnoticed.
+
+It starts the real pieces (mock upstream, relay, load processes) as the full benchmark does, with tiny counts,
+and checks that every path of every scenario completed its requests without a single error.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    files = list(tmp_path.glob("bench-*-smoke.json"))
+    assert len(files) == 1, proc.stdout[-3000:]
+    results = json.loads(files[0].read_text())
+
+    phases = results["phases"]
+    assert {p["scenario"] for p in phases} == {"burst", "bodies", "paced"}
+    assert {p["path"] for p in phases} >= {"direct", "relay"}
+    for phase in phases:
+        where = f"{phase['scenario']} {phase['case']} {phase['path']}"
+        assert phase["errors"] == 0, f"{where}: {phase['error_kinds']}"
+        assert phase["requests"] > 0, where
+    for case in results["cases"]:
+        relay = case["paths"]["relay"]
+        assert relay["relay_rss_peak"] > 0, case["case"]  # /proc sampling found the relay process
+    assert results["targets"], "targets section missing"
