@@ -20,6 +20,7 @@ from relay.config import Config, Provider
 from relay.context import window_from_server
 from relay.errors import RelayError, from_upstream
 from relay.health import ProviderHealth
+from relay.pool import ConnectionPool
 
 ERROR_BODY_LIMIT = 1024 * 1024
 USER_AGENT = f"relay/{__version__}".encode()
@@ -86,22 +87,15 @@ class Upstreams:
 
     def __init__(self, config: Config) -> None:
         self._ssl = ssl.create_default_context()
-        self._pools: dict[str, httpcore.AsyncConnectionPool] = {}
+        self._pools: dict[str, ConnectionPool] = {}
         self._windows: dict[tuple[str, str], int | None] = {}
         self._health: dict[str, ProviderHealth] = {}
         self.config = config
 
-    def _pool(self, provider: Provider) -> httpcore.AsyncConnectionPool:
+    def _pool(self, provider: Provider) -> ConnectionPool:
         pool = self._pools.get(provider.name)
         if pool is None:
-            pool = httpcore.AsyncConnectionPool(
-                ssl_context=self._ssl,
-                max_connections=provider.max_connections,
-                max_keepalive_connections=provider.max_connections,
-                keepalive_expiry=60.0,
-                http1=True,
-                http2=False,
-            )
+            pool = ConnectionPool(self._ssl, provider.max_connections)
             self._pools[provider.name] = pool
         return pool
 
@@ -159,15 +153,13 @@ class Upstreams:
             headers.append((b"content-type", b"application/json"))
         timeouts = {"connect": provider.connect_timeout, "read": 5.0, "write": 5.0, "pool": provider.connect_timeout}
         try:
-            response = await self._pool(provider).request(
-                "POST" if body is not None else "GET", url, headers=headers, content=body, extensions={"timeout": timeouts})
-        except Exception:
-            return None
-        if response.status != 200:
-            return None
-        try:
-            return orjson.loads(response.content)
-        except orjson.JSONDecodeError:
+            async with self._pool(provider).stream("POST" if body is not None else "GET", url, headers=headers,
+                                                   content=body, extensions={"timeout": timeouts}) as response:
+                if response.status != 200:
+                    return None
+                content = await response.aread()
+            return orjson.loads(content)
+        except Exception:  # a server that cannot describe itself simply has no known window
             return None
 
     def health_of(self, provider: Provider) -> ProviderHealth:

@@ -131,3 +131,13 @@ async def test_slow_first_byte_falls_back(nursery: trio.Nursery) -> None:
     relay = await start_relay(nursery, config(first.base_url, second.base_url, "retries = 0\nfirst_byte_timeout = 0.3"))
     with trio.fail_after(2.5):
         assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+
+
+async def test_upstream_connections_are_reused(nursery: trio.Nursery) -> None:
+    first, second = await two_upstreams(nursery)
+    first.handler = lambda r: text_stream("ok")
+    relay = await start_relay(nursery, config(first.base_url, second.base_url))
+    for _ in range(5):
+        assert await trio.to_thread.run_sync(ask, relay.port, True) == "ok"
+    assert len(first.requests) == 5
+    assert first.open_connections == 1  # five streams, one keep-alive upstream connection
