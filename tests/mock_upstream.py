@@ -54,6 +54,7 @@ class MockUpstream:
         self.requests: list[Recorded] = []
         self.port = 0
         self.open_connections = 0
+        self.accepted = 0  # connections ever accepted
         self.cancelled = trio.Event()  # set when a client (relay) goes away mid-response
 
     @property
@@ -68,6 +69,7 @@ class MockUpstream:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.open_connections += 1
+        self.accepted += 1
         conn = h11.Connection(h11.SERVER)
         try:
             while True:

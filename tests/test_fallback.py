@@ -140,4 +140,4 @@ async def test_upstream_connections_are_reused(nursery: trio.Nursery) -> None:
     for _ in range(5):
         assert await trio.to_thread.run_sync(ask, relay.port, True) == "ok"
     assert len(first.requests) == 5
-    assert first.open_connections == 1  # five streams, one keep-alive upstream connection
+    assert first.accepted == 1  # five streams, one keep-alive upstream connection
