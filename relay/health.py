@@ -56,6 +56,10 @@ class ProviderHealth:
         self._failures = 0
         self._probing = False
 
+    def abandoned(self) -> None:
+        """An attempt ended with no verdict on the provider (the client left, a 4xx): the probe slot is free."""
+        self._probing = False
+
     def failed(self, now: float) -> None:
         self._failures += 1
         self._probing = False

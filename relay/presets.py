@@ -10,7 +10,7 @@ endpoint (passed through, the fastest path, and the one these providers document
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -76,6 +76,8 @@ class Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.chunked = False  # the response being written uses chunked framing (relay may frame chunks itself)
+        self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
+        self.head_timeout = 0.0
 
     async def next_event(self) -> Any:
         while True:
@@ -85,9 +87,17 @@ class Connection:
                     data = await self.stream.receive_some(READ_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
+                if data and self.head_scope is not None:
+                    self._idle_ended()
                 self.h11.receive_data(data)
                 continue
             return event
+
+    def _idle_ended(self) -> None:
+        """A request has started arriving: it now has header_timeout to finish, not the idle allowance."""
+        scope, self.head_scope = self.head_scope, None
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + self.head_timeout)
 
     async def send(self, *events: Any) -> None:
         data = b"".join(self.h11.send(e) or b"" for e in events)
@@ -113,6 +123,7 @@ class Server:
         self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
         self._accepting = trio.CancelScope()
         self._flushing = trio.CancelScope()
+        self._flush_lock = trio.Lock()
         self._idle: set[trio.CancelScope] = set()
         self._drain_deadline = float("inf")
         self._open = 0
@@ -147,12 +158,13 @@ class Server:
     async def flush_usage(self) -> None:
         if self.usage is None:
             return
-        rows = self.usage.take()
-        if rows:
-            try:
-                await trio.to_thread.run_sync(self.usage.write, rows)
-            except Exception as exc:  # a full disk must not take the gateway down
-                log.warning("could not write usage to %s: %s", self.usage.path, exc)
+        async with self._flush_lock:  # one writer at a time: a flush returns only when everything is on disk
+            rows = self.usage.take()
+            if rows:
+                try:
+                    await trio.to_thread.run_sync(self.usage.write, rows)
+                except Exception as exc:  # a full disk must not take the gateway down
+                    log.warning("could not write usage to %s: %s", self.usage.path, exc)
 
     async def _flush_usage_forever(self) -> None:
         with self._flushing:  # drain() cancels this, so shutdown never waits out a sleep
@@ -212,6 +224,7 @@ class Server:
                 return
             with trio.move_on_after(server.idle_timeout) as idle:
                 self._idle.add(idle)
+                conn.head_scope, conn.head_timeout = idle, server.header_timeout  # first byte: the head's clock starts
                 try:
                     event = await conn.next_event()
                 except h11.RemoteProtocolError as exc:
@@ -219,6 +232,11 @@ class Server:
                     return
                 finally:
                     self._idle.discard(idle)
+                    conn.head_scope = None
+            if idle.cancelled_caught and conn.h11.trailing_data[0] and not self.draining:
+                await _send_raw(conn.stream, RelayError(408, f"request head not received within {server.header_timeout:g}s",
+                                                        "invalid_request_error"))
+                return
             if not isinstance(event, h11.Request):
                 return
             request = event
@@ -279,6 +297,8 @@ class Server:
     async def _protocol_error(self, conn: Connection, exc: h11.RemoteProtocolError) -> None:
         """A request h11 cannot parse: answer with a raw 400/431 (h11's state is spent) and close."""
         status = exc.error_status_hint or 400
+        if status >= 500:  # e.g. an unsupported Transfer-Encoding: the client's request is at fault, not relay
+            status = 400
         await _send_raw(conn.stream, RelayError(status, f"malformed HTTP request: {exc}",
                                                 "request_too_large" if status == 413 else "invalid_request_error"))
 
@@ -290,7 +310,7 @@ class Server:
         if close:
             headers.append((b"connection", b"close"))
         events: list[Any] = [h11.Response(status_code=status, headers=headers, reason=_reason(status).encode())]
-        if not head_only:
+        if not head_only and ex.method != "HEAD":
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
         await conn.send(*events)
@@ -362,6 +382,9 @@ class Server:
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
             await self._error(conn, ex, err, head_only=method == "HEAD")
+        except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 255
+            if ex.status == 0:
+                await self._error(conn, ex, invalid("request JSON nests too deeply (at most 255 levels)"))
 
     async def _metrics(self, conn: Connection, ex: Exchange) -> None:
         ex.status = 200
@@ -451,14 +474,21 @@ class Server:
                 await self._serve_from(conn, ex, req, target, stream, key)
                 health.succeeded()
                 return True
-            except RelayError as err:
+            except BaseException as exc:
+                if not isinstance(exc, RelayError):
+                    health.abandoned()  # the client left or a bug: no verdict on the upstream, but free the probe
+                    raise
+                err = exc
                 now = trio.current_time()
                 retry_after = _retry_after(err)
                 self.metrics.upstream_failed(provider.name, err.status)
                 if err.status in (401, 403, 429):
                     health.key_refused(key, err.status, now, retry_after)
+                    health.abandoned()
                 elif err.status >= 500:
                     health.failed(now)
+                else:
+                    health.abandoned()
                 if ex.status != 0:  # bytes reached the client: nothing can be retried
                     raise
                 rotated = err.status in (401, 403, 429) and health.has_fresh_key(now)
@@ -487,7 +517,9 @@ class Server:
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
         max_tokens = req.get("max_tokens")
-        opts = Options(ex.model, provider, tuple(req.get("stop_sequences") or ()), estimate, window,
+        stops = req.get("stop_sequences")
+        stops = tuple(x for x in stops if isinstance(x, str)) if isinstance(stops, list) else ()
+        opts = Options(ex.model, provider, stops, estimate, window,
                        max_tokens if isinstance(max_tokens, int) else None)
         # a stream must start within first_byte_timeout (the pump lifts the deadline at the first upstream read)
         first_byte = ex.first_byte = trio.CancelScope(
@@ -649,6 +681,12 @@ class Server:
                 outbox.put(translator.finish())
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
             outbox.put(translator.abort(_midstream(ex.target, exc)))
+        except Exception:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
+            log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=True)
+            err = RelayError(502, f"{ex.target}: the upstream sent data relay could not translate", "api_error")
+            if translator.started and not translator.done:
+                outbox.put(err.sse())
+            translator.error, translator.done = err, True
         if translator.error is not None and not translator.started:
             return translator.error
         return None

@@ -60,23 +60,36 @@ def _content_tokens(content: Any) -> int:
             continue
         kind = block.get("type")
         if kind == "text":
-            total += text_tokens(block.get("text") or "")
+            total += text_tokens(_str(block.get("text")))
         elif kind == "image":
             total += _image_tokens(block.get("source"))
         elif kind == "tool_use":
-            total += text_tokens(block.get("name") or "") + text_tokens(orjson.dumps(block.get("input")).decode()) + 4
+            total += text_tokens(_str(block.get("name"))) + _json_tokens(block.get("input")) + 4
         elif kind == "tool_result":
             total += _content_tokens(block.get("content")) + 4
         elif kind == "thinking":
-            total += text_tokens(block.get("thinking") or "")
+            total += text_tokens(_str(block.get("thinking")))
         elif kind == "document":
-            source = block.get("source") or {}
+            source = block.get("source")
             data = source.get("data") if isinstance(source, dict) else None
-            # a PDF page is ~1500-3000 tokens; base64 size is a rough stand-in for page count
-            total += text_tokens(data) if source.get("type") == "text" and isinstance(data, str) else (len(data or "") // 50 if isinstance(data, str) else 0)
+            if isinstance(data, str):
+                # a PDF page is ~1500-3000 tokens; base64 size is a rough stand-in for page count
+                total += text_tokens(data) if source.get("type") == "text" else len(data) // 50
         elif kind == "tool_reference":
             total += 8
     return total
+
+
+def _str(value: Any) -> str:
+    """Estimation runs before validation: a field of the wrong type counts as nothing, never raises."""
+    return value if isinstance(value, str) else ""
+
+
+def _json_tokens(value: Any) -> int:
+    try:
+        return text_tokens(orjson.dumps(value).decode())
+    except (orjson.JSONEncodeError, TypeError):  # deeper than orjson writes: validation will refuse it
+        return 0
 
 
 def estimate(req: dict[str, Any]) -> int:
@@ -93,8 +106,8 @@ def estimate(req: dict[str, Any]) -> int:
     if isinstance(tools, list):
         for tool in tools:
             if isinstance(tool, dict):
-                total += PER_TOOL + text_tokens(tool.get("name") or "") + text_tokens(tool.get("description") or "")
+                total += PER_TOOL + text_tokens(_str(tool.get("name"))) + text_tokens(_str(tool.get("description")))
                 schema = tool.get("input_schema")
                 if schema is not None:
-                    total += text_tokens(orjson.dumps(schema).decode())
+                    total += _json_tokens(schema)
     return max(1, total)

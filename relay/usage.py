@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import closing
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -55,7 +56,7 @@ class UsageBook:
         if not rows:
             return
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(self.path, timeout=10) as db:
+        with closing(sqlite3.connect(self.path, timeout=10)) as db, db:  # commit, then close the file
             db.execute(SCHEMA)
             db.executemany(UPSERT, rows)
 
@@ -66,7 +67,7 @@ def report(paths: list[str], since: str | None = None) -> list[tuple[str, str, i
     for path in paths:
         if not os.path.exists(path):
             continue
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             query = "SELECT key, model, SUM(requests), SUM(input_tokens), SUM(output_tokens) FROM usage"
             args: tuple[str, ...] = ()
             if since:

@@ -1,8 +1,13 @@
 """What every wire format provides, so the server can drive any of them the same way.
 
 A format is a module (registered in ``relay.formats.registry``) with three pure functions:
-``build(req, provider, model, stream) -> UpstreamCall``, ``stream_translator(opts) -> Translator`` and
-``translate_response(doc, opts) -> dict`` (an Anthropic Message). No I/O anywhere.
+``build(req, provider, model, stream, client=None) -> UpstreamCall``, ``stream_translator(opts) -> Translator``
+and ``translate_response(doc, opts) -> dict`` (an Anthropic Message). No I/O anywhere. A format may also offer
+``count_tokens(req, provider, model, client) -> UpstreamCall`` to have ``/v1/messages/count_tokens`` forwarded.
+
+``client`` is the request as it arrived (``ClientRequest``). relay never changes a parsed request in place: a
+change (a fitted max_tokens, a stripped routing tag) makes a new dict, so ``req is client.json`` tells a format
+that forwards bytes whether those bytes still say what ``req`` says.
 """
 
 from __future__ import annotations

@@ -82,6 +82,74 @@ def blocks(content: list[Any], where: str) -> Iterator[tuple[str, str, dict[str,
         yield at, kind, block
 
 
+Piece = tuple[Any, ...]
+
+
+def user_pieces(content: list[Any], where: str, dropped: set[str]) -> list[Piece]:
+    """A user turn's (or a tool result's) blocks as format-neutral pieces, each format then writing its own part:
+    ``("text", text)``, ``("image", media_type, data, url)`` (base64: data; url: url),
+    ``("file", media_type, data, name)`` (a base64 document) and ``("file_url", url, title_prefix)``."""
+    pieces: list[Piece] = []
+    for at, kind, block in blocks(content, where):
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise invalid(f"{at}: text block without a string 'text'")
+            pieces.append(("text", block["text"]))
+        elif kind == "image":
+            pieces.append(_image(block.get("source"), at))
+        elif kind == "document":
+            pieces.append(_document(block, at))
+        elif kind == "search_result":
+            body = text_of_blocks(block.get("content", []), at)
+            pieces.append(("text", f"{block.get('title', '')} ({block.get('source', '')})\n{body}"))
+        elif kind == "tool_reference":
+            pieces.append(("text", tool_loaded(block)))
+        elif kind in ("thinking", "redacted_thinking"):
+            dropped.add("user thinking block")
+        else:
+            dropped.add(f"content block type {kind}")
+    return pieces
+
+
+def _image(source: Any, where: str) -> Piece:
+    if not isinstance(source, dict):
+        raise invalid(f"{where}: image block without a source")
+    kind = source.get("type")
+    if kind == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(media, str) or not isinstance(data, str):
+            raise invalid(f"{where}: base64 image needs media_type and data")
+        return ("image", media, data, None)
+    if kind == "url" and isinstance(source.get("url"), str):
+        return ("image", None, None, source["url"])
+    raise invalid(f"{where}: unsupported image source type {kind!r}")
+
+
+def _document(block: dict[str, Any], where: str) -> Piece:
+    source = block.get("source")
+    title = block.get("title")
+    prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
+    if not isinstance(source, dict):
+        raise invalid(f"{where}: document block without a source")
+    kind = source.get("type")
+    if kind == "text":
+        return ("text", prefix + str(source.get("data", "")))
+    if kind == "base64":
+        name = title if isinstance(title, str) and title else "document.pdf"
+        return ("file", source.get("media_type") or "application/pdf", str(source.get("data", "")), name)
+    if kind == "url":
+        return ("file_url", str(source.get("url")), prefix)
+    if kind == "content":
+        return ("text", prefix + text_of_blocks(source.get("content", []), where))
+    raise invalid(f"{where}: unsupported document source type {kind!r}")
+
+
+def data_url(piece: Piece) -> str:
+    """An image piece as a URL: ``data:`` for base64, else its own URL."""
+    _, media, data, url = piece
+    return url if url is not None else f"data:{media};base64,{data}"
+
+
 def tool_loaded(block: dict[str, Any]) -> str:
     """Claude Code's ToolSearch answers with tool_reference blocks; upstreams get them as this sentence."""
     return f"Tool {block.get('tool_name')} is now loaded and can be called."

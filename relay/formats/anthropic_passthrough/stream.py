@@ -45,8 +45,8 @@ class PassthroughTranslator:
         self._on_error = on_error
 
     def feed(self, data: bytes) -> bytes:
-        if self.done:
-            return b""
+        if self.done:  # after message_stop only the rest of its framing can follow: still the upstream's bytes
+            return data if self.error is None else b""
         try:
             events = self._parser.feed(data)
         except SSEError as exc:

@@ -29,8 +29,8 @@ from relay.formats.inbound import (
     text_of_blocks,
     thinking_budget,
     tool_choice,
-    tool_loaded,
     turns,
+    user_pieces,
 )
 
 # Thinking budgets for an effort when Claude gave none (Gemini 2.5 Pro: 128..32768; Flash: 0..24576).
@@ -42,52 +42,23 @@ INTERRUPTED = "(no result: the tool call was interrupted)"
 Part = dict[str, Any]
 
 
-def _media(source: Any, where: str, default_type: str) -> Part:
-    if not isinstance(source, dict):
-        raise invalid(f"{where}: block without a source")
-    kind = source.get("type")
-    if kind == "base64":
-        data = source.get("data")
-        if not isinstance(data, str):
-            raise invalid(f"{where}: base64 source needs data")
-        return {"inlineData": {"mimeType": source.get("media_type") or default_type, "data": data}}
-    if kind == "url" and isinstance(source.get("url"), str):
-        url = source["url"]
-        return {"fileData": {"mimeType": mimetypes.guess_type(url)[0] or default_type, "fileUri": url}}
-    raise invalid(f"{where}: unsupported source type {kind!r}")
-
-
 def _user_parts(content: str | list[Any], where: str, dropped: set[str]) -> list[Part]:
     if isinstance(content, str):
         return [{"text": content}] if content else []
     parts: list[Part] = []
-    for at, kind, block in blocks(content, where):
+    for piece in user_pieces(content, where, dropped):
+        kind = piece[0]
         if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise invalid(f"{at}: text block without a string 'text'")
-            if block["text"]:
-                parts.append({"text": block["text"]})
+            if piece[1]:
+                parts.append({"text": piece[1]})
         elif kind == "image":
-            parts.append(_media(block.get("source"), at, "image/jpeg"))
-        elif kind == "document":
-            source = block.get("source") if isinstance(block.get("source"), dict) else {}
-            title = block.get("title")
-            prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
-            if source.get("type") == "text":
-                parts.append({"text": prefix + str(source.get("data", ""))})
-            elif source.get("type") == "content":
-                parts.append({"text": prefix + text_of_blocks(source.get("content", []), at)})
-            else:
-                parts.append(_media(source, at, "application/pdf"))
-        elif kind == "search_result":
-            body = text_of_blocks(block.get("content", []), at)
-            parts.append({"text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
-        elif kind == "tool_reference":
-            parts.append({"text": tool_loaded(block)})
-        elif kind in ("thinking", "redacted_thinking"):
-            dropped.add("user thinking block")
+            _, media, data, url = piece
+            parts.append({"inlineData": {"mimeType": media, "data": data}} if url is None else
+                         {"fileData": {"mimeType": mimetypes.guess_type(url)[0] or "image/jpeg", "fileUri": url}})
+        elif kind == "file":
+            parts.append({"inlineData": {"mimeType": piece[1], "data": piece[2]}})
         else:
-            dropped.add(f"content block type {kind}")
+            parts.append({"fileData": {"mimeType": mimetypes.guess_type(piece[1])[0] or "application/pdf", "fileUri": piece[1]}})
     return parts
 
 

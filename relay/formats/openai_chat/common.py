@@ -21,8 +21,8 @@ STOP_REASONS = {
 }
 
 
-def stop_reason(finish: str | None, saw_tool: bool, matched_stop: str | None) -> str:
-    reason = STOP_REASONS.get(finish or "stop", "end_turn")
+def stop_reason(finish: Any, saw_tool: bool, matched_stop: str | None) -> str:
+    reason = STOP_REASONS.get(finish if isinstance(finish, str) and finish else "stop", "end_turn")
     if matched_stop is not None:
         return "stop_sequence"
     if saw_tool and reason in ("end_turn", "tool_use"):  # Gemini's endpoint says "stop" after tool calls
@@ -40,6 +40,18 @@ def matched_stop(choice: dict[str, Any], stop_sequences: tuple[str, ...]) -> str
     return None
 
 
+def _count(value: Any) -> int:
+    """A token count as reported, or 0 for anything that is not a non-negative integer."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def text_field(value: Any) -> str:
+    """An id or name from the upstream as a string, whatever JSON type it arrived as."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None or isinstance(value, (dict, list, bool)) else str(value)
+
+
 def usage_numbers(usage: dict[str, Any]) -> tuple[int, int, int]:
     """(input_tokens not read from cache, output_tokens, cache_read_input_tokens)."""
     prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
@@ -48,12 +60,7 @@ def usage_numbers(usage: dict[str, Any]) -> tuple[int, int, int]:
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if not cached:
         cached = usage.get("prompt_cache_hit_tokens") or usage.get("cached_tokens") or 0
-    if not isinstance(prompt, int):
-        prompt = 0
-    if not isinstance(completion, int):
-        completion = 0
-    if not isinstance(cached, int):
-        cached = 0
+    prompt, completion, cached = _count(prompt), _count(completion), _count(cached)
     cached = min(cached, prompt)
     return prompt - cached, completion, cached
 

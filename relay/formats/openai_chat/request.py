@@ -13,9 +13,8 @@ import orjson
 from relay.config import Provider
 from relay.errors import invalid
 from relay.formats.inbound import (
-    BILLING_HEADER,
-    EFFORTS,
     client_tools,
+    data_url,
     effort,
     max_tokens,
     note_unmapped,
@@ -26,73 +25,22 @@ from relay.formats.inbound import (
     thinking_budget,
     thinking_wanted,
     tool_choice,
-    tool_loaded,
+    user_pieces,
 )
-
-# Kept under their old names: other modules and tests import them from here.
-_text_of_blocks = text_of_blocks
-__all__ = ["BILLING_HEADER", "EFFORTS", "build", "system_text"]
-
-
-def _image_url(source: Any, where: str) -> str:
-    if not isinstance(source, dict):
-        raise invalid(f"{where}: image block without a source")
-    kind = source.get("type")
-    if kind == "base64":
-        media, data = source.get("media_type"), source.get("data")
-        if not isinstance(media, str) or not isinstance(data, str):
-            raise invalid(f"{where}: base64 image needs media_type and data")
-        return f"data:{media};base64,{data}"
-    if kind == "url" and isinstance(source.get("url"), str):
-        return source["url"]
-    raise invalid(f"{where}: unsupported image source type {kind!r}")
-
-
-def _document_part(block: dict[str, Any], where: str) -> dict[str, Any]:
-    source = block.get("source")
-    title = block.get("title")
-    prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
-    if not isinstance(source, dict):
-        raise invalid(f"{where}: document block without a source")
-    kind = source.get("type")
-    if kind == "text":
-        return {"type": "text", "text": prefix + str(source.get("data", ""))}
-    if kind == "base64":
-        media = source.get("media_type", "application/pdf")
-        name = title if isinstance(title, str) and title else "document.pdf"
-        return {"type": "file", "file": {"filename": name, "file_data": f"data:{media};base64,{source.get('data', '')}"}}
-    if kind == "url":
-        return {"type": "text", "text": f"{prefix}Document at {source.get('url')}"}
-    if kind == "content":
-        return {"type": "text", "text": prefix + _text_of_blocks(source.get("content", []), where)}
-    raise invalid(f"{where}: unsupported document source type {kind!r}")
-
 
 def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
-    for i, block in enumerate(blocks):
-        if not isinstance(block, dict):
-            raise invalid(f"{where}.content.{i}: content blocks must be objects")
-        kind = block.get("type")
+    for piece in user_pieces(blocks, where, dropped):
+        kind = piece[0]
         if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise invalid(f"{where}.content.{i}: text block without a string 'text'")
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append({"type": "text", "text": piece[1]})
         elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), f"{where}.content.{i}")}})
-        elif kind == "document":
-            parts.append(_document_part(block, f"{where}.content.{i}"))
-        elif kind == "search_result":
-            body = _text_of_blocks(block.get("content", []), f"{where}.content.{i}")
-            parts.append({"type": "text", "text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
-        elif kind == "tool_reference":
-            parts.append({"type": "text", "text": tool_loaded(block)})
-        elif kind in ("thinking", "redacted_thinking"):
-            dropped.add("user thinking block")
-        elif kind is None:
-            raise invalid(f"{where}.content.{i}: content block without a type")
-        else:
-            dropped.add(f"content block type {kind}")
+            parts.append({"type": "image_url", "image_url": {"url": data_url(piece)}})
+        elif kind == "file":
+            _, media, data, name = piece
+            parts.append({"type": "file", "file": {"filename": name, "file_data": f"data:{media};base64,{data}"}})
+        else:  # a document by URL: Chat Completions has no file URLs
+            parts.append({"type": "text", "text": f"{piece[2]}Document at {piece[1]}"})
     return parts
 
 
@@ -192,7 +140,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         if content is None:
             raise invalid(f"{where}.content: Field required")
         if role == "system":
-            text = _text_of_blocks(content, f"{where}.content")
+            text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not out:  # a system turn before any other is the system prompt
                 merged_system.append(text)
             else:

@@ -14,6 +14,7 @@ from relay.formats.openai_chat.common import (
     matched_stop,
     reasoning_of,
     stop_reason,
+    text_field,
     usage_numbers,
 )
 
@@ -87,6 +88,8 @@ def translate(
             block["signature"] = signature or A.thinking_signature()
 
     calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        calls = None
     saw_tool = False
     if isinstance(calls, list):
         for call in calls:
@@ -96,8 +99,8 @@ def translate(
             saw_tool = True
             content.append({
                 "type": "tool_use",
-                "id": call.get("id") or A.tool_use_id(),
-                "name": function.get("name") or "",
+                "id": text_field(call.get("id")) or A.tool_use_id(),
+                "name": text_field(function.get("name")),
                 "input": parse_arguments(function.get("arguments")),
             })
 

@@ -21,6 +21,7 @@ from relay.formats.openai_chat.common import (
     matched_stop,
     reasoning_of,
     stop_reason,
+    text_field,
     usage_numbers,
 )
 from relay.sse import SSEError, SSEParser
@@ -149,7 +150,7 @@ class StreamTranslator:
             return
         choices = chunk.get("choices")
         choice: Any = None
-        if choices:
+        if choices and type(choices) is list:
             choice = choices[0]
             if len(choices) > 1 or (type(choice) is dict and choice.get("index", 0) != 0):
                 choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
@@ -177,7 +178,7 @@ class StreamTranslator:
             else:
                 self._on_delta(delta)
         finish = choice.get("finish_reason")
-        if finish:
+        if finish and isinstance(finish, str):
             self._finish = finish
             self._matched = matched_stop(choice, self._stops)
             if self._splitter is not None:
@@ -207,7 +208,7 @@ class StreamTranslator:
         if isinstance(refusal, str) and refusal:
             self._emit("text", refusal)
         calls = delta.get("tool_calls")
-        if calls:
+        if calls and type(calls) is list:
             for call in calls:
                 if isinstance(call, dict):
                     self._on_tool_delta(call)
@@ -228,11 +229,11 @@ class StreamTranslator:
 
     def _on_tool_delta(self, call: dict[str, Any]) -> None:
         index = call.get("index")
-        call_id = call.get("id") or ""
+        call_id = text_field(call.get("id"))
         function = call.get("function")
         if not isinstance(function, dict):
             function = {}
-        name = function.get("name") or ""
+        name = text_field(function.get("name"))
         args = function.get("arguments")
         if args is not None and not isinstance(args, str):
             args = orjson.dumps(args).decode()  # some servers send the arguments as an object

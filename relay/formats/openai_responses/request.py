@@ -18,6 +18,7 @@ from relay.errors import invalid
 from relay.formats.inbound import (
     blocks,
     client_tools,
+    data_url,
     effort,
     max_tokens,
     note_unmapped,
@@ -26,8 +27,8 @@ from relay.formats.inbound import (
     system_text,
     text_of_blocks,
     tool_choice,
-    tool_loaded,
     turns,
+    user_pieces,
 )
 from relay.formats.openai_responses.common import decode_reasoning
 
@@ -37,55 +38,22 @@ INTERRUPTED = "(no result: the tool call was interrupted)"
 Item = dict[str, Any]
 
 
-def _image_url(source: Any, where: str) -> str:
-    if not isinstance(source, dict):
-        raise invalid(f"{where}: image block without a source")
-    kind = source.get("type")
-    if kind == "base64":
-        media, data = source.get("media_type"), source.get("data")
-        if not isinstance(media, str) or not isinstance(data, str):
-            raise invalid(f"{where}: base64 image needs media_type and data")
-        return f"data:{media};base64,{data}"
-    if kind == "url" and isinstance(source.get("url"), str):
-        return source["url"]
-    raise invalid(f"{where}: unsupported image source type {kind!r}")
-
-
 def _input_parts(content: str | list[Any], where: str, dropped: set[str]) -> list[Item]:
     if isinstance(content, str):
         return [{"type": "input_text", "text": content}] if content else []
     parts: list[Item] = []
-    for at, kind, block in blocks(content, where):
+    for piece in user_pieces(content, where, dropped):
+        kind = piece[0]
         if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise invalid(f"{at}: text block without a string 'text'")
-            if block["text"]:
-                parts.append({"type": "input_text", "text": block["text"]})
+            if piece[1]:
+                parts.append({"type": "input_text", "text": piece[1]})
         elif kind == "image":
-            parts.append({"type": "input_image", "image_url": _image_url(block.get("source"), at), "detail": "auto"})
-        elif kind == "document":
-            source = block.get("source") if isinstance(block.get("source"), dict) else {}
-            title = block.get("title")
-            prefix = f"Document: {title}\n\n" if isinstance(title, str) and title else ""
-            if source.get("type") == "base64":
-                media = source.get("media_type") or "application/pdf"
-                parts.append({"type": "input_file", "filename": title if isinstance(title, str) and title else "document.pdf",
-                              "file_data": f"data:{media};base64,{source.get('data', '')}"})
-            elif source.get("type") == "url":
-                parts.append({"type": "input_file", "file_url": str(source.get("url"))})
-            elif source.get("type") == "content":
-                parts.append({"type": "input_text", "text": prefix + text_of_blocks(source.get("content", []), at)})
-            else:
-                parts.append({"type": "input_text", "text": prefix + str(source.get("data", ""))})
-        elif kind == "search_result":
-            body = text_of_blocks(block.get("content", []), at)
-            parts.append({"type": "input_text", "text": f"{block.get('title', '')} ({block.get('source', '')})\n{body}"})
-        elif kind == "tool_reference":
-            parts.append({"type": "input_text", "text": tool_loaded(block)})
-        elif kind in ("thinking", "redacted_thinking"):
-            dropped.add("user thinking block")
+            parts.append({"type": "input_image", "image_url": data_url(piece), "detail": "auto"})
+        elif kind == "file":
+            _, media, data, name = piece
+            parts.append({"type": "input_file", "filename": name, "file_data": f"data:{media};base64,{data}"})
         else:
-            dropped.add(f"content block type {kind}")
+            parts.append({"type": "input_file", "file_url": piece[1]})
     return parts
 
 

@@ -62,8 +62,8 @@ class ResponsesStreamTranslator(BlockWriter):
             self.fail(error_of(response.get("error") if isinstance(response, dict) else None, self.secrets, self.provider))
         elif kind == b"error":
             self.fail(error_of(doc, self.secrets, self.provider))
-        elif kind in (b"response.created", b"response.in_progress"):
-            self.start()
+        # response.created / in_progress carry nothing for the client: message_start waits for the first output,
+        # so a response that fails before producing any is still answered with the HTTP error it deserves.
 
     def _item_added(self, item: Any) -> None:
         if not isinstance(item, dict):
