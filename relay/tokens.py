@@ -1,9 +1,10 @@
 """A fast local token estimate for count_tokens and for message_start before the upstream reports usage.
 
-Method: about 4 characters per token for ASCII text (English prose and code under BPE tokenizers), one
-token per non-ASCII character (CJK and emoji are 1-2 tokens each; accented letters fewer), a few tokens of
+Method: about 4 characters per token for ASCII text (English prose and code under BPE tokenizers), half a
+token per extra UTF-8 byte otherwise (1/2 per accented letter, 1 per CJK character, 3/2 per emoji), a few tokens of
 framing per message and per tool, and images by Anthropic's own rule (width*height/750, capped at 1600)
-when a PNG/GIF header gives the size, else 1600. It does not tokenize; see README for its measured error.
+when a PNG/GIF header gives the size, else 1600. It does not tokenize; README gives its measured error
+(bench/tokens_accuracy.py: mean 14.6% against six real tokenizers).
 """
 
 from __future__ import annotations
