@@ -105,6 +105,8 @@ class ServerConfig:
     max_connections: int = 4096  # past this, new connections get 529 overloaded_error
     shutdown_grace: float = 30.0  # seconds open streams get to finish on SIGTERM/SIGINT
     usage_db: str | None = None  # SQLite file of per-key usage; None = the default path, "" = off
+    max_messages: int = 100_000  # messages in one request; past this, 413 request_too_large
+    max_tools: int = 2_000  # tools in one request
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ _SERVER_KEYS = {
     "max_connections": int,
     "shutdown_grace": (int, float),
     "usage_db": str,
+    "max_messages": int,
+    "max_tools": int,
 }
 _PROVIDER_KEYS: dict[str, Any] = {
     "preset": str,

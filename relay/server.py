@@ -441,6 +441,11 @@ class Server:
         if not isinstance(model, str) or not model:
             raise invalid("model: Field required")
         ex.model = model
+        limits = self.config.server
+        for field_name, limit in (("messages", limits.max_messages), ("tools", limits.max_tools)):
+            value = req.get(field_name)
+            if isinstance(value, list) and len(value) > limit:
+                raise RelayError(413, f"{field_name}: {len(value)} items; relay accepts at most {limit}", "request_too_large")
         if ex.client is not None and ex.client.models and not any(fnmatch.fnmatchcase(model, p) for p in ex.client.models):
             raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
         stream = req.get("stream") is True

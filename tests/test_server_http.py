@@ -174,3 +174,15 @@ async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
     assert 'relay_upstream_errors_total{provider="mock",status="400"} 1' in lines
     assert 'relay_time_to_first_byte_seconds_count{provider="mock"} 1' in lines
     assert "relay_open_streams 0" in lines
+
+
+async def test_message_and_tool_count_limits(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nmax_messages = 3\nmax_tools = 2"))
+    many = orjson.dumps({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}] * 4})
+    status, _, out = split(await exchange(relay.port, post("/v1/messages", many)))
+    assert status == 413 and "messages: 4 items" in orjson.loads(out)["error"]["message"]
+    tools = orjson.dumps({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                          "tools": [{"name": f"t{i}", "input_schema": {"type": "object"}} for i in range(3)]})
+    status, _, out = split(await exchange(relay.port, post("/v1/messages", tools)))
+    assert status == 413 and orjson.loads(out)["error"]["type"] == "request_too_large"
+    assert upstream.requests == []
