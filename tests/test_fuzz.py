@@ -416,9 +416,6 @@ async def test_bug_nesting_deeper_than_orjson_can_write(nursery: trio.Nursery, u
     await strict_exchange(relay, request_bytes(encode(body), path=path, key=RELAY_KEY))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: format = \"gemini\" puts the model id into the upstream URL path unescaped "
-                   "(formats/gemini/request.py path()): a non-ASCII id makes httpcore raise TypeError (logged as unhandled, "
-                   "connection dropped, no answer); '?', '#' or '/' in the id rewrite the upstream URL")
 @pytest.mark.parametrize("model", ["ünï-code", "x?alt=json#"])
 async def test_bug_gemini_model_id_is_not_escaped_in_the_url(nursery: trio.Nursery, upstream: MockUpstream,
                                                              model: str) -> None:

@@ -150,6 +150,23 @@ def data_url(piece: Piece) -> str:
     return url if url is not None else f"data:{media};base64,{data}"
 
 
+def split_tool_results(content: str | list[Any], where: str) -> tuple[list[tuple[str, str, dict[str, Any]]], list[Any]]:
+    """A user turn's tool_result blocks as (where, tool_use_id, block), validated, and its other blocks."""
+    results: list[tuple[str, str, dict[str, Any]]] = []
+    rest: list[Any] = []
+    for at, kind, block in blocks(content, where) if isinstance(content, list) else ():
+        if kind != "tool_result":
+            rest.append(block)
+            continue
+        call_id = block.get("tool_use_id")
+        if not isinstance(call_id, str):
+            raise invalid(f"{at}.tool_use_id: Field required")
+        if not isinstance(block.get("content", ""), (str, list)):
+            raise invalid(f"{at}: tool_result content must be a string or a list")
+        results.append((at, call_id, block))
+    return results, rest
+
+
 def tool_loaded(block: dict[str, Any]) -> str:
     """Claude Code's ToolSearch answers with tool_reference blocks; upstreams get them as this sentence."""
     return f"Tool {block.get('tool_name')} is now loaded and can be called."

@@ -2,7 +2,9 @@
 
 Only two things are read: ``message_start`` (held until it is complete, to put the client's model name in it
 and take the input usage) and, after it, the event names, to take usage from ``message_delta`` and to notice
-``message_stop`` and ``error``. Every other byte is forwarded untouched in the read it arrived in.
+``message_stop`` and ``error``. Every other byte is forwarded untouched, in the read it arrived in, up to the end
+of the last complete event: an unfinished event's bytes wait for the read that finishes it (the client could not
+act on them anyway), so that when the upstream breaks off, relay's ``event: error`` is not glued to half an event.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from relay.errors import RelayError, from_anthropic_error
 from relay.sse import SSEError, SSEParser
 
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
-_EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r")  # an event ends where a line end meets an empty line's end
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")  # a line end, then an empty line's end
 
 
 def _kind(name: bytes | None, payload: bytes) -> bytes:
@@ -40,6 +43,8 @@ class PassthroughTranslator:
         self.cache_read = 0
         self._parser = SSEParser()
         self._head = b""  # raw bytes before message_start is complete
+        self._skip_lf = False
+        self._tail = b""  # forwarded-side bytes of an event not finished yet
         self._secrets = secrets
         self._provider = provider
         self._on_error = on_error
@@ -54,18 +59,25 @@ class PassthroughTranslator:
         if self.started:
             for name, payload in events:
                 self._after_start(_kind(name, payload), payload)
-            return data
+            if self._skip_lf:  # message_start ended a read on CR: this LF was its end, already written
+                self._skip_lf = False
+                data = data[1:] if data[:1] == b"\n" else data
+            return self._complete(data)
         self._head += data
         return self._before_start(events)
 
     def finish(self) -> bytes:
         if self.done:
             return b""
-        events = self._parser.close()
-        out = self._before_start(events) if not self.started else b""
-        if self.started:
+        events = self._parser.close()  # a last event that ended without a blank line
+        if not self.started:
+            out = self._before_start(events)
+        else:
+            out = b""
             for name, payload in events:
                 self._after_start(_kind(name, payload), payload)
+        if events and self.started:  # that event is complete after all: its held bytes go out
+            out, self._tail = out + self._tail, b""
         if self.done:
             return out
         if not self.started:
@@ -89,12 +101,14 @@ class PassthroughTranslator:
             self.started = True
             head, self._head = self._head, b""
             if kind != b"message_start":  # a stream without message_start: not ours to fix, pass it on
-                out = head
+                out = b""
             else:
-                out = self._message_start(payload) + _after_first_event(head, b'"message_start"')
+                rest, self._skip_lf = _after_first_event(head, b'"message_start"')
+                out = self._message_start(payload)
+                head = rest
             for later_name, later in events[number + 1:]:
                 self._after_start(_kind(later_name, later), later)
-            return out
+            return out + self._complete(head)
         return b""
 
     def _message_start(self, payload: bytes) -> bytes:
@@ -140,19 +154,32 @@ class PassthroughTranslator:
         error = from_anthropic_error(doc, self._secrets, self._provider)
         return self._on_error(error) if self._on_error else error
 
+    def _complete(self, data: bytes) -> bytes:
+        """``data`` (after what was held back) up to the end of its last complete event; the rest is held."""
+        buf = self._tail + data if self._tail else data
+        if self.done:  # message_stop or the upstream's error event has been read: nothing more to wait for
+            self._tail = b""
+            return buf
+        end = 0
+        for blank in _EVENT_ENDS:
+            at = buf.rfind(blank)
+            if at >= 0:
+                end = max(end, at + len(blank))
+        self._tail = buf[end:]
+        return buf[:end]
+
     def _fail(self, error: RelayError) -> bytes:
         self.error = error
         self.done = True
+        self._tail = b""  # an unfinished event is dropped: it would swallow the error event
         return error.sse() if self.started else b""
 
 
-def _after_first_event(head: bytes, marker: bytes) -> bytes:
-    """The raw bytes after the event that contains ``marker`` (everything the upstream sent past it)."""
+def _after_first_event(head: bytes, marker: bytes) -> tuple[bytes, bool]:
+    """The raw bytes after the event that contains ``marker``, and whether that event's last line end may
+    still continue (a CR at the end of the read, whose LF comes in the next one)."""
     at = head.find(marker)
-    if at < 0:
-        return b""
-    ends = [(i, len(sep)) for sep in _EVENT_END if (i := head.find(sep, at)) >= 0]
-    if not ends:
-        return b""
-    i, size = min(ends)
-    return head[i + size:]
+    m = _BLANK_LINE.search(head, at) if at >= 0 else None
+    if m is None:
+        return b"", False
+    return head[m.end():], m.end() == len(head) and head.endswith(b"\r")

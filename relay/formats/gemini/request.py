@@ -10,6 +10,8 @@ Pure: dict in, dict out.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import mimetypes
 from typing import Any
 
@@ -25,6 +27,7 @@ from relay.formats.inbound import (
     note_unmapped,
     number,
     stop_sequences,
+    split_tool_results,
     system_text,
     text_of_blocks,
     thinking_budget,
@@ -65,10 +68,7 @@ def _user_parts(content: str | list[Any], where: str, dropped: set[str]) -> list
 def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[dict[str, Any], list[Part]]:
     """The ``functionResponse.response`` object and any media that must follow it as parts. Gemini reads
     ``output`` as the function's output and ``error`` as its failure (generateContent docs)."""
-    content = block.get("content", "")
-    if not isinstance(content, (str, list)):
-        raise invalid(f"{where}: tool_result content must be a string or a list")
-    parts = _user_parts(content, where, dropped)
+    parts = _user_parts(block.get("content", ""), where, dropped)
     text = "\n\n".join(p["text"] for p in parts if "text" in p)
     media = [p for p in parts if "text" not in p]
     if media and not text:
@@ -155,23 +155,18 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
             continue
         results: dict[str, Part] = {}
         media: list[Part] = []
-        rest: list[Any] = []
-        for at, kind, block in blocks(content, where) if isinstance(content, list) else ():
-            if kind != "tool_result":
-                rest.append(block)
-                continue
-            call_id = block.get("tool_use_id")
-            if not isinstance(call_id, str):
-                raise invalid(f"{at}.tool_use_id: Field required")
+        found, rest = split_tool_results(content, where)
+        strays: list[Any] = []  # results for calls the upstream never saw, as text ahead of the rest
+        for at, call_id, block in found:
             response, extra = _tool_result(block, at, dropped)
             if call_id in pending:
                 results[call_id] = _response(call_id, names[call_id], response)
                 media.extend(extra)
             else:  # a result for a call the upstream never saw: keep its content as plain text
                 text = response.get("output", response.get("error", ""))
-                rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
+                strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
                 media.extend(extra)
-        user = _user_parts(rest if isinstance(content, list) else content, where, dropped)
+        user = _user_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
         add("user", [*answers(results), *media, *user])
     return contents
 
@@ -247,5 +242,6 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
 
 
 def path(model: str, stream: bool) -> str:
-    model = model.removeprefix("models/")
+    # the id is one path segment: '/', '?', '#' or non-ASCII in it must not reshape the upstream URL
+    model = quote(model.removeprefix("models/"), safe="-._~")
     return f"/models/{model}:streamGenerateContent?alt=sse" if stream else f"/models/{model}:generateContent"

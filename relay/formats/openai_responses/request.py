@@ -23,6 +23,7 @@ from relay.formats.inbound import (
     max_tokens,
     note_unmapped,
     number,
+    split_tool_results,
     stop_sequences,
     system_text,
     text_of_blocks,
@@ -111,19 +112,11 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
             answer_pending()
             items.extend(_assistant_items(content, where, pending, dropped))
             continue
-        rest: list[Any] = []
         follow: list[Item] = []
-        for at, kind, block in blocks(content, where) if isinstance(content, list) else ():
-            if kind != "tool_result":
-                rest.append(block)
-                continue
-            call_id = block.get("tool_use_id")
-            if not isinstance(call_id, str):
-                raise invalid(f"{at}.tool_use_id: Field required")
-            result = block.get("content", "")
-            if not isinstance(result, (str, list)):
-                raise invalid(f"{at}: tool_result content must be a string or a list")
-            parts = _input_parts(result, at, dropped)
+        found, rest = split_tool_results(content, where)
+        strays: list[Any] = []  # results for calls the upstream never saw, as text ahead of the rest
+        for at, call_id, block in found:
+            parts = _input_parts(block.get("content", ""), at, dropped)
             text = "\n\n".join(p["text"] for p in parts if p["type"] == "input_text")
             media = [p for p in parts if p["type"] != "input_text"]
             if block.get("is_error") and not text.lower().startswith("error"):
@@ -135,9 +128,9 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
                 pending.remove(call_id)
                 items.append({"type": "function_call_output", "call_id": call_id, "output": text})
             else:  # a result for a call the upstream never saw: keep its content as plain text
-                rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
+                strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
         answer_pending()
-        parts = follow + _input_parts(rest if isinstance(content, list) else content, where, dropped)
+        parts = follow + _input_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
         if parts:
             items.append({"role": "user", "content": parts})
     return items
