@@ -25,6 +25,7 @@ from relay.formats.inbound import (
     thinking_budget,
     thinking_wanted,
     tool_choice,
+    turns,
     user_pieces,
 )
 
@@ -129,16 +130,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
             out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result: the tool call was interrupted)"})
         pending_calls.clear()
 
-    for n, message in enumerate(messages_in):
-        where = f"messages.{n}"
-        if not isinstance(message, dict):
-            raise invalid(f"{where}: expected an object")
-        role = message.get("role")
-        content = message.get("content")
-        if role not in ("user", "assistant", "system"):
-            raise invalid(f"{where}.role: Input should be 'user' or 'assistant'")
-        if content is None:
-            raise invalid(f"{where}.content: Field required")
+    for where, role, content in turns(req):
         if role == "system":
             text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not out:  # a system turn before any other is the system prompt
@@ -152,8 +144,6 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 answer_pending()
             out.append({"role": role, "content": content})
             continue
-        if not isinstance(content, list):
-            raise invalid(f"{where}.content: expected a string or a list of content blocks")
         if role == "assistant":
             answer_pending()
             texts: list[str] = []
