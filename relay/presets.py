@@ -1,6 +1,7 @@
 """Provider presets: ``preset = "deepseek"`` in a provider block fills in what that provider needs, so a user
 writes only a key. Quirks are data here, never code paths: every value is an ordinary provider key, and any of
-them can be overridden in the provider block (the block wins, key by key; ``headers`` and ``query`` merge).
+them can be overridden in the provider block (the block wins, key by key; ``headers``, ``query`` and the
+per-model ``limits`` merge).
 
 Each entry names the page its values come from. ``verified`` says whether that page was read and confirms them
 (``True``), or whether a value rests on a third-party page or on convention (``False``: the README says which).
@@ -32,6 +33,30 @@ FORMAT_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _LOCAL = {"auth": "none", "discover_context": True}
 
+# Documented windows and output caps of a provider's main models (``limits``: model id -> context_window /
+# max_output). Only figures read on the provider's own page are here; a model or a figure the page did not give
+# is left out (relay then knows no window for it, as before). "128K" on a page is read as 128,000, the lower
+# reading, so a window errs on the side of compacting early.
+# https://api-docs.deepseek.com/quick_start/pricing (Models & Pricing: context length 128K; max output 8K for
+# deepseek-chat, 64K for deepseek-reasoner)
+_DEEPSEEK_LIMITS = {
+    "deepseek-chat": {"context_window": 128_000, "max_output": 8_000},
+    "deepseek-reasoner": {"context_window": 128_000, "max_output": 64_000},
+}
+# https://platform.minimax.io/docs/guides/text-generation (Supported Models: context window 204,800; no output
+# cap given)
+_MINIMAX_LIMITS = {m: {"context_window": 204_800} for m in (
+    "MiniMax-M2.7", "MiniMax-M2.7-highspeed", "MiniMax-M2.5", "MiniMax-M2.5-highspeed")}
+# https://docs.cloud.google.com/gemini-enterprise-agent-platform/models/gemini/2-5-pro and .../2-5-flash-lite
+# (Google's model pages: maximum input 1,048,576; maximum output 65,535 for 2.5 Pro, 65,536 for 2.5 Flash-Lite)
+_GEMINI_LIMITS = {
+    "gemini-2.5-pro": {"context_window": 1_048_576, "max_output": 65_535},
+    "gemini-2.5-flash-lite": {"context_window": 1_048_576, "max_output": 65_536},
+}
+# https://docs.x.ai/docs/models (Models and Pricing: context 256,000; no output cap given), read through its
+# mirror https://docs.xai.ac.cn/docs/models
+_XAI_LIMITS = {m: {"context_window": 256_000} for m in ("grok-4-0709", "grok-code-fast-1")}
+
 
 def _p(name: str, source: str, notes: str = "", verified: bool = True, needs: str = "", **values: Any) -> Preset:
     return Preset(name, values, source, notes, verified, needs)
@@ -55,10 +80,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        format="anthropic", base_url="https://api.anthropic.com"),
     _p("deepseek", "https://api-docs.deepseek.com/guides/thinking_mode",
        "thinking toggled by thinking.type; reasoning_content must go back on tool-call turns",
-       base_url="https://api.deepseek.com", reasoning_control="thinking_type", reasoning_return=True),
+       base_url="https://api.deepseek.com", reasoning_control="thinking_type", reasoning_return=True,
+       limits=_DEEPSEEK_LIMITS),
     _p("deepseek-anthropic", "https://api-docs.deepseek.com/guides/anthropic_api",
        "anthropic-version/anthropic-beta ignored; x-api-key supported",
-       format="anthropic", base_url="https://api.deepseek.com/anthropic"),
+       format="anthropic", limits=_DEEPSEEK_LIMITS, base_url="https://api.deepseek.com/anthropic"),
     _p("moonshot", "https://www.developersdigest.tech/reference/api-compatibility/moonshot (quotes platform.kimi.ai)",
        "Kimi; China: https://api.moonshot.cn/v1. Thinking via thinking.type (third-party report)", verified=False,
        base_url="https://api.moonshot.ai/v1", reasoning_control="thinking_type", reasoning_return=True),
@@ -80,10 +106,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        format="anthropic", base_url="https://open.bigmodel.cn/api/anthropic", auth="bearer"),
     _p("minimax", "https://www.developersdigest.tech/reference/api-compatibility/minimax (quotes platform.minimax.io)",
        "M-series models write their reasoning inline in <think> tags on the OpenAI API", verified=False,
-       base_url="https://api.minimax.io/v1", think_tags=True),
+       limits=_MINIMAX_LIMITS, base_url="https://api.minimax.io/v1", think_tags=True),
     _p("minimax-anthropic", "https://platform.minimax.io/docs/api-reference/text-anthropic-api",
        "China: https://api.minimaxi.com/anthropic",
-       format="anthropic", base_url="https://api.minimax.io/anthropic"),
+       format="anthropic", limits=_MINIMAX_LIMITS, base_url="https://api.minimax.io/anthropic"),
     _p("mistral", "https://docs.datafold.com/integrations/llm-providers/openai-compatible (example base URL)",
        "Magistral thinking arrives as typed content arrays (handled)", verified=False,
        base_url="https://api.mistral.ai/v1"),
@@ -92,7 +118,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        base_url="https://api.groq.com/openai/v1"),
     _p("xai", "https://reference.langchain.com/python/langchain-xai/chat_models/ChatXAI/xai_api_base; vercel/ai @ai-sdk/xai 4.0.8 release notes",
        "reasoning_effort is refused by several Grok models, so it is not sent", verified=False,
-       base_url="https://api.x.ai/v1"),
+       limits=_XAI_LIMITS, base_url="https://api.x.ai/v1"),
     _p("openrouter", "https://openrouter.ai/openai/gpt-4-32k/api (base URL, HTTP-Referer/X-Title)",
        "app attribution headers; reasoning sent as reasoning.effort (not confirmed on the page read); "
        "reasoning_details (with signatures) handled", verified=False,
@@ -100,11 +126,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        headers={"HTTP-Referer": "http://localhost", "X-Title": "relay"}),
     _p("gemini", "https://ai.google.dev/gemini-api/docs/thought-signatures; https://ai.google.dev/api/caching#Schema",
        "native API: thinking budget, thought signatures kept across tool loops, schemas cleaned",
-       format="gemini", base_url="https://generativelanguage.googleapis.com/v1beta"),
+       format="gemini", limits=_GEMINI_LIMITS, base_url="https://generativelanguage.googleapis.com/v1beta"),
     _p("gemini-openai", "https://ai.google.dev/gemini-api/docs/openai",
        "Gemini's OpenAI-compatible endpoint (tool calls without index, finish_reason stop after calls: handled); "
        "reasoning_effort support not on the excerpt read", verified=False,
-       base_url="https://generativelanguage.googleapis.com/v1beta/openai", reasoning_control="reasoning_effort"),
+       base_url="https://generativelanguage.googleapis.com/v1beta/openai", reasoning_control="reasoning_effort",
+       limits=_GEMINI_LIMITS),
     _p("together", "https://docs.together.ai/docs/inference/openai-compatibility", "",
        base_url="https://api.together.ai/v1"),
     _p("fireworks", "https://www.skills.sh/ericrisco/rsc-harness/together-fireworks (a third-party guide)",
@@ -127,19 +154,34 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        base_url="http://localhost:1234/v1", system_turns="merge", **_LOCAL),
 )}
 
-MERGED = ("headers", "query")  # tables merged key by key; every other key is replaced whole
+MERGED = ("headers", "query", "limits")  # tables merged key by key; every other key is replaced whole
+# An explicit provider-wide value beats the preset's per-model figure for the same thing.
+_PROVIDER_WIDE = {"context_window": "context_window", "max_tokens_cap": "max_output"}
 
 
 def apply(name: str, explicit: dict[str, Any]) -> dict[str, Any]:
     """The provider block with the preset (and the format's defaults) under the keys it set explicitly."""
     preset = PRESETS[name]
     merged: dict[str, Any] = {**preset.values}
+    if "limits" in merged:
+        merged["limits"] = _preset_limits(merged["limits"], {f for k, f in _PROVIDER_WIDE.items() if k in explicit})
     for key, value in explicit.items():
-        if key in MERGED and isinstance(merged.get(key), dict) and isinstance(value, dict):
+        if key == "limits" and isinstance(value, dict):
+            # per model, and within a model per figure: `"m" = { max_output = N }` keeps the preset's window
+            base = merged.get("limits", {})
+            merged[key] = {**base, **{m: {**base[m], **e} if m in base and isinstance(e, dict) else e
+                                      for m, e in value.items()}}
+        elif key in MERGED and isinstance(merged.get(key), dict) and isinstance(value, dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
     return format_defaults(merged, set(explicit) | set(preset.values))
+
+
+def _preset_limits(limits: dict[str, dict[str, int]], overridden: set[str]) -> dict[str, dict[str, int]]:
+    """The preset's per-model figures, less those the block overrides provider-wide (fresh dicts)."""
+    kept = {model: {k: v for k, v in entry.items() if k not in overridden} for model, entry in limits.items()}
+    return {model: entry for model, entry in kept.items() if entry}
 
 
 def format_defaults(block: dict[str, Any], given: set[str] | None = None) -> dict[str, Any]:
@@ -157,9 +199,13 @@ def listing() -> str:
         fmt = values.get("format", "openai")
         base = values.get("base_url", "(set base_url)")
         lines.append(f"{preset.name:<20} {fmt:<17} {base}")
-        quirks = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("format", "base_url"))
+        quirks = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("format", "base_url", "limits"))
         if quirks:
             lines.append(f"{'':<20} {quirks}")
+        if values.get("limits"):
+            lines.append(f"{'':<20} windows: " + ", ".join(
+                f"{m} {e['context_window']}" + (f"/{e['max_output']} out" if e.get("max_output") else "")
+                for m, e in values["limits"].items()))
         if preset.needs:
             lines.append(f"{'':<20} needs: {preset.needs}")
         if preset.notes:

@@ -13,7 +13,10 @@ import pytest
 import trio
 
 from relay import cli
-from relay.config import AUTH_STYLES, FORMATS, MAX_TOKENS_FIELDS, REASONING_CONTROLS, SYSTEM_TURNS, ConfigError, Provider, parse
+from relay.config import (
+    AUTH_STYLES, FORMATS, MAX_TOKENS_FIELDS, REASONING_CONTROLS, SYSTEM_TURNS, ConfigError, ModelLimits, Provider,
+    parse,
+)
 from relay.formats.openai_chat.request import build as openai_build
 from relay.presets import PRESETS
 from tests.conftest import RELAY_KEY, UPSTREAM_KEY, start_relay
@@ -138,3 +141,39 @@ default = "or/some/model"
     assert sent.headers["x-title"] == "relay" and sent.headers["http-referer"] == "http://localhost"
     assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert sent.json["model"] == "some/model" and sent.json["reasoning"] == {"effort": "low"}
+
+
+# ---- documented windows and output caps --------------------------------------------------------------------
+
+
+def test_preset_windows_reach_limits_for() -> None:
+    p = provider('preset = "deepseek"\napi_key = "k"')
+    assert p.limits_for("deepseek-reasoner") == ModelLimits(128_000, 64_000)
+    assert p.limits_for("deepseek-chat") == ModelLimits(128_000, 8_000)
+    assert p.limits_for("unlisted-model") == ModelLimits(None, None)
+    assert provider('preset = "gemini-openai"').limits_for("gemini-2.5-pro").context_window == 1_048_576
+    assert provider('preset = "minimax-anthropic"').limits_for("MiniMax-M2.7") == ModelLimits(204_800, None)
+    assert "limits" not in p.explicit
+
+
+def test_explicit_limits_override_one_model_only() -> None:
+    p = provider('preset = "deepseek"\n[providers.p.limits]\n"deepseek-chat" = { context_window = 64000 }\n'
+                 '"my-finetune" = { context_window = 32000, max_output = 4000 }')
+    assert p.limits_for("deepseek-chat") == ModelLimits(64_000, 8_000)  # the preset's output cap stays
+    assert p.limits_for("deepseek-reasoner") == ModelLimits(128_000, 64_000)
+    assert p.limits_for("my-finetune") == ModelLimits(32_000, 4_000)
+    assert PRESETS["deepseek"].values["limits"]["deepseek-chat"] == {"context_window": 128_000, "max_output": 8_000}
+    with pytest.raises(ConfigError, match=r"providers\.p\.limits\.deepseek-chat.*unknown key"):
+        provider('preset = "deepseek"\n[providers.p.limits]\n"deepseek-chat" = { window = 1 }')
+
+
+def test_explicit_provider_wide_values_beat_preset_windows() -> None:
+    p = provider('preset = "deepseek"\ncontext_window = 50000\nmax_tokens_cap = 2000')
+    assert p.limits_for("deepseek-chat") == ModelLimits(50_000, 2_000)
+
+
+def test_check_shows_a_preset_window(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[providers.ds]\npreset = "deepseek"\napi_key = "k"\n')
+    assert cli.main(["check", "-c", str(cfg), "ds/deepseek-reasoner"]) == 0
+    assert "resolve ds/deepseek-reasoner -> ds/deepseek-reasoner  (context window 128000)" in capsys.readouterr().out
