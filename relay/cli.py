@@ -72,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return check(config, args.models)
     if args.command == "usage":
+        from relay.log import printable
         from relay.usage import default_path, report
 
         paths = args.db or [config.server.usage_db or default_path()]
         print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12}")
         for key, model, n, tin, tout in report(paths, args.since):
-            print(f"{key:<16} {model:<40} {n:>9} {tin:>12} {tout:>12}")
+            print(f"{printable(key, 40):<16} {printable(model, 80):<40} {n:>9} {tin:>12} {tout:>12}")
         return 0
     if args.command == "claude-settings":
         from relay.launcher import settings_json
@@ -181,7 +182,7 @@ def check(config: Config, models: list[str]) -> int:
     status = 0
     for model in samples:
         try:
-            targets = resolve(config, model)
+            targets = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off
             window = targets[0].provider.limits_for(targets[0].model).context_window
             extra = f"  (context window {window})" if window else ""
             print(f"resolve {model} -> {', '.join(t.label for t in targets)}{extra}")

@@ -367,4 +367,8 @@ def default_config(env: dict[str, str]) -> Config:
         api_keys=(key,) if key else (),
         passthrough_models=True,
     )
-    return Config(providers={"openai": provider}, source="<environment: OPENAI_BASE_URL, OPENAI_API_KEY>")
+    # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
+    default_model = env.get("RELAY_DEFAULT_MODEL", "")
+    routes = {"default": (f"openai/{default_model}",)} if default_model else {}
+    return Config(providers={"openai": provider}, routes=routes,
+                  source="<environment: OPENAI_BASE_URL, OPENAI_API_KEY, RELAY_DEFAULT_MODEL>")

@@ -51,7 +51,7 @@ def compaction_env(window: int) -> dict[str, str]:
     least 6k). Not lower: Claude Code's own prompt and tools are ~12k, and a compaction point close to that
     makes it compact again after every turn.
     """
-    env = {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(window)}
+    env = {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(max(window, CLAUDE_MIN_COMPACT_WINDOW))}  # lower values draw a warning
     if window < CLAUDE_MIN_COMPACT_WINDOW:
         effective = CLAUDE_MIN_COMPACT_WINDOW - CLAUDE_OUTPUT_RESERVE
         compact_at = window - max(MIN_RESERVE, window * 15 // 100)

@@ -44,6 +44,15 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.propagate = False
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """Client-chosen text (a model id) made safe for a log line or a terminal: no control characters (no
+    forged log lines, no escape sequences), and bounded."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    cleaned = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return cleaned + ("…" if len(text) > limit else "")
+
+
 def access_line(
     method: str,
     path: str,
@@ -61,6 +70,7 @@ def access_line(
 ) -> None:
     if not access.isEnabledFor(logging.INFO):
         return
+    model, path, method = printable(model), printable(path, 2000), printable(method, 20)
     parts = [f"{method} {path} {status}"]
     if model:
         parts.append(f"model={model}" + (f" -> {target}" if target else ""))

@@ -45,8 +45,9 @@ def scenario(config: Config, model: str, req: dict[str, Any] | None, estimate: i
 
 
 def resolve(config: Config, model: str, req: dict[str, Any] | None = None, estimate: int = 0) -> list[Target]:
-    """Resolution order: alias; provider/model; a provider's listed model; for Claude ids a scenario route
-    (long_context, web_search, background, think), then the tier route; default."""
+    """Resolution order: alias; provider/model; a provider's listed model; any other non-Claude name on a
+    provider with passthrough_models; for Claude ids a scenario route (long_context, web_search, background,
+    think), then the tier route; default."""
     if model in config.models:
         return [_target(config, t) for t in config.models[model]]
     provider, sep, upstream_model = model.partition("/")
@@ -56,7 +57,12 @@ def resolve(config: Config, model: str, req: dict[str, Any] | None = None, estim
         if model in p.models:
             return [Target(p, model)]
     lowered = model.lower()
-    if "claude" in lowered or lowered.startswith(("haiku", "sonnet", "opus")):
+    claude_id = "claude" in lowered or lowered.startswith(("haiku", "sonnet", "opus"))
+    if not claude_id:
+        for p in config.providers.values():
+            if p.passthrough_models:  # any other name goes to the upstream as the client wrote it
+                return [Target(p, model)]
+    if claude_id:
         route = scenario(config, model, req, estimate)
         if route is not None:
             return [_target(config, t) for t in config.routes[route]]

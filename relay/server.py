@@ -27,7 +27,7 @@ from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
-from relay.log import access_line
+from relay.log import access_line, printable
 from relay.metrics import Metrics
 from relay.upstream import Upstreams
 
@@ -259,7 +259,7 @@ class Server:
                 ex.path.split("?", 1)[0], ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
                 None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
             if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
-                self.usage.add(ex.client.name, ex.model, ex.input_tokens, ex.output_tokens)
+                self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens)
             access_line(
                 ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
                 ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
@@ -603,7 +603,7 @@ class Server:
         ex.status = 200
         ex.ttfb = ex.ttfb or time.perf_counter()
         headers = _headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
-        await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=first))
+        await conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"), h11.Data(data=first))
         conn.chunked = conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing for this response
 
     async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> None:

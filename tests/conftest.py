@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from relay.server import Server
 from tests.mock_upstream import MockUpstream
 
 # relay keeps a usage book under XDG_STATE_HOME: tests (and relays they start) write it in a temp folder
-os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="relay-test-state-")
+os.environ["XDG_STATE_HOME"] = _STATE = tempfile.mkdtemp(prefix="relay-test-state-")
+atexit.register(shutil.rmtree, _STATE, True)
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 RELAY_KEY = "relay-test-key"
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"

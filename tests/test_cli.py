@@ -107,7 +107,7 @@ def test_relay_claude_starts_a_relay_and_runs_claude(tmp_path: Path) -> None:
     env["PATH"] = f"{fake.parent}:{os.environ['PATH']}"
     out = run_cli("claude", "-c", str(cfg), "-p", "hello", env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "65536", "200"]
+    assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "100000", "200"]
 
 
 def test_refuses_open_relay_on_public_address(tmp_path: Path) -> None:
@@ -232,5 +232,13 @@ async def test_workers_share_the_port_and_are_replaced(nursery: trio.Nursery, up
 def test_compaction_env_for_small_windows() -> None:
     from relay.launcher import compaction_env
     assert compaction_env(200_000) == {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "200000"}
-    assert compaction_env(40_000) == {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "40000", "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE": "42"}
+    assert compaction_env(40_000) == {"CLAUDE_CODE_AUTO_COMPACT_WINDOW": "100000", "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE": "42"}
     assert compaction_env(64_000)["CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"] == "68"  # compact at 54.4k of 64k
+
+
+def test_client_text_cannot_forge_log_lines() -> None:
+    from relay.log import printable
+    assert printable("claude-sonnet-4-5") == "claude-sonnet-4-5"
+    forged = printable("x\n2026-01-01 INFO relay.access POST /v1/messages 200 \x1b[2J")
+    assert "\n" not in forged and "\x1b" not in forged and forged.startswith("x\\n2026")
+    assert len(printable("a" * 5000)) == 201

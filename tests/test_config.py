@@ -120,3 +120,17 @@ def test_relay_model_tag_is_honoured_and_stripped() -> None:
     model, out = take_model_tag(req)
     assert model == "deepseek/deepseek-reasoner" and out["messages"][0]["content"][1]["text"] == "Find the bug"
     assert take_model_tag({"messages": [{"role": "user", "content": "no tag <relay-model>a/b</relay-model>"}]})[0] is None
+
+
+def test_zero_config_routes_claude_ids_to_relay_default_model() -> None:
+    c = load(None, {"OPENAI_API_KEY": "k", "RELAY_DEFAULT_MODEL": "gpt-4.1"})
+    assert [t.label for t in resolve(c, "claude-opus-4-1")] == ["openai/gpt-4.1"]
+    assert [t.label for t in resolve(c, "claude-3-5-haiku-20241022")] == ["openai/gpt-4.1"]
+    assert [t.label for t in resolve(c, "gpt-4o-mini")] == ["openai/gpt-4o-mini"]  # other names pass through
+    bare = load(None, {"OPENAI_API_KEY": "k"})
+    assert [t.label for t in resolve(bare, "claude-opus-4-1")] == ["openai/claude-opus-4-1"]
+
+
+def test_background_route_applies_to_haiku_ids_in_check() -> None:
+    c = parse(SCENARIOS, "relay.toml", ENV)
+    assert resolve(c, "claude-haiku-4-5", {}, 0)[0].label == "local/tiny"
