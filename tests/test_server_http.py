@@ -165,7 +165,12 @@ async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
     await exchange(relay.port, post("/v1/messages", body.replace(b',"stream":true', b"")))
     status, _, denied = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"))
     assert status == 401
-    status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\n\r\n"))
+    want = 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="400"} 1'
+    for _ in range(50):  # relay books a request just after its response is written
+        status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\n\r\n"))
+        if want in text.decode():
+            break
+        await trio.sleep(0.02)
     assert status == 200 and headers["content-type"].startswith("text/plain")
     lines = text.decode().splitlines()
     assert 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="200"} 1' in lines
