@@ -175,7 +175,7 @@ class StreamTranslator:
                         self._emit("text", content)
                     else:
                         self._out.append(A.text_delta(self._index, content))
-            else:
+            elif not (self._block == _TOOL and len(delta) == 1 and self._more_arguments(delta.get("tool_calls"))):
                 self._on_delta(delta)
         finish = choice.get("finish_reason")
         if finish and isinstance(finish, str):
@@ -226,6 +226,25 @@ class StreamTranslator:
             self._out.append(A.text_delta(self._index, text))
         else:
             self._out.append(A.thinking_delta(self._index, text))
+
+    def _more_arguments(self, calls: Any) -> bool:
+        """The other hot path: the next argument fragment of the tool call already open (no id, no name, same
+        index). Anything else goes the general way."""
+        if type(calls) is not list or len(calls) != 1:
+            return False
+        call = calls[0]
+        if type(call) is not dict or call.get("id") or call.get("index") != self._tool_key_index:
+            return False
+        function = call.get("function")
+        if type(function) is not dict or function.get("name"):
+            return False
+        args = function.get("arguments")
+        if type(args) is not str:
+            return False
+        if args:
+            self._tool_has_args = True
+            self._out.append(A.input_json_delta(self._index, args))
+        return True
 
     def _on_tool_delta(self, call: dict[str, Any]) -> None:
         index = call.get("index")
