@@ -746,10 +746,13 @@ async def _drain(upstream: Any) -> None:
     so the upstream connection goes back to the pool instead of being closed; give up quickly if it is not."""
     with trio.move_on_after(DRAIN_SECONDS):
         size = 0
-        async for chunk in upstream.chunks():
-            size += len(chunk)
-            if size > DRAIN_BYTES:
-                return
+        try:
+            async for chunk in upstream.chunks():
+                size += len(chunk)
+                if size > DRAIN_BYTES:
+                    return
+        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError):
+            return  # the client already has its whole answer; this connection is simply not reused
 
 
 async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:

@@ -529,3 +529,27 @@ default = ["a/x", "b/y"]
     await trio.sleep(0.3)
     answer = await roundtrip(relay.port, body)
     assert b"from a" in answer.body, "a healthy provider is still skipped"
+
+
+async def test_upstream_cut_after_done_is_not_an_error(nursery: trio.Nursery) -> None:
+    """The stream is complete at [DONE]; an upstream that then drops the connection before the chunked
+    terminator must not turn a finished answer into a crash (relay drains the rest to reuse the connection)."""
+    from tests.conftest import relay_config, start_relay
+    from tests.mock_upstream import MockUpstream, Reply, chunk, sse
+    upstream = MockUpstream(lambda r: Reply(pieces=sse(chunk({"content": "whole"}), chunk({}, "stop")), cut=True))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    with trap_relay_logs() as trap:
+        for _ in range(3):
+            text = await trio.to_thread.run_sync(_ask_stream, relay.port)
+            assert text == "whole"
+        await relay_idle(relay)
+    assert not trap.crashes, trap.describe()
+
+
+def _ask_stream(port: int) -> str:
+    import anthropic
+    from tests.conftest import RELAY_KEY
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
+    with client.messages.stream(model="mock-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
+        return s.get_final_text()
