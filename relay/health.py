@@ -65,7 +65,3 @@ class ProviderHealth:
         self._probing = False
         if self._failures >= self.failure_threshold:
             self._open_until = now + self.cooldown
-
-    @property
-    def is_open(self) -> bool:
-        return self._failures >= self.failure_threshold

@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 
-logger = logging.getLogger("relay")
 access = logging.getLogger("relay.access")
 
 
@@ -36,8 +35,9 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        logging.Formatter.converter = time.gmtime
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        formatter.converter = time.gmtime  # UTC, like the JSON format; not for every formatter in the process
+        handler.setFormatter(formatter)
     root = logging.getLogger("relay")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -75,7 +75,3 @@ class ConnectionPool:
             for connection in stack:
                 await connection.aclose()
         self._idle.clear()
-
-    @property
-    def idle_connections(self) -> int:
-        return sum(len(stack) for stack in self._idle.values())

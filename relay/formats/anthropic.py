@@ -41,7 +41,6 @@ def thinking_signature() -> str:
 
 # ---- stream event templates ------------------------------------------------------------------
 
-PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 

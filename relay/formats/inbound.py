@@ -7,7 +7,7 @@ a bounded max_tokens) is decided once, here, so the formats cannot drift apart. 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from relay.config import Provider
@@ -234,6 +234,28 @@ def tool_choice(req: dict[str, Any]) -> tuple[str | None, str | None, bool]:
     kind = choice.get("type")
     name = choice.get("name") if kind == "tool" and isinstance(choice.get("name"), str) else None
     return (kind if kind in ("auto", "any", "tool", "none") else None), name, choice.get("disable_parallel_tool_use") is True
+
+
+def openai_choice_fields(req: dict[str, Any], named: Callable[[str | None], Any]) -> dict[str, Any]:
+    """tool_choice / parallel_tool_calls for the OpenAI APIs; ``named`` shapes a choice of one tool (Chat and
+    Responses spell it differently)."""
+    kind, name, serial = tool_choice(req)
+    fields: dict[str, Any] = {}
+    if kind is not None:
+        fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or named(name)
+    if serial:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def sampling(req: dict[str, Any]) -> dict[str, Any]:
+    """temperature and top_p where given (validated): the same fields in every OpenAI-style API."""
+    fields: dict[str, Any] = {}
+    for key in ("temperature", "top_p"):
+        value = number(req, key)
+        if value is not None:
+            fields[key] = value
+    return fields
 
 
 def effort(req: dict[str, Any]) -> str | None:

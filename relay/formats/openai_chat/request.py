@@ -18,16 +18,17 @@ from relay.formats.inbound import (
     effort,
     max_tokens,
     note_unmapped,
-    number,
+    openai_choice_fields,
+    sampling,
     stop_sequences,
     system_text,
     text_of_blocks,
     thinking_budget,
     thinking_wanted,
-    tool_choice,
     turns,
     user_pieces,
 )
+
 
 def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
@@ -218,20 +219,12 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     tools = _tools(req, dropped)
     if tools:
         body["tools"] = tools
-        kind, name, serial = tool_choice(req)
-        if kind is not None:
-            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or {
-                "type": "function", "function": {"name": name}}
-        if serial:
-            body["parallel_tool_calls"] = False
+        body.update(openai_choice_fields(req, lambda name: {"type": "function", "function": {"name": name}}))
 
     stops = stop_sequences(req)
     if stops:
         body["stop"] = stops
-    for key in ("temperature", "top_p"):
-        value = number(req, key)
-        if value is not None:
-            body[key] = value
+    body.update(sampling(req))
     if req.get("top_k") is not None:
         if provider.pass_top_k:
             body["top_k"] = req["top_k"]

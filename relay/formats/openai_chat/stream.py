@@ -68,7 +68,6 @@ class StreamTranslator:
         self._saw_tool = False
         self._finish: str | None = None
         self._matched: str | None = None
-        self._events = 0
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -144,7 +143,6 @@ class StreamTranslator:
             if isinstance(chunk, list) and chunk and isinstance(chunk[0], dict) and "error" in chunk[0]:
                 self._fail(from_stream_error(chunk[0], self._secrets, self._provider))
             return
-        self._events += 1
         if name == b"error" or ("error" in chunk and not chunk.get("choices")):
             self._fail(from_stream_error(chunk, self._secrets, self._provider))
             return

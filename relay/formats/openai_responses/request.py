@@ -22,12 +22,12 @@ from relay.formats.inbound import (
     effort,
     max_tokens,
     note_unmapped,
-    number,
+    openai_choice_fields,
+    sampling,
     split_tool_results,
     stop_sequences,
     system_text,
     text_of_blocks,
-    tool_choice,
     turns,
     user_pieces,
 )
@@ -158,16 +158,8 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     tools = _tools(req, dropped)
     if tools:
         body["tools"] = tools
-        kind, name, serial = tool_choice(req)
-        if kind is not None:
-            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind) or {
-                "type": "function", "name": name}
-        if serial:
-            body["parallel_tool_calls"] = False
-    for key in ("temperature", "top_p"):
-        value = number(req, key)
-        if value is not None:
-            body[key] = value
+        body.update(openai_choice_fields(req, lambda name: {"type": "function", "name": name}))
+    body.update(sampling(req))
     if stop_sequences(req):
         dropped.add("stop_sequences (the Responses API has none)")
     if req.get("top_k") is not None:
