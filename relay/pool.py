@@ -17,7 +17,10 @@ from typing import Any
 import httpcore
 import trio
 
+from relay.transport import Backend
+
 OriginKey = tuple[bytes, bytes, int]
+BACKEND = Backend()
 
 
 class ConnectionPool:
@@ -68,7 +71,8 @@ class ConnectionPool:
             if connection.is_available() and not connection.has_expired():  # has_expired: also closed by the server
                 return connection
             await connection.aclose()
-        return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl, keepalive_expiry=self._keepalive)
+        return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl, keepalive_expiry=self._keepalive,
+                                            network_backend=BACKEND)
 
     async def aclose(self) -> None:
         for stack in self._idle.values():

@@ -19,7 +19,7 @@ import httpcore
 import orjson
 import trio
 
-from relay import routing, tokens
+from relay import routing, tokens, transport
 from relay.config import ClientKey, Config
 from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens
@@ -607,12 +607,18 @@ class Server:
         conn.chunked = conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing for this response
 
     async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> None:
-        """Upstream chunks -> translator -> client. Three tasks: the reader translates every upstream chunk the
-        moment it arrives; the writer sends everything translated so far in one write whenever the reader has
-        to wait for the network (an upstream read often holds dozens of HTTP chunks: they leave together, none
-        waits for a later read); the watcher cancels it all when the client goes away."""
+        """Upstream chunks -> translator -> client, in one task, while a watcher cancels it all when the client
+        goes away. Every upstream chunk is translated the moment it arrives; what one upstream read delivered
+        leaves in one client write, made when httpcore asks the network for more (the transport's
+        ``before_read`` hook), so nothing ever waits for a later read."""
         gone = False
-        outbox = _Outbox()
+        pending: list[bytes] = []
+
+        async def flush() -> None:
+            if pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                await self._write_sse(conn, ex, data)
 
         async def watch_client(cancel: trio.CancelScope) -> None:
             nonlocal gone
@@ -627,25 +633,23 @@ class Server:
                     return
                 conn.h11.receive_data(data)  # a pipelined next request: h11 keeps it for later
 
-        async def write(cancel: trio.CancelScope) -> None:
-            nonlocal gone
-            try:
-                await outbox.run(lambda data: self._write_sse(conn, ex, data))
-            except ClientGone:
-                gone = True
-                cancel.cancel()
-
+        network = upstream.network_stream
+        hooked = hasattr(network, "before_read")
         error: RelayError | None = None
         self.metrics.open_streams += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_client, nursery.cancel_scope)
-                async with trio.open_nursery() as io:
-                    io.start_soon(write, nursery.cancel_scope)
-                    try:
-                        error = await self._relay_chunks(ex, upstream, translator, outbox)
-                    finally:
-                        outbox.close()
+                if hooked:
+                    network.before_read = flush
+                try:
+                    error = await self._relay_chunks(ex, upstream, translator, pending, None if hooked else flush)
+                    await flush()
+                except ClientGone:
+                    gone = True
+                finally:
+                    if hooked:
+                        network.before_read = None  # the connection goes back to the pool
                 if not gone and error is None:
                     if ex.status == 0:  # nothing came out at all: never leave the client without an answer
                         error = RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
@@ -669,9 +673,10 @@ class Server:
         if error is not None:
             raise error
 
-    async def _relay_chunks(self, ex: Exchange, upstream: Any, translator: Translator, outbox: "_Outbox") -> RelayError | None:
+    async def _relay_chunks(self, ex: Exchange, upstream: Any, translator: Translator, pending: list[bytes],
+                            flush: Any) -> RelayError | None:
         """Feeds the translator; returns the error to answer with when the upstream failed before anything
-        was produced."""
+        was produced. ``flush`` (when the transport has no read hook) writes after every chunk."""
         try:
             async for chunk in upstream.chunks():
                 if ex.first_byte is not None:
@@ -679,66 +684,39 @@ class Server:
                     ex.first_byte = None
                 out = translator.feed(chunk)
                 if out:
-                    outbox.put(out)
+                    pending.append(out)
                 if translator.done:
                     break
+                if flush is not None:
+                    await flush()
             else:
-                outbox.put(translator.finish())
+                pending.append(translator.finish())
+        except ClientGone:
+            raise
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
-            outbox.put(translator.abort(_midstream(ex.target, exc)))
+            pending.append(translator.abort(_midstream(ex.target, exc)))
         except Exception:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
             log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=True)
             err = RelayError(502, f"{ex.target}: the upstream sent data relay could not translate", "api_error")
             if translator.started and not translator.done:
-                outbox.put(err.sse())
+                pending.append(err.sse())
             translator.error, translator.done = err, True
         if translator.error is not None and not translator.started:
             return translator.error
         return None
 
     async def _write_sse(self, conn: Connection, ex: Exchange, data: bytes) -> None:
+        if not data:
+            return
         if ex.status == 0:
             await self._sse_head(conn, ex, data)
         elif conn.chunked:  # the hot path: frame the chunk ourselves, one write, no h11 bookkeeping
             try:
-                await conn.stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await transport.send_all(conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
+            except OSError as exc:
                 raise ClientGone() from exc
         else:
             await conn.send(h11.Data(data=data))
-
-
-class _Outbox:
-    """Translated bytes waiting for the client socket. The writer takes all of it at once, so the events of
-    one upstream read leave in one write; it never waits for more than is already there."""
-
-    __slots__ = ("parts", "ready", "closed")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.ready = trio.Event()
-        self.closed = False
-
-    def put(self, data: bytes) -> None:
-        if data:
-            self.parts.append(data)
-            self.ready.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.ready.set()
-
-    async def run(self, write: Any) -> None:
-        while True:
-            if self.parts:
-                data = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
-                self.parts.clear()
-                await write(data)
-            elif self.closed:
-                return
-            else:
-                await self.ready.wait()
-                self.ready = trio.Event()
 
 
 async def _drain(upstream: Any) -> None:

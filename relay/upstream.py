@@ -40,6 +40,11 @@ class UpstreamResponse:
                 return v.lower()
         return b""
 
+    @property
+    def network_stream(self) -> Any:
+        """The connection's transport (relay.transport), for the pump's write-before-read hook."""
+        return self._response.extensions.get("network_stream")
+
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; the same iterator every call, so a reader can stop and later drain the rest."""
         if self._chunks is None:

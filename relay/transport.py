@@ -1,0 +1,216 @@
+"""httpcore's network layer for relay, on trio's low-level socket calls.
+
+httpcore's own trio backend goes through trio.SocketStream: each read opens a cancel scope for its timeout
+and first tries a recv that, on a paced stream, fails with EAGAIN; each write takes a conflict detector and
+a checkpoint. Per upstream chunk that bookkeeping cost more than translating the chunk. This backend reads
+with one wait and one recv (trying the recv first only when the last read filled the buffer), writes with a
+plain send, and opens a cancel scope only when it really waits and has a timeout.
+
+Two hooks serve the stream pump: ``before_read`` runs whenever httpcore asks for more bytes, that is when
+everything already received has been parsed, which is exactly when translated events should leave for
+the client in one write; and every read goes through a ChunkMerger, so h11 parses one HTTP chunk per read
+instead of one per SSE event.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import httpcore
+import trio
+
+from relay.chunked import ChunkMerger
+
+ReadHook = Callable[[], Awaitable[None]]
+
+
+async def _wait(wait: Callable[[Any], Awaitable[None]], sock: socket.socket, timeout: float | None,
+                too_slow: type[Exception]) -> None:
+    if timeout is None:
+        await wait(sock)
+        return
+    with trio.move_on_after(timeout) as scope:
+        await wait(sock)
+    if scope.cancelled_caught:
+        raise too_slow(f"no progress within {timeout:g}s")
+
+
+class SocketStream(httpcore.AsyncNetworkStream):
+    """A plain TCP connection. Owns the socket (non-blocking, TCP_NODELAY)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._more = False  # the last read filled its buffer: the next one tries recv before waiting
+        self.before_read: ReadHook | None = None
+        self.merger = ChunkMerger()
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self.before_read is not None:
+            await self.before_read()
+        sock = self._sock
+        try:
+            if self._more:
+                try:
+                    data = sock.recv(max_bytes)
+                except BlockingIOError:
+                    data = None
+            else:
+                data = None
+            while data is None:
+                await _wait(trio.lowlevel.wait_readable, sock, timeout, httpcore.ReadTimeout)
+                try:
+                    data = sock.recv(max_bytes)
+                except BlockingIOError:  # woken without data (it happens): wait again
+                    pass
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
+        self._more = len(data) == max_bytes
+        return self.merger.feed(data)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        self.merger.expect_response(buffer.startswith(b"HEAD "))
+        sock = self._sock
+        view = memoryview(buffer)
+        try:
+            while True:
+                try:
+                    sent = sock.send(view)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(view):
+                    return
+                view = view[sent:]
+                await _wait(trio.lowlevel.wait_writable, sock, timeout, httpcore.WriteTimeout)
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
+
+    async def aclose(self) -> None:
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
+        tls = trio.SSLStream(transport, ssl_context, server_hostname=server_hostname, https_compatible=True)
+        try:
+            with trio.fail_after(float("inf") if timeout is None else timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            await transport.aclose()
+            raise httpcore.ConnectTimeout(f"TLS handshake took longer than {timeout:g}s") from None
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            await transport.aclose()
+            raise httpcore.ConnectError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+        return TLSStream(tls, self._sock)
+
+    def get_extra_info(self, info: str) -> Any:
+        return _extra(self._sock, info)
+
+
+class TLSStream(httpcore.AsyncNetworkStream):
+    """TLS through trio.SSLStream, with the same hooks. Remote providers are reached this way; their network
+    latency dwarfs the bookkeeping, so this keeps trio's implementation."""
+
+    def __init__(self, tls: trio.SSLStream[trio.SocketStream], sock: socket.socket) -> None:
+        self._tls = tls
+        self._sock = sock
+        self.before_read: ReadHook | None = None
+        self.merger = ChunkMerger()
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self.before_read is not None:
+            await self.before_read()
+        try:
+            with trio.fail_after(float("inf") if timeout is None else timeout):
+                data = await self._tls.receive_some(max_bytes)
+        except trio.TooSlowError:
+            raise httpcore.ReadTimeout(f"no progress within {timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise httpcore.ReadError(str(exc.__cause__ or exc) or type(exc).__name__) from None
+        return self.merger.feed(data)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        self.merger.expect_response(buffer.startswith(b"HEAD "))
+        try:
+            with trio.fail_after(float("inf") if timeout is None else timeout):
+                await self._tls.send_all(buffer)
+        except trio.TooSlowError:
+            raise httpcore.WriteTimeout(f"no progress within {timeout:g}s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise httpcore.WriteError(str(exc.__cause__ or exc) or type(exc).__name__) from None
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self._tls)
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("TLS inside TLS (an HTTPS proxy) is not supported")
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "ssl_object":
+            return self._tls._ssl_object  # type: ignore[attr-defined]
+        return _extra(self._sock, info)
+
+
+def _extra(sock: socket.socket, info: str) -> Any:
+    if sock.fileno() < 0:
+        return True if info == "is_readable" else None
+    if info == "socket":
+        return sock
+    if info == "is_readable":  # httpcore asks before reusing an idle connection: readable = closed by the server
+        return bool(select.select([sock], [], [], 0)[0])
+    if info == "client_addr":
+        return sock.getsockname()
+    if info == "server_addr":
+        return sock.getpeername()
+    return None
+
+
+class Backend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            with trio.fail_after(float("inf") if timeout is None else timeout):
+                stream = await trio.open_tcp_stream(host, port, local_address=local_address)  # happy eyeballs
+        except trio.TooSlowError:
+            raise httpcore.ConnectTimeout(f"no connection within {timeout:g}s") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
+        sock = socket.socket(fileno=stream.socket.detach())  # trio set TCP_NODELAY
+        sock.setblocking(False)
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return SocketStream(sock)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not supported")
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write to a client socket without trio.SocketStream's per-call checkpoint (a trip through the scheduler
+    for every event batch); waits only when the socket's buffer is full. Raises OSError when the peer is gone."""
+    fd = sock.fileno()
+    view = memoryview(data)
+    while True:
+        try:
+            sent = os.write(fd, view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        view = view[sent:]
+        await trio.lowlevel.wait_writable(sock)
