@@ -195,6 +195,7 @@ def relay_config(upstream_port: int, profile: str) -> str:
         f'base_url = "http://127.0.0.1:{upstream_port}/p/{profile}/v1"\n'
         'api_key = "x"\n'
         'models = ["mock-model"]\n'
+        "max_connections = 4096\n"  # measure relay, not its per-provider cap (1,024 by default)
         "[routes]\n"
         'default = "mock/mock-model"\n'
     )

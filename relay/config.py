@@ -50,7 +50,7 @@ class Provider:
     connect_timeout: float = 10.0
     read_timeout: float = 300.0  # longest silence between two upstream reads
     first_byte_timeout: float = 300.0  # a stream that has not started by then is given up (and falls back)
-    max_connections: int = 256
+    max_connections: int = 1024  # concurrent upstream requests to this provider; more wait (up to connect_timeout)
     retries: int = 1  # extra attempts on the same provider for 429/5xx/connect failures, before falling back
     max_retry_wait: float = 5.0  # a Retry-After longer than this is passed to the client instead of waited out
     failure_threshold: int = 5  # consecutive failures that open the circuit

@@ -62,6 +62,8 @@ class Exchange:
     client: ClientKey | None = None
     estimate: int = 0  # relay's estimate of the request's input tokens
     first_byte: trio.CancelScope | None = None  # the first-byte deadline of the current upstream attempt
+    last_read: float = 0.0  # trio time of the last upstream chunk (the pump's idle-gap timer reads it)
+    provider_read_timeout: float = float("inf")
     incoming: ClientRequest | None = None  # the request as sent, for formats that forward it (anthropic)
 
 
@@ -73,7 +75,7 @@ class Connection:
     """One client connection: an h11 state machine and the socket it reads and writes."""
 
     def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
-        self.stream = stream
+        self.stream = transport.ClientSocket(stream)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.chunked = False  # the response being written uses chunked framing (relay may frame chunks itself)
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
@@ -272,6 +274,7 @@ class Server:
                 conn.h11.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+            await trio.lowlevel.checkpoint()  # reads and writes skip trio's checkpoints: pipelined requests must not starve others
 
     async def _read_body(self, conn: Connection, request: h11.Request) -> bytes:
         limit = self.config.server.body_limit
@@ -526,19 +529,24 @@ class Server:
         stops = tuple(x for x in stops if isinstance(x, str)) if isinstance(stops, list) else ()
         opts = Options(ex.model, provider, stops, estimate, window,
                        max_tokens if isinstance(max_tokens, int) else None)
-        # a stream must start within first_byte_timeout (the pump lifts the deadline at the first upstream read)
+        # A stream must start within first_byte_timeout, and its head within read_timeout (the pump lifts this
+        # deadline at the first upstream chunk, then times the gaps between chunks itself).
+        first_wait = min(provider.first_byte_timeout, provider.read_timeout)
         first_byte = ex.first_byte = trio.CancelScope(
-            deadline=trio.current_time() + provider.first_byte_timeout if stream else float("inf"))
+            deadline=trio.current_time() + first_wait if stream else float("inf"))
+        ex.provider_read_timeout = provider.read_timeout
         try:
             with first_byte:
                 async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
-                                                  key=key, model=target.model) as upstream:
+                                                  key=key, model=target.model, timed_reads=not stream) as upstream:
                     if stream and not upstream.content_type.startswith(b"application/json"):
                         await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
                         return
                     data = await upstream.read(64 * 1024 * 1024)
             if first_byte.cancelled_caught:
-                raise RelayError(504, f"{provider.name}: no first byte within {provider.first_byte_timeout:g}s", "api_error")
+                if provider.read_timeout < provider.first_byte_timeout:
+                    raise RelayError(504, f"{provider.name}: the upstream sent nothing for {first_wait:g}s", "api_error")
+                raise RelayError(504, f"{provider.name}: no first byte within {first_wait:g}s", "api_error")
             ex.ttfb = time.perf_counter()
             try:
                 doc = orjson.loads(data)
@@ -620,13 +628,24 @@ class Server:
                 pending.clear()
                 await self._write_sse(conn, ex, data)
 
+        idle = ex.provider_read_timeout
+        reading = trio.CancelScope()
+
         async def watch_client(cancel: trio.CancelScope) -> None:
+            """Also the idle-gap timer: cheaper here, waking once per read_timeout, than a cancel scope
+            around every upstream read."""
             nonlocal gone
             while True:
-                try:
-                    data = await conn.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                with trio.move_on_at(ex.last_read + idle) as waiting:
+                    try:
+                        data = await conn.stream.receive_some(READ_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                if waiting.cancelled_caught:
+                    if trio.current_time() >= ex.last_read + idle:
+                        reading.cancel()
+                        return
+                    continue
                 if not data:
                     gone = True
                     cancel.cancel()
@@ -643,7 +662,8 @@ class Server:
                 if hooked:
                     network.before_read = flush
                 try:
-                    error = await self._relay_chunks(ex, upstream, translator, pending, None if hooked else flush)
+                    ex.last_read = trio.current_time()
+                    error = await self._relay_chunks(ex, upstream, translator, pending, None if hooked else flush, reading)
                     await flush()
                 except ClientGone:
                     gone = True
@@ -674,23 +694,28 @@ class Server:
             raise error
 
     async def _relay_chunks(self, ex: Exchange, upstream: Any, translator: Translator, pending: list[bytes],
-                            flush: Any) -> RelayError | None:
+                            flush: Any, reading: trio.CancelScope) -> RelayError | None:
         """Feeds the translator; returns the error to answer with when the upstream failed before anything
-        was produced. ``flush`` (when the transport has no read hook) writes after every chunk."""
+        was produced. ``flush`` (when the transport has no read hook) writes after every chunk; ``reading``
+        is cancelled by the idle-gap timer."""
         try:
-            async for chunk in upstream.chunks():
-                if ex.first_byte is not None:
-                    ex.first_byte.deadline = float("inf")
-                    ex.first_byte = None
-                out = translator.feed(chunk)
-                if out:
-                    pending.append(out)
-                if translator.done:
-                    break
-                if flush is not None:
-                    await flush()
-            else:
-                pending.append(translator.finish())
+            with reading:
+                async for chunk in upstream.chunks():
+                    ex.last_read = trio.current_time()
+                    if ex.first_byte is not None:
+                        ex.first_byte.deadline = float("inf")
+                        ex.first_byte = None
+                    out = translator.feed(chunk)
+                    if out:
+                        pending.append(out)
+                    if translator.done:
+                        break
+                    if flush is not None:
+                        await flush()
+                else:
+                    pending.append(translator.finish())
+            if reading.cancelled_caught:
+                raise httpcore.ReadTimeout("idle")
         except ClientGone:
             raise
         except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
@@ -758,7 +783,7 @@ def _retry_after(err: RelayError) -> float | None:
     return None
 
 
-async def _send_raw(stream: trio.SocketStream, err: RelayError) -> None:
+async def _send_raw(stream: trio.SocketStream | transport.ClientSocket, err: RelayError) -> None:
     """An error response written outside h11 (its state is spent, or no h11 connection exists yet)."""
     body = err.body()
     head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"

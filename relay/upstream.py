@@ -115,7 +115,10 @@ class Upstreams:
         extra_headers: list[tuple[bytes, bytes]] | None = None,
         key: str | None = None,
         model: str = "",
+        timed_reads: bool = True,
     ) -> AsyncIterator[UpstreamResponse]:
+        """``timed_reads=False``: the caller times the silences itself (the stream pump does, far cheaper
+        than a cancel scope per read)."""
         url = provider.url(path, model)
         headers = [
             (b"host", _host_header(url)),
@@ -128,7 +131,7 @@ class Upstreams:
         ]
         timeouts = {
             "connect": provider.connect_timeout,
-            "read": provider.read_timeout,
+            "read": provider.read_timeout if timed_reads else None,
             "write": provider.read_timeout,
             "pool": provider.connect_timeout,
         }
