@@ -68,6 +68,14 @@ class SSEParser:
         self._buf = rest
         return events
 
+    def single(self, data: bytes) -> bytes | None:
+        """The payload when ``data`` is exactly one whole one-line ``data:`` event and nothing is pending (what
+        a paced upstream's every read holds): the caller skips the general parse. None otherwise."""
+        if self._buf or self._skip_lf or data[:6] != b"data: " or data.find(b"\n") != len(data) - 2 \
+                or data[-1:] != b"\n" or b"\r" in data:
+            return None
+        return data[6:-2]
+
     def close(self) -> list[Event]:
         """End of stream: a last event that was not followed by a blank line still counts."""
         rest, self._buf = self._buf, b""

@@ -74,6 +74,10 @@ class StreamTranslator:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
+        payload = self._parser.single(data)
+        if payload is not None:
+            self._on_event(None, payload)
+            return self._flush()
         try:
             events = self._parser.feed(data)
         except SSEError as exc:  # an oversized event from a broken upstream
@@ -139,6 +143,8 @@ class StreamTranslator:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return  # not a chunk (a provider's stray keep-alive text): nothing to translate
+        if name is None and self.started and type(chunk) is dict and self._delta_only(chunk):
+            return
         if not isinstance(chunk, dict):
             if isinstance(chunk, list) and chunk and isinstance(chunk[0], dict) and "error" in chunk[0]:
                 self._fail(from_stream_error(chunk[0], self._secrets, self._provider))
@@ -183,6 +189,49 @@ class StreamTranslator:
                 for kind, text in self._splitter.flush():
                     self._emit(kind, text)
             self._close_block()
+
+    def _delta_only(self, chunk: dict[str, Any]) -> bool:
+        """The hot path: a mid-stream chunk carrying one plain delta (text, reasoning text or the next argument
+        fragment of the open tool call) and nothing else: no finish, usage, error or second choice. Handles it
+        and says True; anything else is left to the general path."""
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or chunk.get("usage") is not None or "error" in chunk \
+                or "x_groq" in chunk:
+            return False
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("index", 0) != 0 \
+                or "usage" in choice:
+            return False
+        delta = choice.get("delta")
+        if type(delta) is not dict or self._splitter is not None:
+            return False
+        size = len(delta) - ("role" in delta)
+        content = delta.get("content")
+        if type(content) is str:
+            if size == 1:
+                if content:
+                    if self._block == _TEXT:
+                        self._out.append(A.text_delta(self._index, content))
+                    else:
+                        self._emit("text", content)
+                return True
+            return False
+        if content is not None:
+            return False
+        size -= "content" in delta  # DeepSeek's reasoning chunks carry "content": null
+        if size == 1:
+            text = delta.get("reasoning_content")
+            if text is None:
+                text = delta.get("reasoning")
+            if type(text) is str:
+                if text:
+                    if self._block == _THINKING:
+                        self._out.append(A.thinking_delta(self._index, text))
+                    else:
+                        self._emit("thinking", text)
+                return True
+            return self._block == _TOOL and self._more_arguments(delta.get("tool_calls"))
+        return False
 
     def _on_delta(self, delta: dict[str, Any]) -> None:
         if "reasoning_content" in delta or "reasoning" in delta or "reasoning_details" in delta:
