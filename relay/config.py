@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,7 @@ class Provider:
     # Presets and the URL's shape.
     preset: str | None = None
     query: tuple[tuple[str, str], ...] = ()  # appended to every upstream URL (Azure's api-version)
+    ca_file: str | None = None  # PEM file of the CA(s) to trust for this provider instead of the system's
     explicit: frozenset[str] = frozenset()  # keys the provider block set itself; the rest came from a preset
 
     def url(self, path: str, model: str = "") -> str:
@@ -150,6 +152,7 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "query": dict,
     "format": str,
     "base_url": str,
+    "ca_file": str,
     "api_key": (str, list),
     "models": list,
     "headers": dict,
@@ -301,6 +304,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
             limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
         raw["limits"] = limits
+        if "ca_file" in raw:
+            raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
         providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, preset=preset,
                                    query=query, explicit=explicit, **raw)
 
@@ -372,3 +377,15 @@ def default_config(env: dict[str, str]) -> Config:
     routes = {"default": (f"openai/{default_model}",)} if default_model else {}
     return Config(providers={"openai": provider}, routes=routes,
                   source="<environment: OPENAI_BASE_URL, OPENAI_API_KEY, RELAY_DEFAULT_MODEL>")
+
+
+def _ca_file(path: str, src: Any, table: str) -> str:
+    """Checked now, so a wrong path or a file that is not PEM stops `relay check`, not the first request."""
+    path = os.path.expanduser(path)
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise src.error(table, "ca_file", f"no such file: {path}") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise src.error(table, "ca_file", f"cannot load {path} as PEM certificates ({exc})") from None
+    return path

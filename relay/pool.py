@@ -40,10 +40,13 @@ class ConnectionPool:
         request = httpcore.Request(method, url, headers=headers, content=content, extensions=extensions)
         if self._slots is None:
             self._slots = trio.Semaphore(self._limit)
-        with trio.move_on_after(extensions.get("timeout", {}).get("pool") or float("inf")) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise httpcore.PoolTimeout(f"no free connection within {extensions['timeout']['pool']}s")
+        try:
+            self._slots.acquire_nowait()  # the usual case: no cancel scope, no trip through the scheduler
+        except trio.WouldBlock:  # full (or others already waiting: they go first)
+            with trio.move_on_after(extensions.get("timeout", {}).get("pool") or float("inf")) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise httpcore.PoolTimeout(f"no free connection within {extensions['timeout']['pool']}s") from None
         try:
             origin = request.url.origin
             key = (origin.scheme, origin.host, origin.port)

@@ -274,7 +274,8 @@ class Server:
                 conn.h11.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-            await trio.lowlevel.checkpoint()  # reads and writes skip trio's checkpoints: pipelined requests must not starve others
+            if conn.h11.trailing_data[0]:  # pipelined: answered without a read, so let other connections run first
+                await trio.lowlevel.checkpoint()
 
     async def _read_body(self, conn: Connection, request: h11.Request) -> bytes:
         limit = self.config.server.body_limit

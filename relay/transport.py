@@ -129,8 +129,11 @@ class TLSStream(httpcore.AsyncNetworkStream):
         if self.before_read is not None:
             await self.before_read()
         try:
-            with trio.fail_after(float("inf") if timeout is None else timeout):
+            if timeout is None:
                 data = await self._tls.receive_some(max_bytes)
+            else:
+                with trio.fail_after(timeout):
+                    data = await self._tls.receive_some(max_bytes)
         except trio.TooSlowError:
             raise httpcore.ReadTimeout(f"no progress within {timeout:g}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -100,7 +100,8 @@ class Upstreams:
     def _pool(self, provider: Provider) -> ConnectionPool:
         pool = self._pools.get(provider.name)
         if pool is None:
-            pool = ConnectionPool(self._ssl, provider.max_connections)
+            context = ssl.create_default_context(cafile=provider.ca_file) if provider.ca_file else self._ssl
+            pool = ConnectionPool(context, provider.max_connections)
             self._pools[provider.name] = pool
         return pool
 

@@ -3,6 +3,7 @@ whatever the test scripted (status, headers, body pieces with optional pauses, o
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,8 @@ Handler = Callable[[Recorded], Reply]
 
 
 class MockUpstream:
-    def __init__(self, handler: Handler | None = None) -> None:
+    def __init__(self, handler: Handler | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # serve HTTPS with this server context
         self.handler: Handler = handler or (lambda r: json_reply({"error": {"message": "no script"}}, 500))
         self.requests: list[Recorded] = []
         self.port = 0
@@ -59,15 +61,17 @@ class MockUpstream:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
+        if self.tls is not None:
+            listeners = [trio.SSLListener(listener, self.tls, https_compatible=True) for listener in listeners]
         task_status.started(self.port)
         await trio.serve_listeners(self._handle, listeners)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: Any) -> None:
         self.open_connections += 1
         self.accepted += 1
         conn = h11.Connection(h11.SERVER)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import trio
 
@@ -191,3 +193,41 @@ async def test_message_and_tool_count_limits(nursery: trio.Nursery, upstream: Mo
     status, _, out = split(await exchange(relay.port, post("/v1/messages", tools)))
     assert status == 413 and orjson.loads(out)["error"]["type"] == "request_too_large"
     assert upstream.requests == []
+
+
+async def test_a_full_provider_pool_answers_529_then_frees_up(nursery: trio.Nursery) -> None:
+    """max_connections is a real limit: a request that finds no free upstream connection within
+    connect_timeout gets overloaded_error (and may fall back); a freed connection serves the next one."""
+    from tests.mock_upstream import Reply
+    from tests.robustness import roundtrip
+
+    def slow_then_fast(rec: Any) -> Reply:  # the first request holds the only connection for a while
+        if len(upstream.requests) == 1:
+            return Reply(pieces=[1.5, b'data: {"choices":[{"index":0,"delta":{"content":"slow"},"finish_reason":"stop"}]}\n\n',
+                                 b"data: [DONE]\n\n"])
+        return completion({"role": "assistant", "content": "fast"})
+
+    upstream = MockUpstream(slow_then_fast)
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, "max_connections = 1\nconnect_timeout = 0.3\nretries = 0"))
+    body = orjson.dumps({"model": "mock-model", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %b\r\ncontent-type: application/json\r\n"
+           b"content-length: %d\r\n\r\n%b" % (RELAY_KEY.encode(), len(body), body))
+    stream_raw = raw.replace(b'"max_tokens":10', b'"max_tokens":10,"stream":true').replace(
+        b"content-length: %d" % len(body), b"content-length: %d" % (len(body) + 14))
+    first: list[Any] = []
+
+    async def hold() -> None:
+        first.append(await roundtrip(relay.port, stream_raw))
+
+    nursery.start_soon(hold)
+    await trio.sleep(0.2)
+    status, _, answer = split(await exchange(relay.port, raw))
+    assert status == 529 and orjson.loads(answer)["error"]["type"] == "overloaded_error", answer
+    assert b"1 upstream connections are busy" in answer
+    with trio.fail_after(5):
+        while not first:
+            await trio.sleep(0.05)
+    assert first[0].status == 200 and b"slow" in first[0].body and first[0].complete
+    status, _, answer = split(await exchange(relay.port, raw))
+    assert status == 200 and orjson.loads(answer)["content"][0]["text"] == "fast"

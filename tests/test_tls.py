@@ -1,0 +1,90 @@
+"""HTTPS upstreams: every hosted provider is reached this way, through relay's own TLS stream (relay/transport.py).
+A self-signed CA made by openssl for the test; the provider trusts it with ``ca_file``."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from relay.config import ConfigError, parse
+from tests.conftest import RELAY_KEY, relay_config, start_relay
+from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
+from tests.robustness import roundtrip
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test CA")
+
+BODY = orjson.dumps({"model": "mock-model", "max_tokens": 64, "stream": True,
+                     "messages": [{"role": "user", "content": "hi"}]})
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def request(stream: bool = True) -> bytes:
+    body = BODY if stream else BODY.replace(b'"stream":true', b'"stream":false')
+    return (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %b\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (RELAY_KEY.encode(), len(body), body))
+
+
+def many_chunks(rec: Recorded) -> Reply:
+    if not orjson.loads(rec.body).get("stream"):
+        return completion({"role": "assistant", "content": "plain answer"})
+    return text_stream(*[f"word{i} " for i in range(40)])
+
+
+async def test_streams_and_reuses_one_tls_connection(nursery: trio.Nursery, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    upstream = MockUpstream(many_chunks, tls=server_context(cert, key))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, f'ca_file = "{cert}"'))
+    for _ in range(3):
+        answer = await roundtrip(relay.port, request())
+        assert answer.status == 200 and answer.complete, answer
+        text = "".join(orjson.loads(line[6:])["delta"].get("text", "")
+                       for line in answer.body.split(b"\n") if line.startswith(b"data: ") and b"text_delta" in line)
+        assert text == "".join(f"word{i} " for i in range(40))
+        assert answer.body.rstrip().endswith(b'data: {"type":"message_stop"}')
+    answer = await roundtrip(relay.port, request(stream=False))
+    assert answer.status == 200 and orjson.loads(answer.body)["content"][0]["text"] == "plain answer"
+    assert upstream.accepted == 1  # one TLS handshake, then keep-alive
+    assert upstream.requests[0].headers["authorization"].startswith("Bearer ")
+
+
+async def test_an_untrusted_certificate_is_a_clear_502(nursery: trio.Nursery, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    upstream = MockUpstream(many_chunks, tls=server_context(cert, key))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, "retries = 0"))  # the system CAs only
+    answer = await roundtrip(relay.port, request())
+    assert answer.status == 502
+    error = orjson.loads(answer.body)["error"]
+    assert error["type"] == "api_error" and "certificate verify failed" in error["message"], error
+    assert not upstream.requests
+
+
+def test_ca_file_is_checked_when_the_config_loads(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ca_file: no such file"):
+        parse(relay_config("https://x/v1", f'ca_file = "{tmp_path / "missing.pem"}"'), "t.toml", env={})
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="ca_file: cannot load"):
+        parse(relay_config("https://x/v1", f'ca_file = "{bad}"'), "t.toml", env={})
