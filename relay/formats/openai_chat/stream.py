@@ -220,6 +220,9 @@ class StreamTranslator:
             return False
         size -= "content" in delta  # DeepSeek's reasoning chunks carry "content": null
         if size == 1:
+            calls = delta.get("tool_calls")
+            if calls is not None:
+                return self._block == _TOOL and self._more_arguments(calls)
             text = delta.get("reasoning_content")
             if text is None:
                 text = delta.get("reasoning")
@@ -230,7 +233,6 @@ class StreamTranslator:
                     else:
                         self._emit("thinking", text)
                 return True
-            return self._block == _TOOL and self._more_arguments(delta.get("tool_calls"))
         return False
 
     def _on_delta(self, delta: dict[str, Any]) -> None:
