@@ -679,9 +679,10 @@ class Server:
                             await conn.send(h11.EndOfMessage())
                         except ClientGone:
                             gone = True
-                        if not gone and translator.error is None:
-                            await _drain(upstream)
                 nursery.cancel_scope.cancel()
+            if not gone and error is None and translator.error is None:
+                # after the watcher: a client that hangs up once it has its answer must not cost the connection
+                await _drain(upstream)
         finally:
             self.metrics.open_streams -= 1
         if translator.has_usage:

@@ -1,0 +1,139 @@
+"""relay's own socket layer end to end (relay/transport.py, relay/chunked.py): upstream bytes cut anywhere
+across reads, keep-alive reuse after merged chunks, a client that stops reading (full socket buffers), and
+bodies bigger than one read."""
+
+from __future__ import annotations
+
+import socket
+
+import orjson
+import pytest
+import trio
+
+from tests.conftest import RELAY_KEY, relay_config, start_relay
+from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
+from tests.robustness import relay_idle, roundtrip
+
+WORDS = [f"w{i:03d} " for i in range(60)]
+
+
+def chunked_sse(words: list[str]) -> bytes:
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":%b},"finish_reason":null}]}\n\n' % orjson.dumps(w)
+              for w in words]
+    events += [b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+               b'"usage":{"prompt_tokens":7,"completion_tokens":60}}\n\n', b"data: [DONE]\n\n"]
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    return head + b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+class CuttingUpstream(MockUpstream):
+    """Answers every request on a connection with the same chunked stream, written in pieces of ``cuts``
+    bytes with a pause between them, so relay reads it cut at those places."""
+
+    def __init__(self, cuts: list[int]) -> None:
+        super().__init__()
+        self.cuts = cuts
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    more = await stream.receive_some(65536)
+                    if not more:
+                        return
+                    buf += more
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                while len(buf) < length:
+                    buf += await stream.receive_some(65536)
+                self.requests.append(Recorded("POST", "", {}, buf[:length]))
+                buf = buf[length:]
+                data = chunked_sse(WORDS)
+                start, i = 0, 0
+                while start < len(data):
+                    size = self.cuts[i % len(self.cuts)]
+                    await stream.send_all(data[start:start + size])
+                    start += size
+                    i += 1
+                    await trio.sleep(0.001 if i % 4 == 0 else 0)  # mostly separate reads, in bounded time
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+def stream_request(max_tokens: int = 64) -> bytes:
+    body = orjson.dumps({"model": "mock-model", "max_tokens": max_tokens, "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    return (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %b\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (RELAY_KEY.encode(), len(body), body))
+
+
+def texts(body: bytes) -> str:
+    return "".join(orjson.loads(line[6:])["delta"]["text"] for line in body.split(b"\n")
+                   if line.startswith(b"data: ") and b'"text_delta"' in line)
+
+
+@pytest.mark.parametrize("cuts", [[1], [7], [3, 250, 2, 61], [40, 1, 1, 900]], ids=["bytewise", "7", "mixed", "lumpy"])
+async def test_upstream_bytes_cut_anywhere_arrive_whole(nursery: trio.Nursery, cuts: list[int]) -> None:
+    upstream = CuttingUpstream(cuts)
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    for _ in range(2):  # the second request reuses the connection: the merger starts over at the new head
+        await relay_idle(relay)  # the first stream's connection is back in the pool once its tail is read
+        answer = await roundtrip(relay.port, stream_request(), timeout=30)
+        assert answer.status == 200 and answer.complete, answer
+        assert texts(answer.body) == "".join(WORDS)
+        assert b'"output_tokens":60' in answer.body and answer.body.rstrip().endswith(b'{"type":"message_stop"}')
+    assert upstream.accepted == 1
+
+
+async def test_a_client_that_stops_reading_gets_every_byte_later(nursery: trio.Nursery) -> None:
+    """relay writes without trio's stream layer: a full client socket must make it wait, not drop or reorder."""
+    words = [f"{i:05d}" + "x" * 2000 for i in range(400)]  # ~800 KB of events, far more than socket buffers
+    upstream = MockUpstream(lambda rec: text_stream(*words))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", relay.port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(stream_request(4096))
+    await trio.sleep(0.5)  # relay fills the socket and must wait for room
+    data = b""
+    with trio.fail_after(20):
+        while not data.endswith(b"0\r\n\r\n"):
+            more = await stream.receive_some(65536)
+            assert more, "relay closed the connection"
+            data += more
+    await stream.aclose()
+    body = b""
+    rest = data.partition(b"\r\n\r\n")[2]
+    while rest:  # de-chunk
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        body += rest[:size]
+        rest = rest[size + 2:]
+    assert texts(body) == "".join(words)
+
+
+async def test_bodies_bigger_than_one_read_both_ways(nursery: trio.Nursery) -> None:
+    big = "y" * 3_000_000
+
+    def answer(rec: Recorded) -> Reply:
+        assert len(rec.body) > 1_000_000  # the request body relay forwarded whole
+        return completion({"role": "assistant", "content": big})
+
+    upstream = MockUpstream(answer)
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    body = orjson.dumps({"model": "mock-model", "max_tokens": 64,
+                         "messages": [{"role": "user", "content": "z" * 1_500_000}]})
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %b\r\ncontent-type: application/json\r\n"
+           b"content-length: %d\r\n\r\n%b" % (RELAY_KEY.encode(), len(body), body))
+    reply = await roundtrip(relay.port, raw, timeout=30)
+    assert reply.status == 200
+    assert orjson.loads(reply.body)["content"][0]["text"] == big
