@@ -14,6 +14,20 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="path to relay.toml (default: $RELAY_CONFIG; none = OpenAI from the environment)")
 
 
+def workers_count(value: str) -> int:
+    """``--workers``: a positive count, or ``auto`` for the cores this process may run on (a container's CPU
+    set, not the host's)."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="The Anthropic Messages API in front of any model.")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
@@ -24,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default from config, else 8787)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--workers", type=workers_count, default=1,
+                       help="worker processes sharing the port (SO_REUSEPORT); 'auto' = one per usable core")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--allow-open", action="store_true",
                        help="allow serving with no client keys on a non-loopback address")

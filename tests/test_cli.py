@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -242,3 +243,16 @@ def test_client_text_cannot_forge_log_lines() -> None:
     forged = printable("x\n2026-01-01 INFO relay.access POST /v1/messages 200 \x1b[2J")
     assert "\n" not in forged and "\x1b" not in forged and forged.startswith("x\\n2026")
     assert len(printable("a" * 5000)) == 201
+
+
+def test_workers_count_takes_numbers_and_auto() -> None:
+    import argparse
+
+    from relay.cli import build_parser, workers_count
+
+    assert workers_count("3") == 3
+    assert workers_count("auto") == len(os.sched_getaffinity(0))
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            workers_count(bad)
+    assert build_parser().parse_args(["serve", "--workers", "auto"]).workers >= 1
