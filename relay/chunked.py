@@ -10,6 +10,8 @@ fully understand (h11 then judges it as usual). Sans-I/O: bytes in, bytes out.
 
 from __future__ import annotations
 
+import re
+
 HEAD_LIMIT = 64 * 1024  # a response head longer than this is left to h11 (which refuses it)
 
 # states
@@ -71,15 +73,15 @@ class ChunkMerger:
     def _on_head(self, data: bytes) -> bytes:
         start = len(self._head)  # where this read's bytes begin in buf
         buf = self._head + data if start else data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
+        end = _BLANK_LINE.search(buf)  # where h11 ends a head (it takes bare LF line ends too)
+        if end is None:
             if len(buf) > HEAD_LIMIT:
                 self._state, self._head = _PASS, b""
             else:
                 self._head = buf
             return data
         self._head = b""
-        cut = end + 4
+        cut = end.end()
         status, chunked = _parse_head(buf[:cut])
         rest = buf[cut:]
         if 100 <= status < 200 and status != 101:  # an interim response: the real head follows
@@ -126,15 +128,22 @@ class ChunkMerger:
         return data[:start] + merged + data[pos:] if start else merged + data[pos:] if pos < n else merged
 
 
+_BLANK_LINE = re.compile(b"\n\r?\n")  # h11's end of a head
+_CHUNK_SIZE = re.compile(b"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*")  # h11's chunk-size line, without its CRLF
+
+
 def _parse_head(head: bytes) -> tuple[int, bool]:
-    """Status code and whether the body is chunked; (0, False) when the head is not one we understand."""
-    lines = head.split(b"\r\n")
+    """Status code and whether the body is chunked; (0, False) when the head is not one we understand
+    (then nothing is rewritten: h11 reads it as it came)."""
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
     status_line = lines[0].split(b" ", 2)
     if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not status_line[1].isdigit():
         return 0, False
     status = int(status_line[1])
     chunked = False
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):  # an obsolete folded line: h11 joins it to the header before
+            return 0, False
         name, sep, value = line.partition(b":")
         if sep and name.strip().lower() == b"transfer-encoding":
             chunked = value.strip().lower() == b"chunked"
@@ -142,15 +151,6 @@ def _parse_head(head: bytes) -> tuple[int, bool]:
 
 
 def _chunk_size(data: bytes, pos: int, eol: int) -> int:
-    """The size in a chunk-size line, or -1 when it is not plain hex (extensions included) h11 would read."""
-    line = data[pos:eol]
-    semi = line.find(b";")
-    if semi >= 0:
-        line = line[:semi]
-    line = line.rstrip(b" \t")
-    if not line or len(line) > 16:
-        return -1
-    try:
-        return int(line, 16)
-    except ValueError:
-        return -1
+    """The size in a chunk-size line, or -1 when h11 would not read the line as one."""
+    match = _CHUNK_SIZE.fullmatch(data, pos, eol)
+    return int(match.group(1), 16) if match is not None else -1

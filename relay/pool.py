@@ -71,9 +71,13 @@ class ConnectionPool:
         stack = self._idle.get(key)
         while stack:
             connection = stack.pop()
-            if connection.is_available() and not connection.has_expired():  # has_expired: also closed by the server
-                return connection
-            await connection.aclose()
+            try:
+                if connection.is_available() and not connection.has_expired():  # expired: also closed by the server
+                    return connection
+            except Exception:  # a connection that cannot even be asked is not worth keeping
+                pass
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
         return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl, keepalive_expiry=self._keepalive,
                                             network_backend=BACKEND)
 

@@ -621,13 +621,18 @@ class Server:
         leaves in one client write, made when httpcore asks the network for more (the transport's
         ``before_read`` hook), so nothing ever waits for a later read."""
         gone = False
+        flushing = False
         pending: list[bytes] = []
 
         async def flush() -> None:
+            nonlocal flushing
             if pending:
                 data = pending[0] if len(pending) == 1 else b"".join(pending)
                 pending.clear()
+                flushing = True
                 await self._write_sse(conn, ex, data)
+                flushing = False
+                ex.last_read = trio.current_time()  # the idle timer counts upstream silence, not a slow client
 
         idle = ex.provider_read_timeout
         reading = trio.CancelScope()
@@ -643,10 +648,15 @@ class Server:
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                 if waiting.cancelled_caught:
-                    if trio.current_time() >= ex.last_read + idle:
+                    if trio.current_time() < ex.last_read + idle:
+                        continue
+                    if flushing:  # the client took nothing for read_timeout: a write cut midway cannot be
+                        gone = True  # finished with an error event, so the connection is simply closed
+                        ex.note = "client stopped reading"
+                        cancel.cancel()
+                    else:
                         reading.cancel()
-                        return
-                    continue
+                    return
                 if not data:
                     gone = True
                     cancel.cancel()
@@ -689,7 +699,7 @@ class Server:
             ex.input_tokens = translator.input_tokens + translator.cache_read
             ex.output_tokens = translator.output_tokens
         if gone:
-            ex.note = "client disconnected"
+            ex.note = ex.note or "client disconnected"
         elif translator.error is not None and translator.started:
             ex.note = f"midstream error={translator.error.error_type}"
         if error is not None:

@@ -103,12 +103,14 @@ class SocketStream(httpcore.AsyncNetworkStream):
         try:
             with trio.fail_after(float("inf") if timeout is None else timeout):
                 await tls.do_handshake()
-        except trio.TooSlowError:
-            await transport.aclose()
-            raise httpcore.ConnectTimeout(f"TLS handshake took longer than {timeout:g}s") from None
-        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            await transport.aclose()
-            raise httpcore.ConnectError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+        except BaseException as exc:  # cancelled too (the client left): the socket must not wait for the GC
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(transport)
+            if isinstance(exc, trio.TooSlowError):
+                raise httpcore.ConnectTimeout(f"TLS handshake took longer than {timeout:g}s") from None
+            if isinstance(exc, (trio.BrokenResourceError, ssl.SSLError, OSError)):
+                raise httpcore.ConnectError(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+            raise
         return TLSStream(tls, self._sock)
 
     def get_extra_info(self, info: str) -> Any:
@@ -171,7 +173,9 @@ def _extra(sock: socket.socket, info: str) -> Any:
     if info == "socket":
         return sock
     if info == "is_readable":  # httpcore asks before reusing an idle connection: readable = closed by the server
-        return bool(select.select([sock], [], [], 0)[0])
+        poller = select.poll()  # not select(): it refuses descriptors past 1023
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     if info == "client_addr":
         return sock.getsockname()
     if info == "server_addr":

@@ -140,3 +140,18 @@ def test_not_chunked_and_no_body_responses_pass_untouched():
     merger = ChunkMerger()
     raw = chunked(SSE[:4])
     assert merger.feed(raw) == raw  # no request announced: nothing is touched
+
+
+def test_size_lines_h11_refuses_stay_refused():
+    """int(x, 16) takes more than h11 does (found in review): the merger must not turn them into valid chunks."""
+    for size in (b" 2", b"0x2", b"1_0", b"+2", b"2\x0b", b"2 ;x\nz", b"\n2"):
+        raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n%b\r\nok\r\n2\r\nok\r\n0\r\n\r\n" % size
+        assert h11_read(merged([raw])) == h11_read([raw]), size
+
+
+def test_heads_h11_reads_differently_pass_untouched():
+    folded = b"HTTP/1.1 200 OK\r\nx-a: 1\r\n transfer-encoding: chunked\r\n\r\n2\r\nok\r\n2\r\nok\r\n0\r\n\r\n"
+    bare_lf = b"HTTP/1.1 200 OK\ntransfer-encoding: chunked\n\n2\r\nok\r\n2\r\nok\r\n0\r\n\r\n"
+    for raw in (folded, bare_lf):
+        assert h11_read(merged([raw])) == h11_read([raw])
+    assert merged([folded]) == [folded]

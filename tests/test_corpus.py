@@ -644,3 +644,14 @@ def test_shared_corpus_is_copied_into_fixtures() -> None:
             copy_ = CORPUS / path.name
             assert copy_.is_file(), f"{path.name} is new in {SHARED_CORPUS}: copy it into {CORPUS} and expect it here"
             assert copy_.read_bytes() == path.read_bytes(), f"{path.name} changed in {SHARED_CORPUS}: copy it again"
+
+
+def test_usage_beside_a_choice_that_is_not_an_object() -> None:
+    """Found by the fault fuzz: a top-level usage next to ``choices: [[...]]`` crashed the usage lookup."""
+    from relay.formats.openai_chat.stream import StreamTranslator
+
+    t = StreamTranslator("m", message_id="msg_x")
+    out = t.feed(b'data: {"choices":[["x"]],"usage":null}\n\n')
+    out += t.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+    out += t.finish()
+    assert b"message_stop" in out and t.error is None and (t.input_tokens, t.output_tokens) == (3, 2)

@@ -137,3 +137,66 @@ async def test_bodies_bigger_than_one_read_both_ways(nursery: trio.Nursery) -> N
     reply = await roundtrip(relay.port, raw, timeout=30)
     assert reply.status == 200
     assert orjson.loads(reply.body)["content"][0]["text"] == big
+
+
+async def test_a_client_stuck_past_read_timeout_is_cut_off_cleanly(nursery: trio.Nursery) -> None:
+    """Found in review: the idle-gap timer counted time blocked on a client that stopped reading as upstream
+    silence, cancelled the write midway and appended a "read timeout" event to half a chunk. A stuck client
+    is now simply disconnected: what it got is valid chunked framing up to the cut, and nothing blames the
+    upstream."""
+    words = [f"{i:05d}" + "x" * 2000 for i in range(400)]
+    upstream = MockUpstream(lambda rec: text_stream(*words))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace("read_timeout = 5", "read_timeout = 1"))
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", relay.port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(stream_request(4096))
+    await trio.sleep(2.5)  # longer than read_timeout without reading a byte
+    data = b""
+    with trio.fail_after(10):
+        while True:
+            more = await stream.receive_some(65536)
+            if not more:
+                break
+            data += more
+    await stream.aclose()
+    assert not data.endswith(b"0\r\n\r\n")  # cut off, not finished
+    assert b"read timeout" not in data
+    rest = data.partition(b"\r\n\r\n")[2]
+    while b"\r\n" in rest:  # every complete chunk is framed right; the last one may be cut
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if len(rest) < size + 2:
+            break
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+
+
+async def test_keep_alive_reuse_works_past_descriptor_1023(nursery: trio.Nursery) -> None:
+    """Found in review: the idle-connection check used select(), which refuses descriptors >= 1024, so every
+    reuse failed on a busy relay. A busy relay is exactly where descriptors go that high."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"the descriptor limit ({hard}) is too low for this test")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200 if hard == resource.RLIM_INFINITY else min(hard, 4096), hard))
+    filler = [socket.socket() for _ in range(1100)]
+    try:
+        upstream = MockUpstream(lambda rec: completion({"role": "assistant", "content": "ok"}))
+        await nursery.start(upstream.serve)
+        relay = await start_relay(nursery, relay_config(upstream.base_url))
+        body = orjson.dumps({"model": "mock-model", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+        raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %b\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n%b" % (RELAY_KEY.encode(), len(body), body))
+        for _ in range(3):
+            await relay_idle(relay)
+            answer = await roundtrip(relay.port, raw)
+            assert answer.status == 200 and orjson.loads(answer.body)["content"][0]["text"] == "ok"
+        assert upstream.accepted == 1
+    finally:
+        for s in filler:
+            s.close()

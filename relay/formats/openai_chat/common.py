@@ -65,12 +65,13 @@ def usage_numbers(usage: dict[str, Any]) -> tuple[int, int, int]:
     return prompt - cached, completion, cached
 
 
-def chunk_usage(chunk: dict[str, Any], choice: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Usage may be top level, inside the choice (Kimi), or in x_groq (Groq)."""
+def chunk_usage(chunk: dict[str, Any], choice: Any) -> dict[str, Any] | None:
+    """Usage may be top level, inside the choice (Kimi), or in x_groq (Groq). ``choice`` is whatever the
+    upstream put first in ``choices`` (not always an object)."""
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         return usage
-    if choice is not None and isinstance(choice.get("usage"), dict):
+    if isinstance(choice, dict) and isinstance(choice.get("usage"), dict):
         return choice["usage"]
     groq = chunk.get("x_groq")
     if isinstance(groq, dict) and isinstance(groq.get("usage"), dict):
