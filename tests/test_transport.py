@@ -144,7 +144,7 @@ async def test_a_client_stuck_past_read_timeout_is_cut_off_cleanly(nursery: trio
     silence, cancelled the write midway and appended a "read timeout" event to half a chunk. A stuck client
     is now simply disconnected: what it got is valid chunked framing up to the cut, and nothing blames the
     upstream."""
-    words = [f"{i:05d}" + "x" * 2000 for i in range(400)]
+    words = [f"{i:05d}" + "x" * 2000 for i in range(3000)]  # ~6 MB: more than socket buffers can absorb (4 MB max)
     upstream = MockUpstream(lambda rec: text_stream(*words))
     await nursery.start(upstream.serve)
     relay = await start_relay(nursery, relay_config(upstream.base_url).replace("read_timeout = 5", "read_timeout = 1"))
