@@ -171,16 +171,8 @@ class StreamTranslator:
         if type(choice) is not dict:
             return
         delta = choice.get("delta")
-        if delta and type(delta) is dict:
-            content = delta.get("content")
-            if len(delta) <= 2 and type(content) is str and self._splitter is None and (len(delta) == 1 or "role" in delta):
-                if content:  # the hot path: a plain text delta
-                    if self._block != _TEXT:
-                        self._emit("text", content)
-                    else:
-                        self._out.append(A.text_delta(self._index, content))
-            elif not (self._block == _TOOL and len(delta) == 1 and self._more_arguments(delta.get("tool_calls"))):
-                self._on_delta(delta)
+        if delta and type(delta) is dict:  # plain mid-stream deltas took the hot path (_delta_only) already
+            self._on_delta(delta)
         finish = choice.get("finish_reason")
         if finish and isinstance(finish, str):
             self._finish = finish
@@ -209,11 +201,7 @@ class StreamTranslator:
         content = delta.get("content")
         if type(content) is str:
             if size == 1:
-                if content:
-                    if self._block == _TEXT:
-                        self._out.append(A.text_delta(self._index, content))
-                    else:
-                        self._emit("text", content)
+                self._emit("text", content)
                 return True
             return False
         if content is not None:
@@ -227,11 +215,7 @@ class StreamTranslator:
             if text is None:
                 text = delta.get("reasoning")
             if type(text) is str:
-                if text:
-                    if self._block == _THINKING:
-                        self._out.append(A.thinking_delta(self._index, text))
-                    else:
-                        self._emit("thinking", text)
+                self._emit("thinking", text)
                 return True
         return False
 
