@@ -29,7 +29,7 @@ from relay.chunked import ChunkMerger
 ReadHook = Callable[[], Awaitable[None]]
 
 
-async def _wait(wait: Callable[[Any], Awaitable[None]], sock: socket.socket, timeout: float | None,
+async def _wait(wait: Callable[[Any], Awaitable[None]], sock: Any, timeout: float | None,
                 too_slow: type[Exception]) -> None:
     if timeout is None:
         await wait(sock)
@@ -38,6 +38,40 @@ async def _wait(wait: Callable[[Any], Awaitable[None]], sock: socket.socket, tim
         await wait(sock)
     if scope.cancelled_caught:
         raise too_slow(f"no progress within {timeout:g}s")
+
+
+async def receive_some(sock: Any, max_bytes: int, try_first: bool, timeout: float | None = None) -> bytes:
+    """One read from a non-blocking socket (stdlib or trio): a ``read`` straight away when ``try_first``
+    (the last read filled its buffer, so more is likely waiting), else a wait for readability first (no
+    EAGAIN round trip on a paced stream). Raises OSError when the peer is gone, httpcore.ReadTimeout."""
+    fd = sock.fileno()
+    if try_first:
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass
+    while True:
+        await _wait(trio.lowlevel.wait_readable, sock, timeout, httpcore.ReadTimeout)
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:  # woken without data (it happens): wait again
+            pass
+
+
+async def send_all(sock: Any, data: bytes, timeout: float | None = None) -> None:
+    """Write to a non-blocking socket (stdlib or trio), waiting only when its buffer is full. Raises OSError
+    when the peer is gone, httpcore.WriteTimeout."""
+    fd = sock.fileno()
+    view = memoryview(data)
+    while True:
+        try:
+            sent = os.write(fd, view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        view = view[sent:]
+        await _wait(trio.lowlevel.wait_writable, sock, timeout, httpcore.WriteTimeout)
 
 
 class SocketStream(httpcore.AsyncNetworkStream):
@@ -52,21 +86,8 @@ class SocketStream(httpcore.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self.before_read is not None:
             await self.before_read()
-        sock = self._sock
         try:
-            if self._more:
-                try:
-                    data = sock.recv(max_bytes)
-                except BlockingIOError:
-                    data = None
-            else:
-                data = None
-            while data is None:
-                await _wait(trio.lowlevel.wait_readable, sock, timeout, httpcore.ReadTimeout)
-                try:
-                    data = sock.recv(max_bytes)
-                except BlockingIOError:  # woken without data (it happens): wait again
-                    pass
+            data = await receive_some(self._sock, max_bytes, self._more, timeout)
         except OSError as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
         self._more = len(data) == max_bytes
@@ -76,18 +97,8 @@ class SocketStream(httpcore.AsyncNetworkStream):
         if not buffer:
             return
         self.merger.expect_response(buffer.startswith(b"HEAD "))
-        sock = self._sock
-        view = memoryview(buffer)
         try:
-            while True:
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(view):
-                    return
-                view = view[sent:]
-                await _wait(trio.lowlevel.wait_writable, sock, timeout, httpcore.WriteTimeout)
+            await send_all(self._sock, buffer, timeout)
         except OSError as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
 
@@ -220,22 +231,8 @@ class ClientSocket:
         self._more = True  # a new connection's request is usually already waiting
 
     async def receive_some(self, max_bytes: int) -> bytes:
-        fd = self.socket.fileno()
         try:
-            if self._more:
-                try:
-                    data = os.read(fd, max_bytes)
-                    self._more = len(data) == max_bytes
-                    return data
-                except BlockingIOError:
-                    pass
-            while True:
-                await trio.lowlevel.wait_readable(self.socket)
-                try:
-                    data = os.read(fd, max_bytes)
-                    break
-                except BlockingIOError:
-                    pass
+            data = await receive_some(self.socket, max_bytes, self._more)
         except OSError:  # reset by the peer, or closed under us
             return b""
         self._more = len(data) == max_bytes
@@ -250,17 +247,3 @@ class ClientSocket:
     async def aclose(self) -> None:
         await self.stream.aclose()
 
-
-async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    """Write to a socket, waiting only when its buffer is full. Raises OSError when the peer is gone."""
-    fd = sock.fileno()
-    view = memoryview(data)
-    while True:
-        try:
-            sent = os.write(fd, view)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(view):
-            return
-        view = view[sent:]
-        await trio.lowlevel.wait_writable(sock)
