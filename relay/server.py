@@ -63,7 +63,6 @@ class Exchange:
     estimate: int = 0  # relay's estimate of the request's input tokens
     first_byte: trio.CancelScope | None = None  # the first-byte deadline of the current upstream attempt
     last_read: float = 0.0  # trio time of the last upstream chunk (the pump's idle-gap timer reads it)
-    provider_read_timeout: float = float("inf")
     incoming: ClientRequest | None = None  # the request as sent, for formats that forward it (anthropic)
 
 
@@ -535,13 +534,12 @@ class Server:
         first_wait = min(provider.first_byte_timeout, provider.read_timeout)
         first_byte = ex.first_byte = trio.CancelScope(
             deadline=trio.current_time() + first_wait if stream else float("inf"))
-        ex.provider_read_timeout = provider.read_timeout
         try:
             with first_byte:
                 async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
                                                   key=key, model=target.model, timed_reads=not stream) as upstream:
                     if stream and not upstream.content_type.startswith(b"application/json"):
-                        await self._pump(conn, ex, upstream, fmt.stream_translator(opts))
+                        await self._pump(conn, ex, upstream, fmt.stream_translator(opts), provider.read_timeout)
                         return
                     data = await upstream.read(64 * 1024 * 1024)
             if first_byte.cancelled_caught:
@@ -615,11 +613,12 @@ class Server:
         await conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"), h11.Data(data=first))
         conn.chunked = conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing for this response
 
-    async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator) -> None:
+    async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator, idle: float) -> None:
         """Upstream chunks -> translator -> client, in one task, while a watcher cancels it all when the client
         goes away. Every upstream chunk is translated the moment it arrives; what one upstream read delivered
         leaves in one client write, made when httpcore asks the network for more (the transport's
-        ``before_read`` hook), so nothing ever waits for a later read."""
+        ``before_read`` hook), so nothing ever waits for a later read. ``idle``: the provider's read_timeout,
+        the longest upstream silence allowed between chunks."""
         gone = False
         flushing = False
         pending: list[bytes] = []
@@ -634,7 +633,6 @@ class Server:
                 flushing = False
                 ex.last_read = trio.current_time()  # the idle timer counts upstream silence, not a slow client
 
-        idle = ex.provider_read_timeout
         reading = trio.CancelScope()
 
         async def watch_client(cancel: trio.CancelScope) -> None:
