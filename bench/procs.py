@@ -157,16 +157,26 @@ class Child:
             self.owns.unlink(missing_ok=True)
 
 
-def start_upstream(profiles: dict[str, dict[str, object]]) -> tuple[Child, int]:
-    """Start ``bench.upstream`` with these profiles; returns it and the port it listens on."""
-    argv = [sys.executable, "-m", "bench.upstream", "--port", "0", "--profiles", orjson.dumps(profiles).decode()]
-    child = Child("upstream", argv, stdout=subprocess.PIPE)
+def _start_ready(name: str, argv: list[str]) -> tuple[Child, int]:
+    """Start a harness server that prints ``READY <port>`` once listening; returns it and the port."""
+    child = Child(name, argv, stdout=subprocess.PIPE)
     assert child.proc.stdout is not None
     line = child.proc.stdout.readline().decode().split()
     if len(line) != 2 or line[0] != "READY":
         child.stop()
-        raise RuntimeError(f"mock upstream did not start: {line!r}\n{child.log_tail()}")
+        raise RuntimeError(f"{name} did not start: {line!r}\n{child.log_tail()}")
     return child, int(line[1])
+
+
+def start_upstream(profiles: dict[str, dict[str, object]]) -> tuple[Child, int]:
+    """Start ``bench.upstream`` with these profiles; returns it and the port it listens on."""
+    return _start_ready("upstream", [sys.executable, "-m", "bench.upstream", "--port", "0",
+                                     "--profiles", orjson.dumps(profiles).decode()])
+
+
+def start_pipe(upstream_port: int) -> tuple[Child, int]:
+    """Start ``bench.pipe`` (the floor: bytes copied, nothing parsed) in front of the mock."""
+    return _start_ready("pipe", [sys.executable, "-m", "bench.pipe", "--upstream-port", str(upstream_port)])
 
 
 class RelayUnavailable(RuntimeError):

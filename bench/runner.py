@@ -1,9 +1,11 @@
 """The benchmark run: the same workload direct (client -> mock) and relayed (client -> relay -> mock),
 interleaved round by round so that drift in the machine's speed hits both paths alike.
 
-Scenarios (see ``bench/README.md``): ``burst`` (50-chunk streams, no delay, several concurrencies, relay with
-1 and, when it has ``--workers``, 2 workers), ``bodies`` (Claude Code-shaped request bodies of growing size at
-concurrency 1), ``paced`` (64 chunks of 16 bytes every 20 ms, concurrency stepping up to 1,024).
+Scenarios (see ``bench/README.md``): ``burst`` (50-chunk streams, no delay, several concurrencies), ``bodies``
+(Claude Code-shaped request bodies of growing size at concurrency 1), ``paced`` (64 chunks of 16 bytes every
+20 ms, concurrency stepping up to 1,024). Burst and paced also run relay with 2 workers (when it has
+``--workers``) and the ``pipe`` path: ``bench.pipe``, bytes copied on relay's socket layer with nothing parsed,
+the floor any relay written on this stack stands on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bench.load import LoadPool, LoadSpec, Tally
 from bench.upstream import Profile, stream_events
 
 KIB = 1024
-DIRECT, RELAY, RELAY2 = "direct", "relay", "relay-2w"
+DIRECT, RELAY, RELAY2, PIPE = "direct", "relay", "relay-2w", "pipe"
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class Plan:
     warmup: float  #: seconds of unrecorded load before a scenario's first phase
     burst_levels: tuple[int, ...]
     burst_seconds: float
-    burst_workers: bool  #: also measure relay --workers 2 (when relay supports it)
+    two_workers: bool  #: burst and paced also measure relay --workers 2 (when relay supports it)
+    floor: bool  #: burst and paced also measure bench.pipe (bytes copied, nothing parsed)
     body_sizes: tuple[int, ...]
     body_seconds: float
     paced_levels: tuple[int, ...]
@@ -45,14 +48,14 @@ class Plan:
 
 FULL = Plan(
     rounds=3, warmup=0.5,
-    burst_levels=(1, 10, 100), burst_seconds=3.0, burst_workers=True,
+    burst_levels=(1, 10, 100), burst_seconds=3.0, two_workers=True, floor=True,
     body_sizes=(10 * KIB, 100 * KIB, 400 * KIB, 1024 * KIB), body_seconds=2.0,
     paced_levels=(64, 128, 256, 512, 1024), paced_chunks=64, paced_streams=2,
     translator_seconds=1.0,
 )
 SMOKE = Plan(
     rounds=1, warmup=0.1,
-    burst_levels=(1, 10), burst_seconds=0.3, burst_workers=False,
+    burst_levels=(1, 10), burst_seconds=0.3, two_workers=False, floor=True,
     body_sizes=(10 * KIB, 100 * KIB), body_seconds=0.3,
     paced_levels=(8, 32), paced_chunks=16, paced_streams=1,
     translator_seconds=0.05, timeout=20.0,
@@ -121,6 +124,7 @@ class Runner:
         self.started = time.monotonic()
         self.done = 0
         self.total = 0
+        self.workers2 = False  #: relay --workers 2 is measured too (decided in run)
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         self.profiles = {
             "burst": Profile(chunks=50, coalesce=True, stream="always"),
@@ -136,16 +140,34 @@ class Runner:
             path.write_bytes(data)
         return str(path)
 
-    def _targets(self, profile: str, workers: tuple[int, ...]) -> dict[str, Target]:
-        targets = {DIRECT: Target(self.upstream_port, f"/p/{profile}/v1/chat/completions", "data: [DONE]")}
-        if not self.use_relay:
-            return targets
-        for n in workers:
-            child, port = procs.start_relay(self.upstream_port, profile, workers=n)
-            targets[RELAY if n == 1 else RELAY2] = Target(
-                port, "/v1/messages", "event: message_stop",
-                {"x-api-key": "bench", "anthropic-version": "2023-06-01"}, child,
-            )
+    def _paths(self, scenario: str) -> list[str]:
+        """The paths a scenario measures, in the order each round runs them."""
+        paths = [DIRECT]
+        if self.use_relay:
+            paths.append(RELAY)
+            if scenario != "bodies" and self.workers2:
+                paths.append(RELAY2)
+        if scenario != "bodies" and self.plan.floor:
+            paths.append(PIPE)
+        return paths
+
+    def _targets(self, scenario: str) -> dict[str, Target]:
+        direct = Target(self.upstream_port, f"/p/{scenario}/v1/chat/completions", "data: [DONE]")
+        targets: dict[str, Target] = {}
+        try:
+            for path in self._paths(scenario):
+                if path == DIRECT:
+                    targets[path] = direct
+                elif path == PIPE:  # the same requests as direct, through the floor
+                    child, port = procs.start_pipe(self.upstream_port)
+                    targets[path] = Target(port, direct.path, direct.marker, child=child)
+                else:
+                    child, port = procs.start_relay(self.upstream_port, scenario, workers=2 if path == RELAY2 else 1)
+                    targets[path] = Target(port, "/v1/messages", "event: message_stop",
+                                           {"x-api-key": "bench", "anthropic-version": "2023-06-01"}, child)
+        except BaseException:
+            self._stop(targets)
+            raise
         return targets
 
     @staticmethod
@@ -228,10 +250,10 @@ class Runner:
 
     # -- scenarios --------------------------------------------------------------------------------------------
 
-    def _burst(self, workers: tuple[int, ...]) -> None:
+    def _burst(self) -> None:
         plan = self.plan
         body = self._body_file("simple.json", bodies.simple_body())
-        targets = self._targets("burst", workers)
+        targets = self._targets("burst")
         try:
             self._warm(targets, body, min(10, max(plan.burst_levels)))
             for level in plan.burst_levels:
@@ -244,7 +266,7 @@ class Runner:
 
     def _bodies(self) -> None:
         plan = self.plan
-        targets = self._targets("bodies", (1,))
+        targets = self._targets("bodies")
         try:
             self._warm(targets, self._body_file("simple.json", bodies.simple_body()), 1)
             for size in plan.body_sizes:
@@ -257,7 +279,7 @@ class Runner:
     def _paced(self) -> None:
         plan = self.plan
         body = self._body_file("simple.json", bodies.simple_body())
-        targets = self._targets("paced", (1,))
+        targets = self._targets("paced")
         stream_seconds = (plan.paced_chunks + 1) * plan.pace
         try:
             self._warm(targets, body, 8)
@@ -277,15 +299,10 @@ class Runner:
 
     # -- the whole run ----------------------------------------------------------------------------------------
 
-    def _count_phases(self, paths_burst: int, paths: int) -> int:
-        plan, n = self.plan, 0
-        if "burst" in self.only:
-            n += len(plan.burst_levels) * paths_burst
-        if "bodies" in self.only:
-            n += len(plan.body_sizes) * paths
-        if "paced" in self.only:
-            n += len(plan.paced_levels) * paths
-        return n * plan.rounds
+    def _count_phases(self) -> int:
+        plan = self.plan
+        levels = {"burst": plan.burst_levels, "bodies": plan.body_sizes, "paced": plan.paced_levels}
+        return plan.rounds * sum(len(levels[s]) * len(self._paths(s)) for s in levels if s in self.only)
 
     def run(self) -> Path:
         """Run the selected scenarios; returns the path of the JSON results."""
@@ -293,14 +310,12 @@ class Runner:
         busy = procs.busy_cores(0.5)
         if busy > 0.25:
             self.notes.append(f"the machine was not idle before the run ({busy:.2f} cores busy): figures are noisy")
-        workers: tuple[int, ...] = (1,)
-        if self.use_relay and self.plan.burst_workers and "burst" in self.only:
-            if procs.relay_supports_workers():
-                workers = (1, 2)
-            else:
+        self.workers2 = False
+        if self.use_relay and self.plan.two_workers and {"burst", "paced"} & set(self.only):
+            self.workers2 = procs.relay_supports_workers()
+            if not self.workers2:
                 self.notes.append("relay serve has no --workers yet: 1 vs 2 workers not measured")
-        paths = 2 if self.use_relay else 1
-        self.total = self._count_phases(paths + (len(workers) - 1), paths)
+        self.total = self._count_phases()
         if not self.use_relay:
             self.notes.append("direct path only (--direct-only): no relay figures")
         translator_results: dict[str, Any] | None = None
@@ -309,7 +324,7 @@ class Runner:
         try:
             with LoadPool(self.load_procs or 2) as self.pool:
                 if "burst" in self.only:
-                    self._burst(workers)
+                    self._burst()
                 if "bodies" in self.only:
                     self._bodies()
                 if "paced" in self.only:

@@ -1,6 +1,6 @@
 """`make bench-smoke` runs in the suite so the benchmark harness cannot rot unnoticed.
 
-It starts the real pieces (mock upstream, relay, load processes) as the full benchmark does, with tiny counts,
+It starts the real pieces (mock upstream, relay, the bench.pipe floor, load processes) as the full benchmark does, with tiny counts,
 and checks that every path of every scenario completed its requests without a single error.
 """
 
@@ -29,7 +29,8 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
 
     phases = results["phases"]
     assert {p["scenario"] for p in phases} == {"burst", "bodies", "paced"}
-    assert {p["path"] for p in phases} >= {"direct", "relay"}
+    assert {p["path"] for p in phases} >= {"direct", "relay", "pipe"}
+    assert {p["scenario"] for p in phases if p["path"] == "pipe"} == {"burst", "paced"}  # the floor
     for phase in phases:
         where = f"{phase['scenario']} {phase['case']} {phase['path']}"
         assert phase["errors"] == 0, f"{where}: {phase['error_kinds']}"
