@@ -88,3 +88,85 @@ def test_ca_file_is_checked_when_the_config_loads(tmp_path: Path) -> None:
     bad.write_text("not a certificate")
     with pytest.raises(ConfigError, match="ca_file: cannot load"):
         parse(relay_config("https://x/v1", f'ca_file = "{bad}"'), "t.toml", env={})
+
+
+async def test_bodies_bigger_than_many_tls_records_both_ways(nursery: trio.Nursery,
+                                                             certificate: tuple[Path, Path]) -> None:
+    """A TLS record holds 16 KiB: a 1.5 MB request and a 3 MB answer cross the memory buffers in many."""
+    cert, key = certificate
+    big = "y" * 3_000_000
+
+    def answer(rec: Recorded) -> Reply:
+        assert len(rec.body) > 1_500_000
+        return completion({"role": "assistant", "content": big})
+
+    upstream = MockUpstream(answer, tls=server_context(cert, key))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, f'ca_file = "{cert}"'))
+    body = orjson.dumps({"model": "mock-model", "max_tokens": 64,
+                         "messages": [{"role": "user", "content": "z" * 1_500_000}]})
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %b\r\ncontent-type: application/json\r\n"
+           b"content-length: %d\r\n\r\n%b" % (RELAY_KEY.encode(), len(body), body))
+    reply = await roundtrip(relay.port, raw, timeout=30)
+    assert reply.status == 200
+    assert orjson.loads(reply.body)["content"][0]["text"] == big
+
+
+async def test_a_tls_stream_cut_midway_ends_with_an_error_event(nursery: trio.Nursery,
+                                                                 certificate: tuple[Path, Path]) -> None:
+    """The upstream drops the connection with no close_notify and no chunked terminator: a cut, not an end."""
+    cert, key = certificate
+    cut = text_stream("before the cut ")
+    cut.pieces = cut.pieces[:2]  # the role chunk and the text, then nothing
+    cut.cut = True
+    upstream = MockUpstream(lambda rec: cut, tls=server_context(cert, key))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, f'ca_file = "{cert}"'))
+    answer = await roundtrip(relay.port, request())
+    assert answer.status == 200 and answer.complete, answer
+    assert b"before the cut" in answer.body
+    assert b"event: error" in answer.body and b"message_stop" not in answer.body
+
+
+async def test_a_server_that_speaks_no_tls_fails_the_handshake_clearly(nursery: trio.Nursery) -> None:
+    upstream = MockUpstream(many_chunks)  # plain HTTP, reached with https://
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url.replace("http://", "https://"), "retries = 0"))
+    answer = await roundtrip(relay.port, request())
+    assert answer.status == 502
+    error = orjson.loads(answer.body)["error"]
+    assert "TLS handshake failed" in error["message"], error
+
+
+async def test_a_silent_server_times_the_handshake_out(nursery: trio.Nursery) -> None:
+    """Accepts the connection and never answers the ClientHello: connect_timeout covers the handshake."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def hold() -> None:
+        while True:
+            accepted.append(await listener.accept())
+
+    nursery.start_soon(hold)
+    relay = await start_relay(nursery, relay_config(f"https://127.0.0.1:{port}/v1", "connect_timeout = 0.5\nretries = 0"))
+    with trio.fail_after(10):
+        answer = await roundtrip(relay.port, request())
+    assert answer.status == 504
+    assert "timed out connecting to the upstream after 0.5s" in orjson.loads(answer.body)["error"]["message"]
+    assert accepted
+
+
+async def test_a_client_hanging_up_closes_the_tls_connection_and_the_next_request_gets_a_new_one(
+        nursery: trio.Nursery, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    slow = text_stream(*[f"w{i} " for i in range(20)])
+    slow.pieces = [p for piece in slow.pieces for p in (piece, 0.02)]
+    upstream = MockUpstream(lambda rec: slow, tls=server_context(cert, key))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, f'ca_file = "{cert}"'))
+    first = await roundtrip(relay.port, request(), stop_after_first_data=True)
+    assert first.status == 200 and not first.complete
+    second = await roundtrip(relay.port, request())
+    assert second.status == 200 and second.complete and b"w19 " in second.body
+    assert upstream.accepted == 2  # the abandoned stream's connection was closed, not pooled half-read
