@@ -23,7 +23,8 @@ def client_env(config: Config, host: str | None = None, port: int | None = None)
     return {"ANTHROPIC_BASE_URL": f"http://{host}:{port}", "ANTHROPIC_AUTH_TOKEN": token}
 
 
-MAIN_MODEL_FALLBACK = "claude-sonnet"  # what Claude Code asks for when ANTHROPIC_MODEL is unset
+# What Claude Code asks for when ANTHROPIC_MODEL is unset: 2.1.331 asks for claude-opus-5-5 (its access-log line).
+MAIN_MODEL_FALLBACK = "claude-opus"
 
 
 def static_window(config: Config, model: str) -> int | None:

@@ -88,6 +88,32 @@ def test_claude_settings(tmp_path: Path) -> None:
     assert json.loads(out.stdout) == {"env": {"ANTHROPIC_BASE_URL": "http://127.0.0.1:9911", "ANTHROPIC_AUTH_TOKEN": RELAY_KEY}}
 
 
+def test_claude_settings_size_compaction_for_the_model_claude_code_asks_for_by_default(tmp_path: Path) -> None:
+    """With ANTHROPIC_MODEL unset Claude Code 2.1.331 asks for claude-opus-…: the opus route's window counts."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('''
+[providers.local]
+base_url = "http://127.0.0.1:1/v1"
+auth = "none"
+models = ["small", "big"]
+[providers.local.limits]
+small = { context_window = 32000 }
+big = { context_window = 64000 }
+[routes]
+sonnet = "local/small"
+opus = "local/big"
+''')
+    import json
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_MODEL"}
+    out = run_cli("claude-settings", "-c", str(cfg), env=env)
+    assert out.returncode == 0, out.stderr
+    settings = json.loads(out.stdout)["env"]
+    from relay.launcher import compaction_env
+    assert compaction_env(64000) != compaction_env(32000)
+    assert {k: settings[k] for k in compaction_env(64000)} == compaction_env(64000)
+
+
 def test_relay_claude_starts_a_relay_and_runs_claude(tmp_path: Path) -> None:
     """`relay claude` with a stand-in `claude` on PATH: it must see relay's URL and key, and relay must answer."""
     import os
