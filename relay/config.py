@@ -375,8 +375,11 @@ def default_config(env: dict[str, str]) -> Config:
     # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
     default_model = env.get("RELAY_DEFAULT_MODEL", "")
     routes = {"default": (f"openai/{default_model}",)} if default_model else {}
-    return Config(providers={"openai": provider}, routes=routes,
-                  source="<environment: OPENAI_BASE_URL, OPENAI_API_KEY, RELAY_DEFAULT_MODEL>")
+    # The startup line shows this: say what is missing, not just where the settings would come from.
+    source = (f"<environment: OPENAI_BASE_URL={provider.base_url}, "
+              f"OPENAI_API_KEY {'set' if key else 'NOT SET'}, "
+              f"RELAY_DEFAULT_MODEL={default_model or 'not set (Claude ids go upstream unchanged)'}>")
+    return Config(providers={"openai": provider}, routes=routes, source=source)
 
 
 def _ca_file(path: str, src: Any, table: str) -> str:

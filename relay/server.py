@@ -10,6 +10,7 @@ import fnmatch
 import hmac
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,6 +242,10 @@ class Server:
             if not isinstance(event, h11.Request):
                 return
             request = event
+            if _head_size(request) > server.max_header_bytes:  # h11 checks only heads still incomplete in a read
+                await _send_raw(conn.stream, RelayError(431, f"request head larger than {server.max_header_bytes} bytes",
+                                                        "invalid_request_error"))
+                return
             ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
             try:
                 with trio.fail_after(server.header_timeout):
@@ -302,7 +307,11 @@ class Server:
         status = exc.error_status_hint or 400
         if status >= 500:  # e.g. an unsupported Transfer-Encoding: the client's request is at fault, not relay
             status = 400
-        await _send_raw(conn.stream, RelayError(status, f"malformed HTTP request: {exc}",
+        if status == 431:
+            message = f"request head larger than {self.config.server.max_header_bytes} bytes"
+        else:  # h11 quotes the bytes it refused as Python reprs: bytearray(b'...')
+            message = "malformed HTTP request: " + re.sub(r"bytearray\(b(['\"])(.*?)\1\)", r"\2", str(exc))
+        await _send_raw(conn.stream, RelayError(status, message,
                                                 "request_too_large" if status == 413 else "invalid_request_error"))
 
     async def _json(self, conn: Connection, ex: Exchange, status: int, body: bytes, *, head_only: bool = False,
@@ -793,11 +802,17 @@ def _retry_after(err: RelayError) -> float | None:
     return None
 
 
+def _head_size(request: h11.Request) -> int:
+    """The request head's size as sent, near enough: line, headers, line ends."""
+    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
 async def _send_raw(stream: trio.SocketStream | transport.ClientSocket, err: RelayError) -> None:
     """An error response written outside h11 (its state is spent, or no h11 connection exists yet)."""
     body = err.body()
-    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            % (err.status, _reason(err.status).encode(), len(body)))
+    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %b\r\n"
+            b"server: relay\r\nconnection: close\r\n\r\n"
+            % (err.status, _reason(err.status).encode(), len(body), A.request_id().encode()))
     try:
         await stream.send_all(head + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -80,6 +80,14 @@ def test_no_file_serves_openai_from_environment() -> None:
     (target,) = resolve(c, "gpt-4o-mini")
     assert target.model == "gpt-4o-mini" and target.provider.base_url == "http://127.0.0.1:1/v1"
     assert target.provider.api_key == "sk-x"
+    assert "sk-x" not in c.source and "OPENAI_API_KEY set" in c.source
+
+
+def test_the_startup_line_says_what_the_environment_is_missing() -> None:
+    source = load(None, {}).source
+    assert "OPENAI_API_KEY NOT SET" in source and "https://api.openai.com/v1" in source
+    assert "RELAY_DEFAULT_MODEL=not set" in source
+    assert "RELAY_DEFAULT_MODEL=gpt-4.1>" in load(None, {"RELAY_DEFAULT_MODEL": "gpt-4.1"}).source
 
 
 def test_missing_file_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]

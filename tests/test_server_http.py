@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 import trio
 
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
@@ -82,7 +83,10 @@ async def test_bad_bodies_get_clear_400s(relay: RelayHandle) -> None:
         b"[1,2]": "JSON object",
         b'{"max_tokens":5,"messages":[]}': "model",
         b'{"model":"mock-model","max_tokens":5}': "messages",
-        b'{"model":"mock-model","messages":[{"role":"user","content":"x"}]}': "max_tokens",
+        b'{"model":"mock-model","messages":[{"role":"user","content":"x"}]}': "max_tokens: Field required",
+        b'{"model":"mock-model","max_tokens":"10","messages":[{"role":"user","content":"x"}]}': "valid integer",
+        b'{"model":"mock-model","max_tokens":0,"messages":[{"role":"user","content":"x"}]}': "greater than or equal to 1",
+        b'{"model":"mock-model","max_tokens":5,"messages":[]}': "at least one message",
         b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"robot","content":"x"}]}': "messages.0.role",
         b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"ftp"}}]}]}': "image source",
     }
@@ -154,8 +158,23 @@ async def test_idle_connection_is_closed(nursery: trio.Nursery, upstream: MockUp
 
 async def test_malformed_http_gets_400(relay: RelayHandle) -> None:
     out = await exchange(relay.port, b"THIS IS NOT HTTP\r\n\r\n", read_until_close=True)
-    assert out.startswith(b"HTTP/1.1 400")
-    assert orjson.loads(out.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+    status, headers, body = split(out)
+    assert status == 400 and headers["request-id"].startswith("req_")
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "THIS IS NOT HTTP" in error["message"] and "bytearray" not in error["message"], error
+
+
+@pytest.mark.parametrize("head", [
+    b"x-big: " + b"a" * 70_000 + b"\r\n",  # one header past the limit, arriving whole in a read or two
+    b"".join(b"x-h%d: %b\r\n" % (i, b"b" * 1000) for i in range(100)),  # many headers, ~101 KB together
+], ids=["one-big-header", "many-headers"])
+async def test_a_request_head_past_max_header_bytes_gets_431(relay: RelayHandle, head: bytes) -> None:
+    out = await exchange(relay.port, b"GET /health HTTP/1.1\r\nhost: x\r\n" + head + b"\r\n", read_until_close=True)
+    status, headers, body = split(out)
+    assert status == 431, out[:200]
+    assert "larger than 65536 bytes" in orjson.loads(body)["error"]["message"]
+    assert headers["request-id"].startswith("req_")
 
 
 async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:

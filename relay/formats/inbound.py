@@ -55,6 +55,8 @@ def turns(req: dict[str, Any]) -> Iterator[tuple[str, str, str | list[Any]]]:
     messages = req.get("messages")
     if not isinstance(messages, list):
         raise invalid("messages: Field required (a list)")
+    if not messages:
+        raise invalid("messages: at least one message is required")
     for n, message in enumerate(messages):
         where = f"messages.{n}"
         if not isinstance(message, dict):
@@ -300,8 +302,12 @@ def thinking_budget(req: dict[str, Any]) -> int | None:
 def max_tokens(req: dict[str, Any], provider: Provider) -> int:
     """The validated max_tokens, clamped to the provider's cap."""
     value = req.get("max_tokens")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise invalid("max_tokens: Field required (a positive integer)")
+    if value is None:
+        raise invalid("max_tokens: Field required")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise invalid("max_tokens: Input should be a valid integer")
+    if value < 1:
+        raise invalid("max_tokens: Input should be greater than or equal to 1")
     if provider.max_tokens_cap is not None:
         value = min(value, provider.max_tokens_cap)
     return value
