@@ -99,15 +99,21 @@ class ChunkMerger:
         pos = start
         parts: list[bytes] = []
         total = 0
+        bare = _BARE_SIZE_LINE.match
         while pos < n:
-            eol = data.find(b"\r\n", pos)
-            if eol < 0:
-                if n - pos > 1024:
-                    self._state = _PASS
-                else:
-                    self._line = data[pos:]
-                break
-            size = _chunk_size(data, pos, eol)
+            line = bare(data, pos)
+            if line is not None:  # the usual size line: hex digits and CRLF
+                eol = line.end() - 2
+                size = int(line.group(1), 16)
+            else:  # extensions, whitespace, a line cut by the end of the read, or garbage
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > 1024:
+                        self._state = _PASS
+                    else:
+                        self._line = data[pos:]
+                    break
+                size = _chunk_size(data, pos, eol)  # h11's whole grammar decides
             if size <= 0:  # the last chunk, or a size line for h11 to judge: the rest passes as is
                 self._state = _PASS
                 break
@@ -116,7 +122,7 @@ class ChunkMerger:
                 self._state = _DATA
                 self._left = end + 2 - n
                 break
-            if data[end:end + 2] != b"\r\n":
+            if not data.startswith(b"\r\n", end):
                 self._state = _PASS
                 break
             parts.append(data[eol + 2:end])
@@ -128,6 +134,7 @@ class ChunkMerger:
         return data[:start] + merged + data[pos:] if start else merged + data[pos:] if pos < n else merged
 
 
+_BARE_SIZE_LINE = re.compile(b"([0-9A-Fa-f]{1,16})\r\n")
 _BLANK_LINE = re.compile(b"\n\r?\n")  # h11's end of a head
 _CHUNK_SIZE = re.compile(b"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*")  # h11's chunk-size line, without its CRLF
 

@@ -3,8 +3,10 @@
 httpcore's AsyncConnectionPool re-scans all of its connections, quadratically, whenever a request starts or
 ends; at a few hundred concurrent streams that bookkeeping cost more CPU than relaying the streams did. This
 pool does the same job in constant time: a stack of idle connections per origin (the most recently used is
-reused first, so the rest can expire), and a semaphore for the connection limit. httpcore still does
-everything on the wire: connecting, TLS, HTTP/1.1, timeouts.
+reused first, so the rest can expire), and a semaphore for the connection limit. It holds httpcore's
+HTTP/1.1 connections directly: httpcore's AsyncHTTPConnection wrapper only adds, per request, a lock (a trip
+through trio's scheduler) and protocol negotiation that relay, speaking HTTP/1.1 only, never needs. httpcore
+still does everything on the wire: HTTP/1.1 framing, connection state, keep-alive expiry.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ BACKEND = Backend()
 
 class ConnectionPool:
     def __init__(self, ssl_context: ssl.SSLContext, max_connections: int, keepalive_expiry: float = 60.0) -> None:
+        ssl_context.set_alpn_protocols(["http/1.1"])  # what httpcore's own connection offers without HTTP/2
         self._ssl = ssl_context
         self._keepalive = keepalive_expiry
         self._limit = max_connections
         self._slots: trio.Semaphore | None = None  # made on first use, inside trio
-        self._idle: dict[OriginKey, list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle: dict[OriginKey, list[httpcore.AsyncHTTP11Connection]] = {}
 
     @asynccontextmanager
     async def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
@@ -50,7 +53,7 @@ class ConnectionPool:
         try:
             origin = request.url.origin
             key = (origin.scheme, origin.host, origin.port)
-            connection = await self._checkout(key, origin)
+            connection = await self._checkout(key, origin, extensions.get("timeout", {}).get("connect"))
             try:
                 response = await connection.handle_async_request(request)
             except BaseException:
@@ -67,7 +70,8 @@ class ConnectionPool:
         finally:
             self._slots.release()
 
-    async def _checkout(self, key: OriginKey, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection:
+    async def _checkout(self, key: OriginKey, origin: httpcore.Origin,
+                        timeout: float | None) -> httpcore.AsyncHTTP11Connection:
         stack = self._idle.get(key)
         while stack:
             connection = stack.pop()
@@ -78,8 +82,10 @@ class ConnectionPool:
                 pass
             with trio.CancelScope(shield=True):
                 await connection.aclose()
-        return httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl, keepalive_expiry=self._keepalive,
-                                            network_backend=BACKEND)
+        stream = await BACKEND.connect_tcp(origin.host.decode("ascii"), origin.port, timeout=timeout)
+        if origin.scheme == b"https":
+            stream = await stream.start_tls(self._ssl, server_hostname=origin.host.decode("ascii"), timeout=timeout)
+        return httpcore.AsyncHTTP11Connection(origin=origin, stream=stream, keepalive_expiry=self._keepalive)
 
     async def aclose(self) -> None:
         for stack in self._idle.values():
