@@ -21,7 +21,13 @@ run: install          ## install (first time) and start the relay; pass options 
 test: install         ## run the whole test suite
 	$(PY) -m pytest -q $(ARGS)
 
-bench: install        ## relay vs direct upstream benchmark; results in bench/results/
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## relay vs direct upstream benchmark (and its chart); results in bench/results/
 	$(PY) -m bench $(ARGS)
 
 bench-smoke: install  ## a few-second run of the benchmark harness
