@@ -179,6 +179,11 @@ def start_pipe(upstream_port: int) -> tuple[Child, int]:
     return _start_ready("pipe", [sys.executable, "-m", "bench.pipe", "--upstream-port", str(upstream_port)])
 
 
+def start_stack(upstream_port: int) -> tuple[Child, int]:
+    """Start ``bench.stack`` (the library floor: h11 + httpcore, nothing else) in front of the mock."""
+    return _start_ready("stack", [sys.executable, "-m", "bench.stack", "--upstream-port", str(upstream_port)])
+
+
 class RelayUnavailable(RuntimeError):
     """relay could not be started (not written yet, a broken config, ...); the message says why."""
 

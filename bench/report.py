@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from bench.runner import Phase, Plan
 
 KIB = 1024
-DIRECT, RELAY, RELAY2, PIPE = "direct", "relay", "relay-2w", "pipe"
+DIRECT, RELAY, RELAY2, PIPE, STACK = "direct", "relay", "relay-2w", "pipe", "stack"
 #: Figures whose relay/direct ratio is computed: (key, label).
 RATIO_KEYS = (("rps", "req/s"), ("eps", "events/s"), ("ttfb_p50", "TTFB p50"), ("ttfb_p99", "TTFB p99"),
               ("total_p50", "total p50"), ("total_p99", "total p99"))
@@ -157,10 +157,15 @@ def _targets(summary: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         r and r["added_ttfb_p50_ms"] < 1)
     add("TTFB added, c=1, 100 KiB Claude Code body, p99 (ms)", r and r["added_ttfb_p99_ms"], "< 3",
         r and r["added_ttfb_p99_ms"] < 3)
+    r = body["ratios"].get(STACK) if body else None
+    if r:
+        for pct in ("p50", "p99"):
+            add(f"TTFB added, 100 KiB, {pct}, by the library floor (bench.stack)", r[f"added_ttfb_{pct}_ms"], REFERENCE, None)
     burst = _case(summary, "burst", "c=10")
     r = burst["ratios"].get(RELAY) if burst else None
     add("burst c=10: relay req/s / direct req/s", r and r["rps"], ">= 0.25", r and r["rps"] >= 0.25)
-    for path, name in ((RELAY2, "relay --workers 2"), (PIPE, "the floor (bench.pipe)")):
+    for path, name in ((RELAY2, "relay --workers 2"), (PIPE, "the floor (bench.pipe)"),
+                       (STACK, "the library floor (bench.stack)")):
         r = burst["ratios"].get(path) if burst else None
         if r:
             add(f"burst c=10: {name} req/s / direct req/s", r["rps"], REFERENCE, None)
@@ -169,7 +174,8 @@ def _targets(summary: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     if paced:
         add("paced: most concurrent streams with no gap > 2x pace (one worker)", _clean_level(paced, RELAY), ">= 512",
             _clean_level(paced, RELAY) >= 512)
-        for path, name in ((RELAY2, "relay --workers 2"), (PIPE, "the floor (bench.pipe), one process")):
+        for path, name in ((RELAY2, "relay --workers 2"), (PIPE, "the floor (bench.pipe), one process"),
+                           (STACK, "the libraries (bench.stack), one process")):
             if all(path in c["paths"] for c in paced):
                 add(f"paced: most streams with no gap > 2x pace, {name}", _clean_level(paced, path), REFERENCE, None)
         top = max(paced, key=lambda c: c["level"])
@@ -285,7 +291,7 @@ def render(summary: dict[str, Any]) -> str:
         shown = "-" if figure is None or (isinstance(figure, float) and math.isnan(figure)) else (
             f"{figure:,.2f}" if isinstance(figure, float) else f"{figure:,}")
         want = "" if t["limit"] == REFERENCE else f" (want {t['limit']})"
-        lines.append(f"  {t['target']:<78} {shown:>12}{want}: {verdict}")
+        lines.append(f"  {t['target']:<84} {shown:>12}{want}: {verdict}")
     for note in summary["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -332,7 +338,7 @@ def draw(summary: dict[str, Any], path: Path) -> str:
             ax.set_visible(False)
             continue
         xs = [c["level"] / (KIB if scenario == "bodies" else 1) for c in cases]
-        for route in (DIRECT, RELAY, RELAY2, PIPE):
+        for route in (DIRECT, RELAY, RELAY2, PIPE, STACK):
             ys = [_num(c["paths"].get(route, {}).get(key)) for c in cases]
             if all(math.isnan(y) for y in ys):
                 continue

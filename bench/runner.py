@@ -4,8 +4,9 @@ interleaved round by round so that drift in the machine's speed hits both paths 
 Scenarios (see ``bench/README.md``): ``burst`` (50-chunk streams, no delay, several concurrencies), ``bodies``
 (Claude Code-shaped request bodies of growing size at concurrency 1), ``paced`` (64 chunks of 16 bytes every
 20 ms, concurrency stepping up to 1,024). Burst and paced also run relay with 2 workers (when it has
-``--workers``) and the ``pipe`` path: ``bench.pipe``, bytes copied on relay's socket layer with nothing parsed,
-the floor any relay written on this stack stands on.
+``--workers``) and two floors: ``pipe`` (``bench.pipe``, bytes copied on relay's socket layer with nothing
+parsed) and ``stack`` (``bench.stack``, h11 + relay's httpcore pool and nothing else: the libraries' own cost).
+Bodies run ``stack`` too: the TTFB those libraries add before relay does any work of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bench.load import LoadPool, LoadSpec, Tally
 from bench.upstream import Profile, stream_events
 
 KIB = 1024
-DIRECT, RELAY, RELAY2, PIPE = "direct", "relay", "relay-2w", "pipe"
+DIRECT, RELAY, RELAY2, PIPE, STACK = "direct", "relay", "relay-2w", "pipe", "stack"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Plan:
     burst_levels: tuple[int, ...]
     burst_seconds: float
     two_workers: bool  #: burst and paced also measure relay --workers 2 (when relay supports it)
-    floor: bool  #: burst and paced also measure bench.pipe (bytes copied, nothing parsed)
+    floor: bool  #: also measure the floors: bench.pipe (burst, paced) and bench.stack (burst, paced, bodies)
     body_sizes: tuple[int, ...]
     body_seconds: float
     paced_levels: tuple[int, ...]
@@ -147,8 +148,10 @@ class Runner:
             paths.append(RELAY)
             if scenario != "bodies" and self.workers2:
                 paths.append(RELAY2)
-        if scenario != "bodies" and self.plan.floor:
-            paths.append(PIPE)
+        if self.plan.floor:
+            if scenario != "bodies":
+                paths.append(PIPE)
+            paths.append(STACK)
         return paths
 
     def _targets(self, scenario: str) -> dict[str, Target]:
@@ -158,8 +161,9 @@ class Runner:
             for path in self._paths(scenario):
                 if path == DIRECT:
                     targets[path] = direct
-                elif path == PIPE:  # the same requests as direct, through the floor
-                    child, port = procs.start_pipe(self.upstream_port)
+                elif path in (PIPE, STACK):  # the same requests as direct, through a floor
+                    start = procs.start_pipe if path == PIPE else procs.start_stack
+                    child, port = start(self.upstream_port)
                     targets[path] = Target(port, direct.path, direct.marker, child=child)
                 else:
                     child, port = procs.start_relay(self.upstream_port, scenario, workers=2 if path == RELAY2 else 1)

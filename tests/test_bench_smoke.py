@@ -1,6 +1,7 @@
 """`make bench-smoke` runs in the suite so the benchmark harness cannot rot unnoticed.
 
-It starts the real pieces (mock upstream, relay, the bench.pipe floor, load processes) as the full benchmark does, with tiny counts,
+It starts the real pieces (mock upstream, relay, the bench.pipe and bench.stack floors, load processes) as the full
+benchmark does, with tiny counts,
 and checks that every path of every scenario completed its requests without a single error.
 """
 
@@ -29,8 +30,9 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
 
     phases = results["phases"]
     assert {p["scenario"] for p in phases} == {"burst", "bodies", "paced"}
-    assert {p["path"] for p in phases} >= {"direct", "relay", "pipe"}
-    assert {p["scenario"] for p in phases if p["path"] == "pipe"} == {"burst", "paced"}  # the floor
+    assert {p["path"] for p in phases} >= {"direct", "relay", "pipe", "stack"}
+    assert {p["scenario"] for p in phases if p["path"] == "pipe"} == {"burst", "paced"}  # the byte floor
+    assert {p["scenario"] for p in phases if p["path"] == "stack"} == {"burst", "bodies", "paced"}  # the libraries
     for phase in phases:
         where = f"{phase['scenario']} {phase['case']} {phase['path']}"
         assert phase["errors"] == 0, f"{where}: {phase['error_kinds']}"
