@@ -61,6 +61,8 @@ class ConnectionPool:
         if content is not None:
             headers = [*headers, (b"content-length", b"%d" % len(content))]
         request = httpcore.Request(method, url, headers=headers, content=content, extensions=extensions)
+        if request.url.scheme not in (b"http", b"https"):
+            raise httpcore.UnsupportedProtocol(f"unsupported URL scheme {request.url.scheme.decode('ascii', 'replace')!r}")
         if self._slots is None:
             self._slots = trio.Semaphore(self._limit)
         try:

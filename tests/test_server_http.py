@@ -107,6 +107,18 @@ async def test_unknown_model_is_404(nursery: trio.Nursery, upstream: MockUpstrea
     assert "gpt-nothing" in orjson.loads(out)["error"]["message"]
 
 
+async def test_non_http_base_url_is_a_clear_error(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    """relay's pool speaks HTTP/1.1 over TCP or TLS only: another scheme is refused by name, never dialled."""
+    port = upstream.base_url.split(":")[2].split("/")[0]
+    relay = await start_relay(nursery, relay_config(f"ftp://127.0.0.1:{port}/v1"))
+    body = b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    status, _, out = split(await exchange(relay.port, post("/v1/messages", body)))
+    assert status == 500
+    error = orjson.loads(out)["error"]
+    assert error["type"] == "api_error" and "base_url must start with http:// or https://" in error["message"]
+    assert not upstream.requests  # nothing reached the upstream's port
+
+
 async def test_body_limit_413(nursery: trio.Nursery, upstream: MockUpstream) -> None:
     relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nbody_limit = 1000"))
     status, headers, out = split(await exchange(relay.port, post("/v1/messages", b"x" * 2000)))
