@@ -7,7 +7,11 @@ first and only park the task when the kernel says ``EAGAIN``.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -78,3 +82,39 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+async def accept_forever(listener: socket.socket, nursery: trio.Nursery,
+                         handler: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Accept every connection waiting each time the listener is readable; each runs ``handler(conn, *args)``."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                break
+            tune(conn)
+            nursery.start_soon(handler, conn, *args)
+
+
+Serve = Callable[..., Awaitable[None]]  # serve(listener, upstream_port, task_status=...)
+
+
+def front_main(prog: str, description: str, serve: Serve, argv: list[str] | None = None) -> None:
+    """The command line of a server placed in front of the mock (``bench.pipe``, ``bench.stack``): it listens,
+    prints ``READY <port>`` and serves until interrupted."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    args = parser.parse_args(argv)
+    sock = listen(args.host, args.port)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve, sock, args.upstream_port)
+            print(f"READY {port}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run)

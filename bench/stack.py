@@ -13,8 +13,6 @@ Run: ``python -m bench.stack --upstream-port 8000``; it prints ``READY <port>`` 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import socket
 import ssl
 
@@ -76,35 +74,13 @@ async def _serve_connection(client: socket.socket, pool: ConnectionPool, origin:
 async def serve(listener: socket.socket, upstream_port: int,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     pool = ConnectionPool(ssl.create_default_context(), 65536)
-    origin = f"http://127.0.0.1:{upstream_port}"
     async with trio.open_nursery() as nursery:
         task_status.started(listener.getsockname()[1])
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
-                    break
-                _net.tune(conn)
-                nursery.start_soon(_serve_connection, conn, pool, origin)
+        await _net.accept_forever(listener, nursery, _serve_connection, pool, f"http://127.0.0.1:{upstream_port}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.stack", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--upstream-port", type=int, required=True)
-    args = parser.parse_args(argv)
-    listener = _net.listen(args.host, args.port)
-
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve, listener, args.upstream_port)
-            print(f"READY {port}", flush=True)
-
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run)
+    _net.front_main("python -m bench.stack", __doc__.splitlines()[0], serve, argv)
 
 
 if __name__ == "__main__":

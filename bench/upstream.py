@@ -271,15 +271,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.pacer.run)
             task_status.started(listener.getsockname()[1])
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                while True:
-                    try:
-                        conn, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    _net.tune(conn)
-                    nursery.start_soon(self._connection, conn)
+            await _net.accept_forever(listener, nursery, self._connection)
 
     async def _connection(self, sock: socket.socket) -> None:
         buf = bytearray()
