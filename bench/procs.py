@@ -205,6 +205,7 @@ def relay_config(upstream_port: int, profile: str) -> str:
         "[server]\n"
         'host = "127.0.0.1"\n'
         "port = 8787\n"
+        'usage_db = ""\n'  # the bench's requests stay out of the user's usage book
         "[providers.mock]\n"
         'format = "openai"\n'
         f'base_url = "http://127.0.0.1:{upstream_port}/p/{profile}/v1"\n'

@@ -8,6 +8,7 @@ and checks that every path of every scenario completed its requests without a si
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
+    state = tmp_path / "state"  # where relay would keep its usage book (XDG_STATE_HOME)
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "XDG_STATE_HOME": str(state)},
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     files = list(tmp_path.glob("bench-*-smoke.json"))
@@ -41,3 +44,4 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
         relay = case["paths"]["relay"]
         assert relay["relay_rss_peak"] > 0, case["case"]  # /proc sampling found the relay process
     assert results["targets"], "targets section missing"
+    assert not (state / "relay").exists(), "the bench's relays wrote to the user's usage book"
