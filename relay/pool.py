@@ -63,19 +63,20 @@ class ConnectionPool:
         request = httpcore.Request(method, url, headers=headers, content=content, extensions=extensions)
         if request.url.scheme not in (b"http", b"https"):
             raise httpcore.UnsupportedProtocol(f"unsupported URL scheme {request.url.scheme.decode('ascii', 'replace')!r}")
+        timeouts = extensions.get("timeout", {})
         if self._slots is None:
             self._slots = trio.Semaphore(self._limit)
         try:
             self._slots.acquire_nowait()  # the usual case: no cancel scope, no trip through the scheduler
         except trio.WouldBlock:  # full (or others already waiting: they go first)
-            with trio.move_on_after(extensions.get("timeout", {}).get("pool") or float("inf")) as waiting:
+            with trio.move_on_after(timeouts.get("pool") or float("inf")) as waiting:
                 await self._slots.acquire()
             if waiting.cancelled_caught:
-                raise httpcore.PoolTimeout(f"no free connection within {extensions['timeout']['pool']}s") from None
+                raise httpcore.PoolTimeout(f"no free connection within {timeouts['pool']}s") from None
         try:
             origin = request.url.origin
             key = (origin.scheme, origin.host, origin.port)
-            connection = await self._checkout(key, origin, extensions.get("timeout", {}).get("connect"))
+            connection = await self._checkout(key, origin, timeouts.get("connect"))
             try:
                 response = await connection.handle_async_request(request)
             except BaseException:
@@ -104,9 +105,10 @@ class ConnectionPool:
                 pass
             with trio.CancelScope(shield=True):
                 await connection.aclose()
-        stream = await BACKEND.connect_tcp(origin.host.decode("ascii"), origin.port, timeout=timeout)
+        host = origin.host.decode("ascii")
+        stream = await BACKEND.connect_tcp(host, origin.port, timeout=timeout)
         if origin.scheme == b"https":
-            stream = await stream.start_tls(self._ssl, server_hostname=origin.host.decode("ascii"), timeout=timeout)
+            stream = await stream.start_tls(self._ssl, server_hostname=host, timeout=timeout)
         return HTTP11Connection(origin, stream, self._keepalive)
 
     async def aclose(self) -> None:
