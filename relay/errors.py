@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from relay import output_cap
 from relay.overflow import Overflow, detect
 
 # status -> Anthropic error type (docs: "Errors"; 400 is also used for unlisted 4xx)
@@ -55,6 +56,8 @@ class RelayError(Exception):
         self.error_type = error_type or type_for_status(status)
         self.headers = headers or []
         self.overflow: Overflow | None = None  # the upstream said the context window overflowed
+        self.output_cap: int | None = None  # the upstream refused max_tokens and said the most it accepts
+        self.refusal = False  # relay refused the request itself: the upstream never saw it
 
     def body(self, request_id: str | None = None) -> bytes:
         doc: dict[str, Any] = {"type": "error", "error": {"type": self.error_type, "message": self.message}}
@@ -155,7 +158,14 @@ def from_upstream(
         retry_after = _retry_after_from(doc)
     headers = [(b"retry-after", retry_after.encode())] if retry_after else []
     err = RelayError(out_status, redact(f"{provider}: {message}", secrets), type_for_status(out_status), headers)
+    return _read(err, message, doc)
+
+
+def _read(err: RelayError, message: str, doc: Any) -> RelayError:
+    """What an upstream's error says that relay can act on: a context overflow, or the output cap it stated."""
     err.overflow = detect(message, doc)
+    if err.overflow is None and 400 <= err.status < 500 and err.status != 429:
+        err.output_cap = output_cap.detect(message, doc)
     return err
 
 
@@ -178,8 +188,7 @@ def from_stream_error(doc: Any, secrets: tuple[str, ...] = (), provider: str = "
             status = 400
     message = _message_from(doc) or "upstream reported an error"
     out = RelayError(status, redact(f"{provider}: {message}", secrets), type_for_status(status))
-    out.overflow = detect(message, doc)
-    return out
+    return _read(out, message, doc)
 
 
 def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, max_tokens: int | None) -> RelayError:
@@ -218,8 +227,7 @@ def from_anthropic_error(doc: Any, secrets: tuple[str, ...] = (), provider: str 
         return from_stream_error(doc, secrets, provider)
     message = _message_from(doc) or kind
     out = RelayError(_TYPE_STATUS[kind], redact(f"{provider}: {message}", secrets), kind)
-    out.overflow = detect(message, doc)
-    return out
+    return _read(out, message, doc)
 
 
 def retry_after_header(doc: Any) -> list[tuple[bytes, bytes]]:

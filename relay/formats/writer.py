@@ -30,6 +30,7 @@ class BlockWriter:
         self.output_tokens = 0
         self.cache_read = 0
         self.has_usage = False
+        self.usage_estimated = False
         self.saw_tool = False
         self.secrets = secrets
         self.provider = provider

@@ -10,6 +10,7 @@ claude       runs `claude -p ... --output-format stream-json` with a temp HOME a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -63,20 +64,28 @@ def _find_claude(prefix: Path) -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def claude_bin() -> Path:
+def claude_bin(request: pytest.FixtureRequest) -> Path:
     prefix = _cache_dir()
     prefix.mkdir(parents=True, exist_ok=True)
     with (prefix.parent / f"{prefix.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time (parallel workers, CI jobs sharing a cache)
-        return _install_claude(prefix)
+        return _install_claude(prefix, request.config)
 
 
-def _install_claude(prefix: Path) -> Path:
+def say(config: pytest.Config, line: str) -> None:
+    """A line on the terminal now, past pytest's output capture: for waits a person should know about."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\n{line}", file=sys.stderr, flush=True)
+
+
+def _install_claude(prefix: Path, config: pytest.Config) -> Path:
     if found := _find_claude(prefix):
         return found
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip("Claude Code e2e: npm is not on PATH, cannot install " + CLAUDE_PACKAGE)
+    say(config, f"relay tests: installing {CLAUDE_PACKAGE} (about 380 MB, once) into {prefix} for the end-to-end tests")
     cmd = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", CLAUDE_PACKAGE]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
