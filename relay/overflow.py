@@ -114,6 +114,9 @@ _RAW: list[tuple[str, tuple[str, ...]]] = [
     # llama.cpp (also relayed by Ollama), LM Studio, Ollama
     (r"request \(" + _N + r" tokens\) exceeds the available context size \(" + _N + r" tokens\)", ("n", "m")),
     (r"exceeds the available context size", ()),
+    # llama-cpp-python's own words (its server rewords them as OpenAI's for non-streamed requests only):
+    # https://github.com/fedora-copr/logdetective-website/pull/193, https://github.com/rllm-team/rllm/issues/55
+    (r"requested tokens \(" + _N + r"\) exceed context window of " + _N, ("n", "m")),
     (r"tokens to keep from the initial prompt is greater than the context length \(n_keep: " + _N + r"\s*>= ?n_ctx: " + _N,
      ("n", "m")),
     (r"tokens to keep from the initial prompt is greater than the context length", ()),

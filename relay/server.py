@@ -24,7 +24,7 @@ from relay import routing, tokens, transport
 from relay.config import ClientKey, Config
 from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens, fit_reason
-from relay.errors import RelayError, invalid
+from relay.errors import RelayError, empty_stream, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
@@ -523,7 +523,7 @@ class Server:
                 if err.status not in RETRYABLE and not rotated:
                     raise
                 failures.append(f"{target.label}:{err.status}")
-                attempt += 1
+                attempt += 1 if not err.empty else provider.retries + 1  # the same request gets the same empty answer
                 wait = 0.0 if rotated else min(retry_after if retry_after is not None else 0.25 * 2 ** attempt * random.uniform(0.5, 1.0), 1e9)
                 if attempt <= provider.retries and wait <= provider.max_retry_wait:
                     log.info("%s %s failed with %d (%s); retrying in %.2fs", ex.request_id, target.label, err.status, err.error_type, wait)
@@ -705,7 +705,7 @@ class Server:
                         network.before_read = None  # the connection goes back to the pool
                 if not gone and error is None:
                     if ex.status == 0:  # nothing came out at all: never leave the client without an answer
-                        error = RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
+                        error = empty_stream(ex.target)
                     else:
                         try:
                             await conn.send(h11.EndOfMessage())

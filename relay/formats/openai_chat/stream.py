@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from relay.errors import RelayError, from_stream_error
+from relay.errors import RelayError, empty_stream, from_stream_error
 from relay.tokens import OutputCount
 from relay.formats import anthropic as A
 from relay.formats.openai_chat.common import (
@@ -100,7 +100,7 @@ class StreamTranslator:
             self._on_event(name, payload)
         if not self.done:
             if not self.started:
-                self._fail(RelayError(502, f"{self._provider}: the upstream stream ended without any data", "api_error"))
+                self._fail(empty_stream(self._provider))
             else:
                 self._close_message()
         return self._flush()
