@@ -7,7 +7,6 @@ Nothing format-specific happens here beyond choosing the translator: bodies are 
 from __future__ import annotations
 
 import fnmatch
-import hmac
 import logging
 import random
 import re
@@ -21,6 +20,7 @@ import orjson
 import trio
 
 from relay import routing, tokens, transport
+from relay.auth import Keys, is_loopback
 from relay.config import ClientKey, Config
 from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens
@@ -35,7 +35,6 @@ from relay.upstream import Upstreams
 log = logging.getLogger("relay.server")
 
 READ_SIZE = 65536
-OPEN = ClientKey("", "open")  # who a request is when relay has no keys configured
 USAGE_FLUSH_SECONDS = 5.0
 DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 1024 * 1024
@@ -50,6 +49,7 @@ class Exchange:
 
     method: str
     path: str
+    route: str = "other"  # the route dispatch matched: what /metrics labels, never the raw path
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     model: str = ""
@@ -76,6 +76,10 @@ class Connection:
 
     def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
         self.stream = transport.ClientSocket(stream)
+        try:
+            self.peer_loopback = is_loopback(stream.socket.getpeername()[0])
+        except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
+            self.peer_loopback = False
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.chunked = False  # the response being written uses chunked framing (relay may frame chunks itself)
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
@@ -118,9 +122,9 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstreams = Upstreams(config)
-        self.metrics = Metrics()
+        self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
-        self._keys = [(k, k.key.encode()) for k in config.keys]
+        self._auth = Keys(config)
         path = config.server.usage_db
         self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
         self._accepting = trio.CancelScope()
@@ -192,7 +196,8 @@ class Server:
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
-        self._keys = [(k, k.key.encode()) for k in config.keys]
+        self._auth = Keys(config)
+        self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -262,7 +267,7 @@ class Server:
             await self._dispatch(conn, ex, request, body)
             now = time.perf_counter()
             self.metrics.request_done(
-                ex.path.split("?", 1)[0], ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
+                ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
                 None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
             if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
                 self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens)
@@ -335,46 +340,29 @@ class Server:
 
     # ---- dispatch ---------------------------------------------------------------------------
 
-    def _client(self, request: h11.Request) -> ClientKey | None:
-        """The client key presented (x-api-key or Bearer), or None. Every configured key is compared in
-        constant time, so timing tells nothing about which one nearly matched."""
-        presented = b""
-        for name, value in request.headers:
-            if name == b"x-api-key":
-                presented = value
-                break
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-        found: ClientKey | None = None
-        for key, raw in self._keys:
-            if hmac.compare_digest(presented, raw):
-                found = key
-        return found
-
-    def _authorized(self, request: h11.Request) -> bool:
-        return not self._keys or self._client(request) is not None
-
     async def _dispatch(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
             if path in HEALTH_PATHS:
+                ex.route = path
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
                 await self._json(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
                 return
             if path == "/metrics":
-                if not self._authorized(request):
-                    raise RelayError(401, "metrics need the relay key (x-api-key or Authorization: Bearer)", "authentication_error")
+                ex.route = path
+                self._auth.check_metrics(request.headers, conn.peer_loopback)
                 self._require(method, "GET", path)
                 await self._metrics(conn, ex)
                 return
             if not path.startswith("/v1/"):
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            client = self._client(request) if self._keys else OPEN
-            if client is None:
-                raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)", "authentication_error")
-            ex.client = client
+            if path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models"):
+                ex.route = path
+            elif path.startswith("/v1/models/"):
+                ex.route = "/v1/models/{id}"
+            ex.client = self._auth.client(request.headers)
             if path == "/v1/messages":
                 self._require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
