@@ -9,9 +9,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
 
 from relay.config import ClientKey, Config
 from relay.errors import RelayError
+from relay.routing import Target
 
 OPEN = ClientKey("", "open")  # who a request is when relay has no client keys configured
 Headers = Iterable[tuple[bytes, bytes]]
@@ -76,3 +78,20 @@ class Keys:
                 raise RelayError(403, "a client key cannot read metrics; use a metrics or admin key", "permission_error")
             raise RelayError(401, "metrics need a metrics or admin key (x-api-key or Authorization: Bearer)",
                              "authentication_error")
+
+
+def permitted(client: ClientKey, model: str, targets: list[Target]) -> list[Target]:
+    """The targets of a resolved route this key may call, in order; 403 when none. A scope is checked against
+    what will actually be called (each target's ``provider/model`` or its upstream model name), after
+    aliases, tiers, scenarios and ``<relay-model>`` tags have had their say, never against the name the
+    client chose, which any of those can point elsewhere."""
+    if not client.models:
+        return targets
+    allowed = [t for t in targets if may_call(client, t)]
+    if not allowed:
+        raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
+    return allowed
+
+
+def may_call(client: ClientKey, target: Target) -> bool:
+    return not client.models or any(fnmatchcase(target.label, p) or fnmatchcase(target.model, p) for p in client.models)

@@ -6,7 +6,6 @@ Nothing format-specific happens here beyond choosing the translator: bodies are 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import random
 import re
@@ -20,7 +19,7 @@ import orjson
 import trio
 
 from relay import routing, tokens, transport
-from relay.auth import Keys, is_loopback
+from relay.auth import OPEN, Keys, is_loopback, may_call, permitted
 from relay.config import ClientKey, Config
 from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens
@@ -369,15 +368,15 @@ class Server:
             elif path == "/v1/messages/count_tokens":
                 self._require(method, "POST", path)
                 req = self._parse(body)
-                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)))
+                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)), ex.client)
                 await self._json(conn, ex, 200, orjson.dumps({"input_tokens": count}))
             elif path == "/v1/models":
                 self._require(method, "GET", path)
-                await self._json(conn, ex, 200, orjson.dumps(self._models()))
+                await self._json(conn, ex, 200, orjson.dumps(self._models(ex.client)))
             elif path.startswith("/v1/models/"):
                 self._require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
-                await self._json(conn, ex, 200, orjson.dumps(await self._model_entry(wanted)))
+                await self._json(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
             else:
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
@@ -418,18 +417,24 @@ class Server:
             entry["max_output_tokens"] = limits.max_output
         return entry
 
-    def _models(self) -> dict[str, Any]:
+    def _models(self, client: ClientKey) -> dict[str, Any]:
+        """What this key may use: an id whose first target is out of its scope is not listed."""
         data = []
         for mid in routing.listed_models(self.config):
             target = routing.resolve(self.config, mid)[0]
+            if not may_call(client, target):
+                continue
             window = target.provider.limits_for(target.model).context_window
             data.append(self._entry(mid, target, window or self.upstreams.known_window(target.provider, target.model)))
         return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
 
-    async def _model_entry(self, mid: str) -> dict[str, Any]:
-        """Any id relay can route, with its window (asking a local server for it, once)."""
+    async def _model_entry(self, mid: str, client: ClientKey) -> dict[str, Any]:
+        """Any id relay can route for this key, with its window (asking a local server for it, once); one out
+        of the key's scope is as unknown to it as one relay cannot route."""
         target = routing.resolve(self.config, mid)[0]
+        if not may_call(client, target):
+            raise RelayError(404, f"model: {mid!r} is not available to this key", "not_found_error")
         return self._entry(mid, target, await self.window_of(target))
 
     # ---- POST /v1/messages ------------------------------------------------------------------
@@ -446,13 +451,11 @@ class Server:
             value = req.get(field_name)
             if isinstance(value, list) and len(value) > limit:
                 raise RelayError(413, f"{field_name}: {len(value)} items; relay accepts at most {limit}", "request_too_large")
-        if ex.client is not None and ex.client.models and not any(fnmatch.fnmatchcase(model, p) for p in ex.client.models):
-            raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
         stream = req.get("stream") is True
         ex.stream = stream
         override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
         ex.estimate = tokens.estimate(req)
-        targets = routing.resolve(self.config, override or model, req, ex.estimate)
+        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, ex.estimate))
         failures: list[str] = []
         try:
             for number, target in enumerate(targets, 1):
@@ -559,16 +562,18 @@ class Server:
             return
         await self._json(conn, ex, 200, orjson.dumps(message))
 
-    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest) -> int:
+    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest, client: ClientKey) -> int:
         """The upstream's own count when its format forwards count_tokens (``anthropic``), else relay's estimate
-        (also when the upstream has no counter or fails: a count is advisory, never worth an error)."""
+        (also when the upstream has no counter or fails: a count is advisory, never worth an error). A model
+        out of the key's scope is refused before any upstream is asked."""
         model = req.get("model")
         target = None
         if isinstance(model, str) and model:
             try:
-                target = routing.resolve(self.config, model)[0]
+                targets = routing.resolve(self.config, model)
             except RelayError:
-                pass
+                targets = []
+            target = permitted(client, model, targets)[0] if targets else None
         counter = getattr(registry.get(target.provider.format), "count_tokens", None) if target else None
         if target is not None and counter is not None:
             call = counter(req, target.provider, target.model, incoming)

@@ -170,3 +170,72 @@ async def test_client_and_upstream_words_cannot_forge_log_lines(nursery: trio.Nu
         assert all(starts.match(line) for line in lines), [l for l in lines if not starts.match(l)]
         assert not any(line.startswith("2026-01-01 00:00:00,000") for line in lines)
         assert any("\\n2026-01-01 00:00:00,000 INFO relay.access POST /v1/forged" in line for line in lines)
+
+
+SCOPED = "scoped-key"
+
+
+def scoped_config(upstream_url: str, patterns: str) -> str:
+    """The test config plus a second provider on the same mock (so a request that escapes its scope is seen
+    there), an alias that falls back across both, and a key limited to ``patterns``."""
+    return relay_config(upstream_url, extra=f'''
+[providers.other]
+format = "anthropic"
+base_url = "{upstream_url.removesuffix('/v1')}"
+api_key = "other-upstream-key"
+models = ["secret-model"]
+
+[[keys]]
+key = "{SCOPED}"
+name = "scoped"
+models = [{patterns}]
+''').replace('"alias-model" = "mock/aliased-upstream-model"',
+             '"alias-model" = "mock/aliased-upstream-model"\n"mixed" = ["other/secret-model", "mock/mock-model"]\n"mock-alias" = "other/secret-model"')
+
+
+@pytest.mark.parametrize("name,system", [
+    ("mock-model", "<relay-model>other/secret-model</relay-model> you are helpful"),  # (a) a tag
+    ("mock-claude-opus", None),  # (b) a permitted-looking Claude id, routed by tier
+    ("mock-alias", None),  # (c) an alias whose name matches the scope but points elsewhere
+])
+async def test_a_scoped_key_cannot_escape_its_models(nursery: trio.Nursery, upstream: MockUpstream, name: str,
+                                                     system: str | None) -> None:
+    relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock-*"').replace(
+        'haiku = "mock/small-model"', 'haiku = "mock/small-model"\nopus = "other/secret-model"'))
+    upstream.handler = lambda r: OK
+    doc = orjson.loads(ask(name))
+    if system:
+        doc["system"] = system
+    status, _, body = split(await exchange(relay.port, post("/v1/messages", orjson.dumps(doc), key=SCOPED)))
+    assert status == 403 and orjson.loads(body)["error"]["type"] == "permission_error", body
+    assert upstream.requests == []
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"), key=SCOPED)))
+    assert status == 200 and [r.json["model"] for r in upstream.requests] == ["mock-model"]
+
+
+async def test_a_fallback_list_calls_only_the_targets_in_scope(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock/*"'))
+    upstream.handler = lambda r: json_reply({"error": {"message": "down"}}, 503)
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mixed"), key=SCOPED)))
+    assert status == 503  # the allowed target failed; the out-of-scope fallback was never tried
+    assert {r.path for r in upstream.requests} == {"/v1/chat/completions"}
+    assert all(r.json["model"] == "mock-model" for r in upstream.requests)
+
+
+async def test_count_tokens_and_models_show_only_what_the_key_may_use(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock/*"'))
+    upstream.handler = lambda r: json_reply({"input_tokens": 42})
+    count = orjson.dumps({"model": "other/secret-model", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, body = split(await exchange(relay.port, post("/v1/messages/count_tokens", count, key=SCOPED)))
+    assert status == 403 and upstream.requests == [], body
+    status, _, body = split(await exchange(relay.port, post("/v1/messages/count_tokens", count)))
+    assert status == 200 and orjson.loads(body) == {"input_tokens": 42}  # an unscoped key is counted upstream
+    status, _, body = split(await exchange(relay.port, get("/v1/models", SCOPED)))
+    ids = [m["id"] for m in orjson.loads(body)["data"]]
+    assert status == 200 and "mock/mock-model" in ids and not any("secret" in i or i in ("mixed", "mock-alias") for i in ids), ids
+    status, _, body = split(await exchange(relay.port, get("/v1/models", RELAY_KEY)))
+    assert "other/secret-model" in [m["id"] for m in orjson.loads(body)["data"]]
+    status, _, _ = split(await exchange(relay.port, get("/v1/models/other/secret-model", SCOPED)))
+    assert status == 404
+    status, _, _ = split(await exchange(relay.port, get("/v1/models/mock/mock-model", SCOPED)))
+    assert status == 200
