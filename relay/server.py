@@ -29,6 +29,7 @@ from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
 from relay.log import access_line, printable
 from relay.metrics import Metrics
+from relay.resources import connection_budget
 from relay.upstream import Upstreams
 
 log = logging.getLogger("relay.server")
@@ -132,6 +133,7 @@ class Server:
         self._idle: set[trio.CancelScope] = set()
         self._drain_deadline = float("inf")
         self._open = 0
+        self.max_open = connection_budget(config.server.max_connections)
         self.draining = False
 
     # ---- listening --------------------------------------------------------------------------
@@ -144,6 +146,9 @@ class Server:
         listeners = [await _reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
+        if self.max_open < self.config.server.max_connections:
+            log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
+                        " in a systemd unit)", self.config.server.max_connections, self.max_open)
         try:
             async with trio.open_nursery() as connections:
                 if self.usage is not None:
@@ -196,11 +201,12 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self._auth = Keys(config)
+        self.max_open = connection_budget(config.server.max_connections)
         self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        if self._open >= self.config.server.max_connections:
+        if self._open >= self.max_open:
             await _send_raw(stream, RelayError(529, "relay is at its connection limit; retry shortly", "overloaded_error"))
             await stream.aclose()
             return

@@ -239,3 +239,48 @@ async def test_count_tokens_and_models_show_only_what_the_key_may_use(nursery: t
     assert status == 404
     status, _, _ = split(await exchange(relay.port, get("/v1/models/mock/mock-model", SCOPED)))
     assert status == 200
+
+
+@pytest.mark.parametrize("hard", [256, 4096], ids=["hard-limit-256", "raisable-to-4096"])
+async def test_idle_sockets_past_the_open_file_limit_get_529_not_a_stall(upstream: MockUpstream, tmp_path: Path,
+                                                                         hard: int) -> None:
+    """Under a 256-file soft limit, 300 idle connections: relay raises the limit where the hard limit lets it
+    (all are held and /health answers 200), else its guard, sized from the limit, answers 529 past it; either
+    way /health gets an answer at once and nothing is logged as a traceback."""
+    import resource
+    soft, own_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024 <= own_hard or own_hard == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, own_hard))  # the test itself holds 300+ sockets
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url))
+    log_path = tmp_path / "relay.log"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0"],
+                                stderr=log_file, preexec_fn=limit)
+    held: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(20):
+            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
+                await trio.sleep(0.05)
+        port = int(m.group(1))
+        for _ in range(300):
+            held.append(await trio.open_tcp_stream("127.0.0.1", port))
+        with trio.fail_after(5):
+            status, _, body = split(await exchange(port, get("/health")))
+        refused = 0
+        for stream in held:  # a refused connection has its 529 waiting; a held one has nothing to read
+            with trio.move_on_after(0.01):
+                refused += b" 529 " in await stream.receive_some(4096)
+    finally:
+        for stream in held:
+            await stream.aclose()
+        proc.terminate()
+        proc.wait(10)
+    log = log_path.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-2000:]
+    if hard == 256:
+        assert status == 529 and orjson.loads(body)["error"]["type"] == "overloaded_error"
+        assert refused >= 300 - (256 - 64) // 2 and "max_connections 4096 lowered to 96" in log
+    else:
+        assert status == 200 and refused == 0 and "open-file limit raised from 256 to 4096" in log
