@@ -218,10 +218,13 @@ def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, ma
             out.overflow = Overflow(None, window)
             return out
         if not window:
+            # A 400, not the 502 it was: Claude Code retries 5xx for minutes, each retry getting the same empty
+            # answer, while it shows a 400's message at once and stops (measured with 2.1.331: 403 reads "Failed to
+            # authenticate", 404 blames the model, 413 has a canned text, 409 is retried; 400 and 422 show ours).
             hint = (" (servers such as llama-cpp-python's do this when the prompt does not fit their context window; "
                     "relay knows no window for this model: set context_window, or RELAY_CONTEXT_WINDOW without a "
-                    "config file, and relay answers such requests as too long)")
-            out = RelayError(err.status, err.message + hint, err.error_type, err.headers)
+                    "config file, and relay answers such requests as too long; retrying gets the same answer)")
+            out = RelayError(400, err.message + hint, "invalid_request_error")
             out.empty = True
             return out
     if err.overflow is None:

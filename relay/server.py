@@ -517,7 +517,7 @@ class Server:
                     failures.append(f"{target.label}:{err.status}")
                     continue
                 rotated = err.status in (401, 403, 429) and health.has_fresh_key(now)
-                if err.status not in RETRYABLE and not rotated:
+                if err.status not in RETRYABLE and not rotated and not err.empty:  # an empty answer may fall back
                     raise
                 failures.append(f"{target.label}:{err.status}")
                 attempt += 1 if not err.empty else provider.retries + 1  # the same request gets the same empty answer

@@ -3,6 +3,8 @@
 - The cloud line: no config file, `OPENAI_API_KEY=... RELAY_DEFAULT_MODEL=gpt-4.1 relay serve`, Claude Code with no
   model variable. Claude Code 2.1.331 then asks for `claude-opus-5-5` with `max_tokens: 128000`; a model capped at
   32768 output tokens refuses that the way OpenAI does, and relay must learn the cap and complete.
+- An empty 200 stream with no known window (what llama-cpp-python answers to a prompt over its window): relay's 400
+  that says what to set, which Claude Code shows at once instead of retrying a 5xx for minutes.
 - A small local window: llama-cpp-python's real server with an 8192-token window (tests/local_llm.py), smaller than
   Claude Code's first request. `relay claude` must warn before Claude Code starts, and the run must end at once with
   the prompt-too-long error, never hang.
@@ -71,6 +73,29 @@ async def test_the_quickstart_cloud_line_completes_under_claude_code(claude: Cla
     assert f"model={CLAUDE_CODE_MODELS[0]} -> openai/gpt-4.1" in text  # what Claude Code asked for, as launcher.py says
     assert text.count(f"accepts at most {GPT41_OUTPUT_CAP}") == 1, text
     assert f"max_tokens 128000 -> {GPT41_OUTPUT_CAP} for openai/gpt-4.1: the output cap {GPT41_OUTPUT_CAP}" in text
+
+
+def answers_empty(seen: Seen) -> Reply | None:
+    """A 200 stream that ends with nothing in it, as llama-cpp-python answers a prompt over its window."""
+    return Reply(pieces=[])
+
+
+async def test_an_empty_stream_with_no_known_window_is_shown_not_retried(claude: Claude, upstream: ScriptedModel,
+                                                                         tmp_path: Path) -> None:
+    upstream.gate = answers_empty
+    env = no_config_env(OPENAI_BASE_URL=f"{upstream.url}/v1", RELAY_DEFAULT_MODEL="local")  # no window given
+    log = tmp_path / "relay.log"
+    async with relay_process([], _free_port(), log, env, level="info") as url:
+        run = await claude.run("say hello", url, model=None)
+    assert run.returncode is not None, f"Claude Code still retrying after the harness's timeout\n{run.debug()}"
+    result = run.result
+    assert result.get("is_error") or str(result.get("result", "")).startswith("API Error: 400"), run.debug()
+    assert "set context_window" in str(result.get("result")) and "RELAY_CONTEXT_WINDOW" in str(result.get("result"))
+    # Claude Code 2.1.331 on a 400: three tries of its request and three of a variant with more tools, within a
+    # second (measured); on the 502 relay answered before, ten tries over minutes.
+    assert 1 <= len(upstream.main) <= 6, len(upstream.main)
+    text = log.read_text()
+    assert "retrying" not in text and " 502 " not in text, text
 
 
 async def test_a_local_window_too_small_for_claude_code_fails_at_once(claude: Claude, llama_server: LlamaServer,
