@@ -9,6 +9,9 @@ parses to compact and retry, instead of sending a request the upstream must refu
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
+
+import orjson
 
 from relay.errors import RelayError
 from relay.overflow import anthropic_message
@@ -41,6 +44,32 @@ def fit_reason(estimate: int, requested: int, fitted: int, window: int | None, m
     if window and fitted == window - estimate:
         reasons.append(f"the room left in the {window}-token window beside ~{estimate} input tokens")
     return " and ".join(reasons) or "the limits"
+
+
+Probe = tuple[str, str, bytes | None]  # (kind for window_from_server, URL, POST body or None for a GET)
+
+
+def server_probes(base_url: str) -> list[Probe]:
+    """What a local server says about itself with no model name in it: asked once per provider."""
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return [("models", base_url + "/models", None), ("props", root + "/props", None)]
+
+
+def model_probes(base_url: str, model: str) -> list[Probe]:
+    """What a server says about one model (LM Studio, Ollama). The name is one encoded path segment, never a path
+    (issue 19: ``../../internal?a=1`` must not reach another endpoint with the provider's key); names no encoding
+    keeps inside its segment (empty, ``.``, ``..``) are not asked about at all."""
+    if model.strip(".") == "":
+        return []
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return [("lmstudio", root + "/api/v0/models/" + quote(model, safe=""), None),
+            ("ollama", root + "/api/show", orjson.dumps({"model": model}))]
+
+
+def listed_ids(doc: Any) -> frozenset[str]:
+    """The model ids of an OpenAI-style ``/models`` listing."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return frozenset(e["id"] for e in data or () if isinstance(e, dict) and isinstance(e.get("id"), str))
 
 
 def window_from_server(kind: str, doc: Any, model: str) -> int | None:

@@ -18,14 +18,17 @@ import orjson
 
 from relay import __version__
 from relay.config import Config, Provider
-from relay.context import window_from_server
+from relay.context import Probe, listed_ids, model_probes, server_probes, window_from_server
 from relay.errors import RelayError, from_upstream
 from relay.health import ProviderHealth
 from relay.pool import ConnectionPool
+from relay.routing import named_targets
 
 log = logging.getLogger("relay.upstream")
 
 ERROR_BODY_LIMIT = 1024 * 1024
+DESCRIPTION_LIMIT = 4 * 1024 * 1024  # a server's self-description (/models, /props) larger than this is ignored
+WINDOWS_KEPT = 1024  # discovered windows kept; past it the oldest go (re-asked when needed)
 USER_AGENT = f"relay/{__version__}".encode()
 
 
@@ -96,7 +99,9 @@ class Upstreams:
     def __init__(self, config: Config) -> None:
         self._ssl = ssl.create_default_context()
         self._pools: dict[str, ConnectionPool] = {}
-        self._windows: dict[tuple[str, str], int | None] = {}
+        self._windows: dict[tuple[str, str], int | None] = {}  # per named or listed model, bounded
+        self._described: dict[str, dict[str, Any]] = {}  # provider -> kind -> its answer to server_probes, asked once
+        self._named = named_targets(config)
         self._output_caps: dict[tuple[str, str], int] = {}  # what upstreams said when they refused max_tokens
         self._health: dict[str, ProviderHealth] = {}
         self.config = config
@@ -170,7 +175,7 @@ class Upstreams:
                                                    content=body, extensions={"timeout": timeouts}) as response:
                 if response.status != 200:
                     return None
-                content = await response.aread()
+                content = await UpstreamResponse(200, [], response).read(DESCRIPTION_LIMIT)
             return orjson.loads(content)
         except Exception:  # a server that cannot describe itself simply has no known window
             return None
@@ -186,30 +191,40 @@ class Upstreams:
         return self._windows.get((provider.name, model))
 
     async def discover_window(self, provider: Provider, model: str) -> int | None:
-        """Ask a local server how large its context is, once per model; the answer (or its absence) is kept."""
+        """Ask a local server how large its context is. Its name-free self-description (``/models``, ``/props``) is
+        asked once per provider; a model is asked about by name only when the config names it or the server lists
+        it, once, and the answer (or its absence) kept, in a bounded table. Any other name a client sends costs no
+        request and no entry: it gets what the name-free answers say."""
         key = (provider.name, model)
         if key in self._windows:
             return self._windows[key]
-        base = provider.base_url
-        root = base[: -len("/v1")] if base.endswith("/v1") else base
-        probes: list[tuple[str, str, bytes | None]] = [
-            ("models", base + "/models", None),
-            ("props", root + "/props", None),
-            ("lmstudio", root + "/api/v0/models/" + model, None),
-            ("ollama", root + "/api/show", orjson.dumps({"model": model})),
-        ]
+        described = self._described.setdefault(provider.name, {})
         window = None
-        for kind, url, body in probes:
-            window = window_from_server(kind, await self.get_json(provider, url, body), model)
-            if window:
+        for kind, url, body in server_probes(provider.base_url):
+            if kind not in described:
+                described[kind] = await self.get_json(provider, url, body)
+            if window := window_from_server(kind, described[kind], model):
                 break
+        known = key in self._named or model in listed_ids(described.get("models"))
+        if not known:
+            return window
+        if window is None:
+            window = await self._ask_about(provider, model_probes(provider.base_url, model), model)
+        if len(self._windows) >= WINDOWS_KEPT:
+            del self._windows[next(iter(self._windows))]
         self._windows[key] = window
         if window is None:  # once per model: the answer (none) is kept like a found one
             log.warning("%s/%s: could not learn the context window from %s (asked /models, /props, /api/v0/models, "
                         "/api/show); set context_window in [providers.%s] (or RELAY_CONTEXT_WINDOW with no config "
                         "file). Until then relay cannot fit max_tokens to it, and an overflowing request may run "
-                        "until the server's window fills", provider.name, model, base, provider.name)
+                        "until the server's window fills", provider.name, model, provider.base_url, provider.name)
         return window
+
+    async def _ask_about(self, provider: Provider, probes: list[Probe], model: str) -> int | None:
+        for kind, url, body in probes:
+            if window := window_from_server(kind, await self.get_json(provider, url, body), model):
+                return window
+        return None
 
     def max_output(self, provider: Provider, model: str) -> int | None:
         """The output cap relay applies: the configured one, or the lower one an upstream stated in a refusal."""
