@@ -57,7 +57,8 @@ models = ["mock-*"]
     out = subprocess.run([sys.executable, "-m", "relay", "usage", "--db", str(db), "--db", str(db)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[1].split() == ["alice", "mock-model", "4", "28", "12", "0", "0"]  # two files, summed
+    # two files, summed: requests, refused, input, output, est. input, est. output, cost
+    assert out.stdout.split("\n")[1].split() == ["alice", "mock-model", "4", "0", "28", "12", "0", "0", "0.0000"]
 
 
 async def test_usage_without_upstream_figures_is_booked_and_logged_as_an_estimate(
