@@ -7,7 +7,7 @@ window the same way and their counts add up in the store without coordination. T
 so tests use windows of a second or two instead of sleeping through real ones.
 
 Counters are named ``<kind>:<window start>``: ``req`` (requests admitted) and ``tok`` (input + output tokens) in
-the rate window, ``usd`` (micro-dollars spent) in the budget's day or month.
+the rate window, ``usd-day`` and ``usd-month`` (micro-dollars spent) in the day and the month.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ def name(kind: str, start: float) -> str:
     return f"{kind}:{int(start)}"
 
 
+def budget_counter(period: str, start: float) -> str:
+    """Micro-dollars spent in the day or month starting at ``start``."""
+    return name(f"usd-{period}", start)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a request is not served: the status, Anthropic's error type, a message, and when to come back."""
@@ -96,7 +101,7 @@ def check(key: str, limits: Limits, counts: Mapping[str, int], streams: int, now
     free up in a minute, so its answer is the truer one."""
     if limits.budget is not None:
         start, end = windows.span(limits.budget_period, now)
-        spent = counts.get(name("usd", start), 0)
+        spent = counts.get(budget_counter(limits.budget_period, start), 0)
         if spent >= round(limits.budget * 1_000_000):
             return Refusal(402, "billing_error",
                            f"key {key!r} has spent its {ADJECTIVE[limits.budget_period]} budget of ${limits.budget:.2f} "
@@ -131,7 +136,7 @@ def spent(limits: Limits, now: float, windows: Windows, tokens: int, micros: int
     if micros:
         for period in PERIODS:  # both, so a key's period can change without losing what it spent
             start, end = windows.span(period, now)
-            deltas[name("usd", start) if period == limits.budget_period else name(f"usd-{period}", start)] = (micros, end)
+            deltas[budget_counter(period, start)] = (micros, end)
     return Charge(deltas)
 
 

@@ -86,6 +86,8 @@ def access_line(
     stream: bool | None = None,
     request_id: str = "",
     note: str = "",
+    key: str = "",
+    cost_usd: float | None = None,
 ) -> None:
     if not access.isEnabledFor(logging.INFO):
         return
@@ -101,6 +103,11 @@ def access_line(
     if input_tokens is not None:
         parts.append(f"in={input_tokens} out={output_tokens or 0}" + (" (estimated: no usage from upstream)"
                                                                       if usage_estimated else ""))
+    if cost_usd is not None:
+        parts.append(f"cost=${cost_usd:.6f}")
+    if key:
+        key = printable(key, 80)
+        parts.append(f"key={key}")
     if request_id:
         parts.append(f"id={request_id}")
     if note:
@@ -109,5 +116,5 @@ def access_line(
               "stream": stream, "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
               "duration_ms": round(duration_ms, 2), "input_tokens": input_tokens, "output_tokens": output_tokens,
               "usage_estimated": usage_estimated,
-              "request_id": request_id, "note": note}
+              "request_id": request_id, "note": note, "key": key, "cost_usd": cost_usd}
     access.info(" ".join(parts), extra={"fields": fields})

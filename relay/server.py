@@ -21,12 +21,12 @@ import trio
 from relay import routing, tokens, transport
 from relay.auth import OPEN, Keys, is_loopback, may_call, permitted
 from relay.config import ClientKey, Config
-from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens, fit_reason
 from relay.errors import RelayError, empty_stream, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
+from relay.gateway import Gateway
 from relay.log import access_line, printable
 from relay.metrics import Metrics
 from relay.resources import connection_budget
@@ -59,6 +59,9 @@ class Exchange:
     input_tokens: int | None = None
     output_tokens: int | None = None
     usage_estimated: bool = False  # the upstream reported no usage: the tokens are relay's estimates
+    cache_read: int = 0  # of input_tokens, read from the upstream's prompt cache
+    cache_write: int = 0  # written to it (counted apart from input_tokens, as Anthropic counts them)
+    admitted: bool = False  # the gateway counted this request against its key (released when it is answered)
     request_id: str = field(default_factory=A.request_id)
     note: str = ""
     client: ClientKey | None = None
@@ -125,12 +128,9 @@ class Server:
         self.upstreams = Upstreams(config)
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
-        self._auth = Keys(config)
-        path = config.server.usage_db
-        self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
+        self.gateway = Gateway(config, self.metrics)
+        self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
-        self._flushing = trio.CancelScope()
-        self._flush_lock = trio.Lock()
         self._idle: set[trio.CancelScope] = set()
         self._drain_deadline = float("inf")
         self._open = 0
@@ -150,38 +150,26 @@ class Server:
         if self.max_open < self.config.server.max_connections:
             log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)
-        try:
-            async with trio.open_nursery() as connections:
-                if self.usage is not None:
-                    connections.start_soon(self._flush_usage_forever)
-                with self._accepting:
-                    task_status.started(bound)
-                    await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
-                for listener in listeners:
-                    await listener.aclose()
-                connections.cancel_scope.deadline = self._drain_deadline
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.flush_usage()
-                for upstreams in (self.upstreams, *self._retired):
-                    await upstreams.aclose()
+        async with trio.open_nursery() as background:
+            await background.start(self.gateway.run)  # one round with the store at most: never waits on it
+            try:
+                async with trio.open_nursery() as connections:
+                    with self._accepting:
+                        task_status.started(bound)
+                        await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
+                    for listener in listeners:
+                        await listener.aclose()
+                    connections.cancel_scope.deadline = self._drain_deadline
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.gateway.close()  # what is held goes to the store (bounded by its timeout)
+                    background.cancel_scope.cancel()
+                    for upstreams in (self.upstreams, *self._retired):
+                        await upstreams.aclose()
 
     async def flush_usage(self) -> None:
-        if self.usage is None:
-            return
-        async with self._flush_lock:  # one writer at a time: a flush returns only when everything is on disk
-            rows = self.usage.take()
-            if rows:
-                try:
-                    await trio.to_thread.run_sync(self.usage.write, rows)
-                except Exception as exc:  # a full disk must not take the gateway down
-                    log.warning("could not write usage to %s: %s", self.usage.path, exc)
-
-    async def _flush_usage_forever(self) -> None:
-        with self._flushing:  # drain() cancels this, so shutdown never waits out a sleep
-            while True:
-                await trio.sleep(USAGE_FLUSH_SECONDS)
-                await self.flush_usage()
+        """Wait until what this instance booked so far is in the store (tests, the admin API)."""
+        await self.gateway.flush()
 
     def drain(self, grace: float | None = None) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones when their response is done."""
@@ -189,7 +177,6 @@ class Server:
         self.draining = True
         self._drain_deadline = trio.current_time() + grace
         self._accepting.cancel()
-        self._flushing.cancel()
         for scope in list(self._idle):
             scope.cancel()
         log.info("draining: no new connections; open requests have %gs to finish", grace)
@@ -198,10 +185,13 @@ class Server:
         """New config for new requests; requests in flight keep the upstream pools they started with."""
         if (config.server.host, config.server.port) != (self.config.server.host, self.config.server.port):
             log.warning("reload: host/port changes take effect on restart only")
+        if config.store != self.config.store:
+            log.warning("reload: [store] changes take effect on restart only")
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
-        self._auth = Keys(config)
+        self.gateway.config = config
+        self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
         self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
@@ -270,20 +260,22 @@ class Server:
             except RelayError as err:  # body too large: the rest of it is never read, so close
                 await self._error(conn, ex, err, close=True)
                 return
-            await self._dispatch(conn, ex, request, body)
+            try:
+                await self._dispatch(conn, ex, request, body)
+            finally:  # a client gone mid-stream was still served what it got: booked, and its key released
+                cost = self.gateway.finish(ex.client, ex.admitted, ex.model, ex.target, ex.status, ex.input_tokens,
+                                           ex.output_tokens, ex.usage_estimated, ex.cache_read, ex.cache_write)
             now = time.perf_counter()
             self.metrics.request_done(
                 ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
                 None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
-            if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
-                self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens,
-                               ex.usage_estimated)
             access_line(
                 ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
                 ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
                 duration_ms=(time.perf_counter() - ex.started) * 1000,
                 input_tokens=ex.input_tokens, output_tokens=ex.output_tokens, usage_estimated=ex.usage_estimated,
-                request_id=ex.request_id, note=ex.note,
+                request_id=ex.request_id, note=ex.note, key=ex.client.name if ex.client else "",
+                cost_usd=cost / 1_000_000 if cost else None,
             )
             if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
                 return
@@ -356,13 +348,21 @@ class Server:
                 ex.route = path
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
-                await self._json(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
+                await self._json(conn, ex, 200, self.gateway.health(), head_only=method == "HEAD")
                 return
             if path == "/metrics":
                 ex.route = path
                 self._auth.check_metrics(request.headers, conn.peer_loopback)
                 self._require(method, "GET", path)
                 await self._metrics(conn, ex)
+                return
+            if path.startswith("/admin/"):
+                ex.route = "/admin"
+                self._auth.check_admin(request.headers)
+                from relay import admin
+
+                status, answer = await admin.handle(self.gateway, method, ex.path, body)
+                await self._json(conn, ex, status, answer)
                 return
             if not path.startswith("/v1/"):
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
@@ -371,6 +371,7 @@ class Server:
             elif path.startswith("/v1/models/"):
                 ex.route = "/v1/models/{id}"
             ex.client = self._auth.client(request.headers)
+            self.gateway.valid(ex.client)
             if path == "/v1/messages":
                 self._require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
@@ -396,6 +397,7 @@ class Server:
 
     async def _metrics(self, conn: Connection, ex: Exchange) -> None:
         ex.status = 200
+        self.gateway.gauges()
         body = self.metrics.render()
         headers = _headers(b"text/plain; version=0.0.4", ex.request_id, [(b"content-length", str(len(body)).encode())])
         await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=body), h11.EndOfMessage())
@@ -455,6 +457,8 @@ class Server:
         if not isinstance(model, str) or not model:
             raise invalid("model: Field required")
         ex.model = model
+        self.gateway.admit(ex.client, model)  # a virtual key's limits and budget: 429 / 402 with retry-after
+        ex.admitted = True
         limits = self.config.server
         for field_name, limit in (("messages", limits.max_messages), ("tools", limits.max_tools)):
             value = req.get(field_name)
@@ -577,6 +581,8 @@ class Server:
             raise opts.overflow(err) from None
         ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
         ex.output_tokens = message["usage"]["output_tokens"]
+        ex.cache_read = message["usage"].get("cache_read_input_tokens", 0)
+        ex.cache_write = message["usage"].get("cache_creation_input_tokens", 0)
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
             await self._sse_head(conn, ex, A.events_from_message(message))
             await conn.send(h11.EndOfMessage())
@@ -719,6 +725,7 @@ class Server:
         if translator.has_usage:
             ex.input_tokens = translator.input_tokens + translator.cache_read
             ex.output_tokens = translator.output_tokens
+            ex.cache_read = translator.cache_read
         elif translator.usage_estimated:
             ex.input_tokens, ex.output_tokens, ex.usage_estimated = ex.estimate, translator.output_tokens, True
         if gone:

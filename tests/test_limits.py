@@ -69,10 +69,12 @@ def test_budget_is_a_402_billing_error_naming_the_budget_and_its_reset() -> None
 def test_spend_is_kept_for_both_periods_so_a_key_can_switch() -> None:
     w, meter = Windows(), Meter()
     meter.add("alice", spent(Limits(budget=5.0, budget_period="day"), T0, w, 0, 7_000_000))
-    monthly = Limits(budget=5.0, budget_period="month")
-    assert check("alice", monthly, meter.counts("alice"), 0, T0, w) is None  # named usd-month under a daily key
-    meter.add("alice", spent(monthly, T0, w, 0, 7_000_000))
+    monthly = Limits(budget=10.0, budget_period="month")
+    assert check("alice", monthly, meter.counts("alice"), 0, T0, w) is None  # $7 of $10 this month
+    meter.add("alice", spent(monthly, T0, w, 0, 4_000_000))
     assert check("alice", monthly, meter.counts("alice"), 0, T0, w).status == 402  # type: ignore[union-attr]
+    tomorrow = Limits(budget=5.0, budget_period="day")
+    assert check("alice", tomorrow, meter.counts("alice"), 0, T0 + 86400, w) is None  # a new day, same month
 
 
 def test_streams_limit() -> None:

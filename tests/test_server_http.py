@@ -57,7 +57,7 @@ async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
         if raw.startswith(b"HEAD"):
             assert body == b""
         else:
-            assert orjson.loads(body) == {"status": "ok"}
+            assert orjson.loads(body) == {"status": "ok", "store": "up"}  # the store's state, never its address
 
 
 async def test_unknown_path_is_anthropic_404(relay: RelayHandle) -> None:

@@ -36,7 +36,8 @@ import trio
 
 from relay.config import ClientKey, StoreConfig
 from relay.errors import RelayError
-from relay.limits import PERIODS, Limits, Meter, Windows, admitted, check, name as counter_name, spent
+from relay.limits import (PERIODS, Limits, Meter, Windows, admitted, budget_counter, check, name as counter_name,
+                          spent)
 
 log = logging.getLogger("relay.store")
 
@@ -128,7 +129,7 @@ class UsageRow:
     estimated_input_tokens: int = 0  # relay's estimates, for answers that came without usage: never mixed in
     estimated_output_tokens: int = 0
     cache_read: int = 0  # of input_tokens, read from the upstream's cache
-    cache_write: int = 0  # of input_tokens, written to it
+    cache_write: int = 0  # written to the cache (counted apart from input_tokens, as Anthropic counts them)
     cost_micros: int = 0  # USD x 1e6
 
     def values(self) -> tuple[int, ...]:
@@ -295,6 +296,7 @@ class View:
         self._closing = False
         self._running = False
         self._stopped = trio.Event()
+        self._cycled = trio.Event()  # set after each round that reached the store
 
     @classmethod
     def open(cls, url: str, settings: StoreConfig, clock: Any = time.time) -> "View":
@@ -307,13 +309,19 @@ class View:
             return None
         return self.keys.get(digest(secret))
 
+    def valid(self, key: VirtualKey) -> None:
+        """401 for a key revoked or past its last day. ``key`` is the one this view holds now: a revocation made
+        on any instance reaches it with the next refresh."""
+        key = self.by_name.get(key.name, key)
+        if key.revoked:
+            raise RelayError(401, f"key {key.name!r} has been revoked", "authentication_error")
+        if key.expired(self.clock()):
+            raise RelayError(401, f"key {key.name!r} expired on {key.expires}", "authentication_error")
+
     def admit(self, key: VirtualKey, model: str = "") -> None:
         """Count a request against ``key`` or raise the refusal (401 revoked/expired, 402 budget, 429 rate)."""
         now = self.clock()
-        if key.revoked:
-            raise RelayError(401, f"key {key.name!r} has been revoked", "authentication_error")
-        if key.expired(now):
-            raise RelayError(401, f"key {key.name!r} expired on {key.expires}", "authentication_error")
+        self.valid(key)
         if key.limits.any:
             refusal = check(key.name, key.limits, self.meter.counts(key.name),
                             self.in_flight.get(key.name, 0) + self.elsewhere.get(key.name, 0), now, self.windows)
@@ -416,6 +424,34 @@ class View:
         if scope.cancelled_caught:
             raise trio.TooSlowError()
 
+    async def flush(self) -> None:
+        """Wait (up to the store's timeout, twice) for a round that wrote what is held now."""
+        with trio.move_on_after(2 * self.settings.timeout + self.settings.refresh):
+            while self._running:
+                cycled = self._cycled
+                self.poke()
+                await cycled.wait()
+                if not self.buffered and not self.meter.pending:
+                    return
+
+    async def call(self, work: Any) -> Any:
+        """An admin operation on the store (never on a client's request path): ``await work(backend)`` within
+        the store's timeout, then a refresh, so this instance sees the change at once. StoreError when the store
+        is away."""
+        if not self.up:
+            raise StoreError(f"store {self.backend.url} is unreachable" + (f" ({self.last_error})" if self.last_error else ""))
+        try:
+            with trio.fail_after(self.settings.timeout):
+                result = await work(self.backend)
+        except trio.TooSlowError:
+            raise StoreError(f"store {self.backend.url} did not answer within {self.settings.timeout:g}s") from None
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"store {self.backend.url}: {_describe(exc)}") from None
+        self.poke()
+        return result
+
     async def close(self) -> None:
         """At exit (SIGTERM): one last round writes what is held, bounded by the store's timeout (twice: a
         reconnect and a round); what cannot be written is logged."""
@@ -445,6 +481,8 @@ class View:
         synced = await self.backend.sync(self.instance, self._reads(now), self.in_flight, now)
         self.meter.settle(synced.totals, now)
         self.elsewhere, self.instances = synced.streams, synced.instances
+        self._cycled.set()
+        self._cycled = trio.Event()
         if not self.up:
             if self.last_error:
                 log.warning("store %s is back; %s", self.backend.url, "held usage written")
@@ -471,7 +509,8 @@ class View:
         for key in self.by_name.values():
             if key.limits.any:
                 budget, _ = self.windows.span(key.limits.budget_period, now)
-                reads[key.name] = [counter_name("req", rate), counter_name("tok", rate), counter_name("usd", budget)]
+                reads[key.name] = [counter_name("req", rate), counter_name("tok", rate),
+                                   budget_counter(key.limits.budget_period, budget)]
         return reads
 
     def _load(self, keys: list[VirtualKey]) -> None:
@@ -502,7 +541,7 @@ def key_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
         if name == "models":
             if value is None:
                 value = []
-            if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(m, str) and m for m in value):
                 raise ValueError("models: expected a list of model names or glob patterns")
             out[name] = tuple(value)
         elif name in ("rpm", "tpm", "max_streams"):
