@@ -56,6 +56,13 @@ class Options:
         return as_anthropic_overflow(error, self.input_tokens_hint, self.context_window, self.max_tokens)
 
 
+def ended_early(provider: str, missing: str) -> RelayError:
+    """An upstream stream that closed cleanly without its format's end marker (``missing``) has cut the answer
+    short. Passing that on as a normal end would be a silent truncation the client then acts on (Claude Code
+    runs a half-written tool call), so it is an error: HTTP 502 before anything was sent, ``event: error`` after."""
+    return RelayError(502, f"{provider}: the upstream ended the stream before finishing ({missing})", "api_error")
+
+
 class Translator(Protocol):
     """An incremental stream translator: upstream bytes in, Anthropic SSE bytes out."""
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from relay.errors import RelayError
 from relay.formats import anthropic as A
+from relay.formats.base import ended_early
 from relay.sse import Event, SSEError, SSEParser
 
 NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
@@ -65,10 +66,7 @@ class BlockWriter:
             self._on_event(event)
             if self.done:
                 return self.flush()
-        if not self.started:
-            self.fail(RelayError(502, f"{self.provider}: the upstream stream ended without any data", "api_error"))
-        else:
-            self._on_end()
+        self._on_end()
         return self.flush()
 
     def abort(self, error: RelayError) -> bytes:
@@ -82,9 +80,12 @@ class BlockWriter:
     def _on_event(self, event: Event) -> None:
         raise NotImplementedError
 
+    END_MARKER = "its end event"  # what the format's upstream sends last; named in the error when it is missing
+
     def _on_end(self) -> None:
-        """The stream ended without the format's own end event: close what is open."""
-        self.close()
+        """The body ended before the format's own end event: the answer was cut short (see ``ended_early``). A
+        format whose end is a field of an ordinary event (Gemini's ``finishReason``) overrides this."""
+        self.fail(ended_early(self.provider, f"no {self.END_MARKER}"))
 
     def _stop_reason(self) -> str:
         raise NotImplementedError

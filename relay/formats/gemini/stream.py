@@ -2,7 +2,7 @@
 
 Each event is a whole ``GenerateContentResponse`` whose parts are new output (text pieces, whole function
 calls). Usage is cumulative and the last chunk carries the finish reason; the body simply ends (no ``[DONE]``),
-so the message closes at end of body.
+so the message closes at end of body, if a ``finishReason`` came (else the answer was cut short).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from relay.sse import Event
 
 
 class GeminiStreamTranslator(BlockWriter):
+    END_MARKER = "finishReason"
+
     def __init__(self, model: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._finish: str | None = None
@@ -72,6 +74,14 @@ class GeminiStreamTranslator(BlockWriter):
             if op[3]:
                 self.tool_args(orjson.dumps(op[3]).decode())
             self.close_block()
+
+    def _on_end(self) -> None:
+        """Gemini's body just ends: the last chunk's ``finishReason`` (or a blocked prompt) is what says it
+        finished."""
+        if self._finish or self._blocked:
+            self.close()
+        else:
+            super()._on_end()
 
     def _stop_reason(self) -> str:
         return stop_reason(self._finish, self.saw_tool, self._blocked)

@@ -2,7 +2,7 @@
 
 ``feed(bytes)`` takes whatever one upstream read delivered and returns the Anthropic event bytes it
 produces, at once: nothing complete is held back. The only thing that waits is the closing
-``message_delta``: OpenAI sends usage after the finish chunk, so the message closes at ``[DONE]`` or EOF.
+``message_delta``: OpenAI sends usage after the finish chunk, so the message closes at ``[DONE]``, or at EOF after a finish_reason (EOF with neither is an error).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import orjson
 
 from relay.errors import RelayError, from_stream_error
 from relay.formats import anthropic as A
+from relay.formats.base import ended_early
 from relay.formats.openai_chat.common import (
     ThinkSplitter,
     chunk_usage,
@@ -90,15 +91,16 @@ class StreamTranslator:
         return self._flush()
 
     def finish(self) -> bytes:
-        """The upstream body ended cleanly (with or without ``[DONE]``)."""
+        """The upstream body ended cleanly: after [DONE] (already closed) or a finish_reason, the message closes;
+        with neither, the upstream stopped mid-answer."""
         if self.done:
             return b""
         for name, payload in self._parser.close():
             self._on_event(name, payload)
         if not self.done:
-            if not self.started:
-                self._fail(RelayError(502, f"{self._provider}: the upstream stream ended without any data", "api_error"))
-            else:
+            if self._finish is None:  # neither a finish_reason nor [DONE]: the answer was cut short
+                self._fail(ended_early(self._provider, "no finish_reason and no [DONE]"))
+            else:  # a finish_reason without [DONE]: several servers (llama.cpp without --send-done) stop there
                 self._close_message()
         return self._flush()
 

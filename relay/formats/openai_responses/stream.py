@@ -22,6 +22,8 @@ _THINKING_DELTAS = (b"response.reasoning_summary_text.delta", b"response.reasoni
 
 
 class ResponsesStreamTranslator(BlockWriter):
+    END_MARKER = "response.completed"
+
     def __init__(self, model: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._response: Any = None
