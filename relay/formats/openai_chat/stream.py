@@ -30,6 +30,37 @@ from relay.sse import SSEError, SSEParser
 _NONE, _TEXT, _THINKING, _TOOL = 0, 1, 2, 3
 
 
+class _Call:
+    """One upstream tool call: how the upstream keys it (``index``, ``id``), and its argument text so far."""
+
+    __slots__ = ("index", "id", "name", "args")
+
+    def __init__(self, index: Any, call_id: str, name: str) -> None:
+        self.index = index
+        self.id = call_id
+        self.name = name
+        self.args: list[str] = []
+
+    def same(self, index: Any, call_id: str) -> bool:
+        """A fragment keyed (``index``, ``call_id``) belongs to this call. Ollama gives every call of a batch
+        index 0, so a different id under the same index is another call."""
+        if index is not None and index != self.index:
+            return False
+        if call_id and self.id and call_id != self.id:
+            return False
+        return index is not None or (bool(call_id) and call_id == self.id)
+
+    def complete(self) -> bool:
+        """The arguments so far are a whole JSON object: nothing more can belong to them."""
+        text = "".join(self.args)
+        if not text or text.lstrip()[:1] != "{":
+            return False
+        try:
+            return type(orjson.loads(text)) is dict
+        except orjson.JSONDecodeError:
+            return False
+
+
 class StreamTranslator:
     def __init__(
         self,
@@ -63,9 +94,9 @@ class StreamTranslator:
         self._block = _NONE
         self._index = -1
         self._signature: str | None = None
-        self._tool_key_index: Any = None
-        self._tool_key_id = ""
-        self._tool_has_args = False
+        self._call: _Call | None = None  # the tool call whose tool_use block is open
+        self._held: list[_Call] = []  # calls whose block cannot open yet (see _on_tool_delta)
+        self._closed: list[_Call] = []  # calls whose block has closed
         self._saw_tool = False
         self._finish: str | None = None
         self._matched: str | None = None
@@ -129,6 +160,7 @@ class StreamTranslator:
             error = self._on_error(error)
         self.error = error
         self.done = True
+        self._held.clear()  # calls not yet shown stay unshown: the turn failed
         if self.started:
             self._close_block()
             self._out.append(error.sse())
@@ -182,7 +214,7 @@ class StreamTranslator:
             if self._splitter is not None:
                 for kind, text in self._splitter.flush():
                     self._emit(kind, text)
-            self._close_block()
+            self._release_held()
 
     def _delta_only(self, chunk: dict[str, Any]) -> bool:
         """The hot path: a mid-stream chunk carrying one plain delta (text, reasoning text or the next argument
@@ -253,6 +285,8 @@ class StreamTranslator:
             return
         want = _TEXT if kind == "text" else _THINKING
         if self._block != want:
+            if self._held:  # text between parallel calls: the calls' blocks must close first
+                self._release_held()
             self._close_block()
             self._index += 1
             self._block = want
@@ -268,7 +302,9 @@ class StreamTranslator:
         if type(calls) is not list or len(calls) != 1:
             return False
         call = calls[0]
-        if type(call) is not dict or call.get("id") or call.get("index") != self._tool_key_index:
+        open_call = self._call
+        if type(call) is not dict or call.get("id") or open_call is None or call.get("index") != open_call.index \
+                or self._held:
             return False
         function = call.get("function")
         if type(function) is not dict or function.get("name"):
@@ -277,11 +313,19 @@ class StreamTranslator:
         if type(args) is not str:
             return False
         if args:
-            self._tool_has_args = True
+            open_call.args.append(args)
             self._out.append(A.input_json_delta(self._index, args))
         return True
 
     def _on_tool_delta(self, call: dict[str, Any]) -> None:
+        """One tool-call fragment into its own call's block.
+
+        Anthropic's stream has one open content block at a time, and a closed block cannot reopen. Some servers
+        interleave the fragments of parallel calls (index 0, 1, 0, ...), so when a new call appears while the
+        open call's arguments are not yet a whole JSON object, that call is *held* (its id, name and fragments
+        kept) until the open call is whole (its block closes and the held call's opens with what it gathered,
+        then streams live) or the turn ends. That is the only holding the target grammar forces: a new call
+        after a whole one, the usual sequential case, opens at once and streams as it comes."""
         index = call.get("index")
         call_id = text_field(call.get("id"))
         function = call.get("function")
@@ -291,25 +335,52 @@ class StreamTranslator:
         args = function.get("arguments")
         if args is not None and not isinstance(args, str):
             args = orjson.dumps(args).decode()  # some servers send the arguments as an object
-        if (
-            self._block != _TOOL
-            or (index is not None and index != self._tool_key_index)
-            or (call_id and self._tool_key_id and call_id != self._tool_key_id)
-            or (index is None and not call_id and name and self._tool_has_args)
-        ):
-            self._close_block()
-            self._index += 1
-            self._block = _TOOL
+        open_call = self._call
+        target: _Call | None = None
+        if open_call is not None and (open_call.same(index, call_id) or (
+                index is None and not call_id and not (name and open_call.args))):
+            target = open_call  # (no index and no id: the open call's, unless a name starts a new one)
+        else:
+            target = next((c for c in self._held if c.same(index, call_id)), None)
+        if target is None and not name and any(c.same(index, call_id) for c in self._closed):
+            return  # a late fragment of a call whose block had to close (text came between): it cannot reopen
+        if target is None:
             self._saw_tool = True
-            self._tool_key_index = index
-            self._tool_key_id = call_id
-            self._tool_has_args = False
-            self._out.append(A.tool_block_start(self._index, call_id if call_id else A.tool_use_id(), name))
-        elif call_id and not self._tool_key_id:
-            self._tool_key_id = call_id
+            target = _Call(index, call_id, name)
+            if open_call is None or (not self._held and open_call.complete()):
+                self._open_tool(target)
+                open_call = target
+            else:
+                self._held.append(target)
+        if not target.id and call_id:
+            target.id = call_id
+        if not target.name and name and target is not open_call:
+            target.name = name
         if args:
-            self._tool_has_args = True
-            self._out.append(A.input_json_delta(self._index, args))
+            target.args.append(args)
+            if target is open_call:
+                self._out.append(A.input_json_delta(self._index, args))
+                if self._held and open_call.complete():
+                    self._release_held(whole=True)
+
+    def _open_tool(self, call: _Call) -> None:
+        self._close_block()
+        self._index += 1
+        self._block = _TOOL
+        self._call = call
+        self._out.append(A.tool_block_start(self._index, call.id if call.id else A.tool_use_id(), call.name))
+        if call.args:
+            self._out.append(A.input_json_delta(self._index, "".join(call.args)))
+
+    def _release_held(self, whole: bool = False) -> None:
+        """Held calls get their blocks in the order they appeared. With ``whole``, only while each open call is
+        whole (the next may still stream live); otherwise all of them (the turn is over)."""
+        while self._held:
+            if whole and not (self._call is not None and self._call.complete()):
+                return
+            self._open_tool(self._held.pop(0))
+        if not whole:
+            self._close_block()
 
     def _close_block(self) -> None:
         if self._block == _NONE:
@@ -317,6 +388,9 @@ class StreamTranslator:
         if self._block == _THINKING:
             self._out.append(A.signature_delta(self._index, self._signature or A.thinking_signature()))
             self._signature = None
+        elif self._block == _TOOL and self._call is not None:
+            self._closed.append(self._call)
+            self._call = None
         self._out.append(A.block_stop(self._index))
         self._block = _NONE
 
@@ -326,7 +400,7 @@ class StreamTranslator:
         if self._splitter is not None:
             for kind, text in self._splitter.flush():
                 self._emit(kind, text)
-        self._close_block()
+        self._release_held()
         usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
         self._out.append(A.message_delta(self.stop_reason, self._matched, usage))
         self._out.append(A.MESSAGE_STOP)
