@@ -17,15 +17,17 @@ from typing import Any
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.fields import audit
 from relay.formats.gemini import schema
 from relay.formats.gemini.common import PLACEHOLDER_SIGNATURE, PREVIOUS, decode_signature, upstream_call_id
 from relay.formats.inbound import (
     blocks,
     client_tools,
     effort,
+    asks_reasoning,
     max_tokens,
-    note_unmapped,
     number,
+    output_schema,
     stop_sequences,
     split_tool_results,
     system_text,
@@ -182,8 +184,8 @@ def _thinking_config(req: dict[str, Any], provider: Provider, dropped: set[str])
     control = provider.reasoning_control
     level = effort(req)
     if control == "none" or level is None:
-        if control == "none" and (req.get("thinking") or req.get("output_config")):
-            dropped.add("thinking/output_config (provider has no reasoning control)")
+        if control == "none" and asks_reasoning(req):
+            dropped.add("thinking/output_config.effort (provider has no reasoning control)")
         return None
     if control == "thinking_budget":
         return {"includeThoughts": True, "thinkingBudget": thinking_budget(req) or BUDGETS[level]}
@@ -236,8 +238,14 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     thinking = _thinking_config(req, provider, dropped)
     if thinking:
         generation["thinkingConfig"] = thinking
+    wanted = output_schema(req, provider)
+    if wanted is not None:  # JSON mode, constrained by the schema where Gemini's subset can say it
+        generation["responseMimeType"] = "application/json"
+        response_schema = schema.response_schema(wanted)
+        if response_schema is not None:
+            generation["responseSchema"] = response_schema
     body["generationConfig"] = generation
-    note_unmapped(req, dropped)
+    audit(req, "gemini", dropped)
     return body, dropped
 
 

@@ -12,13 +12,16 @@ import orjson
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.fields import audit
 from relay.formats.inbound import (
     client_tools,
     data_url,
     effort,
+    asks_reasoning,
     max_tokens,
-    note_unmapped,
     openai_choice_fields,
+    output_schema,
+    prompt_cache_key,
     sampling,
     stop_sequences,
     system_text,
@@ -28,6 +31,7 @@ from relay.formats.inbound import (
     turns,
     user_pieces,
 )
+from relay.formats.structured import json_schema_format
 
 
 def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[str, Any]]:
@@ -108,8 +112,8 @@ def _reasoning(body: dict[str, Any], req: dict[str, Any], provider: Provider, dr
         if level:
             body["reasoning"] = {"effort": level}
     elif control == "none":
-        if req.get("thinking") or req.get("output_config"):
-            dropped.add("thinking/output_config (provider has no reasoning control)")
+        if asks_reasoning(req):
+            dropped.add("thinking/output_config.effort (provider has no reasoning control)")
     else:
         dropped.add(f"thinking (reasoning_control {control} is not an OpenAI Chat control)")
 
@@ -231,7 +235,11 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         else:
             dropped.add("top_k (not an OpenAI parameter)")
     _reasoning(body, req, provider, dropped)
-    note_unmapped(req, dropped)
+    schema = output_schema(req, provider)
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": json_schema_format(schema, provider)}
+    body.update(prompt_cache_key(req, provider, dropped))
+    audit(req, "openai", dropped)
     if stream:
         body["stream"] = True
         if provider.stream_usage:

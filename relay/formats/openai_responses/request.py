@@ -15,14 +15,18 @@ import orjson
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.fields import audit
+from relay.formats.structured import json_schema_format
 from relay.formats.inbound import (
     blocks,
     client_tools,
     data_url,
     effort,
+    asks_reasoning,
     max_tokens,
-    note_unmapped,
     openai_choice_fields,
+    output_schema,
+    prompt_cache_key,
     sampling,
     split_tool_results,
     stop_sequences,
@@ -160,17 +164,18 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         body["tools"] = tools
         body.update(openai_choice_fields(req, lambda name: {"type": "function", "name": name}))
     body.update(sampling(req))
-    if stop_sequences(req):
-        dropped.add("stop_sequences (the Responses API has none)")
-    if req.get("top_k") is not None:
-        dropped.add("top_k (not an OpenAI parameter)")
+    stop_sequences(req)  # validated; the Responses API has none (fields.FIELDS drops it)
     level = effort(req) if provider.reasoning_control != "none" else None
     if level:
         body["reasoning"] = {"effort": level, "summary": "auto"}
         body["include"] = ["reasoning.encrypted_content"]
-    elif req.get("thinking") or req.get("output_config"):
-        dropped.add("thinking/output_config (provider has no reasoning control)")
-    note_unmapped(req, dropped)
+    elif asks_reasoning(req):
+        dropped.add("thinking/output_config.effort (provider has no reasoning control)")
+    schema = output_schema(req, provider)
+    if schema is not None:
+        body["text"] = {"format": {"type": "json_schema", **json_schema_format(schema, provider)}}
+    body.update(prompt_cache_key(req, provider, dropped))
+    audit(req, "openai-responses", dropped)
     body["store"] = False
     if stream:
         body["stream"] = True
