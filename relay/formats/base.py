@@ -13,10 +13,12 @@ that forwards bytes whether those bytes still say what ``req`` says.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from relay.config import Provider
 from relay.errors import RelayError, as_anthropic_overflow
+from relay.formats.inbound import session_id
 
 
 @dataclass
@@ -38,6 +40,12 @@ class ClientRequest:
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
+
+    @cached_property
+    def session_id(self) -> str | None:
+        """Claude Code's session id (``metadata.user_id``'s ``session_id``), parsed once: what keeps a session's
+        requests on one upstream prefix cache (``prompt_cache_key``, and the server's session affinity)."""
+        return session_id(self.json)
 
 
 @dataclass(frozen=True)
