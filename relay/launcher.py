@@ -23,7 +23,7 @@ def client_env(config: Config, host: str | None = None, port: int | None = None)
     return {"ANTHROPIC_BASE_URL": f"http://{host}:{port}", "ANTHROPIC_AUTH_TOKEN": token}
 
 
-# What Claude Code asks for when ANTHROPIC_MODEL is unset: 2.1.331 asks for claude-opus-5-5 (its access-log line).
+# What Claude Code asks for when ANTHROPIC_MODEL is unset: 2.1.331 and 2.1.332 ask for claude-opus-5-5 (its access-log line).
 MAIN_MODEL_FALLBACK = "claude-opus"
 
 
@@ -39,7 +39,7 @@ def static_window(config: Config, model: str) -> int | None:
     return target.provider.limits_for(target.model).context_window
 
 
-CLAUDE_MIN_COMPACT_WINDOW = 100_000  # Claude Code 2.1.331 reads a smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as 100k
+CLAUDE_MIN_COMPACT_WINDOW = 100_000  # Claude Code 2.1.331/2.1.332 read a smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as 100k
 CLAUDE_OUTPUT_RESERVE = 20_000  # it keeps this much of the window for output
 MIN_RESERVE = 6_000  # room left at the compaction point: the next turn's input and a reply
 

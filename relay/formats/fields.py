@@ -48,7 +48,9 @@ FIELDS: dict[str, Fate] = {
                                            "API has none"),
     "tools": _all(MAPPED, "function tools (server tools dropped with a warning)"),
     "tool_choice": _all(MAPPED, "tool_choice / functionCallingConfig / tool_choice"),
-    "thinking": _all(MAPPED, "per reasoning_control (dropped where it is none)"),
+    "thinking": _all(MAPPED, "per reasoning_control (dropped where it is none); display (Claude Code 2.1.332 sends "
+                             "omitted) is not applied: reasoning text comes back as the upstream sends it, since "
+                             "reasoning_return sends it upstream again"),
     "output_config": _all(MAPPED, "effort per reasoning_control; format (structured output) -> response_format / "
                                   "responseSchema / text.format, refused where structured_output = none"),
     "output_format": _all(MAPPED, "the older (beta) spelling of output_config.format: the same"),
