@@ -132,6 +132,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
     import trio
 
     from relay.log import setup
+    from relay.resources import raise_open_files
     from relay.server import Server
 
     bind = host or config.server.host
@@ -140,6 +141,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
               "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
         return 2
     setup(log_level, log_format)
+    raise_open_files()
     server = Server(config)
     # What is loaded by now (modules, config, tables) lives as long as the process. Frozen, it is no longer
     # walked by every full garbage collection, which on a busy relay halves those pauses (13 -> 7 ms at

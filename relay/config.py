@@ -105,6 +105,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8787
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # operators' keys: never client keys (they read /metrics)
+    metrics_keys: tuple[str, ...] = ()  # keys that may read /metrics and nothing else (a Prometheus scraper)
     body_limit: int = 32 * 1024 * 1024
     header_timeout: float = 30.0  # time to deliver a whole request once it has started
     idle_timeout: float = 120.0  # keep-alive connection with no request
@@ -142,6 +144,8 @@ _SERVER_KEYS = {
     "host": str,
     "port": int,
     "api_keys": list,
+    "admin_keys": list,
+    "metrics_keys": list,
     "body_limit": int,
     "header_timeout": (int, float),
     "idle_timeout": (int, float),
@@ -281,8 +285,9 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     raw_server = data.get("server", {})
     _check_keys(raw_server, _SERVER_KEYS, src, "server")
     raw_server = {k: _expand(v, src, "server", k, env) for k, v in raw_server.items()}
-    keys = tuple(k for k in raw_server.pop("api_keys", []) if k)
-    server = ServerConfig(api_keys=keys, **raw_server)
+    key_lists = {name: tuple(str(k) for k in raw_server.pop(name, []) if k)
+                 for name in ("api_keys", "admin_keys", "metrics_keys")}
+    server = ServerConfig(**key_lists, **raw_server)
     if not 0 <= server.port <= 65535:
         raise src.error("server", "port", "must be 0..65535")
 
@@ -354,6 +359,9 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         if not entry.get("key"):
             raise src.error("keys", "key", f"[[keys]] entry {n} has no key")
         client_keys.append(ClientKey(entry["key"], entry.get("name") or f"scoped{n}", tuple(entry.get("models", []))))
+    for name in ("admin_keys", "metrics_keys"):
+        if any(k.key in getattr(server, name) for k in client_keys):
+            raise src.error("server", name, "holds a client key too; give operators keys of their own")
     return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes,
                   long_context_threshold=threshold, source=path)
 

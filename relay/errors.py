@@ -147,7 +147,7 @@ def from_upstream(
         pass
     message = _message_from(doc) if doc is not None else None
     if not message:
-        message = text.strip()[:2000] or f"HTTP {status}"
+        message = _cut(redact(text.strip(), secrets), MESSAGE_LIMIT, secrets) or f"HTTP {status}"
     out_status = _UPSTREAM_STATUS.get(status, status)
     if not (400 <= out_status < 600):
         out_status = 500
@@ -193,11 +193,27 @@ def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, ma
     return out
 
 
+REDACTED = "[redacted]"
+MESSAGE_LIMIT = 2000  # characters of a non-JSON upstream error body kept in the message
+
+
+def _cut(text: str, limit: int, secrets: tuple[str, ...]) -> str:
+    """``text`` (already redacted) bounded to ``limit``; a key the cut (or the upstream's own cut of its body)
+    split in two leaves a prefix at the end, which is redacted too."""
+    marker = text.find(REDACTED, max(0, limit - len(REDACTED) + 1), limit + len(REDACTED) - 1)
+    text = text[:limit] if marker < 0 else text[:marker + len(REDACTED)]  # never half a marker
+    for secret in secrets:
+        for size in range(min(len(secret), len(text)) - 1, 3, -1):
+            if text.endswith(secret[:size]):
+                return text[:-size] + REDACTED
+    return text
+
+
 def redact(text: str, secrets: tuple[str, ...]) -> str:
     """Upstream keys never leave relay, even when an upstream echoes them back in an error."""
     for secret in secrets:
         if secret and len(secret) >= 4 and secret in text:
-            text = text.replace(secret, "[redacted]")
+            text = text.replace(secret, REDACTED)
     # Key-looking tokens an upstream may echo (sk-..., AIza...) even when they are not ours.
     return re.sub(r"\b(sk-[A-Za-z0-9_\-]{8})[A-Za-z0-9_\-]{8,}", r"\1…[redacted]", text)
 

@@ -30,8 +30,21 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class _Escape(logging.Filter):
+    """The one place where log text is made safe: every message, whatever put a client's or an upstream's
+    words into it (a model id, a target, an upstream error, a failure note), leaves with its control
+    characters escaped, so no line can be forged and no terminal escape sequence reaches a reader."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = escape(message), None
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Escape())
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
@@ -44,13 +57,18 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.propagate = False
 
 
+def escape(text: str) -> str:
+    """Control characters (line breaks, ESC, ...) written as Python escapes: ``\\n``, ``\\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def printable(text: str, limit: int = 200) -> str:
-    """Client-chosen text (a model id) made safe for a log line or a terminal: no control characters (no
-    forged log lines, no escape sequences), and bounded."""
+    """Client-chosen text (a model id) made safe for a log line, a terminal or a table, and bounded."""
     if text.isprintable() and len(text) <= limit:
         return text
-    cleaned = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
-    return cleaned + ("…" if len(text) > limit else "")
+    return escape(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 def access_line(

@@ -6,8 +6,6 @@ Nothing format-specific happens here beyond choosing the translator: bodies are 
 
 from __future__ import annotations
 
-import fnmatch
-import hmac
 import logging
 import random
 import re
@@ -21,6 +19,7 @@ import orjson
 import trio
 
 from relay import routing, tokens, transport
+from relay.auth import OPEN, Keys, is_loopback, may_call, permitted
 from relay.config import ClientKey, Config
 from relay.usage import UsageBook, default_path
 from relay.context import fit_max_tokens
@@ -30,12 +29,12 @@ from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
 from relay.log import access_line, printable
 from relay.metrics import Metrics
+from relay.resources import connection_budget
 from relay.upstream import Upstreams
 
 log = logging.getLogger("relay.server")
 
 READ_SIZE = 65536
-OPEN = ClientKey("", "open")  # who a request is when relay has no keys configured
 USAGE_FLUSH_SECONDS = 5.0
 DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 1024 * 1024
@@ -50,6 +49,7 @@ class Exchange:
 
     method: str
     path: str
+    route: str = "other"  # the route dispatch matched: what /metrics labels, never the raw path
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     model: str = ""
@@ -76,6 +76,10 @@ class Connection:
 
     def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
         self.stream = transport.ClientSocket(stream)
+        try:
+            self.peer_loopback = is_loopback(stream.socket.getpeername()[0])
+        except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
+            self.peer_loopback = False
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.chunked = False  # the response being written uses chunked framing (relay may frame chunks itself)
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
@@ -118,9 +122,9 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstreams = Upstreams(config)
-        self.metrics = Metrics()
+        self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
-        self._keys = [(k, k.key.encode()) for k in config.keys]
+        self._auth = Keys(config)
         path = config.server.usage_db
         self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
         self._accepting = trio.CancelScope()
@@ -129,6 +133,7 @@ class Server:
         self._idle: set[trio.CancelScope] = set()
         self._drain_deadline = float("inf")
         self._open = 0
+        self.max_open = connection_budget(config.server.max_connections)
         self.draining = False
 
     # ---- listening --------------------------------------------------------------------------
@@ -141,6 +146,9 @@ class Server:
         listeners = [await _reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
+        if self.max_open < self.config.server.max_connections:
+            log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
+                        " in a systemd unit)", self.config.server.max_connections, self.max_open)
         try:
             async with trio.open_nursery() as connections:
                 if self.usage is not None:
@@ -192,11 +200,13 @@ class Server:
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
-        self._keys = [(k, k.key.encode()) for k in config.keys]
+        self._auth = Keys(config)
+        self.max_open = connection_budget(config.server.max_connections)
+        self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        if self._open >= self.config.server.max_connections:
+        if self._open >= self.max_open:
             await _send_raw(stream, RelayError(529, "relay is at its connection limit; retry shortly", "overloaded_error"))
             await stream.aclose()
             return
@@ -262,7 +272,7 @@ class Server:
             await self._dispatch(conn, ex, request, body)
             now = time.perf_counter()
             self.metrics.request_done(
-                ex.path.split("?", 1)[0], ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
+                ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
                 None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
             if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
                 self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens)
@@ -335,61 +345,44 @@ class Server:
 
     # ---- dispatch ---------------------------------------------------------------------------
 
-    def _client(self, request: h11.Request) -> ClientKey | None:
-        """The client key presented (x-api-key or Bearer), or None. Every configured key is compared in
-        constant time, so timing tells nothing about which one nearly matched."""
-        presented = b""
-        for name, value in request.headers:
-            if name == b"x-api-key":
-                presented = value
-                break
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-        found: ClientKey | None = None
-        for key, raw in self._keys:
-            if hmac.compare_digest(presented, raw):
-                found = key
-        return found
-
-    def _authorized(self, request: h11.Request) -> bool:
-        return not self._keys or self._client(request) is not None
-
     async def _dispatch(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
             if path in HEALTH_PATHS:
+                ex.route = path
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
                 await self._json(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
                 return
             if path == "/metrics":
-                if not self._authorized(request):
-                    raise RelayError(401, "metrics need the relay key (x-api-key or Authorization: Bearer)", "authentication_error")
+                ex.route = path
+                self._auth.check_metrics(request.headers, conn.peer_loopback)
                 self._require(method, "GET", path)
                 await self._metrics(conn, ex)
                 return
             if not path.startswith("/v1/"):
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            client = self._client(request) if self._keys else OPEN
-            if client is None:
-                raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)", "authentication_error")
-            ex.client = client
+            if path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models"):
+                ex.route = path
+            elif path.startswith("/v1/models/"):
+                ex.route = "/v1/models/{id}"
+            ex.client = self._auth.client(request.headers)
             if path == "/v1/messages":
                 self._require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
             elif path == "/v1/messages/count_tokens":
                 self._require(method, "POST", path)
                 req = self._parse(body)
-                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)))
+                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)), ex.client)
                 await self._json(conn, ex, 200, orjson.dumps({"input_tokens": count}))
             elif path == "/v1/models":
                 self._require(method, "GET", path)
-                await self._json(conn, ex, 200, orjson.dumps(self._models()))
+                await self._json(conn, ex, 200, orjson.dumps(self._models(ex.client)))
             elif path.startswith("/v1/models/"):
                 self._require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
-                await self._json(conn, ex, 200, orjson.dumps(await self._model_entry(wanted)))
+                await self._json(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
             else:
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
@@ -430,18 +423,24 @@ class Server:
             entry["max_output_tokens"] = limits.max_output
         return entry
 
-    def _models(self) -> dict[str, Any]:
+    def _models(self, client: ClientKey) -> dict[str, Any]:
+        """What this key may use: an id whose first target is out of its scope is not listed."""
         data = []
         for mid in routing.listed_models(self.config):
             target = routing.resolve(self.config, mid)[0]
+            if not may_call(client, target):
+                continue
             window = target.provider.limits_for(target.model).context_window
             data.append(self._entry(mid, target, window or self.upstreams.known_window(target.provider, target.model)))
         return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
 
-    async def _model_entry(self, mid: str) -> dict[str, Any]:
-        """Any id relay can route, with its window (asking a local server for it, once)."""
+    async def _model_entry(self, mid: str, client: ClientKey) -> dict[str, Any]:
+        """Any id relay can route for this key, with its window (asking a local server for it, once); one out
+        of the key's scope is as unknown to it as one relay cannot route."""
         target = routing.resolve(self.config, mid)[0]
+        if not may_call(client, target):
+            raise RelayError(404, f"model: {mid!r} is not available to this key", "not_found_error")
         return self._entry(mid, target, await self.window_of(target))
 
     # ---- POST /v1/messages ------------------------------------------------------------------
@@ -458,13 +457,11 @@ class Server:
             value = req.get(field_name)
             if isinstance(value, list) and len(value) > limit:
                 raise RelayError(413, f"{field_name}: {len(value)} items; relay accepts at most {limit}", "request_too_large")
-        if ex.client is not None and ex.client.models and not any(fnmatch.fnmatchcase(model, p) for p in ex.client.models):
-            raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
         stream = req.get("stream") is True
         ex.stream = stream
         override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
         ex.estimate = tokens.estimate(req)
-        targets = routing.resolve(self.config, override or model, req, ex.estimate)
+        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, ex.estimate))
         failures: list[str] = []
         try:
             for number, target in enumerate(targets, 1):
@@ -571,16 +568,18 @@ class Server:
             return
         await self._json(conn, ex, 200, orjson.dumps(message))
 
-    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest) -> int:
+    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest, client: ClientKey) -> int:
         """The upstream's own count when its format forwards count_tokens (``anthropic``), else relay's estimate
-        (also when the upstream has no counter or fails: a count is advisory, never worth an error)."""
+        (also when the upstream has no counter or fails: a count is advisory, never worth an error). A model
+        out of the key's scope is refused before any upstream is asked."""
         model = req.get("model")
         target = None
         if isinstance(model, str) and model:
             try:
-                target = routing.resolve(self.config, model)[0]
+                targets = routing.resolve(self.config, model)
             except RelayError:
-                pass
+                targets = []
+            target = permitted(client, model, targets)[0] if targets else None
         counter = getattr(registry.get(target.provider.format), "count_tokens", None) if target else None
         if target is not None and counter is not None:
             call = counter(req, target.provider, target.model, incoming)

@@ -189,8 +189,9 @@ async def test_a_request_head_past_max_header_bytes_gets_431(relay: RelayHandle,
     assert headers["request-id"].startswith("req_")
 
 
-async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
+async def test_metrics(nursery: trio.Nursery, upstream: MockUpstream) -> None:
     from tests.mock_upstream import json_reply, text_stream
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", '[server]\nmetrics_keys = ["m-key"]'))
     upstream.handler = lambda r: text_stream("a", "b", usage=(11, 2)) if r.json.get("stream") else json_reply({"error": {"message": "x"}}, 400)
     body = b'{"model":"mock-model","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
     streamed = await exchange(relay.port, post("/v1/messages", body, extra=b"connection: close\r\n"), read_until_close=True)
@@ -200,7 +201,7 @@ async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
     assert status == 401
     want = 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="400"} 1'
     for _ in range(50):  # relay books a request just after its response is written
-        status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\n\r\n"))
+        status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: m-key\r\n\r\n"))
         if want in text.decode():
             break
         await trio.sleep(0.02)
