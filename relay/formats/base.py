@@ -1,9 +1,10 @@
 """What every wire format provides, so the server can drive any of them the same way.
 
-A format is a module (registered in ``relay.formats.registry``) with three pure functions:
+A format (registered in ``relay.formats.registry``) offers three pure functions:
 ``build(req, provider, model, stream, client=None) -> UpstreamCall``, ``stream_translator(opts) -> Translator``
 and ``translate_response(doc, opts) -> dict`` (an Anthropic Message). No I/O anywhere. A format may also offer
 ``count_tokens(req, provider, model, client) -> UpstreamCall`` to have ``/v1/messages/count_tokens`` forwarded.
+The translated formats are each one ``Translated`` (their pieces as data); the passthrough is its own module.
 
 ``client`` is the request as it arrived (``ClientRequest``). relay never changes a parsed request in place: a
 change (a fitted max_tokens, a stripped routing tag) makes a new dict, so ``req is client.json`` tells a format
@@ -12,9 +13,12 @@ that forwards bytes whether those bytes still say what ``req`` says.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
+
+import orjson
 
 from relay.config import Provider
 from relay.errors import RelayError, as_anthropic_overflow
@@ -96,3 +100,36 @@ class Format(Protocol):
     def stream_translator(self, opts: Options) -> Translator: ...
 
     def translate_response(self, doc: Any, opts: Options) -> dict[str, Any]: ...
+
+
+def _no_extra(opts: Options) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Translated:
+    """A format relay translates (OpenAI Chat, Gemini, OpenAI Responses), as its pieces: the request builder
+    (``build_body(req, provider, model, stream) -> (body, dropped)``), the upstream path, the stream translator
+    (a ``BlockWriter``) and the whole-response translator. ``extra`` gives the provider quirks a format's
+    translators read beyond the common ones (OpenAI Chat: ``think_tags``, the stop sequences)."""
+
+    build_body: Callable[[dict[str, Any], Provider, str, bool], tuple[dict[str, Any], set[str]]]
+    path: Callable[[str, bool], str]
+    translator: Callable[..., Translator]
+    translate: Callable[..., dict[str, Any]]
+    extra: Callable[[Options], dict[str, Any]] = _no_extra
+
+    def build(self, req: dict[str, Any], provider: Provider, model: str, stream: bool,
+              client: ClientRequest | None = None) -> UpstreamCall:
+        body, dropped = self.build_body(req, provider, model, stream)
+        return UpstreamCall(self.path(model, stream), orjson.dumps(body), dropped=dropped)
+
+    def stream_translator(self, opts: Options) -> Translator:
+        p = opts.provider
+        return self.translator(opts.model, input_tokens_hint=opts.input_tokens_hint, secrets=p.api_keys,
+                               provider=p.name, on_error=opts.overflow, **self.extra(opts))
+
+    def translate_response(self, doc: Any, opts: Options) -> dict[str, Any]:
+        p = opts.provider
+        return self.translate(doc, opts.model, secrets=p.api_keys, provider=p.name, **self.extra(opts))
+

@@ -7,8 +7,8 @@ a bounded max_tokens) is decided once, here, so the formats cannot drift apart. 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -171,6 +171,43 @@ def split_tool_results(content: str | list[Any], where: str) -> tuple[list[tuple
     return results, rest
 
 
+INTERRUPTED = "(no result: the tool call was interrupted)"
+T = TypeVar("T")
+
+
+class PendingCalls(Generic[T]):
+    """The tool calls of the last assistant turn still waiting for their results, in call order.
+
+    Every API relay translates to refuses a conversation with a call left unanswered (OpenAI Chat and Responses)
+    or pairs results with calls by position (Gemini), and Claude Code leaves calls unanswered when the user
+    interrupts a tool. So when the conversation moves on, each call still waiting gets ``INTERRUPTED`` as its
+    result: the one place that repair is made; ``interrupted(call_id)`` writes it in the format's own shape."""
+
+    def __init__(self, interrupted: Callable[[str], T]) -> None:
+        self.ids: list[str] = []
+        self._interrupted = interrupted
+
+    def add(self, call_id: str) -> None:
+        self.ids.append(call_id)
+
+    def __contains__(self, call_id: str) -> bool:
+        return call_id in self.ids
+
+    def take(self, call_id: str) -> bool:
+        """The result of ``call_id`` has come: True when that call was waiting (a result for a call the upstream
+        never saw is the caller's to keep as text)."""
+        if call_id in self.ids:
+            self.ids.remove(call_id)
+            return True
+        return False
+
+    def close(self, results: Mapping[str, T] | None = None) -> list[T]:
+        """Every call still waiting answered, in call order: its result from ``results``, else ``INTERRUPTED``."""
+        out = [results[c] if results and c in results else self._interrupted(c) for c in self.ids]
+        self.ids.clear()
+        return out
+
+
 def tool_loaded(block: dict[str, Any]) -> str:
     """Claude Code's ToolSearch answers with tool_reference blocks; upstreams get them as this sentence."""
     return f"Tool {block.get('tool_name')} is now loaded and can be called."
@@ -272,7 +309,7 @@ def effort(req: dict[str, Any]) -> str | None:
         return None
     if isinstance(asked, str) and asked in EFFORTS:
         return EFFORTS[asked]
-    if kind == "enabled":
+    if kind == "enabled" and isinstance(thinking, dict):
         budget = thinking.get("budget_tokens")
         if isinstance(budget, int):
             return "low" if budget < 4096 else "medium" if budget < 16384 else "high"

@@ -1,9 +1,11 @@
-"""The Anthropic side of a stream translator, shared by the formats whose upstream events are typed parts
-(Gemini, OpenAI Responses): open and close blocks, write deltas from the byte templates, close the message,
-turn a failure into an HTTP error (nothing sent yet) or an ``event: error`` (after).
+"""The Anthropic side of every translated stream (OpenAI Chat, Gemini, OpenAI Responses): parse the upstream's
+SSE, open and close blocks, write deltas from the byte templates, close the message, turn a failure into an HTTP
+error (nothing sent yet) or an ``event: error`` (after).
 
 A format subclasses it and implements ``_on_event`` (one parsed SSE event) and ``_stop_reason``; ``feed``,
-``finish`` and ``abort`` are the Translator protocol the server drives.
+``finish`` and ``abort`` are the Translator protocol the server drives. The per-chunk path is kept short: a read
+holding exactly one ``data:`` event skips the general parse (``SSEParser.single``), and ``text``/``thinking``
+into an open block are one template each.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from relay.errors import RelayError
 from relay.formats import anthropic as A
 from relay.formats.base import ended_early
-from relay.sse import Event, SSEError, SSEParser
+from relay.sse import SSEError, SSEParser
 
 NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
 
@@ -40,20 +42,24 @@ class BlockWriter:
         self._out: list[bytes] = []
         self._block = NONE
         self._index = -1
-        self._signature = ""  # the open thinking block's signature, once known
+        self._signature = ""  # the open (or next closed) thinking block's signature, once known
 
     # ---- the Translator protocol ------------------------------------------------------------
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
+        payload = self._parser.single(data)
+        if payload is not None:  # what a paced upstream's every read holds
+            self._on_event(None, payload)
+            return self.flush()
         try:
             events = self._parser.feed(data)
-        except SSEError as exc:
+        except SSEError as exc:  # an oversized event from a broken upstream
             self.fail(RelayError(502, f"{self.provider}: {exc}", "api_error"))
             return self.flush()
-        for event in events:
-            self._on_event(event)
+        for name, payload in events:
+            self._on_event(name, payload)
             if self.done:
                 break
         return self.flush()
@@ -62,8 +68,8 @@ class BlockWriter:
         """The upstream body ended."""
         if self.done:
             return b""
-        for event in self._parser.close():
-            self._on_event(event)
+        for name, payload in self._parser.close():
+            self._on_event(name, payload)
             if self.done:
                 return self.flush()
         self._on_end()
@@ -77,15 +83,15 @@ class BlockWriter:
 
     # ---- for the format ---------------------------------------------------------------------
 
-    def _on_event(self, event: Event) -> None:
+    def _on_event(self, name: bytes | None, payload: bytes) -> None:
         raise NotImplementedError
 
-    END_MARKER = "its end event"  # what the format's upstream sends last; named in the error when it is missing
+    ENDED_WITHOUT = "no end event"  # what was missing when the body ended early (named in the error)
 
     def _on_end(self) -> None:
         """The body ended before the format's own end event: the answer was cut short (see ``ended_early``). A
         format whose end is a field of an ordinary event (Gemini's ``finishReason``) overrides this."""
-        self.fail(ended_early(self.provider, f"no {self.END_MARKER}"))
+        self.fail(ended_early(self.provider, self.ENDED_WITHOUT))
 
     def _stop_reason(self) -> str:
         raise NotImplementedError

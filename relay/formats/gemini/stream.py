@@ -14,11 +14,10 @@ import orjson
 from relay.formats.gemini.common import blocked, part_ops, stop_reason, usage_numbers
 from relay.formats.gemini.response import candidate_of, error_of
 from relay.formats.writer import BlockWriter
-from relay.sse import Event
 
 
 class GeminiStreamTranslator(BlockWriter):
-    END_MARKER = "finishReason"
+    ENDED_WITHOUT = "no finishReason"
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -27,9 +26,9 @@ class GeminiStreamTranslator(BlockWriter):
         self._calls = 0
         self._response_id = ""
 
-    def _on_event(self, event: Event) -> None:
+    def _on_event(self, name: bytes | None, payload: bytes) -> None:
         try:
-            doc = orjson.loads(event[1])
+            doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
         if isinstance(doc, list) and doc and isinstance(doc[0], dict):

@@ -14,6 +14,8 @@ from relay.config import Provider
 from relay.errors import invalid
 from relay.formats.fields import audit
 from relay.formats.inbound import (
+    INTERRUPTED,
+    PendingCalls,
     client_tools,
     data_url,
     effort,
@@ -127,13 +129,11 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     system = system_text(req.get("system"))
     merged_system: list[str] = [system] if system else []
     out: list[dict[str, Any]] = []
-    # each tool call id waiting for its result; OpenAI requires every call to be answered before the next turn
-    pending_calls: list[str] = []
+    pending: PendingCalls[dict[str, Any]] = PendingCalls(
+        lambda call_id: {"role": "tool", "tool_call_id": call_id, "content": INTERRUPTED})
 
     def answer_pending() -> None:
-        for call_id in pending_calls:
-            out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result: the tool call was interrupted)"})
-        pending_calls.clear()
+        out.extend(pending.close())
 
     for where, role, content in turns(req):
         if role == "system":
@@ -182,7 +182,8 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
             entry: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else (None if calls else "")}
             if calls:
                 entry["tool_calls"] = calls
-                pending_calls.extend(c["id"] for c in calls)
+                for call in calls:
+                    pending.add(call["id"])
             if reasoning:
                 if provider.reasoning_return:
                     entry["reasoning_content"] = "\n\n".join(reasoning)
@@ -199,8 +200,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 if not isinstance(call_id, str):
                     raise invalid(f"{where}.content.{i}.tool_use_id: Field required")
                 text, images = _tool_result(block, f"{where}.content.{i}", dropped)
-                if call_id in pending_calls:
-                    pending_calls.remove(call_id)
+                if pending.take(call_id):
                     out.append({"role": "tool", "tool_call_id": call_id, "content": text})
                 else:  # a result for a call the upstream never saw: keep its content as plain text
                     rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})

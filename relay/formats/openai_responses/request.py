@@ -18,6 +18,8 @@ from relay.errors import invalid
 from relay.formats.fields import audit
 from relay.formats.structured import json_schema_format
 from relay.formats.inbound import (
+    INTERRUPTED,
+    PendingCalls,
     blocks,
     client_tools,
     data_url,
@@ -38,7 +40,6 @@ from relay.formats.inbound import (
 from relay.formats.openai_responses.common import decode_reasoning
 
 MIN_OUTPUT_TOKENS = 16  # the API refuses max_output_tokens below 16 (Claude Code probes with max_tokens 1)
-INTERRUPTED = "(no result: the tool call was interrupted)"
 
 Item = dict[str, Any]
 
@@ -62,7 +63,7 @@ def _input_parts(content: str | list[Any], where: str, dropped: set[str]) -> lis
     return parts
 
 
-def _assistant_items(content: str | list[Any], where: str, pending: list[str], dropped: set[str]) -> list[Item]:
+def _assistant_items(content: str | list[Any], where: str, pending: PendingCalls[Item], dropped: set[str]) -> list[Item]:
     if isinstance(content, str):
         return [{"role": "assistant", "content": content}] if content else []
     items: list[Item] = []
@@ -81,7 +82,7 @@ def _assistant_items(content: str | list[Any], where: str, pending: list[str], d
                 raise invalid(f"{at}: tool_use needs a string id and name")
             arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
             items.append({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
-            pending.append(call_id)
+            pending.add(call_id)
         elif kind == "thinking":
             encrypted = decode_reasoning(block.get("signature"))
             if encrypted is None:
@@ -97,11 +98,11 @@ def _assistant_items(content: str | list[Any], where: str, pending: list[str], d
 
 def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: set[str]) -> list[Item]:
     items: list[Item] = []
-    pending: list[str] = []  # calls waiting for their output; the API refuses a call left unanswered
+    pending: PendingCalls[Item] = PendingCalls(
+        lambda call_id: {"type": "function_call_output", "call_id": call_id, "output": INTERRUPTED})
 
     def answer_pending() -> None:
-        items.extend({"type": "function_call_output", "call_id": c, "output": INTERRUPTED} for c in pending)
-        pending.clear()
+        items.extend(pending.close())
 
     for where, role, content in turns(req):
         if role == "system":
@@ -128,8 +129,7 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
             if media:
                 text = text or "(the result is the image below)"
                 follow += [{"type": "input_text", "text": f"[images returned by tool call {call_id}]"}, *media]
-            if call_id in pending:
-                pending.remove(call_id)
+            if pending.take(call_id):
                 items.append({"type": "function_call_output", "call_id": call_id, "output": text})
             else:  # a result for a call the upstream never saw: keep its content as plain text
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
