@@ -7,7 +7,7 @@ import os
 import sys
 
 from relay import __version__
-from relay.config import Config, ConfigError, load
+from relay.config import Config, ConfigError, load, loopback
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
     _add_config(check)
     check.add_argument("models", nargs="*", help="model ids to show the resolution of")
-    claude = sub.add_parser("claude", help="run Claude Code through relay (starts a relay if none is listening)")
+    claude = sub.add_parser(
+        "claude", help="run Claude Code through relay (starts a relay if none is listening)",
+        description="Run the Claude Code CLI (`claude`, on PATH) with ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN "
+                    "pointing at relay, starting a relay for the session when none listens on the configured port. "
+                    "It sets the compaction variables from the main model's window and warns when that window is too "
+                    "small for Claude Code.",
+        epilog="Everything after relay's own -c goes to claude; claude's own -c/--continue and --help go after --: "
+               "`relay claude -- --help` shows Claude Code's help.")
     _add_config(claude)
     claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c comes first)")
     usage = sub.add_parser("usage", help="print per-key usage totals (requests and tokens by model)")
@@ -64,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["claude"]:  # everything after relay's own -c goes to claude untouched
         rest = argv[1:]
+        if rest[:1] in (["-h"], ["--help"]):  # relay's own help; Claude Code's is `relay claude -- --help`
+            build_parser().parse_args(["claude", "--help"])
         config_path = None
         if rest[:1] in (["-c"], ["--config"]) and len(rest) > 1:
             config_path, rest = rest[1], rest[2:]
@@ -91,9 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         from relay.usage import default_path, report
 
         paths = args.db or [config.server.usage_db or default_path()]
-        print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12}")
-        for key, model, n, tin, tout in report(paths, args.since):
-            print(f"{printable(key, 40):<16} {printable(model, 80):<40} {n:>9} {tin:>12} {tout:>12}")
+        try:
+            print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12} {'est. input':>12} "
+                  f"{'est. output':>12}")
+            for key, model, n, tin, tout, est_in, est_out in report(paths, args.since):
+                print(f"{printable(key, 40):<16} {printable(model, 80):<40} {n:>9} {tin:>12} {tout:>12} {est_in:>12} "
+                      f"{est_out:>12}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `relay usage | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
         return 0
     if args.command == "claude-settings":
         from relay.launcher import settings_json
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         from relay.workers import supervise
 
         bind = args.host or config.server.host
-        if not config.server.api_keys and not config.keys and not _loopback(bind) and not args.allow_open:
+        if not config.server.api_keys and not config.keys and not loopback(bind) and not args.allow_open:
             return serve(config, args.host, args.port, args.log_level, False, config_path)  # prints the refusal
         worker_args = ["--log-level", args.log_level, "--log-format", args.log_format, "--workers", "1"]
         if config_path:
@@ -119,10 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(args.workers, bind, config.server.port if args.port is None else args.port, worker_args)
     return serve(config, args.host, args.port, args.log_level, args.allow_open, config_path, args.log_format,
                  args.reuse_port)
-
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def serve(config: Config, host: str | None, port: int | None, log_level: str, allow_open: bool = False,
@@ -136,7 +147,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
     from relay.server import Server
 
     bind = host or config.server.host
-    if not config.server.api_keys and not config.keys and not _loopback(bind) and not allow_open:
+    if not config.server.api_keys and not config.keys and not loopback(bind) and not allow_open:
         print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
               "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
         return 2
@@ -183,6 +194,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
 
 def check(config: Config, models: list[str]) -> int:
     from relay.errors import RelayError
+    from relay.launcher import CLAUDE_CODE_MODELS
     from relay.routing import resolve
 
     print(f"config: {config.source}")
@@ -193,7 +205,7 @@ def check(config: Config, models: list[str]) -> int:
         print(f"provider {p.name}: format={p.format} base_url={p.base_url} {keys}")
         if p.models:
             print(f"  models: {', '.join(p.models)}")
-        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "context_window", "system_turns", "reasoning_control", "think_tags", "discover_context") if getattr(p, k) not in (None, False, "keep", "none")]
+        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "context_window", "system_turns", "tool_call_content", "reasoning_control", "think_tags", "discover_context") if getattr(p, k) not in (None, False, "keep", "none", "null")]
         if quirks:
             print(f"  {' '.join(quirks)}")
         for model, lim in p.limits.items():
@@ -202,7 +214,7 @@ def check(config: Config, models: list[str]) -> int:
         print(f"alias {alias} -> {', '.join(targets)}")
     for route, targets in config.routes.items():
         print(f"route {route} -> {', '.join(targets)}")
-    samples = models or ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]
+    samples = models or list(CLAUDE_CODE_MODELS)
     status = 0
     for model in samples:
         try:

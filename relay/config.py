@@ -12,12 +12,15 @@ import ssl
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from relay import presets
 
 FORMATS = ("openai", "anthropic", "gemini", "openai-responses")
 SYSTEM_TURNS = ("keep", "merge", "user")
+# The content of an assistant turn that is only tool calls: null (OpenAI's own form; some Bedrock-backed servers
+# refuse "") or "" (llama-cpp-python's server, LM Studio and older llama.cpp answer null with a 500/400).
+TOOL_CALL_CONTENTS = ("null", "empty")
 # How Claude's thinking settings reach the upstream: reasoning_effort (OpenAI Chat/Responses, Gemini's thinking
 # level), thinking_type (thinking: {type}, DeepSeek/Kimi/GLM), enable_thinking (+thinking_budget, DashScope,
 # SiliconFlow), reasoning_object (reasoning: {effort}, OpenRouter), thinking_budget/thinking_level (native Gemini).
@@ -61,6 +64,7 @@ class Provider:
     cooldown: float = 30.0  # seconds an open circuit skips the provider before a probe
     # Quirks: data, not code paths.
     system_turns: str = "keep"
+    tool_call_content: str = "null"  # see TOOL_CALL_CONTENTS
     reasoning_control: str = "none"
     reasoning_return: bool = False  # send thinking back as reasoning_content (DeepSeek thinking + tools)
     think_tags: bool = False  # split inline <think>...</think> out of content into thinking blocks
@@ -177,6 +181,7 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "failure_threshold": int,
     "cooldown": (int, float),
     "system_turns": str,
+    "tool_call_content": str,
     "reasoning_control": str,
     "reasoning_return": bool,
     "think_tags": bool,
@@ -194,6 +199,7 @@ _CHOICES = {
     "preset": tuple(presets.PRESETS),
     "format": FORMATS,
     "system_turns": SYSTEM_TURNS,
+    "tool_call_content": TOOL_CALL_CONTENTS,
     "reasoning_control": REASONING_CONTROLS,
     "auth": AUTH_STYLES,
     "max_tokens_field": MAX_TOKENS_FIELDS,
@@ -310,6 +316,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
         models = tuple(str(m) for m in raw.pop("models", []))
         raw["base_url"] = raw["base_url"].rstrip("/")
+        if problem := _url_problem(raw["base_url"]):
+            raise src.error(table, "base_url", problem)
         limits: dict[str, ModelLimits] = {}
         for model_name, entry in raw.pop("limits", {}).items():
             if not isinstance(entry, dict):
@@ -381,12 +389,25 @@ def load(path: str | None, env: dict[str, str] | None = None) -> Config:
 
 
 def default_config(env: dict[str, str]) -> Config:
+    """No config file: one provider from OPENAI_BASE_URL / OPENAI_API_KEY; RELAY_DEFAULT_MODEL serves Claude ids,
+    RELAY_MAX_OUTPUT_TOKENS and RELAY_CONTEXT_WINDOW give the model's limits. A server on this machine is taken for
+    a local one (llama.cpp, llama-cpp-python, vLLM, LM Studio): its window is asked for, and tool-call turns carry
+    "" instead of null, which those servers refuse."""
     key = env.get("OPENAI_API_KEY", "")
+    base_url = env.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/")
+    if problem := _url_problem(base_url):
+        raise ConfigError(f"OPENAI_BASE_URL: {problem}")
+    limits = {name: _env_int(env, name) for name in ("RELAY_MAX_OUTPUT_TOKENS", "RELAY_CONTEXT_WINDOW")}
+    local = loopback(urlsplit(base_url).hostname or "")
     provider = Provider(
         name="openai",
-        base_url=env.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/"),
+        base_url=base_url,
         api_keys=(key,) if key else (),
         passthrough_models=True,
+        max_tokens_cap=limits["RELAY_MAX_OUTPUT_TOKENS"],
+        context_window=limits["RELAY_CONTEXT_WINDOW"],
+        discover_context=local and limits["RELAY_CONTEXT_WINDOW"] is None,
+        tool_call_content="empty" if local else "null",
     )
     # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
     default_model = env.get("RELAY_DEFAULT_MODEL", "")
@@ -394,8 +415,33 @@ def default_config(env: dict[str, str]) -> Config:
     # The startup line shows this: say what is missing, not just where the settings would come from.
     source = (f"<environment: OPENAI_BASE_URL={provider.base_url}, "
               f"OPENAI_API_KEY {'set' if key else 'NOT SET'}, "
-              f"RELAY_DEFAULT_MODEL={default_model or 'not set (Claude ids go upstream unchanged)'}>")
+              f"RELAY_DEFAULT_MODEL={default_model or 'not set (Claude ids go upstream unchanged)'}"
+              + "".join(f", {k}={v}" for k, v in limits.items() if v is not None) + ">")
     return Config(providers={"openai": provider}, routes=routes, source=source)
+
+
+def _env_int(env: dict[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}: expected a positive number of tokens, got {value!r}")
+    return int(value)
+
+
+def _url_problem(url: str) -> str | None:
+    """Why a base_url cannot work, caught at load so `relay check` says it instead of every request failing."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        hint = f" (e.g. http://{url})" if "://" not in url else ""
+        return f"{url!r} needs to start with http:// or https://{hint}"
+    return None
+
+
+def loopback(host: str) -> bool:
+    """A host name or address of this machine only."""
+    host = host.lower().strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _ca_file(path: str, src: Any, table: str) -> str:

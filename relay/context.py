@@ -33,6 +33,16 @@ def fit_max_tokens(estimate: int, requested: int, window: int | None, max_output
     return allowed
 
 
+def fit_reason(estimate: int, requested: int, fitted: int, window: int | None, max_output: int | None) -> str:
+    """Why ``fit_max_tokens`` lowered max_tokens, in words for the log: the output cap, the window, or both."""
+    reasons = []
+    if max_output and fitted == max_output < requested:
+        reasons.append(f"the output cap {max_output}")
+    if window and fitted == window - estimate:
+        reasons.append(f"the room left in the {window}-token window beside ~{estimate} input tokens")
+    return " and ".join(reasons) or "the limits"
+
+
 def window_from_server(kind: str, doc: Any, model: str) -> int | None:
     """Pull the serving context size out of a local server's self-description."""
     if not isinstance(doc, dict):

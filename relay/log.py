@@ -82,6 +82,7 @@ def access_line(
     duration_ms: float,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
+    usage_estimated: bool = False,
     stream: bool | None = None,
     request_id: str = "",
     note: str = "",
@@ -98,7 +99,8 @@ def access_line(
         parts.append(f"ttfb={ttfb_ms:.1f}ms")
     parts.append(f"dur={duration_ms:.1f}ms")
     if input_tokens is not None:
-        parts.append(f"in={input_tokens} out={output_tokens or 0}")
+        parts.append(f"in={input_tokens} out={output_tokens or 0}" + (" (estimated: no usage from upstream)"
+                                                                      if usage_estimated else ""))
     if request_id:
         parts.append(f"id={request_id}")
     if note:
@@ -106,5 +108,6 @@ def access_line(
     fields = {"method": method, "path": path, "status": status, "model": model, "target": target,
               "stream": stream, "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
               "duration_ms": round(duration_ms, 2), "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "usage_estimated": usage_estimated,
               "request_id": request_id, "note": note}
     access.info(" ".join(parts), extra={"fields": fields})

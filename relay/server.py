@@ -22,8 +22,8 @@ from relay import routing, tokens, transport
 from relay.auth import OPEN, Keys, is_loopback, may_call, permitted
 from relay.config import ClientKey, Config
 from relay.usage import UsageBook, default_path
-from relay.context import fit_max_tokens
-from relay.errors import RelayError, invalid
+from relay.context import fit_max_tokens, fit_reason
+from relay.errors import RelayError, empty_stream, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
@@ -58,6 +58,7 @@ class Exchange:
     ttfb: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    usage_estimated: bool = False  # the upstream reported no usage: the tokens are relay's estimates
     request_id: str = field(default_factory=A.request_id)
     note: str = ""
     client: ClientKey | None = None
@@ -275,12 +276,14 @@ class Server:
                 ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
                 None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
             if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
-                self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens)
+                self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens,
+                               ex.usage_estimated)
             access_line(
                 ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
                 ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
                 duration_ms=(time.perf_counter() - ex.started) * 1000,
-                input_tokens=ex.input_tokens, output_tokens=ex.output_tokens, request_id=ex.request_id, note=ex.note,
+                input_tokens=ex.input_tokens, output_tokens=ex.output_tokens, usage_estimated=ex.usage_estimated,
+                request_id=ex.request_id, note=ex.note,
             )
             if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
                 return
@@ -481,6 +484,7 @@ class Server:
         """Attempts on one target: True when served; False to fall back; raises what the client must see."""
         provider = target.provider
         attempt = 0
+        capped = False  # retried once already with the output cap the upstream stated
         while True:
             key = health.pick_key(trio.current_time())
             ex.target = target.label
@@ -493,6 +497,9 @@ class Server:
                     health.abandoned()  # the client left or a bug: no verdict on the upstream, but free the probe
                     raise
                 err = exc
+                if err.refusal:  # relay's own answer: no upstream attempt to count, retry or fall back from
+                    health.abandoned()
+                    raise
                 now = trio.current_time()
                 retry_after = _retry_after(err)
                 self.metrics.upstream_failed(provider.name, err.status)
@@ -505,11 +512,15 @@ class Server:
                     health.abandoned()
                 if ex.status != 0:  # bytes reached the client: nothing can be retried
                     raise
+                if err.output_cap and not capped and self.upstreams.learn_output_cap(provider, target.model, err.output_cap):
+                    capped = True  # at once, with the cap it stated: the same request would fail the same way
+                    failures.append(f"{target.label}:{err.status}")
+                    continue
                 rotated = err.status in (401, 403, 429) and health.has_fresh_key(now)
                 if err.status not in RETRYABLE and not rotated:
                     raise
                 failures.append(f"{target.label}:{err.status}")
-                attempt += 1
+                attempt += 1 if not err.empty else provider.retries + 1  # the same request gets the same empty answer
                 wait = 0.0 if rotated else min(retry_after if retry_after is not None else 0.25 * 2 ** attempt * random.uniform(0.5, 1.0), 1e9)
                 if attempt <= provider.retries and wait <= provider.max_retry_wait:
                     log.info("%s %s failed with %d (%s); retrying in %.2fs", ex.request_id, target.label, err.status, err.error_type, wait)
@@ -526,8 +537,12 @@ class Server:
         provider = target.provider
         fmt = registry.get(provider.format)
         estimate = ex.estimate
-        req, window = await self._fit_context(ex, req, target, estimate)
-        call = fmt.build(req, provider, target.model, stream, ex.incoming)
+        try:
+            req, window = await self._fit_context(ex, req, target, estimate)
+            call = fmt.build(req, provider, target.model, stream, ex.incoming)
+        except RelayError as err:
+            err.refusal = True  # relay's own answer: the upstream never saw this request
+            raise
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
         max_tokens = req.get("max_tokens")
@@ -603,15 +618,15 @@ class Server:
                            estimate: int) -> tuple[dict[str, Any], int | None]:
         """Lower max_tokens to what the model's window has room for; refuse, as Anthropic does, what cannot fit."""
         max_tokens = req.get("max_tokens")
-        limits = target.provider.limits_for(target.model)
+        max_output = self.upstreams.max_output(target.provider, target.model)
         window = await self.window_of(target)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or limits.max_output):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or max_output):
             return req, window
-        fitted = fit_max_tokens(estimate, max_tokens, window, limits.max_output)
+        fitted = fit_max_tokens(estimate, max_tokens, window, max_output)
         if fitted == max_tokens:
             return req, window
-        log.info("%s max_tokens %d -> %d to fit %s (window %s, input ~%d tokens)",
-                 ex.request_id, max_tokens, fitted, target.label, window, estimate)
+        log.info("%s max_tokens %d -> %d for %s: %s", ex.request_id, max_tokens, fitted, target.label,
+                 fit_reason(estimate, max_tokens, fitted, window, max_output))
         return {**req, "max_tokens": fitted}, window
 
     async def _sse_head(self, conn: Connection, ex: Exchange, first: bytes) -> None:
@@ -689,7 +704,7 @@ class Server:
                         network.before_read = None  # the connection goes back to the pool
                 if not gone and error is None:
                     if ex.status == 0:  # nothing came out at all: never leave the client without an answer
-                        error = RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
+                        error = empty_stream(ex.target)
                     else:
                         try:
                             await conn.send(h11.EndOfMessage())
@@ -704,6 +719,8 @@ class Server:
         if translator.has_usage:
             ex.input_tokens = translator.input_tokens + translator.cache_read
             ex.output_tokens = translator.output_tokens
+        elif translator.usage_estimated:
+            ex.input_tokens, ex.output_tokens, ex.usage_estimated = ex.estimate, translator.output_tokens, True
         if gone:
             ex.note = ex.note or "client disconnected"
         elif translator.error is not None and translator.started:

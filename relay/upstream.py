@@ -6,6 +6,7 @@ the matching Anthropic error before any byte reaches the client.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,8 @@ from relay.context import window_from_server
 from relay.errors import RelayError, from_upstream
 from relay.health import ProviderHealth
 from relay.pool import ConnectionPool
+
+log = logging.getLogger("relay.upstream")
 
 ERROR_BODY_LIMIT = 1024 * 1024
 USER_AGENT = f"relay/{__version__}".encode()
@@ -94,6 +97,7 @@ class Upstreams:
         self._ssl = ssl.create_default_context()
         self._pools: dict[str, ConnectionPool] = {}
         self._windows: dict[tuple[str, str], int | None] = {}
+        self._output_caps: dict[tuple[str, str], int] = {}  # what upstreams said when they refused max_tokens
         self._health: dict[str, ProviderHealth] = {}
         self.config = config
 
@@ -200,7 +204,28 @@ class Upstreams:
             if window:
                 break
         self._windows[key] = window
+        if window is None:  # once per model: the answer (none) is kept like a found one
+            log.warning("%s/%s: could not learn the context window from %s (asked /models, /props, /api/v0/models, "
+                        "/api/show); set context_window in [providers.%s] (or RELAY_CONTEXT_WINDOW with no config "
+                        "file). Until then relay cannot fit max_tokens to it, and an overflowing request may run "
+                        "until the server's window fills", provider.name, model, base, provider.name)
         return window
+
+    def max_output(self, provider: Provider, model: str) -> int | None:
+        """The output cap relay applies: the configured one, or the lower one an upstream stated in a refusal."""
+        caps = [c for c in (provider.limits_for(model).max_output, self._output_caps.get((provider.name, model))) if c]
+        return min(caps) if caps else None
+
+    def learn_output_cap(self, provider: Provider, model: str, cap: int) -> bool:
+        """Keep the cap an upstream stated (for this process); True when it is news, i.e. lower than the cap relay
+        applied, so a retry with it can succeed. Never True twice for the same figure, so retries stay bounded."""
+        known = self.max_output(provider, model)
+        if known is not None and cap >= known:
+            return False
+        self._output_caps[(provider.name, model)] = cap
+        log.info("%s/%s refused max_tokens and says it accepts at most %d: relay caps max_tokens there from now on "
+                 "(until restart; max_tokens_cap or limits in the config make it permanent)", provider.name, model, cap)
+        return True
 
     async def aclose(self) -> None:
         for pool in self._pools.values():

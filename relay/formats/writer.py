@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from relay.errors import RelayError
+from relay.errors import RelayError, empty_stream
 from relay.formats import anthropic as A
 from relay.formats.base import ended_early
 from relay.sse import SSEError, SSEParser
+from relay.tokens import OutputCount
 
 NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
 
@@ -33,6 +34,8 @@ class BlockWriter:
         self.output_tokens = 0
         self.cache_read = 0
         self.has_usage = False
+        self.usage_estimated = False  # no usage came: output_tokens is relay's estimate of what was streamed
+        self._streamed = OutputCount()  # for that estimate (llama-cpp-python sends no usage at all)
         self.saw_tool = False
         self.secrets = secrets
         self.provider = provider
@@ -72,7 +75,10 @@ class BlockWriter:
             self._on_event(name, payload)
             if self.done:
                 return self.flush()
-        self._on_end()
+        if not self.started:
+            self.fail(empty_stream(self.provider))
+        else:
+            self._on_end()
         return self.flush()
 
     def abort(self, error: RelayError) -> bytes:
@@ -106,6 +112,7 @@ class BlockWriter:
             return
         if self._block != TEXT:
             self._open(TEXT)
+        self._streamed.add(text)
         self._out.append(A.text_delta(self._index, text))
 
     def thinking(self, text: str, signature: str | None = None) -> None:
@@ -114,6 +121,7 @@ class BlockWriter:
         if self._block != THINKING:
             self._open(THINKING)
         if text:
+            self._streamed.add(text)
             self._out.append(A.thinking_delta(self._index, text))
         if signature:
             self._signature = signature
@@ -130,10 +138,12 @@ class BlockWriter:
     def tool(self, tool_id: str, name: str) -> None:
         self._open(TOOL)
         self.saw_tool = True
+        self._streamed.add(name)
         self._out.append(A.tool_block_start(self._index, tool_id, name))
 
     def tool_args(self, partial: str) -> None:
         if partial and self._block == TOOL:
+            self._streamed.add(partial)
             self._out.append(A.input_json_delta(self._index, partial))
 
     def close_block(self) -> None:
@@ -153,6 +163,8 @@ class BlockWriter:
         """message_delta (stop reason, usage) and message_stop."""
         self.start()
         self.close_block()
+        if not self.has_usage:
+            self.output_tokens, self.usage_estimated = self._streamed.tokens(), True
         usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
         self._out.append(A.message_delta(self._stop_reason(), stop_sequence, usage))
         self._out.append(A.MESSAGE_STOP)

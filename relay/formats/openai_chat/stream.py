@@ -241,6 +241,7 @@ class StreamTranslator(BlockWriter):
             return False
         if args:
             open_call.args.append(args)
+            self._streamed.add(args)
             self._out.append(A.input_json_delta(self._index, args))
         return True
 
