@@ -230,3 +230,33 @@ async def _until(condition: Any, seconds: float = 10) -> None:
     with trio.fail_after(seconds):
         while not condition():
             await trio.sleep(0.01)
+
+
+async def test_the_worst_overshoot_is_n_times_the_limit_within_one_refresh(store_url: str) -> None:
+    """Three views admit a burst before any of them has synced: each admits at most the limit (the documented
+    worst case, N x limit); after one round each, all three refuse."""
+    key, secret = create_key("burst", {"rpm": 4}, T0)
+    async with connected(store_url) as backend:
+        await backend.put_key(key, create=True)
+    clock = Clock()
+    views = [View.open(store_url, settings(refresh=3600.0), clock) for _ in range(3)]  # no round unless poked
+    async with trio.open_nursery() as nursery:
+        for view in views:
+            await nursery.start(view.run)
+        admitted = 0
+        for _ in range(10):
+            for view in views:
+                try:
+                    view.admit(key)
+                    admitted += 1
+                except RelayError as exc:
+                    assert exc.status == 429
+        assert admitted == 3 * 4
+        for view in views:
+            cycled = view._cycled
+            view.poke()
+            await cycled.wait()
+        for view in views:
+            with pytest.raises(RelayError):
+                view.admit(key)
+        nursery.cancel_scope.cancel()
