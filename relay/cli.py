@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         from relay.workers import supervise
 
         bind = args.host or config.server.host
-        if not config.server.api_keys and not config.keys and not _loopback(bind) and not args.allow_open:
-            return serve(config, args.host, args.port, args.log_level, False, config_path)  # prints the refusal
+        if _refuses_open(config, bind, args.allow_open):
+            return 2
         worker_args = ["--log-level", args.log_level, "--log-format", args.log_format, "--workers", "1"]
         if config_path:
             worker_args += ["-c", config_path]
@@ -125,6 +125,16 @@ def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _refuses_open(config: Config, bind: str, allow_open: bool) -> bool:
+    """True (and says why) when relay would serve a reachable address with no client keys: anyone reaching it
+    could spend the upstream keys. Checked before workers start as well as in each one."""
+    if config.server.api_keys or config.keys or _loopback(bind) or allow_open:
+        return False
+    print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
+          "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+    return True
+
+
 def serve(config: Config, host: str | None, port: int | None, log_level: str, allow_open: bool = False,
           config_path: str | None = None, log_format: str = "text", reuse_port: bool = False) -> int:
     import gc
@@ -134,10 +144,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
     from relay.log import setup
     from relay.server import Server
 
-    bind = host or config.server.host
-    if not config.server.api_keys and not config.keys and not _loopback(bind) and not allow_open:
-        print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
-              "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+    if _refuses_open(config, host or config.server.host, allow_open):
         return 2
     setup(log_level, log_format)
     server = Server(config)
@@ -204,10 +211,10 @@ def check(config: Config, models: list[str]) -> int:
     status = 0
     for model in samples:
         try:
-            targets = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off
-            window = targets[0].provider.limits_for(targets[0].model).context_window
+            resolved = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off
+            window = resolved[0].provider.limits_for(resolved[0].model).context_window
             extra = f"  (context window {window})" if window else ""
-            print(f"resolve {model} -> {', '.join(t.label for t in targets)}{extra}")
+            print(f"resolve {model} -> {', '.join(t.label for t in resolved)}{extra}")
         except RelayError as exc:
             print(f"resolve {model} -> error: {exc.message}")
             status = 1 if models else status

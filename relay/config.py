@@ -16,7 +16,6 @@ from urllib.parse import quote, urlencode
 
 from relay import presets
 
-FORMATS = ("openai", "anthropic", "gemini", "openai-responses")
 SYSTEM_TURNS = ("keep", "merge", "user")
 # How Claude's thinking settings reach the upstream: reasoning_effort (OpenAI Chat/Responses, Gemini's thinking
 # level), thinking_type (thinking: {type}, DeepSeek/Kimi/GLM), enable_thinking (+thinking_budget, DashScope,
@@ -179,9 +178,8 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "limits": dict,
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
-_CHOICES = {
+_CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(presets.PRESETS),
-    "format": FORMATS,
     "system_turns": SYSTEM_TURNS,
     "reasoning_control": REASONING_CONTROLS,
     "auth": AUTH_STYLES,
@@ -247,8 +245,17 @@ def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, tab
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise src.error(table, key, f"expected {names}, got {type(value).__name__}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise src.error(table, key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise src.error(table, key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _choices(key: str) -> tuple[str, ...] | None:
+    if key == "format":  # the registry is the one list of formats; imported late, as the formats import config
+        from relay.formats.registry import FORMATS
+
+        return tuple(FORMATS)
+    return _CHOICES.get(key)
 
 
 def _targets(value: Any, src: _Source, table: str, key: str) -> tuple[str, ...]:
@@ -295,7 +302,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         api_key = raw.pop("api_key", ())
         api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
-        models = tuple(str(m) for m in raw.pop("models", []))
+        served = tuple(str(m) for m in raw.pop("models", []))
         raw["base_url"] = raw["base_url"].rstrip("/")
         limits: dict[str, ModelLimits] = {}
         for model_name, entry in raw.pop("limits", {}).items():
@@ -306,7 +313,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         raw["limits"] = limits
         if "ca_file" in raw:
             raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
-        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, preset=preset,
+        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
                                    query=query, explicit=explicit, **raw)
 
     def check_target(target: str, table: str, key: str) -> None:
@@ -374,7 +381,7 @@ def default_config(env: dict[str, str]) -> Config:
     )
     # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
     default_model = env.get("RELAY_DEFAULT_MODEL", "")
-    routes = {"default": (f"openai/{default_model}",)} if default_model else {}
+    routes: dict[str, tuple[str, ...]] = {"default": (f"openai/{default_model}",)} if default_model else {}
     # The startup line shows this: say what is missing, not just where the settings would come from.
     source = (f"<environment: OPENAI_BASE_URL={provider.base_url}, "
               f"OPENAI_API_KEY {'set' if key else 'NOT SET'}, "
