@@ -1,17 +1,26 @@
-"""Context windows: fit max_tokens into what the model has room for, and read a local server's window.
+"""Context windows: what relay knows of each model's window, and fitting max_tokens into it.
 
 Claude Code assumes a 200k window for models it does not know, so on smaller models requests arrive that
 cannot fit. relay knows the model really serving each request: it lowers max_tokens to what fits, and where
 nothing fits it answers as Anthropic does ("prompt is too long: N tokens > M maximum"), which Claude Code
 parses to compact and retry, instead of sending a request the upstream must refuse.
+
+The configured limits are config's (``Provider.limits_for``); everything else about windows is here:
+``Windows`` adds what local servers say of themselves (asked once per model, over the injected ``fetch``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
+from relay.config import Provider
 from relay.errors import RelayError
 from relay.overflow import anthropic_message
+
+Fetch = Callable[[Provider, str, "bytes | None"], Awaitable[Any]]  # (provider, url, POST body) -> JSON or None
 
 MIN_OUTPUT = 1024  # below this a reply is not worth asking for: compacting is the better answer
 
@@ -71,3 +80,60 @@ def window_from_server(kind: str, doc: Any, model: str) -> int | None:
                 if key.endswith(".context_length") and isinstance(value, int):
                     return value
     return None
+
+
+def _probes(provider: Provider, model: str) -> list[tuple[str, str, bytes | None]]:
+    """Where each kind of local server describes itself: vLLM, llama.cpp, LM Studio, Ollama."""
+    base = provider.base_url
+    root = base[: -len("/v1")] if base.endswith("/v1") else base
+    return [
+        ("models", base + "/models", None),
+        ("props", root + "/props", None),
+        ("lmstudio", root + "/api/v0/models/" + model, None),
+        ("ollama", root + "/api/show", orjson.dumps({"model": model})),
+    ]
+
+
+class Windows:
+    """The window of every model relay serves: configured, else discovered from a local server (once)."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        self._fetch = fetch
+        self._found: dict[tuple[str, str], int | None] = {}
+
+    def known(self, provider: Provider, model: str) -> int | None:
+        """Without asking anyone: configured, or discovered earlier."""
+        return provider.limits_for(model).context_window or self._found.get((provider.name, model))
+
+    async def of(self, provider: Provider, model: str) -> int | None:
+        window = provider.limits_for(model).context_window
+        if window is None and provider.discover_context:
+            window = await self._discover(provider, model)
+        return window
+
+    async def _discover(self, provider: Provider, model: str) -> int | None:
+        """Ask a local server how large its context is, once per model; the answer (or its absence) is kept."""
+        key = (provider.name, model)
+        if key in self._found:
+            return self._found[key]
+        window = None
+        for kind, url, body in _probes(provider, model):
+            window = window_from_server(kind, await self._fetch(provider, url, body), model)
+            if window:
+                break
+        self._found[key] = window
+        return window
+
+    async def fit(self, req: dict[str, Any], provider: Provider, model: str,
+                  estimate: int) -> tuple[dict[str, Any], int | None]:
+        """``req`` with max_tokens lowered to what the window has room for (a new dict; the same one when
+        nothing changes), and the window. Raises the Anthropic prompt-too-long error when nothing fits."""
+        max_tokens = req.get("max_tokens")
+        limits = provider.limits_for(model)
+        window = await self.of(provider, model)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or limits.max_output):
+            return req, window
+        fitted = fit_max_tokens(estimate, max_tokens, window, limits.max_output)
+        if fitted == max_tokens:
+            return req, window
+        return {**req, "max_tokens": fitted}, window

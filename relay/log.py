@@ -5,9 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from relay.formats.anthropic import request_id
+
+if TYPE_CHECKING:
+    from relay.config import ClientKey
 
 access = logging.getLogger("relay.access")
 
@@ -90,3 +96,33 @@ def access_line(
               "duration_ms": round(duration_ms, 2), "input_tokens": input_tokens, "output_tokens": output_tokens,
               "request_id": request_id, "note": note}
     access.info(" ".join(parts), extra={"fields": fields})
+
+
+@dataclass
+class Exchange:
+    """The access-log record of one request: filled in as the request is served, written once at its end."""
+
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0  # 0 until a response head has gone out
+    model: str = ""
+    target: str = ""
+    stream: bool | None = None
+    ttfb: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    request_id: str = field(default_factory=request_id)
+    note: str = ""
+    client: ClientKey | None = None
+
+    def add_note(self, note: str) -> None:
+        self.note = (self.note + " " if self.note else "") + note
+
+    def write(self) -> None:
+        access_line(
+            self.method, self.path, self.status, model=self.model, target=self.target, stream=self.stream,
+            ttfb_ms=None if self.ttfb is None else (self.ttfb - self.started) * 1000,
+            duration_ms=(time.perf_counter() - self.started) * 1000, input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens, request_id=self.request_id, note=self.note,
+        )
