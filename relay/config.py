@@ -12,11 +12,14 @@ import ssl
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from relay import presets
 
 SYSTEM_TURNS = ("keep", "merge", "user")
+# The content of an assistant turn that is only tool calls: null (OpenAI's own form; some Bedrock-backed servers
+# refuse "") or "" (llama-cpp-python's server, LM Studio and older llama.cpp answer null with a 500/400).
+TOOL_CALL_CONTENTS = ("null", "empty")
 # How Claude's thinking settings reach the upstream: reasoning_effort (OpenAI Chat/Responses, Gemini's thinking
 # level), thinking_type (thinking: {type}, DeepSeek/Kimi/GLM), enable_thinking (+thinking_budget, DashScope,
 # SiliconFlow), reasoning_object (reasoning: {effort}, OpenRouter), thinking_budget/thinking_level (native Gemini).
@@ -57,6 +60,7 @@ class Provider:
     cooldown: float = 30.0  # seconds an open circuit skips the provider before a probe
     # Quirks: data, not code paths.
     system_turns: str = "keep"
+    tool_call_content: str = "null"  # see TOOL_CALL_CONTENTS
     reasoning_control: str = "none"
     reasoning_return: bool = False  # send thinking back as reasoning_content (DeepSeek thinking + tools)
     think_tags: bool = False  # split inline <think>...</think> out of content into thinking blocks
@@ -99,6 +103,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8787
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # operators' keys: never client keys (they read /metrics)
+    metrics_keys: tuple[str, ...] = ()  # keys that may read /metrics and nothing else (a Prometheus scraper)
     body_limit: int = 32 * 1024 * 1024
     header_timeout: float = 30.0  # time to deliver a whole request once it has started
     idle_timeout: float = 120.0  # keep-alive connection with no request
@@ -136,6 +142,8 @@ _SERVER_KEYS = {
     "host": str,
     "port": int,
     "api_keys": list,
+    "admin_keys": list,
+    "metrics_keys": list,
     "body_limit": int,
     "header_timeout": (int, float),
     "idle_timeout": (int, float),
@@ -167,6 +175,7 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "failure_threshold": int,
     "cooldown": (int, float),
     "system_turns": str,
+    "tool_call_content": str,
     "reasoning_control": str,
     "reasoning_return": bool,
     "think_tags": bool,
@@ -181,6 +190,7 @@ _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(presets.PRESETS),
     "system_turns": SYSTEM_TURNS,
+    "tool_call_content": TOOL_CALL_CONTENTS,
     "reasoning_control": REASONING_CONTROLS,
     "auth": AUTH_STYLES,
     "max_tokens_field": MAX_TOKENS_FIELDS,
@@ -280,8 +290,9 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     raw_server = data.get("server", {})
     _check_keys(raw_server, _SERVER_KEYS, src, "server")
     raw_server = {k: _expand(v, src, "server", k, env) for k, v in raw_server.items()}
-    keys = tuple(k for k in raw_server.pop("api_keys", []) if k)
-    server = ServerConfig(api_keys=keys, **raw_server)
+    key_lists: dict[str, Any] = {name: tuple(str(k) for k in raw_server.pop(name, []) if k)
+                                 for name in ("api_keys", "admin_keys", "metrics_keys")}
+    server = ServerConfig(**key_lists, **raw_server)
     if not 0 <= server.port <= 65535:
         raise src.error("server", "port", "must be 0..65535")
 
@@ -304,6 +315,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
         served = tuple(str(m) for m in raw.pop("models", []))
         raw["base_url"] = raw["base_url"].rstrip("/")
+        if problem := _url_problem(raw["base_url"]):
+            raise src.error(table, "base_url", problem)
         limits: dict[str, ModelLimits] = {}
         for model_name, entry in raw.pop("limits", {}).items():
             if not isinstance(entry, dict):
@@ -353,6 +366,9 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         if not entry.get("key"):
             raise src.error("keys", "key", f"[[keys]] entry {n} has no key")
         client_keys.append(ClientKey(entry["key"], entry.get("name") or f"scoped{n}", tuple(entry.get("models", []))))
+    for name in ("admin_keys", "metrics_keys"):
+        if any(k.key in getattr(server, name) for k in client_keys):
+            raise src.error("server", name, "holds a client key too; give operators keys of their own")
     return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes,
                   long_context_threshold=threshold, source=path)
 
@@ -372,12 +388,25 @@ def load(path: str | None, env: dict[str, str] | None = None) -> Config:
 
 
 def default_config(env: dict[str, str]) -> Config:
+    """No config file: one provider from OPENAI_BASE_URL / OPENAI_API_KEY; RELAY_DEFAULT_MODEL serves Claude ids,
+    RELAY_MAX_OUTPUT_TOKENS and RELAY_CONTEXT_WINDOW give the model's limits. A server on this machine is taken for
+    a local one (llama.cpp, llama-cpp-python, vLLM, LM Studio): its window is asked for, and tool-call turns carry
+    "" instead of null, which those servers refuse."""
     key = env.get("OPENAI_API_KEY", "")
+    base_url = env.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/")
+    if problem := _url_problem(base_url):
+        raise ConfigError(f"OPENAI_BASE_URL: {problem}")
+    limits = {name: _env_int(env, name) for name in ("RELAY_MAX_OUTPUT_TOKENS", "RELAY_CONTEXT_WINDOW")}
+    local = loopback(urlsplit(base_url).hostname or "")
     provider = Provider(
         name="openai",
-        base_url=env.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/"),
+        base_url=base_url,
         api_keys=(key,) if key else (),
         passthrough_models=True,
+        max_tokens_cap=limits["RELAY_MAX_OUTPUT_TOKENS"],
+        context_window=limits["RELAY_CONTEXT_WINDOW"],
+        discover_context=local and limits["RELAY_CONTEXT_WINDOW"] is None,
+        tool_call_content="empty" if local else "null",
     )
     # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
     default_model = env.get("RELAY_DEFAULT_MODEL", "")
@@ -385,8 +414,33 @@ def default_config(env: dict[str, str]) -> Config:
     # The startup line shows this: say what is missing, not just where the settings would come from.
     source = (f"<environment: OPENAI_BASE_URL={provider.base_url}, "
               f"OPENAI_API_KEY {'set' if key else 'NOT SET'}, "
-              f"RELAY_DEFAULT_MODEL={default_model or 'not set (Claude ids go upstream unchanged)'}>")
+              f"RELAY_DEFAULT_MODEL={default_model or 'not set (Claude ids go upstream unchanged)'}"
+              + "".join(f", {k}={v}" for k, v in limits.items() if v is not None) + ">")
     return Config(providers={"openai": provider}, routes=routes, source=source)
+
+
+def _env_int(env: dict[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}: expected a positive number of tokens, got {value!r}")
+    return int(value)
+
+
+def _url_problem(url: str) -> str | None:
+    """Why a base_url cannot work, caught at load so `relay check` says it instead of every request failing."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        hint = f" (e.g. http://{url})" if "://" not in url else ""
+        return f"{url!r} needs to start with http:// or https://{hint}"
+    return None
+
+
+def loopback(host: str) -> bool:
+    """A host name or address of this machine only."""
+    host = host.lower().strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _ca_file(path: str, src: Any, table: str) -> str:

@@ -5,12 +5,14 @@ cannot fit. relay knows the model really serving each request: it lowers max_tok
 nothing fits it answers as Anthropic does ("prompt is too long: N tokens > M maximum"), which Claude Code
 parses to compact and retry, instead of sending a request the upstream must refuse.
 
-The configured limits are config's (``Provider.limits_for``); everything else about windows is here:
-``Windows`` adds what local servers say of themselves (asked once per model, over the injected ``fetch``).
+The configured limits are config's (``Provider.limits_for``); everything else about them is here: ``Limits``
+adds what local servers say of their window (asked once per model, over the injected ``fetch``) and the output
+caps upstreams state when they refuse a max_tokens.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +21,10 @@ import orjson
 from relay.config import Provider
 from relay.errors import RelayError
 from relay.overflow import anthropic_message
+
+# Logged under the names these lines always had: what upstreams told relay, and how relay fitted a request.
+log = logging.getLogger("relay.upstream")
+fit_log = logging.getLogger("relay.server")
 
 Fetch = Callable[[Provider, str, "bytes | None"], Awaitable[Any]]  # (provider, url, POST body) -> JSON or None
 
@@ -40,6 +46,16 @@ def fit_max_tokens(estimate: int, requested: int, window: int | None, max_output
             raise prompt_too_long(estimate, window - floor if estimate < window else window)
         allowed = min(allowed, room)
     return allowed
+
+
+def fit_reason(estimate: int, requested: int, fitted: int, window: int | None, max_output: int | None) -> str:
+    """Why ``fit_max_tokens`` lowered max_tokens, in words for the log: the output cap, the window, or both."""
+    reasons = []
+    if max_output and fitted == max_output < requested:
+        reasons.append(f"the output cap {max_output}")
+    if window and fitted == window - estimate:
+        reasons.append(f"the room left in the {window}-token window beside ~{estimate} input tokens")
+    return " and ".join(reasons) or "the limits"
 
 
 def window_from_server(kind: str, doc: Any, model: str) -> int | None:
@@ -94,18 +110,21 @@ def _probes(provider: Provider, model: str) -> list[tuple[str, str, bytes | None
     ]
 
 
-class Windows:
-    """The window of every model relay serves: configured, else discovered from a local server (once)."""
+class Limits:
+    """The window and output cap of every model relay serves: configured, else learned (a local server's
+    window, asked once; an output cap an upstream stated in a refusal). Learned figures last for the process."""
 
     def __init__(self, fetch: Fetch) -> None:
         self._fetch = fetch
         self._found: dict[tuple[str, str], int | None] = {}
+        self._output_caps: dict[tuple[str, str], int] = {}  # what upstreams said when they refused max_tokens
 
-    def known(self, provider: Provider, model: str) -> int | None:
+    def window(self, provider: Provider, model: str) -> int | None:
         """Without asking anyone: configured, or discovered earlier."""
         return provider.limits_for(model).context_window or self._found.get((provider.name, model))
 
-    async def of(self, provider: Provider, model: str) -> int | None:
+    async def window_of(self, provider: Provider, model: str) -> int | None:
+        """Configured, else (for a provider with discover_context) asked of the server, once."""
         window = provider.limits_for(model).context_window
         if window is None and provider.discover_context:
             window = await self._discover(provider, model)
@@ -122,18 +141,41 @@ class Windows:
             if window:
                 break
         self._found[key] = window
+        if window is None:  # once per model: the answer (none) is kept like a found one
+            log.warning("%s/%s: could not learn the context window from %s (asked /models, /props, /api/v0/models, "
+                        "/api/show); set context_window in [providers.%s] (or RELAY_CONTEXT_WINDOW with no config "
+                        "file). Until then relay cannot fit max_tokens to it, and an overflowing request may run "
+                        "until the server's window fills", provider.name, model, provider.base_url, provider.name)
         return window
 
-    async def fit(self, req: dict[str, Any], provider: Provider, model: str,
-                  estimate: int) -> tuple[dict[str, Any], int | None]:
+    def max_output(self, provider: Provider, model: str) -> int | None:
+        """The output cap relay applies: the configured one, or the lower one an upstream stated in a refusal."""
+        caps = [c for c in (provider.limits_for(model).max_output, self._output_caps.get((provider.name, model))) if c]
+        return min(caps) if caps else None
+
+    def learn_output_cap(self, provider: Provider, model: str, cap: int) -> bool:
+        """Keep the cap an upstream stated (for this process); True when it is news, i.e. lower than the cap relay
+        applied, so a retry with it can succeed. Never True twice for the same figure, so retries stay bounded."""
+        known = self.max_output(provider, model)
+        if known is not None and cap >= known:
+            return False
+        self._output_caps[(provider.name, model)] = cap
+        log.info("%s/%s refused max_tokens and says it accepts at most %d: relay caps max_tokens there from now on "
+                 "(until restart; max_tokens_cap or limits in the config make it permanent)", provider.name, model, cap)
+        return True
+
+    async def fit(self, req: dict[str, Any], provider: Provider, model: str, estimate: int,
+                  request_id: str = "") -> tuple[dict[str, Any], int | None]:
         """``req`` with max_tokens lowered to what the window has room for (a new dict; the same one when
         nothing changes), and the window. Raises the Anthropic prompt-too-long error when nothing fits."""
         max_tokens = req.get("max_tokens")
-        limits = provider.limits_for(model)
-        window = await self.of(provider, model)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or limits.max_output):
+        max_output = self.max_output(provider, model)
+        window = await self.window_of(provider, model)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or max_output):
             return req, window
-        fitted = fit_max_tokens(estimate, max_tokens, window, limits.max_output)
+        fitted = fit_max_tokens(estimate, max_tokens, window, max_output)
         if fitted == max_tokens:
             return req, window
+        fit_log.info("%s max_tokens %d -> %d for %s/%s: %s", request_id, max_tokens, fitted, provider.name, model,
+                 fit_reason(estimate, max_tokens, fitted, window, max_output))
         return {**req, "max_tokens": fitted}, window

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from relay import output_cap
 from relay.overflow import Overflow, detect
 
 # status -> Anthropic error type (docs: "Errors"; 400 is also used for unlisted 4xx)
@@ -55,6 +56,9 @@ class RelayError(Exception):
         self.error_type = error_type or type_for_status(status)
         self.headers = headers or []
         self.overflow: Overflow | None = None  # the upstream said the context window overflowed
+        self.output_cap: int | None = None  # the upstream refused max_tokens and said the most it accepts
+        self.refusal = False  # relay refused the request itself: the upstream never saw it
+        self.empty = False  # the upstream answered 200 and then nothing at all
 
     def body(self, request_id: str | None = None) -> bytes:
         doc: dict[str, Any] = {"type": "error", "error": {"type": self.error_type, "message": self.message}}
@@ -147,7 +151,7 @@ def from_upstream(
         pass
     message = _message_from(doc) if doc is not None else None
     if not message:
-        message = text.strip()[:2000] or f"HTTP {status}"
+        message = _cut(redact(text.strip(), secrets), MESSAGE_LIMIT, secrets) or f"HTTP {status}"
     out_status = _UPSTREAM_STATUS.get(status, status)
     if not (400 <= out_status < 600):
         out_status = 500
@@ -155,7 +159,14 @@ def from_upstream(
         retry_after = _retry_after_from(doc)
     headers = [(b"retry-after", retry_after.encode())] if retry_after else []
     err = RelayError(out_status, redact(f"{provider}: {message}", secrets), type_for_status(out_status), headers)
+    return _read(err, message, doc)
+
+
+def _read(err: RelayError, message: str, doc: Any) -> RelayError:
+    """What an upstream's error says that relay can act on: a context overflow, or the output cap it stated."""
     err.overflow = detect(message, doc)
+    if err.overflow is None and 400 <= err.status < 500 and err.status != 429:
+        err.output_cap = output_cap.detect(message, doc)
     return err
 
 
@@ -178,26 +189,70 @@ def from_stream_error(doc: Any, secrets: tuple[str, ...] = (), provider: str = "
             status = 400
     message = _message_from(doc) or "upstream reported an error"
     out = RelayError(status, redact(f"{provider}: {message}", secrets), type_for_status(status))
-    out.overflow = detect(message, doc)
-    return out
+    return _read(out, message, doc)
+
+
+# An empty answer to a prompt at least this share of the window is taken for an overflow: relay's estimate errs by
+# ~15% on average (README), and some servers (llama-cpp-python) refuse a prompt that fills their window by ending
+# the 200 stream they had already started, with nothing in it.
+EMPTY_NEAR_WINDOW = 0.7
+
+
+def empty_stream(provider: str) -> RelayError:
+    """The upstream answered 200 and ended the stream without a single event."""
+    err = RelayError(502, f"{provider}: the upstream stream ended without any data", "api_error")
+    err.empty = True
+    return err
 
 
 def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, max_tokens: int | None) -> RelayError:
     """An upstream's context-overflow error in Anthropic's own words, which Claude Code parses to compact or to
-    lower max_tokens; the upstream's words go to the log."""
+    lower max_tokens; the upstream's words go to the log. An empty answer to a prompt near the known window is an
+    overflow too (answered as prompt-too-long: retrying it, or lowering max_tokens, would fail the same way)."""
+    log = logging.getLogger("relay.overflow")
+    if err.overflow is None and err.empty:
+        if window and estimate >= window * EMPTY_NEAR_WINDOW:
+            log.info("%s; the prompt (~%d tokens by relay's estimate) is near the %d-token window: answered as an "
+                     "overflow", err.message, estimate, window)
+            out = RelayError(400, Overflow(None, window).to_anthropic(estimate, window), "invalid_request_error")
+            out.overflow = Overflow(None, window)
+            return out
+        if not window:
+            hint = (" (servers such as llama-cpp-python's do this when the prompt does not fit their context window; "
+                    "relay knows no window for this model: set context_window, or RELAY_CONTEXT_WINDOW without a "
+                    "config file, and relay answers such requests as too long)")
+            out = RelayError(err.status, err.message + hint, err.error_type, err.headers)
+            out.empty = True
+            return out
     if err.overflow is None:
         return err
-    logging.getLogger("relay.overflow").info("upstream context overflow: %s", err.message)
+    log.info("upstream context overflow: %s", err.message)
     out = RelayError(400, err.overflow.to_anthropic(estimate, window, max_tokens), "invalid_request_error")
     out.overflow = err.overflow
     return out
+
+
+REDACTED = "[redacted]"
+MESSAGE_LIMIT = 2000  # characters of a non-JSON upstream error body kept in the message
+
+
+def _cut(text: str, limit: int, secrets: tuple[str, ...]) -> str:
+    """``text`` (already redacted) bounded to ``limit``; a key the cut (or the upstream's own cut of its body)
+    split in two leaves a prefix at the end, which is redacted too."""
+    marker = text.find(REDACTED, max(0, limit - len(REDACTED) + 1), limit + len(REDACTED) - 1)
+    text = text[:limit] if marker < 0 else text[:marker + len(REDACTED)]  # never half a marker
+    for secret in secrets:
+        for size in range(min(len(secret), len(text)) - 1, 3, -1):
+            if text.endswith(secret[:size]):
+                return text[:-size] + REDACTED
+    return text
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
     """Upstream keys never leave relay, even when an upstream echoes them back in an error."""
     for secret in secrets:
         if secret and len(secret) >= 4 and secret in text:
-            text = text.replace(secret, "[redacted]")
+            text = text.replace(secret, REDACTED)
     # Key-looking tokens an upstream may echo (sk-..., AIza...) even when they are not ours.
     return re.sub(r"\b(sk-[A-Za-z0-9_\-]{8})[A-Za-z0-9_\-]{8,}", r"\1…[redacted]", text)
 
@@ -218,8 +273,7 @@ def from_anthropic_error(doc: Any, secrets: tuple[str, ...] = (), provider: str 
         return from_stream_error(doc, secrets, provider)
     message = _message_from(doc) or kind
     out = RelayError(_TYPE_STATUS[kind], redact(f"{provider}: {message}", secrets), kind)
-    out.overflow = detect(message, doc)
-    return out
+    return _read(out, message, doc)
 
 
 def retry_after_header(doc: Any) -> list[tuple[bytes, bytes]]:

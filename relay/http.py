@@ -17,6 +17,7 @@ import h11
 import trio
 
 from relay import transport
+from relay.auth import is_loopback
 from relay.config import ServerConfig
 from relay.errors import RelayError
 from relay.formats.anthropic import request_id as new_request_id
@@ -37,6 +38,10 @@ class Connection:
 
     def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
         self.stream = transport.ClientSocket(stream)
+        try:
+            self.peer_loopback = is_loopback(stream.socket.getpeername()[0])
+        except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
+            self.peer_loopback = False
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
         self.head_timeout = 0.0

@@ -23,8 +23,14 @@ def client_env(config: Config, host: str | None = None, port: int | None = None)
     return {"ANTHROPIC_BASE_URL": f"http://{host}:{port}", "ANTHROPIC_AUTH_TOKEN": token}
 
 
-# What Claude Code asks for when ANTHROPIC_MODEL is unset: 2.1.331 asks for claude-opus-5-5 (its access-log line).
-MAIN_MODEL_FALLBACK = "claude-opus"
+# The ids Claude Code 2.1.331 asks for when no model variable is set: the main conversation, then its `sonnet` and
+# `haiku` choices (measured: `claude -p` against a stub that logs the model of each request).
+CLAUDE_CODE_MODELS = ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")
+MAIN_MODEL_FALLBACK = CLAUDE_CODE_MODELS[0]
+# Claude Code 2.1.331's first request, before any conversation, is its system prompt and 12 tools: ~49 kB, which
+# relay estimates at ~12k tokens (tests/e2e measure it). A model needs room for that and a reply.
+CLAUDE_CODE_FIRST_REQUEST = 12_000
+CLAUDE_CODE_MIN_WINDOW = 16_000
 
 
 def static_window(config: Config, model: str) -> int | None:
@@ -82,6 +88,13 @@ def served_window(base_url: str, token: str, model: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def small_window_warning(model: str, window: int) -> str:
+    return (f"relay: warning: {model} is served with a {window}-token context window, but Claude Code's first request "
+            f"alone is ~{CLAUDE_CODE_FIRST_REQUEST // 1000}k tokens (its system prompt and tools): every request will "
+            f"be refused as too long. Give the model at least {CLAUDE_CODE_MIN_WINDOW // 1000}k (32k or more for real "
+            "work; llama.cpp: -c 32768, llama-cpp-python: --n_ctx 32768) or route Claude Code to another model.")
+
+
 def listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
@@ -112,12 +125,12 @@ def run_claude(config: Config, config_path: str | None, args: list[str]) -> int:
                 started.kill()
                 return 1
             time.sleep(0.1)
-    if not {"CLAUDE_CODE_AUTO_COMPACT_WINDOW", "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"} & env.keys():
-        # compact at the real window, not Claude Code's guess for a model it does not know
-        model = env.get("ANTHROPIC_MODEL") or MAIN_MODEL_FALLBACK
-        window = served_window(env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_AUTH_TOKEN"], model)
-        if window:
-            env.update(compaction_env(window))
+    model = env.get("ANTHROPIC_MODEL") or MAIN_MODEL_FALLBACK
+    window = served_window(env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_AUTH_TOKEN"], model)
+    if window and window < CLAUDE_CODE_MIN_WINDOW:
+        print(small_window_warning(model, window), file=sys.stderr)
+    if window and not {"CLAUDE_CODE_AUTO_COMPACT_WINDOW", "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"} & env.keys():
+        env.update(compaction_env(window))  # compact at the real window, not Claude Code's guess for a model it does not know
     try:
         return subprocess.call([claude, *args], env=env)
     except KeyboardInterrupt:

@@ -36,8 +36,21 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class _Escape(logging.Filter):
+    """The one place where log text is made safe: every message, whatever put a client's or an upstream's
+    words into it (a model id, a target, an upstream error, a failure note), leaves with its control
+    characters escaped, so no line can be forged and no terminal escape sequence reaches a reader."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = escape(message), None
+        return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Escape())
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
@@ -50,13 +63,18 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.propagate = False
 
 
+def escape(text: str) -> str:
+    """Control characters (line breaks, ESC, ...) written as Python escapes: ``\\n``, ``\\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def printable(text: str, limit: int = 200) -> str:
-    """Client-chosen text (a model id) made safe for a log line or a terminal: no control characters (no
-    forged log lines, no escape sequences), and bounded."""
+    """Client-chosen text (a model id) made safe for a log line, a terminal or a table, and bounded."""
     if text.isprintable() and len(text) <= limit:
         return text
-    cleaned = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
-    return cleaned + ("…" if len(text) > limit else "")
+    return escape(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 def access_line(
@@ -70,6 +88,7 @@ def access_line(
     duration_ms: float,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
+    usage_estimated: bool = False,
     stream: bool | None = None,
     request_id: str = "",
     note: str = "",
@@ -86,7 +105,8 @@ def access_line(
         parts.append(f"ttfb={ttfb_ms:.1f}ms")
     parts.append(f"dur={duration_ms:.1f}ms")
     if input_tokens is not None:
-        parts.append(f"in={input_tokens} out={output_tokens or 0}")
+        parts.append(f"in={input_tokens} out={output_tokens or 0}" + (" (estimated: no usage from upstream)"
+                                                                      if usage_estimated else ""))
     if request_id:
         parts.append(f"id={request_id}")
     if note:
@@ -94,6 +114,7 @@ def access_line(
     fields = {"method": method, "path": path, "status": status, "model": model, "target": target,
               "stream": stream, "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
               "duration_ms": round(duration_ms, 2), "input_tokens": input_tokens, "output_tokens": output_tokens,
+              "usage_estimated": usage_estimated,
               "request_id": request_id, "note": note}
     access.info(" ".join(parts), extra={"fields": fields})
 
@@ -104,6 +125,7 @@ class Exchange:
 
     method: str
     path: str
+    route: str = "other"  # the route dispatch matched: what /metrics labels, never the raw path
     started: float = field(default_factory=time.perf_counter)
     status: int = 0  # 0 until a response head has gone out
     model: str = ""
@@ -112,6 +134,7 @@ class Exchange:
     ttfb: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    usage_estimated: bool = False  # the upstream reported no usage: the tokens are relay's estimates
     request_id: str = field(default_factory=request_id)
     note: str = ""
     client: ClientKey | None = None
@@ -124,5 +147,5 @@ class Exchange:
             self.method, self.path, self.status, model=self.model, target=self.target, stream=self.stream,
             ttfb_ms=None if self.ttfb is None else (self.ttfb - self.started) * 1000,
             duration_ms=(time.perf_counter() - self.started) * 1000, input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens, request_id=self.request_id, note=self.note,
+            output_tokens=self.output_tokens, usage_estimated=self.usage_estimated, request_id=self.request_id, note=self.note,
         )

@@ -1,10 +1,19 @@
-"""Prometheus text-format metrics, kept in process: counters, two latency histograms, and a gauge."""
+"""Prometheus text-format metrics, kept in process: counters, two latency histograms, and a gauge.
+
+Every label takes its values from a bounded set, so no client can grow the series without end: the path is
+the route relay matched (or ``other``), the provider comes from the config, and the model is one the config
+names or one that was served, up to ``MODEL_SERIES`` of them (``other`` past that, and for names refused).
+"""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Iterable
 
+
+MODEL_SERIES = 200  # distinct served model names labelled beyond the configured ones
+OTHER = "other"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -31,7 +40,9 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, configured_models: Iterable[str] = ()) -> None:
+        self.configured = frozenset(configured_models)
+        self._served_models: set[str] = set()
         self.requests: dict[tuple[str, ...], int] = defaultdict(int)  # (path, provider, model, status)
         self.tokens: dict[tuple[str, ...], int] = defaultdict(int)  # (provider, direction)
         self.upstream_errors: dict[tuple[str, ...], int] = defaultdict(int)  # (provider, status)
@@ -40,9 +51,19 @@ class Metrics:
         self.ttfb: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)
         self.open_streams = 0
 
-    def request_done(self, path: str, provider: str, model: str, status: int, duration: float,
+    def model_label(self, model: str, served: bool) -> str:
+        if model in self.configured or model in self._served_models:
+            return model
+        if served and len(self._served_models) < MODEL_SERIES and model.isprintable() and len(model) <= 100:
+            self._served_models.add(model)
+            return model
+        return OTHER if model else ""
+
+    def request_done(self, route: str, provider: str, model: str, status: int, duration: float,
                      ttfb: float | None, tokens_in: int | None, tokens_out: int | None) -> None:
-        self.requests[(path, provider, model, str(status))] += 1
+        """``route``: the route relay matched, never the raw path; ``model``: as the client asked for it."""
+        model = self.model_label(model, 200 <= status < 300)
+        self.requests[(route, provider, model, str(status))] += 1
         if provider:
             self.duration[(provider,)].observe(duration)
             if ttfb is not None:

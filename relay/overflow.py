@@ -114,6 +114,9 @@ _RAW: list[tuple[str, tuple[str, ...]]] = [
     # llama.cpp (also relayed by Ollama), LM Studio, Ollama
     (r"request \(" + _N + r" tokens\) exceeds the available context size \(" + _N + r" tokens\)", ("n", "m")),
     (r"exceeds the available context size", ()),
+    # llama-cpp-python's own words (its server rewords them as OpenAI's for non-streamed requests only):
+    # https://github.com/fedora-copr/logdetective-website/pull/193, https://github.com/rllm-team/rllm/issues/55
+    (r"requested tokens \(" + _N + r"\) exceed context window of " + _N, ("n", "m")),
     (r"tokens to keep from the initial prompt is greater than the context length \(n_keep: " + _N + r"\s*>= ?n_ctx: " + _N,
      ("n", "m")),
     (r"tokens to keep from the initial prompt is greater than the context length", ()),
@@ -145,7 +148,7 @@ _OUTPUT_PART = re.compile(r"completion|output", re.IGNORECASE)
 _PART = re.compile(_N + r"\s+(?:in|of|for)\s+(.*)", re.IGNORECASE)
 
 
-def _int(text: str) -> int:
+def number(text: str) -> int:
     return int(text.replace(",", ""))
 
 
@@ -158,9 +161,9 @@ def _split(parts: str, total: int) -> dict[str, int]:
         if not m:
             continue
         if _OUTPUT_PART.search(m.group(2)):
-            output, seen_output = output + _int(m.group(1)), True
+            output, seen_output = output + number(m.group(1)), True
         else:
-            prompt, seen_prompt = prompt + _int(m.group(1)), True
+            prompt, seen_prompt = prompt + number(m.group(1)), True
     if seen_prompt:
         return {"n": prompt, "k": output} if seen_output else {"n": prompt}
     return {"t": total, "k": output} if seen_output else {"t": total}
@@ -173,14 +176,14 @@ def _from_text(text: str) -> dict[str, int] | None:
             continue
         found = dict(zip(names, m.groups()))
         parts = found.pop("p", None)
-        numbers = {k: _int(v) for k, v in found.items()}
+        numbers = {k: number(v) for k, v in found.items()}
         if parts is not None:
             numbers = _split(parts, numbers["t"]) | {"m": numbers["m"]}
         return numbers
     return None
 
 
-def _nodes(doc: Any, depth: int = 0) -> list[dict[str, Any]]:
+def nodes(doc: Any, depth: int = 0) -> list[dict[str, Any]]:
     """Every object in an error body, including JSON carried as a string (OpenRouter metadata.raw, Ollama's
     ``{"error": "<llama.cpp error JSON>"}``)."""
     if depth > 6:
@@ -189,14 +192,14 @@ def _nodes(doc: Any, depth: int = 0) -> list[dict[str, Any]]:
         text = doc.strip()
         if text[:1] in ("{", "["):
             try:
-                return _nodes(orjson.loads(text), depth + 1)
+                return nodes(orjson.loads(text), depth + 1)
             except orjson.JSONDecodeError:
                 return []
         return []
     if isinstance(doc, list):
-        return [node for item in doc for node in _nodes(item, depth + 1)]
+        return [node for item in doc for node in nodes(item, depth + 1)]
     if isinstance(doc, dict):
-        return [doc] + [node for value in doc.values() for node in _nodes(value, depth + 1)]
+        return [doc] + [node for value in doc.values() for node in nodes(value, depth + 1)]
     return []
 
 
@@ -204,16 +207,16 @@ def detect(message: str, body: Any = None) -> Overflow | None:
     """Recognise a context-window overflow in an upstream error: `message` is the human message relay extracted,
     `body` the parsed JSON error body when there was one (some providers put numbers in fields, e.g. llama.cpp's
     n_prompt_tokens / n_ctx, or OpenAI's code "context_length_exceeded")."""
-    nodes = _nodes(body)
-    texts = [message] + [v for node in nodes for k in ("message", "error", "detail") if isinstance(v := node.get(k), str)]
+    doc_nodes = nodes(body)
+    texts = [message] + [v for node in doc_nodes for k in ("message", "error", "detail") if isinstance(v := node.get(k), str)]
     if any(_NOT_OVERFLOW.search(t) for t in texts):
         return None
     numbers = next((found for t in texts if (found := _from_text(t)) is not None), None)
-    coded = any(str(node.get(key)) in _OVERFLOW_CODES for node in nodes for key in ("code", "type"))
+    coded = any(str(node.get(key)) in _OVERFLOW_CODES for node in doc_nodes for key in ("code", "type"))
     if numbers is None and not coded:
         return None
     numbers = dict(numbers or {})
-    for node in nodes:  # llama.cpp (and Ollama relaying it) put the figures in fields
+    for node in doc_nodes:  # llama.cpp (and Ollama relaying it) put the figures in fields
         for field, name in (("n_prompt_tokens", "n"), ("n_ctx", "m")):
             value = node.get(field)
             if isinstance(value, int) and not isinstance(value, bool) and name not in numbers:

@@ -147,11 +147,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        "no key by default; chat templates reject a system message that is not first", verified=False,
        base_url="http://localhost:8000/v1", system_turns="merge", pass_top_k=True, **_LOCAL),
     _p("llamacpp", "https://docs.memberjunction.org/api/variables/_memberjunction_ai-llamacpp.DEFAULT_LLAMA_CPP_URL.html",
-       "llama-server's default port; templates reject a system message that is not first", verified=False,
-       base_url="http://localhost:8080/v1", system_turns="merge", pass_top_k=True, **_LOCAL),
-    _p("lmstudio", "https://lmstudio.ai/docs/developer/core/server",
-       "the server's default port (1234) is not on the page read", verified=False,
-       base_url="http://localhost:1234/v1", system_turns="merge", **_LOCAL),
+       "llama-server's default port (llama-cpp-python's server too); templates reject a system message that is not "
+       "first; content \"\" beside tool calls (llama-cpp-python's server answers null with a 500: "
+       "https://github.com/abetlen/llama-cpp-python/issues/1805)", verified=False,
+       base_url="http://localhost:8080/v1", system_turns="merge", pass_top_k=True, tool_call_content="empty", **_LOCAL),
+    _p("lmstudio", "https://lmstudio.ai/docs/developer/core/server; https://github.com/lmstudio-ai/lmstudio-bug-tracker/issues/261",
+       "the server's default port (1234) is not on the page read; it refuses content: null beside tool calls",
+       verified=False, base_url="http://localhost:1234/v1", system_turns="merge", tool_call_content="empty", **_LOCAL),
 )}
 
 MERGED = ("headers", "query", "limits")  # tables merged key by key; every other key is replaced whole

@@ -11,7 +11,7 @@ import logging
 
 import trio
 
-from relay.errors import RelayError
+from relay.errors import RelayError, empty_stream
 from relay.formats.base import Translator
 from relay.http import ClientGone, EventStream
 from relay.metrics import Metrics
@@ -26,11 +26,12 @@ DRAIN_BYTES = 1024 * 1024
 class Pump:
     """One streamed answer. Made before the upstream request, so its ``flush`` can be that request's hook."""
 
-    __slots__ = ("out", "deadlines", "pending", "flushing", "gone")
+    __slots__ = ("out", "deadlines", "estimate", "pending", "flushing", "gone")
 
-    def __init__(self, out: EventStream, deadlines: Deadlines) -> None:
+    def __init__(self, out: EventStream, deadlines: Deadlines, estimate: int) -> None:
         self.out = out
         self.deadlines = deadlines
+        self.estimate = estimate  # relay's estimate of the prompt, for the usage of a stream that reports none
         self.pending: list[bytes] = []  # translated events not yet written
         self.flushing = False  # a client write is under way (a client that stops reading stalls it)
         self.gone = False  # the client left (or stopped reading): nothing more can reach it
@@ -63,7 +64,7 @@ class Pump:
                     self.gone = True
                 if not self.gone and error is None:
                     if not self.out.started:  # nothing came out at all: never leave the client without an answer
-                        error = RelayError(502, f"{ex.target}: the upstream stream produced no events", "api_error")
+                        error = empty_stream(ex.target)
                     else:
                         try:
                             await self.out.end()
@@ -78,6 +79,8 @@ class Pump:
         if translator.has_usage:
             ex.input_tokens = translator.input_tokens + translator.cache_read
             ex.output_tokens = translator.output_tokens
+        elif translator.usage_estimated:
+            ex.input_tokens, ex.output_tokens, ex.usage_estimated = self.estimate, translator.output_tokens, True
         if self.gone:
             ex.note = ex.note or "client disconnected"
         elif translator.error is not None and translator.started:

@@ -88,6 +88,15 @@ def listed_models(config: Config) -> list[str]:
     return list(seen)
 
 
+def configured_names(config: Config) -> set[str]:
+    """Every model name the config itself writes down (aliases, provider/model and bare upstream names): the
+    names /metrics may label without a bound."""
+    names = set(listed_models(config))
+    for p in config.providers.values():
+        names.update(p.models)
+    return names
+
+
 MODEL_TAG = re.compile(r"^\s*<relay-model>\s*([^<\s]+)\s*</relay-model>\s*")
 
 

@@ -7,8 +7,6 @@ happens here beyond choosing the translator: bodies are parsed once and handed t
 
 from __future__ import annotations
 
-import fnmatch
-import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -19,8 +17,9 @@ import orjson
 import trio
 
 from relay import routing, tokens, transport
+from relay.auth import OPEN, Keys, may_call, permitted
 from relay.config import ClientKey, Config, ServerConfig
-from relay.context import Windows
+from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
@@ -30,13 +29,13 @@ from relay.http import ClientGone, Connection, EventStream, send_body, send_erro
 from relay.log import Exchange, printable
 from relay.metrics import Metrics
 from relay.pump import Pump
+from relay.resources import connection_budget
 from relay.retry import RAISE, Raise, Retry, next_step, retry_after
 from relay.upstream import Deadlines, Upstreams
 from relay.usage import UsageBook, default_path
 
 log = logging.getLogger("relay.server")
 
-OPEN = ClientKey("", "open")  # who a request is when relay has no keys configured
 USAGE_FLUSH_SECONDS = 5.0
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
 
@@ -56,10 +55,10 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
-        self.windows = Windows(self.upstreams.get_json)
-        self.metrics = Metrics()
+        self.known = Limits(self.upstreams.get_json)
+        self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
-        self._keys = [(k, k.key.encode()) for k in config.keys]
+        self._auth = Keys(config)
         path = config.server.usage_db
         self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
         self._accepting = trio.CancelScope()
@@ -68,6 +67,7 @@ class Server:
         self.idle_waits: set[trio.CancelScope] = set()
         self._drain_deadline = float("inf")
         self._open = 0
+        self.max_open = connection_budget(config.server.max_connections)
         self.draining = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -80,6 +80,9 @@ class Server:
         listeners = [_reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
+        if self.max_open < self.config.server.max_connections:
+            log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
+                        " in a systemd unit)", self.config.server.max_connections, self.max_open)
         try:
             async with trio.open_nursery() as connections:
                 if self.usage is not None:
@@ -132,12 +135,14 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
-        self.windows = Windows(self.upstreams.get_json)
-        self._keys = [(k, k.key.encode()) for k in config.keys]
+        self.known = Limits(self.upstreams.get_json)
+        self._auth = Keys(config)
+        self.max_open = connection_budget(config.server.max_connections)
+        self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        if self._open >= self.config.server.max_connections:
+        if self._open >= self.max_open:
             await send_raw(stream, RelayError(529, "relay is at its connection limit; retry shortly", "overloaded_error"))
             await stream.aclose()
             return
@@ -164,69 +169,52 @@ class Server:
     def done(self, ex: Exchange) -> None:
         """A request is answered: its metrics, its usage, its access-log line."""
         self.metrics.request_done(
-            ex.path.split("?", 1)[0], ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
+            ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
             None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
         if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
-            self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens)
+            self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens, ex.usage_estimated)
         ex.write()
 
     # ---- endpoints ---------------------------------------------------------------------------
-
-    def _client(self, request: h11.Request) -> ClientKey | None:
-        """The client key presented (x-api-key or Bearer), or None. Every configured key is compared in
-        constant time, so timing tells nothing about which one nearly matched."""
-        presented = b""
-        for name, value in request.headers:
-            if name == b"x-api-key":
-                presented = value
-                break
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-        found: ClientKey | None = None
-        for key, raw in self._keys:
-            if hmac.compare_digest(presented, raw):
-                found = key
-        return found
-
-    def _authorized(self, request: h11.Request) -> bool:
-        return not self._keys or self._client(request) is not None
 
     async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
             if path in HEALTH_PATHS:
+                ex.route = path
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
                 await send_body(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
                 return
             if path == "/metrics":
-                if not self._authorized(request):
-                    raise RelayError(401, "metrics need the relay key (x-api-key or Authorization: Bearer)", "authentication_error")
+                ex.route = path
+                self._auth.check_metrics(request.headers, conn.peer_loopback)
                 _require(method, "GET", path)
                 await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
                 return
             if not path.startswith("/v1/"):
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            client = self._client(request) if self._keys else OPEN
-            if client is None:
-                raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)", "authentication_error")
-            ex.client = client
+            if path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models"):
+                ex.route = path
+            elif path.startswith("/v1/models/"):
+                ex.route = "/v1/models/{id}"
+            ex.client = self._auth.client(request.headers)
             if path == "/v1/messages":
                 _require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
             elif path == "/v1/messages/count_tokens":
                 _require(method, "POST", path)
                 req = _parse(body)
-                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)))
+                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)), ex.client)
                 await send_body(conn, ex, 200, orjson.dumps({"input_tokens": count}))
             elif path == "/v1/models":
                 _require(method, "GET", path)
-                await send_body(conn, ex, 200, orjson.dumps(self._models()))
+                await send_body(conn, ex, 200, orjson.dumps(self._models(ex.client)))
             elif path.startswith("/v1/models/"):
                 _require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
-                await send_body(conn, ex, 200, orjson.dumps(await self._model_entry(wanted)))
+                await send_body(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
             else:
                 raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
@@ -244,29 +232,37 @@ class Server:
             entry["max_output_tokens"] = limits.max_output
         return entry
 
-    def _models(self) -> dict[str, Any]:
+    def _models(self, client: ClientKey) -> dict[str, Any]:
+        """What this key may use: an id whose first target is out of its scope is not listed."""
         data = []
         for mid in routing.listed_models(self.config):
             target = routing.resolve(self.config, mid)[0]
-            data.append(self._entry(mid, target, self.windows.known(target.provider, target.model)))
+            if not may_call(client, target):
+                continue
+            data.append(self._entry(mid, target, self.known.window(target.provider, target.model)))
         return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
 
-    async def _model_entry(self, mid: str) -> dict[str, Any]:
-        """Any id relay can route, with its window (asking a local server for it, once)."""
+    async def _model_entry(self, mid: str, client: ClientKey) -> dict[str, Any]:
+        """Any id relay can route for this key, with its window (asking a local server for it, once); one out
+        of the key's scope is as unknown to it as one relay cannot route."""
         target = routing.resolve(self.config, mid)[0]
-        return self._entry(mid, target, await self.windows.of(target.provider, target.model))
+        if not may_call(client, target):
+            raise RelayError(404, f"model: {mid!r} is not available to this key", "not_found_error")
+        return self._entry(mid, target, await self.known.window_of(target.provider, target.model))
 
-    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest) -> int:
+    async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest, client: ClientKey) -> int:
         """The upstream's own count when its format forwards count_tokens (``anthropic``), else relay's estimate
-        (also when the upstream has no counter or fails: a count is advisory, never worth an error)."""
+        (also when the upstream has no counter or fails: a count is advisory, never worth an error). A model
+        out of the key's scope is refused before any upstream is asked."""
         model = req.get("model")
         target = None
         if isinstance(model, str) and model:
             try:
-                target = routing.resolve(self.config, model)[0]
+                targets = routing.resolve(self.config, model)
             except RelayError:
-                pass
+                targets = []
+            target = permitted(client, model, targets)[0] if targets else None
         counter = getattr(registry.get(target.provider.format), "count_tokens", None) if target else None
         if target is not None and counter is not None:
             call = counter(req, target.provider, target.model, incoming)
@@ -294,13 +290,11 @@ class Server:
             value = req.get(field_name)
             if isinstance(value, list) and len(value) > limit:
                 raise RelayError(413, f"{field_name}: {len(value)} items; relay accepts at most {limit}", "request_too_large")
-        if ex.client is not None and ex.client.models and not any(fnmatch.fnmatchcase(model, p) for p in ex.client.models):
-            raise RelayError(403, f"this key may not use model {model!r}", "permission_error")
         stream = req.get("stream") is True
         ex.stream = stream
         override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
         asked = Asked(incoming, req, stream, tokens.estimate(req))
-        targets = routing.resolve(self.config, override or model, req, asked.estimate)
+        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, asked.estimate))
         failures: list[str] = []
         try:
             for number, target in enumerate(targets, 1):
@@ -320,6 +314,7 @@ class Server:
         """Attempts on one target: True when served; False to fall back; raises what the client must see."""
         provider = target.provider
         attempt = 0
+        capped = False  # retried once already with the output cap the upstream stated
         while True:
             key = health.pick_key(trio.current_time())
             ex.target = target.label
@@ -332,11 +327,18 @@ class Server:
                     health.abandoned()  # the client left or a bug: no verdict on the upstream, but free the probe
                     raise
                 err = exc
+            if err.refusal:  # relay's own answer: no upstream attempt to count, retry or fall back from
+                health.abandoned()
+                raise err
             now = trio.current_time()
             self.metrics.upstream_failed(provider.name, err.status)
             health.attempt_failed(key, err.status, now, retry_after(err))
             if ex.status != 0:  # bytes reached the client: nothing can be retried
                 raise err
+            if err.output_cap and not capped and self.known.learn_output_cap(provider, target.model, err.output_cap):
+                capped = True  # at once, with the cap it stated: the same request would fail the same way
+                failures.append(f"{target.label}:{err.status}")
+                continue
             attempt += 1
             step = next_step(err, attempt, provider, health, now, last=last)
             if step is RAISE:
@@ -358,11 +360,12 @@ class Server:
         provider = target.provider
         fmt = registry.get(provider.format)
         stream = asked.stream
-        req, window = await self.windows.fit(asked.req, provider, target.model, asked.estimate)
-        if req is not asked.req:
-            log.info("%s max_tokens %d -> %d to fit %s (window %s, input ~%d tokens)",
-                     ex.request_id, asked.req["max_tokens"], req["max_tokens"], target.label, window, asked.estimate)
-        call = fmt.build(req, provider, target.model, stream, asked.incoming)
+        try:
+            req, window = await self.known.fit(asked.req, provider, target.model, asked.estimate, ex.request_id)
+            call = fmt.build(req, provider, target.model, stream, asked.incoming)
+        except RelayError as err:
+            err.refusal = True  # relay's own answer: the upstream never saw this request
+            raise
         if call.dropped and log.isEnabledFor(logging.DEBUG):
             log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
         max_tokens = req.get("max_tokens")
@@ -372,15 +375,16 @@ class Server:
                        max_tokens if isinstance(max_tokens, int) else None)
         deadlines = Deadlines(provider, stream)
         out = EventStream(conn, ex)
-        pump = Pump(out, deadlines) if stream else None
+        pump = Pump(out, deadlines, asked.estimate) if stream else None
+        translator = fmt.stream_translator(opts) if stream else None
         streamed: RelayError | None = None
         try:
             with deadlines.first_byte:
                 async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
                                                   key=key, model=target.model, timed_reads=not stream,
                                                   before_read=pump.flush if pump else None) as upstream:
-                    if pump is not None and not upstream.content_type.startswith(b"application/json"):
-                        streamed = await pump.run(upstream, fmt.stream_translator(opts), self.metrics)
+                    if pump is not None and translator is not None and not upstream.content_type.startswith(b"application/json"):
+                        streamed = await pump.run(upstream, translator, self.metrics)
                         if streamed is None:
                             return
                     else:
@@ -394,10 +398,10 @@ class Server:
                 except orjson.JSONDecodeError:
                     raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
                 message = fmt.translate_response(doc, opts)
-        except RelayError as err:  # an upstream's overflow in Anthropic's words (a stream's translator did its own)
+        except RelayError as err:  # an upstream's overflow in Anthropic's words
             raise opts.overflow(err) from None
-        if streamed is not None:
-            raise streamed
+        if streamed is not None:  # the translator's own error is in Anthropic's words already; an empty stream is not
+            raise streamed if translator is not None and streamed is translator.error else opts.overflow(streamed)
         ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
         ex.output_tokens = message["usage"]["output_tokens"]
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events

@@ -25,9 +25,35 @@ def text_tokens(text: str) -> int:
         return 0
     if text.isascii():
         return (len(text) + 3) // 4
-    extra = len(text.encode("utf-8")) - len(text)  # 1 per accented letter, 2 per CJK character, 3 per emoji
+    return _tokens(len(text), len(text.encode("utf-8")) - len(text))
+
+
+def _tokens(chars: int, extra: int) -> int:
+    """The rule on counts: ``chars`` characters whose UTF-8 form has ``extra`` bytes beyond one per character
+    (1 per accented letter, 2 per CJK character, 3 per emoji)."""
+    if not extra:
+        return (chars + 3) // 4
     non_ascii = max(1, extra // 2)
-    return (len(text) - non_ascii + 3) // 4 + non_ascii
+    return (chars - non_ascii + 3) // 4 + non_ascii
+
+
+class OutputCount:
+    """The output tokens of a streamed answer, estimated from its text as it passes through, for upstreams that
+    send no usage (llama-cpp-python ignores stream_options.include_usage). Keeps two counters, not the text."""
+
+    __slots__ = ("chars", "extra")
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.extra = 0
+
+    def add(self, text: str) -> None:
+        self.chars += len(text)
+        if not text.isascii():
+            self.extra += len(text.encode("utf-8")) - len(text)
+
+    def tokens(self) -> int:
+        return _tokens(self.chars, self.extra) if self.chars else 0
 
 
 def _image_tokens(source: Any) -> int:

@@ -138,11 +138,14 @@ def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage:
     return doc
 
 
-def text_stream(*texts: str, usage: tuple[int, int] = (10, 5)) -> Reply:
+def text_stream(*texts: str, usage: tuple[int, int] | None = (10, 5)) -> Reply:
+    """``usage=None``: no usage chunk at all, as llama-cpp-python's server streams."""
     chunks = [chunk({"role": "assistant", "content": ""})]
     chunks += [chunk({"content": t}) for t in texts]
     chunks.append(chunk({}, "stop"))
-    chunks.append(chunk(choices=False, usage={"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}))
+    if usage is not None:
+        chunks.append(chunk(choices=False, usage={"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                                  "total_tokens": sum(usage)}))
     return Reply(pieces=sse(*chunks))
 
 

@@ -282,3 +282,46 @@ def test_workers_count_takes_numbers_and_auto() -> None:
         with pytest.raises(argparse.ArgumentTypeError):
             workers_count(bad)
     assert build_parser().parse_args(["serve", "--workers", "auto"]).workers >= 1
+
+
+@pytest.mark.parametrize("base_url", ["127.0.0.1:8080/v1", "localhost:8080", "api.example.com/v1"])
+def test_a_base_url_without_a_scheme_is_refused_at_load(tmp_path: Path, base_url: str) -> None:
+    """It used to pass `relay check`, then every request failed with a 500 and a retry (issue 18, item 5)."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(base_url))
+    out = run_cli("check", "-c", str(cfg))
+    assert out.returncode == 2, out.stdout
+    assert re.search(rf"relay\.toml:\d+: providers\.mock\.base_url: '{re.escape(base_url)}' needs to start with "
+                     rf"http:// or https:// \(e\.g\. http://{re.escape(base_url)}\)", out.stderr), out.stderr
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+    out = run_cli("check", env={**env, "OPENAI_BASE_URL": base_url})
+    assert out.returncode == 2 and f"OPENAI_BASE_URL: '{base_url}' needs to start with http://" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_check_suggests_the_ids_claude_code_asks_for() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+    out = run_cli("check", env={**env, "RELAY_DEFAULT_MODEL": "gpt-4.1"})
+    assert out.returncode == 0, out.stderr
+    for model in ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5"):  # what 2.1.331 sends (launcher.py)
+        assert f"resolve {model} -> openai/gpt-4.1" in out.stdout, out.stdout
+
+
+def test_relay_claude_help_is_relays_own() -> None:
+    out = run_cli("claude", "--help", env={**os.environ, "PATH": "/nonexistent"})  # no claude on PATH: never run
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: relay claude") and "relay claude -- --help" in out.stdout
+
+
+def test_relay_usage_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`relay usage | head -1`: the reader stops early; relay must not print a BrokenPipeError traceback."""
+    from relay.usage import UsageBook
+
+    db = tmp_path / "usage.sqlite3"
+    book = UsageBook(str(db))
+    for n in range(3000):  # more lines than a pipe buffer holds
+        book.add(f"key{n}", "model", 1, 1)
+    book.write(book.take())
+    out = subprocess.run(f"{sys.executable} -m relay usage --db {db} | head -1", shell=True, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.startswith("key ") and out.stderr == "", out.stderr

@@ -487,7 +487,7 @@ def test_bug_usage_flush_leaves_sqlite_connection_open(tmp_path: Any) -> None:
     book = UsageBook(str(path))
     gc.disable()
     try:
-        book.write([("key", "model", "2025-01-01", 1, 2, 3)])
+        book.write([("key", "model", "2025-01-01", 1, 2, 3, 0, 0)])
         still_open = [fd for fd in os.listdir("/proc/self/fd")
                       if os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve())]
     finally:

@@ -37,6 +37,8 @@ POSITIVE: list[tuple[str, str, Any, Overflow]] = [
      "input length and `max_tokens` exceed context limit: 184915 + 20000 > 204648, decrease input length or "
      "`max_tokens` and try again", None, OV(184915, 204648, 20000)),
     # https://github.com/ericc-ch/copilot-api/issues/83 (GitHub Copilot's copy, without backticks)
+    # https://github.com/fedora-copr/logdetective-website/pull/193 (llama-cpp-python's own words)
+    ("llama-cpp-python", "Requested tokens (2285) exceed context window of 2048", None, OV(2285, 2048)),
     ("copilot-max-tokens",
      "input length and max_tokens exceed context limit: 189727 + 16000 > 200000, decrease input length or "
      "max_tokens and try again", None, OV(189727, 200000, 16000)),

@@ -11,7 +11,7 @@ from relay.config import parse
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```toml\n(.*?)```", README, re.S)
-ENV = {name: "x" for name in set(re.findall(r"\$\{([A-Z_0-9]+)", README))}
+ENV = {name: f"x-{name}" for name in set(re.findall(r"\$\{([A-Z_0-9]+)", README))}  # distinct, as real keys are
 
 
 def test_readme_has_config_examples() -> None:

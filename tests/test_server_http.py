@@ -8,6 +8,7 @@ import orjson
 import pytest
 import trio
 
+from relay.config import ConfigError, parse
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, completion
 
@@ -107,16 +108,12 @@ async def test_unknown_model_is_404(nursery: trio.Nursery, upstream: MockUpstrea
     assert "gpt-nothing" in orjson.loads(out)["error"]["message"]
 
 
-async def test_non_http_base_url_is_a_clear_error(nursery: trio.Nursery, upstream: MockUpstream) -> None:
-    """relay's pool speaks HTTP/1.1 over TCP or TLS only: another scheme is refused by name, never dialled."""
-    port = upstream.base_url.split(":")[2].split("/")[0]
-    relay = await start_relay(nursery, relay_config(f"ftp://127.0.0.1:{port}/v1"))
-    body = b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
-    status, _, out = split(await exchange(relay.port, post("/v1/messages", body)))
-    assert status == 500
-    error = orjson.loads(out)["error"]
-    assert error["type"] == "api_error" and "base_url must start with http:// or https://" in error["message"]
-    assert not upstream.requests  # nothing reached the upstream's port
+def test_non_http_base_url_is_a_clear_error() -> None:
+    """relay's pool speaks HTTP/1.1 over TCP or TLS only: another scheme is refused by name when the config loads,
+    never dialled (it used to pass the load and fail every request with a 500)."""
+    with pytest.raises(ConfigError, match=r"providers\.mock\.base_url: 'ftp://127\.0\.0\.1:1/v1' needs to start with "
+                                          r"http:// or https://"):
+        parse(relay_config("ftp://127.0.0.1:1/v1"), "test.toml", env={})
 
 
 async def test_body_limit_413(nursery: trio.Nursery, upstream: MockUpstream) -> None:
@@ -189,8 +186,9 @@ async def test_a_request_head_past_max_header_bytes_gets_431(relay: RelayHandle,
     assert headers["request-id"].startswith("req_")
 
 
-async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
+async def test_metrics(nursery: trio.Nursery, upstream: MockUpstream) -> None:
     from tests.mock_upstream import json_reply, text_stream
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", '[server]\nmetrics_keys = ["m-key"]'))
     upstream.handler = lambda r: text_stream("a", "b", usage=(11, 2)) if r.json.get("stream") else json_reply({"error": {"message": "x"}}, 400)
     body = b'{"model":"mock-model","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}'
     streamed = await exchange(relay.port, post("/v1/messages", body, extra=b"connection: close\r\n"), read_until_close=True)
@@ -200,7 +198,7 @@ async def test_metrics(relay: RelayHandle, upstream: MockUpstream) -> None:
     assert status == 401
     want = 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="400"} 1'
     for _ in range(50):  # relay books a request just after its response is written
-        status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\n\r\n"))
+        status, headers, text = split(await exchange(relay.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-api-key: m-key\r\n\r\n"))
         if want in text.decode():
             break
         await trio.sleep(0.02)

@@ -63,6 +63,7 @@ class Translator(Protocol):
     done: bool  # message_stop or an error event has been produced
     error: RelayError | None  # set when the upstream failed; if not started, answer with an HTTP error
     has_usage: bool
+    usage_estimated: bool  # the upstream sent no usage: output_tokens is relay's estimate of what was streamed
     input_tokens: int
     output_tokens: int
     cache_read: int

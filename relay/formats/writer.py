@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from relay.errors import RelayError
+from relay.errors import RelayError, empty_stream
 from relay.formats import anthropic as A
 from relay.sse import Event, SSEError, SSEParser
 
@@ -30,6 +30,7 @@ class BlockWriter:
         self.output_tokens = 0
         self.cache_read = 0
         self.has_usage = False
+        self.usage_estimated = False
         self.saw_tool = False
         self.secrets = secrets
         self.provider = provider
@@ -66,7 +67,7 @@ class BlockWriter:
             if self.done:
                 return self.flush()
         if not self.started:
-            self.fail(RelayError(502, f"{self.provider}: the upstream stream ended without any data", "api_error"))
+            self.fail(empty_stream(self.provider))
         else:
             self._on_end()
         return self.flush()

@@ -10,6 +10,7 @@ claude       runs `claude -p ... --output-format stream-json` with a temp HOME a
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -63,20 +64,28 @@ def _find_claude(prefix: Path) -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def claude_bin() -> Path:
+def claude_bin(request: pytest.FixtureRequest) -> Path:
     prefix = _cache_dir()
     prefix.mkdir(parents=True, exist_ok=True)
     with (prefix.parent / f"{prefix.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time (parallel workers, CI jobs sharing a cache)
-        return _install_claude(prefix)
+        return _install_claude(prefix, request.config)
 
 
-def _install_claude(prefix: Path) -> Path:
+def say(config: pytest.Config, line: str) -> None:
+    """A line on the terminal now, past pytest's output capture: for waits a person should know about."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\n{line}", file=sys.stderr, flush=True)
+
+
+def _install_claude(prefix: Path, config: pytest.Config) -> Path:
     if found := _find_claude(prefix):
         return found
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip("Claude Code e2e: npm is not on PATH, cannot install " + CLAUDE_PACKAGE)
+    say(config, f"relay tests: installing {CLAUDE_PACKAGE} (about 380 MB, once) into {prefix} for the end-to-end tests")
     cmd = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", CLAUDE_PACKAGE]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
@@ -146,10 +155,19 @@ models = ["{MODEL}"]
 default = "mock/{MODEL}"
 """
     )
-    log = tmp_path / "relay.log"
-    cmd = [sys.executable, "-m", "relay", "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-level", "debug"]
+    async with relay_process(["-c", str(config)], port, tmp_path / "relay.log") as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def relay_process(args: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None,
+                        level: str = "debug") -> AsyncIterator[str]:
+    """`python -m relay serve ARGS` on 127.0.0.1:port, its output in `log`; yields its base URL once /health
+    answers, and stops it afterwards (printing the log's tail, which pytest shows for failing tests)."""
+    cmd = [sys.executable, "-m", "relay", "serve", *args, "--host", "127.0.0.1", "--port", str(port), "--log-level", level]
     with log.open("wb") as out:
-        proc = await trio.lowlevel.open_process(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = await trio.lowlevel.open_process(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                                env=None if env is None else dict(env))
     try:
         with trio.move_on_after(RELAY_START_TIMEOUT):
             while await http_status("127.0.0.1", port, "GET", "/health") != 200:
@@ -166,7 +184,7 @@ default = "mock/{MODEL}"
         if proc.poll() is None:
             proc.kill()
             await proc.wait()
-        print(f"--- relay log (tail) ---\n{_tail(log)}")  # pytest shows it for failing tests
+        print(f"--- relay log (tail) ---\n{_tail(log)}")
 
 
 @dataclass
@@ -230,19 +248,23 @@ class Claude:
         return env
 
     async def run(self, prompt: str, base_url: str, *args: str, timeout: float = CLAUDE_TIMEOUT,
-                  env: Mapping[str, str] | None = None, launcher: Sequence[str] = ()) -> ClaudeRun:
+                  env: Mapping[str, str] | None = None, launcher: Sequence[str] = (),
+                  model: str | None = MODEL) -> ClaudeRun:
         """`env`: extra variables for this run, over the harness's own. `launcher`: a command that runs `claude`
         from PATH with the arguments that follow it (e.g. `python -m relay claude -c relay.toml --`); this CLI is
-        then the `claude` on PATH."""
+        then the `claude` on PATH. `model=None`: no model chosen, as a new user runs it (Claude Code then asks for
+        its own Claude ids)."""
         exe: list[str] = [str(self.exe)]
         run_env = {**self.env(base_url), **(env or {})}
+        if model is None:
+            run_env.pop("ANTHROPIC_MODEL", None)
         if launcher:
             bin_dir = self.home / "bin"
             bin_dir.mkdir(exist_ok=True)
             if not (bin_dir / "claude").exists():
                 (bin_dir / "claude").symlink_to(self.exe)
             exe, run_env["PATH"] = list(launcher), f"{bin_dir}{os.pathsep}{run_env['PATH']}"
-        cmd = [*exe, "-p", prompt, "--output-format", "stream-json", "--verbose", "--model", MODEL]
+        cmd = [*exe, "-p", prompt, "--output-format", "stream-json", "--verbose", *(["--model", model] if model else [])]
         cmd += ["--dangerously-skip-permissions", *args]
         out, err = self.home / "claude.stdout", self.home / "claude.stderr"
         # Files, not pipes: a shell the Bash tool left behind cannot hold the run open.

@@ -38,6 +38,7 @@ class PassthroughTranslator:
         self.done = False
         self.error: RelayError | None = None
         self.has_usage = False
+        self.usage_estimated = False
         self.input_tokens = 0
         self.output_tokens = 0
         self.cache_read = 0

@@ -175,7 +175,8 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                     raise invalid(f"{where}.content.{i}: content block without a type")
                 else:
                     dropped.add(f"assistant block {kind}")
-            entry: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else (None if calls else "")}
+            empty = None if calls and provider.tool_call_content == "null" else ""  # see config.TOOL_CALL_CONTENTS
+            entry: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else empty}
             if calls:
                 entry["tool_calls"] = calls
                 pending_calls.extend(c["id"] for c in calls)

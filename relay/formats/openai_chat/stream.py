@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-from relay.errors import RelayError, from_stream_error
+from relay.errors import RelayError, empty_stream, from_stream_error
+from relay.tokens import OutputCount
 from relay.formats import anthropic as A
 from relay.formats.openai_chat.common import (
     ThinkSplitter,
@@ -52,6 +53,8 @@ class StreamTranslator:
         self.output_tokens = 0
         self.cache_read = 0
         self.has_usage = False
+        self.usage_estimated = False  # no usage came: output_tokens is relay's estimate from the streamed text
+        self._streamed = OutputCount()
         self._hint = input_tokens_hint
         self._parser = SSEParser()
         self._splitter = ThinkSplitter() if think_tags else None
@@ -97,7 +100,7 @@ class StreamTranslator:
             self._on_event(name, payload)
         if not self.done:
             if not self.started:
-                self._fail(RelayError(502, f"{self._provider}: the upstream stream ended without any data", "api_error"))
+                self._fail(empty_stream(self._provider))
             else:
                 self._close_message()
         return self._flush()
@@ -249,6 +252,7 @@ class StreamTranslator:
     def _emit(self, kind: str, text: str) -> None:
         if not text:
             return
+        self._streamed.add(text)
         want = _TEXT if kind == "text" else _THINKING
         if self._block != want:
             self._close_block()
@@ -276,6 +280,7 @@ class StreamTranslator:
             return False
         if args:
             self._tool_has_args = True
+            self._streamed.add(args)
             self._out.append(A.input_json_delta(self._index, args))
         return True
 
@@ -303,10 +308,12 @@ class StreamTranslator:
             self._tool_key_id = call_id
             self._tool_has_args = False
             self._out.append(A.tool_block_start(self._index, call_id if call_id else A.tool_use_id(), name))
+            self._streamed.add(name)
         elif call_id and not self._tool_key_id:
             self._tool_key_id = call_id
         if args:
             self._tool_has_args = True
+            self._streamed.add(args)
             self._out.append(A.input_json_delta(self._index, args))
 
     def _close_block(self) -> None:
@@ -325,6 +332,8 @@ class StreamTranslator:
             for kind, text in self._splitter.flush():
                 self._emit(kind, text)
         self._close_block()
+        if not self.has_usage:
+            self.output_tokens, self.usage_estimated = self._streamed.tokens(), True
         usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
         self._out.append(A.message_delta(self.stop_reason, self._matched, usage))
         self._out.append(A.MESSAGE_STOP)

@@ -1,0 +1,124 @@
+"""A new user's first hour (issue 18), with the real Claude Code CLI: the README's quickstart lines as written.
+
+- The cloud line: no config file, `OPENAI_API_KEY=... RELAY_DEFAULT_MODEL=gpt-4.1 relay serve`, Claude Code with no
+  model variable. Claude Code 2.1.331 then asks for `claude-opus-5-5` with `max_tokens: 128000`; a model capped at
+  32768 output tokens refuses that the way OpenAI does, and relay must learn the cap and complete.
+- A small local window: llama-cpp-python's real server with an 8192-token window (tests/local_llm.py), smaller than
+  Claude Code's first request. `relay claude` must warn before Claude Code starts, and the run must end at once with
+  the prompt-too-long error, never hang.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from relay.launcher import CLAUDE_CODE_FIRST_REQUEST, CLAUDE_CODE_MIN_WINDOW, CLAUDE_CODE_MODELS
+from relay.tokens import estimate
+
+from ..local_llm import LlamaServer
+
+from ..mock_upstream import MockUpstream, Reply, json_reply
+from .conftest import CLIENT_KEY, UPSTREAM_KEY, Claude, _free_port, relay_process
+from .upstream import ScriptedModel, Seen, Turn
+
+GPT41_OUTPUT_CAP = 32768  # what OpenAI's refusal states for gpt-4.1 (the wording users report)
+
+
+@pytest.fixture
+def dialect() -> str:
+    return "openai"
+
+
+def refuses_like_openai(seen: Seen) -> Reply | None:
+    asked = seen.body.get("max_tokens")
+    if isinstance(asked, int) and asked > GPT41_OUTPUT_CAP:
+        return json_reply({"error": {
+            "message": f"max_tokens is too large: {asked}. This model supports at most {GPT41_OUTPUT_CAP} completion "
+                       f"tokens, whereas you provided {asked}.",
+            "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}}, 400)
+    return None
+
+
+def no_config_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RELAY_CONFIG", "OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    return {**env, **extra}
+
+
+async def test_the_quickstart_cloud_line_completes_under_claude_code(claude: Claude, upstream: ScriptedModel,
+                                                                    tmp_path: Path) -> None:
+    upstream.script = [Turn(text="Hello from a model capped at 32768."), Turn(text="And again.")]
+    upstream.gate = refuses_like_openai
+    env = no_config_env(OPENAI_BASE_URL=f"{upstream.url}/v1", OPENAI_API_KEY=UPSTREAM_KEY,
+                        RELAY_DEFAULT_MODEL="gpt-4.1")
+    log = tmp_path / "relay.log"
+    async with relay_process([], _free_port(), log, env, level="info") as url:
+        first = await claude.run("say hello", url, model=None)
+        second = await claude.run("say hello again", url, model=None)
+    assert first.result_text == "Hello from a model capped at 32768."
+    assert second.result_text == "And again."
+    sent = [(r.body["model"], r.body["max_tokens"]) for r in upstream.main]
+    # Claude Code's own ask, refused once; then the stated cap at once, and for the second session from the start
+    assert sent == [("gpt-4.1", 128000), ("gpt-4.1", GPT41_OUTPUT_CAP), ("gpt-4.1", GPT41_OUTPUT_CAP)], sent
+    text = log.read_text()
+    assert f"model={CLAUDE_CODE_MODELS[0]} -> openai/gpt-4.1" in text  # what Claude Code asked for, as launcher.py says
+    assert text.count(f"accepts at most {GPT41_OUTPUT_CAP}") == 1, text
+    assert f"max_tokens 128000 -> {GPT41_OUTPUT_CAP} for openai/gpt-4.1: the output cap {GPT41_OUTPUT_CAP}" in text
+
+
+async def test_a_local_window_too_small_for_claude_code_fails_at_once(claude: Claude, llama_server: LlamaServer,
+                                                                     tmp_path: Path) -> None:
+    port = _free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""[server]
+api_keys = ["{CLIENT_KEY}"]
+port = {port}
+[providers.local]
+preset = "llamacpp"
+base_url = "{llama_server.url}"
+context_window = {llama_server.n_ctx}
+[routes]
+default = "local/smollm2"
+""")
+    log = tmp_path / "relay.log"
+    async with relay_process(["-c", str(config)], port, log, level="info") as url:
+        started = time.monotonic()
+        run = await claude.run("say hello", url, model=None,
+                               launcher=[sys.executable, "-m", "relay", "claude", "-c", str(config), "--"])
+        took = time.monotonic() - started
+    assert run.returncode is not None, f"Claude Code still running after the harness's timeout\n{run.debug()}"
+    # relay claude's warning, before Claude Code ran
+    assert f"is served with a {llama_server.n_ctx}-token context window" in run.stderr, run.stderr
+    assert f"at least {CLAUDE_CODE_MIN_WINDOW // 1000}k" in run.stderr
+    result = run.result
+    assert result.get("is_error") and "Prompt is too long" in str(result.get("result")), run.debug()
+    text = log.read_text()
+    refused = re.findall(r"POST /v1/messages\S* 400 model=(\S+) -> local/smollm2", text)
+    assert refused and refused[0] == CLAUDE_CODE_MODELS[0], text
+    # relay's own answer: the model never saw the request (nothing to wait for), and it says why
+    assert "prompt is too long" in text or "error=invalid_request_error" in text
+    assert took < 60, f"{took:.0f}s: a clear failure is quick"
+
+
+async def test_claude_codes_first_request_is_about_12k_tokens(claude: Claude, nursery: trio.Nursery) -> None:
+    """The figure the README and `relay claude`'s warning give (launcher.CLAUDE_CODE_FIRST_REQUEST): Claude Code
+    2.1.331's first request, before any conversation, by relay's own estimate (the number relay compares with a
+    window). Measured on the Anthropic request itself, so Claude Code talks to a model that speaks Anthropic."""
+    model = ScriptedModel("anthropic", script=[Turn(text="hi")])
+    port = await nursery.start(MockUpstream(model.handle).serve)
+    model.url = f"http://127.0.0.1:{port}"
+    run = await claude.run("say hello", model.url, model=None)
+    assert run.result_text == "hi"
+    first = model.main[0].body
+    assert first["max_tokens"] == 128000 and first["model"] == CLAUDE_CODE_MODELS[0]
+    size = estimate(first)
+    print(f"Claude Code's first request: {len(orjson.dumps(first))} bytes, ~{size} tokens by relay's estimate")
+    assert 0.8 * CLAUDE_CODE_FIRST_REQUEST <= size <= 1.25 * CLAUDE_CODE_FIRST_REQUEST, size
+    assert size + 1024 > 8192 and size + 1024 < CLAUDE_CODE_MIN_WINDOW  # 8k is too small, the stated minimum is not

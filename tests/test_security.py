@@ -1,0 +1,286 @@
+"""Attacks over a socket, each checking the refusal and what the attack would have grown or leaked:
+who may read /metrics and how far its series can grow, forged log lines, upstream keys echoed in errors,
+the key header a client presents."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from tests.conftest import RELAY_KEY, UPSTREAM_KEY, relay_config, start_relay
+from tests.mock_upstream import MockUpstream, Reply, completion, json_reply, text_stream
+
+OK = completion({"role": "assistant", "content": "ok"})
+from tests.test_server_http import exchange, post, split
+
+METRICS_KEY = "metrics-scraper-key"
+
+
+def get(path: str, key: str | None = None) -> bytes:
+    auth = b"" if key is None else b"x-api-key: " + key.encode() + b"\r\n"
+    return b"GET " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + auth + b"\r\n"
+
+
+def ask(model: str, stream: bool = False) -> bytes:
+    return orjson.dumps({"model": model, "max_tokens": 5, "stream": stream,
+                         "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def test_metrics_refuse_client_keys_and_read_with_a_metrics_key(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace(
+        "[server]", f'[server]\nmetrics_keys = ["{METRICS_KEY}"]'))
+    status, _, body = split(await exchange(relay.port, get("/metrics")))
+    assert status == 401 and orjson.loads(body)["error"]["type"] == "authentication_error"
+    status, _, body = split(await exchange(relay.port, get("/metrics", RELAY_KEY)))
+    assert status == 403 and orjson.loads(body)["error"]["type"] == "permission_error"
+    status, headers, body = split(await exchange(relay.port, get("/metrics", METRICS_KEY)))
+    assert status == 200 and b"relay_open_streams 0" in body
+    # and a metrics key is no client key
+    upstream.handler = lambda r: text_stream("x")
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"), key=METRICS_KEY)))
+    assert status == 401 and upstream.requests == []
+
+
+async def test_metrics_on_loopback_need_no_key_when_no_operator_key_is_set(relay) -> None:  # type: ignore[no-untyped-def]
+    status, _, body = split(await exchange(relay.port, get("/metrics")))
+    assert status == 200 and b"relay_requests_total" in body
+
+
+async def test_a_client_key_equal_to_an_operator_key_is_a_config_error() -> None:
+    from relay.config import ConfigError, parse
+    text = relay_config("http://127.0.0.1:9/v1").replace("[server]", f'[server]\nadmin_keys = ["{RELAY_KEY}"]')
+    with pytest.raises(ConfigError, match=r"server\.admin_keys: holds a client key too"):
+        parse(text, "relay.toml", env={})
+
+
+async def test_junk_paths_and_model_names_do_not_grow_metrics(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    upstream.handler = lambda r: (OK if r.json.get("model") == "mock-model"
+                                  else json_reply({"error": {"message": "no such model"}}, 404))
+    await exchange(relay.port, post("/v1/messages", ask("mock-model")))
+    _, _, before = split(await exchange(relay.port, get("/metrics")))
+    for n in range(150):  # junk paths without a key, and refused model names with one
+        await exchange(relay.port, get(f"/junk/{n}/" + "p" * 200))
+        await exchange(relay.port, post("/v1/messages", ask(f"mock/junk-{n}-" + "m" * 300)))
+    with trio.fail_after(5):
+        while True:
+            _, _, after = split(await exchange(relay.port, get("/metrics")))
+            if b'path="other"' in after and b'model="other",status="404"' in after:
+                break
+            await trio.sleep(0.02)
+    assert b"junk" not in after and b"ppp" not in after
+    series = lambda text: {l.rsplit(" ", 1)[0] for l in text.decode().splitlines() if not l.startswith("#")}
+    grown = series(after) - series(before)
+    # one series for the junk paths, one for the refused models, and at most the upstream's 404 count
+    assert len(grown) <= 4, grown
+    assert len(after) < len(before) + 1000
+
+
+async def test_served_models_are_labelled_up_to_a_bound(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    from relay import metrics
+    upstream.handler = lambda r: OK
+    metrics_ = relay.server.metrics
+    metrics_._served_models.update(f"filler-{n}" for n in range(metrics.MODEL_SERIES - 1))
+    for model in ("mock/first-new", "mock/second-new"):
+        status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask(model))))
+        assert status == 200
+    with trio.fail_after(5):
+        while True:
+            _, _, text = split(await exchange(relay.port, get("/metrics")))
+            if b'model="other",status="200"' in text:
+                break
+            await trio.sleep(0.02)
+    assert b'model="mock/first-new",status="200"' in text and b"second-new" not in text
+
+
+async def test_an_empty_x_api_key_does_not_hide_a_bearer_token(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    upstream.handler = lambda r: OK
+    body = ask("mock-model")
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: \r\nauthorization: Bearer " + RELAY_KEY.encode()
+           + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    status, _, out = split(await exchange(relay.port, raw))
+    assert status == 200, out
+    wrong = raw.replace(b"x-api-key: \r\n", b"x-api-key: wrong\r\n")
+    status, _, _ = split(await exchange(relay.port, wrong))
+    assert status == 401
+
+
+@pytest.mark.parametrize("where", [1990, 2000 - len(UPSTREAM_KEY) // 2, 1995])
+async def test_an_upstream_key_echoed_across_the_message_cut_is_redacted(relay, upstream: MockUpstream, where: int) -> None:  # type: ignore[no-untyped-def]
+    text = ("x" * where + UPSTREAM_KEY + " trailing words").encode()
+    upstream.handler = lambda r: Reply(status=400, headers=[("content-type", "text/plain")], pieces=[text], chunked=False)
+    status, _, body = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"))))
+    message = orjson.loads(body)["error"]["message"]
+    assert status == 400
+    assert not any(UPSTREAM_KEY[:n] in message for n in range(5, len(UPSTREAM_KEY) + 1)), message[-60:]
+    assert "[redacted]" in message, message[-30:]
+    assert not any(message.endswith("[redacted]"[:n]) for n in range(1, 10)), message[-30:]  # never half a marker
+
+
+async def test_a_body_cut_inside_a_key_by_the_upstream_is_redacted(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    text = ("upstream says: your key " + UPSTREAM_KEY[:14]).encode()
+    upstream.handler = lambda r: Reply(status=401, headers=[("content-type", "text/plain")], pieces=[text], chunked=False)
+    _, _, body = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"))))
+    message = orjson.loads(body)["error"]["message"]
+    assert UPSTREAM_KEY[:6] not in message and message.endswith("your key [redacted]"), message
+
+
+FORGED = "x\n2026-01-01 00:00:00,000 INFO relay.access POST /v1/forged 200\x1b[31m"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_client_and_upstream_words_cannot_forge_log_lines(nursery: trio.Nursery, upstream: MockUpstream,
+                                                                 tmp_path: Path, fmt: str) -> None:
+    """A model name (in the target, the failure note and the retry line) and an upstream error message (in
+    the warning) carry a newline, a forged access line and an ANSI escape: each log line stays one line."""
+    upstream.handler = lambda r: json_reply({"error": {"message": "upstream broke " + FORGED}}, 500)
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url).replace("read_timeout = 5", "read_timeout = 5\nretries = 1\nmax_retry_wait = 0.01"))
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0",
+                                 "--log-format", fmt], stderr=log_file)
+    try:
+        with trio.fail_after(20):
+            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
+                await trio.sleep(0.05)
+        port = int(m.group(1))
+        status, _, _ = split(await exchange(port, post("/v1/messages", ask("mock/" + FORGED))))
+        assert status == 500
+        with trio.fail_after(10):
+            while log_path.read_bytes().count(b"/v1/messages") < 1:
+                await trio.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    raw = log_path.read_bytes()
+    assert b"\x1b" not in raw
+    lines = raw.decode().splitlines()
+    assert sum("upstream broke" in line for line in lines) >= 1  # the warning was logged, escaped
+    if fmt == "json":
+        docs = [orjson.loads(line) for line in lines]  # every line is one whole JSON object
+        assert not any("forged" in d["msg"] and d["msg"].startswith("POST /v1/forged") for d in docs)
+    else:
+        starts = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) relay")
+        assert all(starts.match(line) for line in lines), [l for l in lines if not starts.match(l)]
+        assert not any(line.startswith("2026-01-01 00:00:00,000") for line in lines)
+        assert any("\\n2026-01-01 00:00:00,000 INFO relay.access POST /v1/forged" in line for line in lines)
+
+
+SCOPED = "scoped-key"
+
+
+def scoped_config(upstream_url: str, patterns: str) -> str:
+    """The test config plus a second provider on the same mock (so a request that escapes its scope is seen
+    there), an alias that falls back across both, and a key limited to ``patterns``."""
+    return relay_config(upstream_url, extra=f'''
+[providers.other]
+format = "anthropic"
+base_url = "{upstream_url.removesuffix('/v1')}"
+api_key = "other-upstream-key"
+models = ["secret-model"]
+
+[[keys]]
+key = "{SCOPED}"
+name = "scoped"
+models = [{patterns}]
+''').replace('"alias-model" = "mock/aliased-upstream-model"',
+             '"alias-model" = "mock/aliased-upstream-model"\n"mixed" = ["other/secret-model", "mock/mock-model"]\n"mock-alias" = "other/secret-model"')
+
+
+@pytest.mark.parametrize("name,system", [
+    ("mock-model", "<relay-model>other/secret-model</relay-model> you are helpful"),  # (a) a tag
+    ("mock-claude-opus", None),  # (b) a permitted-looking Claude id, routed by tier
+    ("mock-alias", None),  # (c) an alias whose name matches the scope but points elsewhere
+])
+async def test_a_scoped_key_cannot_escape_its_models(nursery: trio.Nursery, upstream: MockUpstream, name: str,
+                                                     system: str | None) -> None:
+    relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock-*"').replace(
+        'haiku = "mock/small-model"', 'haiku = "mock/small-model"\nopus = "other/secret-model"'))
+    upstream.handler = lambda r: OK
+    doc = orjson.loads(ask(name))
+    if system:
+        doc["system"] = system
+    status, _, body = split(await exchange(relay.port, post("/v1/messages", orjson.dumps(doc), key=SCOPED)))
+    assert status == 403 and orjson.loads(body)["error"]["type"] == "permission_error", body
+    assert upstream.requests == []
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"), key=SCOPED)))
+    assert status == 200 and [r.json["model"] for r in upstream.requests] == ["mock-model"]
+
+
+async def test_a_fallback_list_calls_only_the_targets_in_scope(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock/*"'))
+    upstream.handler = lambda r: json_reply({"error": {"message": "down"}}, 503)
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mixed"), key=SCOPED)))
+    assert status == 503  # the allowed target failed; the out-of-scope fallback was never tried
+    assert {r.path for r in upstream.requests} == {"/v1/chat/completions"}
+    assert all(r.json["model"] == "mock-model" for r in upstream.requests)
+
+
+async def test_count_tokens_and_models_show_only_what_the_key_may_use(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock/*"'))
+    upstream.handler = lambda r: json_reply({"input_tokens": 42})
+    count = orjson.dumps({"model": "other/secret-model", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, body = split(await exchange(relay.port, post("/v1/messages/count_tokens", count, key=SCOPED)))
+    assert status == 403 and upstream.requests == [], body
+    status, _, body = split(await exchange(relay.port, post("/v1/messages/count_tokens", count)))
+    assert status == 200 and orjson.loads(body) == {"input_tokens": 42}  # an unscoped key is counted upstream
+    status, _, body = split(await exchange(relay.port, get("/v1/models", SCOPED)))
+    ids = [m["id"] for m in orjson.loads(body)["data"]]
+    assert status == 200 and "mock/mock-model" in ids and not any("secret" in i or i in ("mixed", "mock-alias") for i in ids), ids
+    status, _, body = split(await exchange(relay.port, get("/v1/models", RELAY_KEY)))
+    assert "other/secret-model" in [m["id"] for m in orjson.loads(body)["data"]]
+    status, _, _ = split(await exchange(relay.port, get("/v1/models/other/secret-model", SCOPED)))
+    assert status == 404
+    status, _, _ = split(await exchange(relay.port, get("/v1/models/mock/mock-model", SCOPED)))
+    assert status == 200
+
+
+@pytest.mark.parametrize("hard", [256, 4096], ids=["hard-limit-256", "raisable-to-4096"])
+async def test_idle_sockets_past_the_open_file_limit_get_529_not_a_stall(upstream: MockUpstream, tmp_path: Path,
+                                                                         hard: int) -> None:
+    """Under a 256-file soft limit, 300 idle connections: relay raises the limit where the hard limit lets it
+    (all are held and /health answers 200), else its guard, sized from the limit, answers 529 past it; either
+    way /health gets an answer at once and nothing is logged as a traceback."""
+    import resource
+    soft, own_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024 <= own_hard or own_hard == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, own_hard))  # the test itself holds 300+ sockets
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url))
+    log_path = tmp_path / "relay.log"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0"],
+                                stderr=log_file, preexec_fn=limit)
+    held: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(20):
+            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
+                await trio.sleep(0.05)
+        port = int(m.group(1))
+        for _ in range(300):
+            held.append(await trio.open_tcp_stream("127.0.0.1", port))
+        with trio.fail_after(5):
+            status, _, body = split(await exchange(port, get("/health")))
+        refused = 0
+        for stream in held:  # a refused connection has its 529 waiting; a held one has nothing to read
+            with trio.move_on_after(0.01):
+                refused += b" 529 " in await stream.receive_some(4096)
+    finally:
+        for stream in held:
+            await stream.aclose()
+        proc.terminate()
+        proc.wait(10)
+    log = log_path.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-2000:]
+    if hard == 256:
+        assert status == 529 and orjson.loads(body)["error"]["type"] == "overloaded_error"
+        assert refused >= 300 - (256 - 64) // 2 and "max_connections 4096 lowered to 96" in log
+    else:
+        assert status == 200 and refused == 0 and "open-file limit raised from 256 to 4096" in log
