@@ -27,7 +27,8 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,local-llm]'
 	touch $(TEST_STAMP)
 
-test: $(TEST_STAMP)   ## run the whole test suite
+test: $(TEST_STAMP)   ## type-check relay, then run the whole test suite
+	$(PY) -m mypy relay
 	$(PY) -m pytest -q $(ARGS)
 
 BENCH_STAMP := $(VENV)/.bench-stamp

@@ -270,7 +270,7 @@ def effort(req: dict[str, Any]) -> str | None:
         return None
     if isinstance(asked, str) and asked in EFFORTS:
         return EFFORTS[asked]
-    if kind == "enabled":
+    if kind == "enabled" and isinstance(thinking, dict):
         budget = thinking.get("budget_tokens")
         if isinstance(budget, int):
             return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
