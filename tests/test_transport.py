@@ -12,7 +12,8 @@ import trio
 
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
-from tests.robustness import relay_idle, roundtrip
+from tests.client import roundtrip
+from tests.robustness import relay_idle
 
 WORDS = [f"w{i:03d} " for i in range(60)]
 
