@@ -27,6 +27,9 @@ REASONING_CONTROLS = ("none", "reasoning_effort", "thinking_type", "enable_think
                       "thinking_budget", "thinking_level")
 AUTH_STYLES = ("bearer", "api-key", "x-api-key", "x-goog-api-key", "none")
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+# How a client's output_config.format (structured output) reaches an OpenAI-style upstream: the schema as written
+# (json_schema), narrowed to OpenAI's strict subset with strict: true (strict), or refused with a 400 (none).
+STRUCTURED_OUTPUT = ("json_schema", "strict", "none")
 
 
 class ConfigError(Exception):
@@ -66,6 +69,8 @@ class Provider:
     think_tags: bool = False  # split inline <think>...</think> out of content into thinking blocks
     stream_usage: bool = True  # send stream_options.include_usage
     pass_top_k: bool = False
+    structured_output: str = "json_schema"
+    prompt_cache_key: bool = False  # send Claude Code's session id as prompt_cache_key (OpenAI's cache routing)
     passthrough_models: bool = False  # any model name the client sends goes upstream unchanged
     # Context: the window and output limit of the provider's models, with per-model overrides.
     context_window: int | None = None
@@ -181,6 +186,8 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "think_tags": bool,
     "stream_usage": bool,
     "pass_top_k": bool,
+    "structured_output": str,
+    "prompt_cache_key": bool,
     "passthrough_models": bool,
     "context_window": int,
     "discover_context": bool,
@@ -194,6 +201,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "reasoning_control": REASONING_CONTROLS,
     "auth": AUTH_STYLES,
     "max_tokens_field": MAX_TOKENS_FIELDS,
+    "structured_output": STRUCTURED_OUTPUT,
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

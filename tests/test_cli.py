@@ -89,7 +89,7 @@ def test_claude_settings(tmp_path: Path) -> None:
 
 
 def test_claude_settings_size_compaction_for_the_model_claude_code_asks_for_by_default(tmp_path: Path) -> None:
-    """With ANTHROPIC_MODEL unset Claude Code 2.1.331 asks for claude-opus-…: the opus route's window counts."""
+    """With ANTHROPIC_MODEL unset Claude Code 2.1.332 asks for claude-opus-…: the opus route's window counts."""
     cfg = tmp_path / "relay.toml"
     cfg.write_text('''
 [providers.local]
