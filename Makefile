@@ -27,7 +27,8 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,local-llm]'
 	touch $(TEST_STAMP)
 
-test: $(TEST_STAMP) redis-server  ## run the whole test suite
+test: $(TEST_STAMP) redis-server  ## type-check relay, then run the whole test suite
+	$(PY) -m mypy relay
 	$(PY) -m pytest -q $(ARGS)
 
 # The store tests run a real redis-server (Debian's package). Installed here when missing and possible (as root

@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         from relay.workers import supervise
 
         bind = args.host or config.server.host
-        if not config.server.api_keys and not config.keys and not loopback(bind) and not args.allow_open:
-            return serve(config, args.host, args.port, args.log_level, False, config_path)  # prints the refusal
+        if _refuses_open(config, bind, args.allow_open):
+            return 2
         worker_args = ["--log-level", args.log_level, "--log-format", args.log_format, "--workers", "1"]
         if config_path:
             worker_args += ["-c", config_path]
@@ -131,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(args.workers, bind, config.server.port if args.port is None else args.port, worker_args)
     return serve(config, args.host, args.port, args.log_level, args.allow_open, config_path, args.log_format,
                  args.reuse_port)
+
+
+def _refuses_open(config: Config, bind: str, allow_open: bool) -> bool:
+    """True (and says why) when relay would serve a reachable address with no client keys: anyone reaching it
+    could spend the upstream keys. Checked before workers start as well as in each one."""
+    if config.server.api_keys or config.keys or loopback(bind) or allow_open:
+        return False
+    print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
+          "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+    return True
 
 
 def serve(config: Config, host: str | None, port: int | None, log_level: str, allow_open: bool = False,
@@ -143,10 +153,7 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
     from relay.resources import raise_open_files
     from relay.server import Server
 
-    bind = host or config.server.host
-    if not config.server.api_keys and not config.keys and not loopback(bind) and not allow_open:
-        print(f"relay: refusing to serve {bind} with no [server].api_keys: anyone who can reach it could spend "
-              "your upstream keys. Set api_keys, bind 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+    if _refuses_open(config, host or config.server.host, allow_open):
         return 2
     setup(log_level, log_format)
     raise_open_files()
@@ -222,10 +229,10 @@ def check(config: Config, models: list[str]) -> int:
     samples = models or list(CLAUDE_CODE_MODELS)
     for model in samples:
         try:
-            targets = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off
-            window = targets[0].provider.limits_for(targets[0].model).context_window
+            resolved = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off
+            window = resolved[0].provider.limits_for(resolved[0].model).context_window
             extra = f"  (context window {window})" if window else ""
-            print(f"resolve {model} -> {', '.join(t.label for t in targets)}{extra}")
+            print(f"resolve {model} -> {', '.join(t.label for t in resolved)}{extra}")
         except RelayError as exc:
             print(f"resolve {model} -> error: {exc.message}")
             status = 1 if models else status

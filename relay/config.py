@@ -16,7 +16,6 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from relay import presets, pricing
 
-FORMATS = ("openai", "anthropic", "gemini", "openai-responses")
 SYSTEM_TURNS = ("keep", "merge", "user")
 # The content of an assistant turn that is only tool calls: null (OpenAI's own form; some Bedrock-backed servers
 # refuse "") or "" (llama-cpp-python's server, LM Studio and older llama.cpp answer null with a 500/400).
@@ -221,9 +220,8 @@ _STORE_KEYS: dict[str, Any] = {
     "month_window": (int, float),
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
-_CHOICES = {
+_CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(presets.PRESETS),
-    "format": FORMATS,
     "system_turns": SYSTEM_TURNS,
     "tool_call_content": TOOL_CALL_CONTENTS,
     "reasoning_control": REASONING_CONTROLS,
@@ -291,8 +289,17 @@ def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, tab
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise src.error(table, key, f"expected {names}, got {type(value).__name__}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise src.error(table, key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise src.error(table, key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _choices(key: str) -> tuple[str, ...] | None:
+    if key == "format":  # the registry is the one list of formats; imported late, as the formats import config
+        from relay.formats.registry import FORMATS
+
+        return tuple(FORMATS)
+    return _CHOICES.get(key)
 
 
 def _targets(value: Any, src: _Source, table: str, key: str) -> tuple[str, ...]:
@@ -317,8 +324,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     raw_server = data.get("server", {})
     _check_keys(raw_server, _SERVER_KEYS, src, "server")
     raw_server = {k: _expand(v, src, "server", k, env) for k, v in raw_server.items()}
-    key_lists = {name: tuple(str(k) for k in raw_server.pop(name, []) if k)
-                 for name in ("api_keys", "admin_keys", "metrics_keys")}
+    key_lists: dict[str, Any] = {name: tuple(str(k) for k in raw_server.pop(name, []) if k)
+                                 for name in ("api_keys", "admin_keys", "metrics_keys")}
     server = ServerConfig(**key_lists, **raw_server)
     if not 0 <= server.port <= 65535:
         raise src.error("server", "port", "must be 0..65535")
@@ -340,7 +347,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         api_key = raw.pop("api_key", ())
         api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
-        models = tuple(str(m) for m in raw.pop("models", []))
+        served = tuple(str(m) for m in raw.pop("models", []))
         raw["base_url"] = raw["base_url"].rstrip("/")
         if problem := _url_problem(raw["base_url"]):
             raise src.error(table, "base_url", problem)
@@ -363,7 +370,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         raw["prices"] = prices
         if "ca_file" in raw:
             raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
-        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, preset=preset,
+        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
                                    query=query, explicit=explicit, **raw)
 
     def check_target(target: str, table: str, key: str) -> None:
@@ -481,7 +488,7 @@ def default_config(env: dict[str, str]) -> Config:
     )
     # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
     default_model = env.get("RELAY_DEFAULT_MODEL", "")
-    routes = {"default": (f"openai/{default_model}",)} if default_model else {}
+    routes: dict[str, tuple[str, ...]] = {"default": (f"openai/{default_model}",)} if default_model else {}
     # The startup line shows this: say what is missing, not just where the settings would come from.
     source = (f"<environment: OPENAI_BASE_URL={provider.base_url}, "
               f"OPENAI_API_KEY {'set' if key else 'NOT SET'}, "

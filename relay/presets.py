@@ -31,7 +31,7 @@ FORMAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemini": {"auth": "x-goog-api-key", "reasoning_control": "thinking_budget"},
 }
 
-_LOCAL = {"auth": "none", "discover_context": True}
+_LOCAL: dict[str, Any] = {"auth": "none", "discover_context": True}
 
 # Documented windows and output caps of a provider's main models (``limits``: model id -> context_window /
 # max_output). Only figures read on the provider's own page are here; a model or a figure the page did not give

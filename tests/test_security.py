@@ -17,19 +17,9 @@ from tests.conftest import RELAY_KEY, UPSTREAM_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Reply, completion, json_reply, text_stream
 
 OK = completion({"role": "assistant", "content": "ok"})
-from tests.test_server_http import exchange, post, split
+from tests.client import exchange, get, messages_body, post, split
 
 METRICS_KEY = "metrics-scraper-key"
-
-
-def get(path: str, key: str | None = None) -> bytes:
-    auth = b"" if key is None else b"x-api-key: " + key.encode() + b"\r\n"
-    return b"GET " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + auth + b"\r\n"
-
-
-def ask(model: str, stream: bool = False) -> bytes:
-    return orjson.dumps({"model": model, "max_tokens": 5, "stream": stream,
-                         "messages": [{"role": "user", "content": "hi"}]})
 
 
 async def test_metrics_refuse_client_keys_and_read_with_a_metrics_key(nursery: trio.Nursery, upstream: MockUpstream) -> None:
@@ -43,7 +33,7 @@ async def test_metrics_refuse_client_keys_and_read_with_a_metrics_key(nursery: t
     assert status == 200 and b"relay_open_streams 0" in body
     # and a metrics key is no client key
     upstream.handler = lambda r: text_stream("x")
-    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"), key=METRICS_KEY)))
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", messages_body("mock-model"), key=METRICS_KEY)))
     assert status == 401 and upstream.requests == []
 
 
@@ -62,11 +52,11 @@ async def test_a_client_key_equal_to_an_operator_key_is_a_config_error() -> None
 async def test_junk_paths_and_model_names_do_not_grow_metrics(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
     upstream.handler = lambda r: (OK if r.json.get("model") == "mock-model"
                                   else json_reply({"error": {"message": "no such model"}}, 404))
-    await exchange(relay.port, post("/v1/messages", ask("mock-model")))
+    await exchange(relay.port, post("/v1/messages", messages_body("mock-model")))
     _, _, before = split(await exchange(relay.port, get("/metrics")))
     for n in range(150):  # junk paths without a key, and refused model names with one
         await exchange(relay.port, get(f"/junk/{n}/" + "p" * 200))
-        await exchange(relay.port, post("/v1/messages", ask(f"mock/junk-{n}-" + "m" * 300)))
+        await exchange(relay.port, post("/v1/messages", messages_body(f"mock/junk-{n}-" + "m" * 300)))
     with trio.fail_after(5):
         while True:
             _, _, after = split(await exchange(relay.port, get("/metrics")))
@@ -87,7 +77,7 @@ async def test_served_models_are_labelled_up_to_a_bound(relay, upstream: MockUps
     metrics_ = relay.server.metrics
     metrics_._served_models.update(f"filler-{n}" for n in range(metrics.MODEL_SERIES - 1))
     for model in ("mock/first-new", "mock/second-new"):
-        status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask(model))))
+        status, _, _ = split(await exchange(relay.port, post("/v1/messages", messages_body(model))))
         assert status == 200
     with trio.fail_after(5):
         while True:
@@ -100,7 +90,7 @@ async def test_served_models_are_labelled_up_to_a_bound(relay, upstream: MockUps
 
 async def test_an_empty_x_api_key_does_not_hide_a_bearer_token(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
     upstream.handler = lambda r: OK
-    body = ask("mock-model")
+    body = messages_body("mock-model")
     raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: \r\nauthorization: Bearer " + RELAY_KEY.encode()
            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
     status, _, out = split(await exchange(relay.port, raw))
@@ -114,7 +104,7 @@ async def test_an_empty_x_api_key_does_not_hide_a_bearer_token(relay, upstream: 
 async def test_an_upstream_key_echoed_across_the_message_cut_is_redacted(relay, upstream: MockUpstream, where: int) -> None:  # type: ignore[no-untyped-def]
     text = ("x" * where + UPSTREAM_KEY + " trailing words").encode()
     upstream.handler = lambda r: Reply(status=400, headers=[("content-type", "text/plain")], pieces=[text], chunked=False)
-    status, _, body = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"))))
+    status, _, body = split(await exchange(relay.port, post("/v1/messages", messages_body("mock-model"))))
     message = orjson.loads(body)["error"]["message"]
     assert status == 400
     assert not any(UPSTREAM_KEY[:n] in message for n in range(5, len(UPSTREAM_KEY) + 1)), message[-60:]
@@ -125,7 +115,7 @@ async def test_an_upstream_key_echoed_across_the_message_cut_is_redacted(relay, 
 async def test_a_body_cut_inside_a_key_by_the_upstream_is_redacted(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
     text = ("upstream says: your key " + UPSTREAM_KEY[:14]).encode()
     upstream.handler = lambda r: Reply(status=401, headers=[("content-type", "text/plain")], pieces=[text], chunked=False)
-    _, _, body = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"))))
+    _, _, body = split(await exchange(relay.port, post("/v1/messages", messages_body("mock-model"))))
     message = orjson.loads(body)["error"]["message"]
     assert UPSTREAM_KEY[:6] not in message and message.endswith("your key [redacted]"), message
 
@@ -150,7 +140,7 @@ async def test_client_and_upstream_words_cannot_forge_log_lines(nursery: trio.Nu
             while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
                 await trio.sleep(0.05)
         port = int(m.group(1))
-        status, _, _ = split(await exchange(port, post("/v1/messages", ask("mock/" + FORGED))))
+        status, _, _ = split(await exchange(port, post("/v1/messages", messages_body("mock/" + FORGED))))
         assert status == 500
         with trio.fail_after(10):
             while log_path.read_bytes().count(b"/v1/messages") < 1:
@@ -203,20 +193,20 @@ async def test_a_scoped_key_cannot_escape_its_models(nursery: trio.Nursery, upst
     relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock-*"').replace(
         'haiku = "mock/small-model"', 'haiku = "mock/small-model"\nopus = "other/secret-model"'))
     upstream.handler = lambda r: OK
-    doc = orjson.loads(ask(name))
+    doc = orjson.loads(messages_body(name))
     if system:
         doc["system"] = system
     status, _, body = split(await exchange(relay.port, post("/v1/messages", orjson.dumps(doc), key=SCOPED)))
     assert status == 403 and orjson.loads(body)["error"]["type"] == "permission_error", body
     assert upstream.requests == []
-    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mock-model"), key=SCOPED)))
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", messages_body("mock-model"), key=SCOPED)))
     assert status == 200 and [r.json["model"] for r in upstream.requests] == ["mock-model"]
 
 
 async def test_a_fallback_list_calls_only_the_targets_in_scope(nursery: trio.Nursery, upstream: MockUpstream) -> None:
     relay = await start_relay(nursery, scoped_config(upstream.base_url, '"mock/*"'))
     upstream.handler = lambda r: json_reply({"error": {"message": "down"}}, 503)
-    status, _, _ = split(await exchange(relay.port, post("/v1/messages", ask("mixed"), key=SCOPED)))
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", messages_body("mixed"), key=SCOPED)))
     assert status == 503  # the allowed target failed; the out-of-scope fallback was never tried
     assert {r.path for r in upstream.requests} == {"/v1/chat/completions"}
     assert all(r.json["model"] == "mock-model" for r in upstream.requests)

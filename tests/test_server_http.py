@@ -9,43 +9,9 @@ import pytest
 import trio
 
 from relay.config import ConfigError, parse
+from tests.client import exchange, post, roundtrip, split
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, completion
-
-
-async def exchange(port: int, raw: bytes, *, read_until_close: bool = False, head: bool = False) -> bytes:
-    """Send raw bytes, return the raw response (one response, framed by content-length, or until close)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(raw)
-    data = b""
-    with trio.fail_after(10):
-        while True:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            data += chunk
-            if head and b"\r\n\r\n" in data:
-                break
-            if not read_until_close and b"\r\n\r\n" in data:
-                head_, _, body = data.partition(b"\r\n\r\n")
-                length = next((int(l.split(b":")[1]) for l in head_.split(b"\r\n") if l.lower().startswith(b"content-length:")), None)
-                if length is not None and len(body) >= length:
-                    break
-    await stream.aclose()
-    return data
-
-
-def split(resp: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = resp.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
-    return status, headers, body
-
-
-def post(path: str, body: bytes, *, key: str = RELAY_KEY, extra: bytes = b"") -> bytes:
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nhost: relay\r\nx-api-key: " + key.encode()
-            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(body) + extra + b"\r\n" + body)
 
 
 async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
@@ -228,7 +194,6 @@ async def test_a_full_provider_pool_answers_529_then_frees_up(nursery: trio.Nurs
     """max_connections is a real limit: a request that finds no free upstream connection within
     connect_timeout gets overloaded_error (and may fall back); a freed connection serves the next one."""
     from tests.mock_upstream import Reply
-    from tests.robustness import roundtrip
 
     def slow_then_fast(rec: Any) -> Reply:  # the first request holds the only connection for a while
         if len(upstream.requests) == 1:

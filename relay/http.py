@@ -1,0 +1,279 @@
+"""HTTP/1.1 towards clients: the connection loop, request bodies, answers, and the event-stream writer.
+
+h11 parses requests and frames heads; relay's own socket calls (``transport.ClientSocket``) move the bytes.
+One reader feeds h11 (``Connection.receive``), whether it is waiting for a request or watching for a hang-up
+while a stream is out. One writer owns a streamed response (``EventStream``): its head, every chunk frame and
+the terminator. Nothing here knows a wire format or a route: the host (``server.Server``) answers requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from relay import transport
+from relay.auth import is_loopback
+from relay.config import ServerConfig
+from relay.errors import RelayError
+from relay.formats.anthropic import request_id as new_request_id
+from relay.log import Exchange
+
+log = logging.getLogger("relay.server")
+
+SERVER_HEADER = (b"server", b"relay")
+Headers = list[tuple[bytes, bytes]]
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Connection:
+    """One client connection: an h11 state machine and the socket it reads and writes."""
+
+    def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
+        self.stream = transport.ClientSocket(stream)
+        try:
+            self.peer_loopback = is_loopback(stream.socket.getpeername()[0])
+        except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
+            self.peer_loopback = False
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
+        self.head_timeout = 0.0
+
+    async def receive(self) -> bytes:
+        """The one read of the client socket: what arrives goes to h11 (during a stream, that is a pipelined
+        next request, kept for later). b"" when the client has gone."""
+        try:
+            data = await self.stream.receive_some(transport.READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if data and self.head_scope is not None:
+            self._idle_ended()
+        self.h11.receive_data(data)
+        return data
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self.receive()
+
+    def _idle_ended(self) -> None:
+        """A request has started arriving: it now has header_timeout to finish, not the idle allowance."""
+        scope, self.head_scope = self.head_scope, None
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + self.head_timeout)
+
+    async def send(self, *events: Any) -> None:
+        data = b"".join(self.h11.send(e) or b"" for e in events)
+        if data:
+            await self.send_bytes(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGone() from exc
+
+
+def response_headers(content_type: bytes, request_id: str, extra: Headers | None = None) -> Headers:
+    return [(b"content-type", content_type), (b"request-id", request_id.encode()), SERVER_HEADER, *(extra or [])]
+
+
+async def send_body(conn: Connection, ex: Exchange, status: int, body: bytes, *, content_type: bytes = b"application/json",
+                    head_only: bool = False, extra: Headers | None = None, close: bool = False) -> None:
+    """A whole answer with a content-length (HEAD gets the head alone)."""
+    ex.status = status
+    headers = response_headers(content_type, ex.request_id, extra)
+    headers.append((b"content-length", str(len(body)).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
+    events: list[Any] = [h11.Response(status_code=status, headers=headers, reason=reason(status).encode())]
+    if not head_only and ex.method != "HEAD":
+        events.append(h11.Data(data=body))
+    events.append(h11.EndOfMessage())
+    await conn.send(*events)
+
+
+async def send_error(conn: Connection, ex: Exchange, err: RelayError, *, close: bool = False,
+                     head_only: bool = False) -> None:
+    ex.add_note(f"error={err.error_type}")
+    if err.status >= 500:
+        log.warning("%s %s -> %d %s: %s", ex.method, ex.path, err.status, err.error_type, err.message)
+    await send_body(conn, ex, err.status, err.body(ex.request_id), extra=err.headers, close=close, head_only=head_only)
+
+
+class EventStream:
+    """The writer of one ``text/event-stream`` response: it alone sends the head, the chunk frames and the
+    terminator. The head and the terminator go through h11 (which keeps the connection's state); the chunks
+    between are framed here, one write each, with no h11 bookkeeping: the hot path of every stream. An
+    HTTP/1.0 client gets its body unframed, through h11, which then closes the connection."""
+
+    __slots__ = ("conn", "ex", "chunked")
+
+    def __init__(self, conn: Connection, ex: Exchange) -> None:
+        self.conn = conn
+        self.ex = ex
+        self.chunked = False
+
+    @property
+    def started(self) -> bool:
+        return self.ex.status != 0
+
+    async def write(self, data: bytes) -> None:
+        """Send events; the first call sends the head with them."""
+        if not data:
+            return
+        if self.ex.status == 0:
+            ex = self.ex
+            ex.status = 200
+            ex.ttfb = ex.ttfb or time.perf_counter()
+            headers = response_headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
+            await self.conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"), h11.Data(data=data))
+            self.chunked = self.conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing
+        elif self.chunked:
+            try:
+                await transport.send_all(self.conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
+            except OSError as exc:
+                raise ClientGone() from exc
+        else:
+            await self.conn.send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        await self.conn.send(h11.EndOfMessage())
+
+
+async def read_body(conn: Connection, request: h11.Request, limit: int) -> bytes:
+    for name, value in request.headers:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        event = await conn.next_event()
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+            parts.append(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(parts)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ClientGone()
+
+
+async def send_raw(stream: trio.SocketStream | transport.ClientSocket, err: RelayError) -> None:
+    """An error answer written outside h11 (its state is spent, or no h11 connection exists yet); closes."""
+    body = err.body()
+    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %b\r\n"
+            b"server: relay\r\nconnection: close\r\n\r\n"
+            % (err.status, reason(err.status).encode(), len(body), new_request_id().encode()))
+    try:
+        await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def protocol_error(exc: h11.RemoteProtocolError, max_header_bytes: int) -> RelayError:
+    """A request h11 cannot parse, as the 400/431 the client gets."""
+    status = exc.error_status_hint or 400
+    if status >= 500:  # e.g. an unsupported Transfer-Encoding: the client's request is at fault, not relay
+        status = 400
+    if status == 431:
+        message = f"request head larger than {max_header_bytes} bytes"
+    else:  # h11 quotes the bytes it refused as Python reprs: bytearray(b'...')
+        message = "malformed HTTP request: " + re.sub(r"bytearray\(b(['\"])(.*?)\1\)", r"\2", str(exc))
+    return RelayError(status, message, "request_too_large" if status == 413 else "invalid_request_error")
+
+
+def head_size(request: h11.Request) -> int:
+    """The request head's size as sent, near enough: line, headers, line ends."""
+    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
+class Host(Protocol):
+    """What the connection loop needs from the server it runs for."""
+
+    draining: bool
+    idle_waits: set[trio.CancelScope]  # cancelled by a drain: idle keep-alive connections close at once
+
+    @property
+    def limits(self) -> ServerConfig: ...
+
+    async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None: ...
+
+    def done(self, ex: Exchange) -> None: ...
+
+
+async def serve_connection(conn: Connection, host: Host) -> None:
+    """Requests one after another on a keep-alive connection, until it closes, idles out, or the host drains."""
+    limits = host.limits  # a reload applies to connections opened after it
+    while True:
+        # wait for the next request on a keep-alive connection, but not forever
+        event: Any = None
+        if host.draining:
+            return
+        with trio.move_on_after(limits.idle_timeout) as idle:
+            host.idle_waits.add(idle)
+            conn.head_scope, conn.head_timeout = idle, limits.header_timeout  # first byte: the head's clock starts
+            try:
+                event = await conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await send_raw(conn.stream, protocol_error(exc, limits.max_header_bytes))
+                return
+            finally:
+                host.idle_waits.discard(idle)
+                conn.head_scope = None
+        if idle.cancelled_caught and conn.h11.trailing_data[0] and not host.draining:
+            await send_raw(conn.stream, RelayError(408, f"request head not received within {limits.header_timeout:g}s",
+                                                   "invalid_request_error"))
+            return
+        if not isinstance(event, h11.Request):
+            return
+        request = event
+        if head_size(request) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
+            await send_raw(conn.stream, RelayError(431, f"request head larger than {limits.max_header_bytes} bytes",
+                                                   "invalid_request_error"))
+            return
+        ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
+        try:
+            with trio.fail_after(limits.header_timeout):
+                body = await read_body(conn, request, limits.body_limit)
+        except trio.TooSlowError:
+            await send_error(conn, ex, RelayError(408, f"request not received within {limits.header_timeout:g}s",
+                                                  "invalid_request_error"), close=True)
+            return
+        except h11.RemoteProtocolError as exc:
+            await send_raw(conn.stream, protocol_error(exc, limits.max_header_bytes))
+            return
+        except RelayError as err:  # body too large: the rest of it is never read, so close
+            await send_error(conn, ex, err, close=True)
+            return
+        await host.respond(conn, ex, request, body)
+        host.done(ex)
+        if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
+            return
+        try:
+            conn.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+        if conn.h11.trailing_data[0]:  # pipelined: answered without a read, so let other connections run first
+            await trio.lowlevel.checkpoint()
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+            413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+            529: "Overloaded"}
+
+
+def reason(status: int) -> str:
+    return _REASONS.get(status, "Error")
