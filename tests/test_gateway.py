@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import http.client
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import anthropic
@@ -212,15 +214,32 @@ class Instance:
         return self.log.read_text()
 
 
+@asynccontextmanager
+async def running(config: Path, *names: str) -> AsyncIterator[list[Instance]]:
+    """relay processes on one config, each logging to NAME.log beside it; stopped (if still running) at the end."""
+    instances = [Instance(config, config.parent / f"{name}.log") for name in names]
+    try:
+        for instance in instances:
+            await instance.ready()
+        yield instances
+    finally:
+        for instance in instances:
+            if instance.proc.poll() is None:
+                instance.stop()
+
+
+async def books(config: Path) -> list[dict[str, Any]]:
+    """The usage rows as a fresh instance reads them from the store once the others have stopped."""
+    async with running(config, "relay-after") as (after,):
+        return (await run(call, after.url, "GET", "/admin/usage")).json()["data"]  # type: ignore[no-any-return]
+
+
 async def test_three_instances_share_keys_limits_and_books(nursery: trio.Nursery, upstream: MockUpstream,
                                                            redis_server: RedisServer, tmp_path: Path) -> None:  # noqa: F811
     upstream.handler = lambda r: text_stream("ok", usage=(10, 5))
     config = tmp_path / "relay.toml"
     config.write_text(gateway_config(upstream, redis_server.url, refresh=0.1))
-    instances = [Instance(config, tmp_path / f"relay{n}.log") for n in range(3)]
-    try:
-        for instance in instances:
-            await instance.ready()
+    async with running(config, "relay0", "relay1", "relay2") as instances:
         one, two, three = (i.url for i in instances)
         made = await run(call, one, "POST", "/admin/keys", ADMIN, {"name": "team", "rpm": 4})
         secret = made.json()["secret"]
@@ -247,18 +266,12 @@ async def test_three_instances_share_keys_limits_and_books(nursery: trio.Nursery
         for n in range(6):
             assert await run(_status, (one, two, three)[n % 3], RELAY_KEY) == 200
         logs = [i.stop() for i in instances]  # SIGTERM: each writes what it holds
-        assert all("Traceback" not in log for log in logs), logs
-        instances = [Instance(config, tmp_path / "relay-after.log")]
-        await instances[0].ready()
-        rows = (await run(call, instances[0].url, "GET", "/admin/usage")).json()["data"]
-        totals = {(r["key"], r["model"]): (r["requests"], r["refused"]) for r in rows}
-        refused = sum(log.count("429 model=mock-model") for log in logs)  # 4 above, and any while revoking
-        assert refused >= 4
-        assert totals == {("team", "mock-model"): (served, refused), ("key1", "mock-model"): (6, 0)}, rows
-    finally:
-        for instance in instances:
-            if instance.proc.poll() is None:
-                instance.stop()
+    assert all("Traceback" not in log for log in logs), logs
+    rows = await books(config)
+    totals = {(r["key"], r["model"]): (r["requests"], r["refused"]) for r in rows}
+    refused = sum(log.count("429 model=mock-model") for log in logs)  # 4 above, and any while revoking
+    assert refused >= 4
+    assert totals == {("team", "mock-model"): (served, refused), ("key1", "mock-model"): (6, 0)}, rows
 
 
 async def test_redis_killed_mid_run_loses_nothing_served(nursery: trio.Nursery, upstream: MockUpstream,
@@ -266,10 +279,7 @@ async def test_redis_killed_mid_run_loses_nothing_served(nursery: trio.Nursery, 
     upstream.handler = lambda r: text_stream("ok", usage=(10, 5))
     config = tmp_path / "relay.toml"
     config.write_text(gateway_config(upstream, redis_server.url, refresh=0.1))
-    instances = [Instance(config, tmp_path / f"relay{n}.log") for n in range(2)]
-    try:
-        for instance in instances:
-            await instance.ready()
+    async with running(config, "relay0", "relay1") as instances:
         made = await run(call, instances[0].url, "POST", "/admin/keys", ADMIN, {"name": "k", "rpm": 1000})
         secret = made.json()["secret"]
         await until(lambda: _works(instances[1].url, secret), seconds=5)
@@ -284,15 +294,9 @@ async def test_redis_killed_mid_run_loses_nothing_served(nursery: trio.Nursery, 
             served += 1
             await trio.sleep(0.03)
         logs = [i.stop() for i in instances]
-        assert all("unreachable" in log for log in logs) and all("Traceback" not in log for log in logs), logs
-        instances = [Instance(config, tmp_path / "relay-after.log")]
-        await instances[0].ready()
-        rows = (await run(call, instances[0].url, "GET", "/admin/usage")).json()["data"]
-        assert sum(r["requests"] for r in rows if r["key"] == "k") == served, rows
-    finally:
-        for instance in instances:
-            if instance.proc.poll() is None:
-                instance.stop()
+    assert all("unreachable" in log for log in logs) and all("Traceback" not in log for log in logs), logs
+    rows = await books(config)
+    assert sum(r["requests"] for r in rows if r["key"] == "k") == served, rows
 
 
 def _status(url: str, key: str) -> int:
