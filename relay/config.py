@@ -112,6 +112,7 @@ class ServerConfig:
     admin_keys: tuple[str, ...] = ()  # operators' keys: never client keys (they read /metrics)
     metrics_keys: tuple[str, ...] = ()  # keys that may read /metrics and nothing else (a Prometheus scraper)
     body_limit: int = 32 * 1024 * 1024
+    body_memory: int = 256 * 1024 * 1024  # request-body bytes held across all connections; past it, 529
     header_timeout: float = 30.0  # time to deliver a whole request once it has started
     idle_timeout: float = 120.0  # keep-alive connection with no request
     max_header_bytes: int = 64 * 1024
@@ -166,6 +167,7 @@ _SERVER_KEYS = {
     "admin_keys": list,
     "metrics_keys": list,
     "body_limit": int,
+    "body_memory": int,
     "header_timeout": (int, float),
     "idle_timeout": (int, float),
     "max_header_bytes": int,

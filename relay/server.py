@@ -16,7 +16,7 @@ import h11
 import orjson
 import trio
 
-from relay import routing, tokens, transport
+from relay import admin, routing, tokens, transport
 from relay.auth import OPEN, Keys, may_call, permitted
 from relay.config import ClientKey, Config, ServerConfig
 from relay.context import Limits
@@ -26,7 +26,7 @@ from relay.formats import registry
 from relay.formats.base import ClientRequest, Options
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
-from relay.http import ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
+from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
 from relay.log import Exchange
 from relay.metrics import Metrics
 from relay.pump import Pump
@@ -61,6 +61,7 @@ class Server:
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
         self.idle_waits: set[trio.CancelScope] = set()
+        self.bodies = BodyBudget(config.server.body_memory)
         self._drain_deadline = float("inf")
         self._open = 0
         self.max_open = connection_budget(config.server.max_connections)
@@ -169,7 +170,27 @@ class Server:
 
     # ---- endpoints ---------------------------------------------------------------------------
 
+    def admit(self, conn: Connection, ex: Exchange, request: h11.Request) -> None:
+        """The route and the key, from the head alone: nobody without a key gets relay to read, let alone
+        hold, a request body."""
+        path = ex.path.split("?", 1)[0]
+        if path in HEALTH_PATHS:
+            ex.route = path
+        elif path == "/metrics":
+            ex.route = path
+            self._auth.check_metrics(request.headers, conn.peer_loopback)
+        elif path.startswith("/admin/"):
+            ex.route = "/admin"
+            self._auth.check_admin(request.headers)
+        elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
+            ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
+            ex.client = self._auth.client(request.headers)
+            self.gateway.valid(ex.client)
+        else:
+            raise RelayError(404, f"no route for {ex.method} {path}", "not_found_error")
+
     async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+        """A request ``admit`` let in, with its body."""
         try:
             await self._respond(conn, ex, request, body)
         finally:
@@ -179,35 +200,21 @@ class Server:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
-            if path in HEALTH_PATHS:
-                ex.route = path
+            if ex.route in HEALTH_PATHS:
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
                 await send_body(conn, ex, 200, self.gateway.health(), head_only=method == "HEAD")
                 return
-            if path == "/metrics":
-                ex.route = path
-                self._auth.check_metrics(request.headers, conn.peer_loopback)
+            if ex.route == "/metrics":
                 _require(method, "GET", path)
                 self.gateway.gauges()
                 await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
                 return
-            if path.startswith("/admin/"):
-                ex.route = "/admin"
-                self._auth.check_admin(request.headers)
-                from relay import admin
-
+            if ex.route == "/admin":
                 status, answer = await admin.handle(self.gateway, method, ex.path, body)
                 await send_body(conn, ex, status, answer)
                 return
-            if not path.startswith("/v1/"):
-                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            if path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models"):
-                ex.route = path
-            elif path.startswith("/v1/models/"):
-                ex.route = "/v1/models/{id}"
-            ex.client = self._auth.client(request.headers)
-            self.gateway.valid(ex.client)
+            assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
                 _require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
@@ -219,12 +226,10 @@ class Server:
             elif path == "/v1/models":
                 _require(method, "GET", path)
                 await send_body(conn, ex, 200, orjson.dumps(self._models(ex.client)))
-            elif path.startswith("/v1/models/"):
+            else:  # /v1/models/{id}
                 _require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
                 await send_body(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
-            else:
-                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
             await send_error(conn, ex, err, head_only=method == "HEAD")
         except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 255
