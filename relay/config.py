@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from relay import presets
+from relay import presets, pricing
 
-FORMATS = ("openai", "anthropic", "gemini", "openai-responses")
 SYSTEM_TURNS = ("keep", "merge", "user")
 # The content of an assistant turn that is only tool calls: null (OpenAI's own form; some Bedrock-backed servers
 # refuse "") or "" (llama-cpp-python's server, LM Studio and older llama.cpp answer null with a 500/400).
@@ -28,6 +27,9 @@ REASONING_CONTROLS = ("none", "reasoning_effort", "thinking_type", "enable_think
                       "thinking_budget", "thinking_level")
 AUTH_STYLES = ("bearer", "api-key", "x-api-key", "x-goog-api-key", "none")
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+# How a client's output_config.format (structured output) reaches an OpenAI-style upstream: the schema as written
+# (json_schema), narrowed to OpenAI's strict subset with strict: true (strict), or refused with a 400 (none).
+STRUCTURED_OUTPUT = ("json_schema", "strict", "none")
 
 
 class ConfigError(Exception):
@@ -67,11 +69,14 @@ class Provider:
     think_tags: bool = False  # split inline <think>...</think> out of content into thinking blocks
     stream_usage: bool = True  # send stream_options.include_usage
     pass_top_k: bool = False
+    structured_output: str = "json_schema"
+    prompt_cache_key: bool = False  # send Claude Code's session id as prompt_cache_key (OpenAI's cache routing)
     passthrough_models: bool = False  # any model name the client sends goes upstream unchanged
     # Context: the window and output limit of the provider's models, with per-model overrides.
     context_window: int | None = None
     discover_context: bool = False  # ask a local server (llama.cpp, vLLM, Ollama, LM Studio) for its window
     limits: dict[str, "ModelLimits"] = field(default_factory=dict)
+    prices: dict[str, pricing.Price] = field(default_factory=dict)  # model (or glob) -> USD per million tokens
     # Presets and the URL's shape.
     preset: str | None = None
     query: tuple[tuple[str, str], ...] = ()  # appended to every upstream URL (Azure's api-version)
@@ -107,6 +112,7 @@ class ServerConfig:
     admin_keys: tuple[str, ...] = ()  # operators' keys: never client keys (they read /metrics)
     metrics_keys: tuple[str, ...] = ()  # keys that may read /metrics and nothing else (a Prometheus scraper)
     body_limit: int = 32 * 1024 * 1024
+    body_memory: int = 256 * 1024 * 1024  # request-body bytes held across all connections; past it, 529
     header_timeout: float = 30.0  # time to deliver a whole request once it has started
     idle_timeout: float = 120.0  # keep-alive connection with no request
     max_header_bytes: int = 64 * 1024
@@ -115,6 +121,20 @@ class ServerConfig:
     usage_db: str | None = None  # SQLite file of per-key usage; None = the default path, "" = off
     max_messages: int = 100_000  # messages in one request; past this, 413 request_too_large
     max_tools: int = 2_000  # tools in one request
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where keys, limits and usage live (see relay.store)."""
+
+    url: str = field(default="", repr=False)  # sqlite://PATH, redis://HOST:PORT/DB, rediss://...; "" = the default file
+    refresh: float = 0.5  # seconds between two rounds with the store (keys, counters, usage)
+    timeout: float = 2.0  # a store round that takes longer is given up (the store counts as down)
+    buffer: int = 100_000  # usage rows held while the store is away
+    rate_window: float = 60.0  # the "minute" of rpm and tpm, in seconds (tests shorten it)
+    day_window: float | None = None  # a budget "day" in seconds; unset = the UTC calendar day
+    month_window: float | None = None  # a budget "month" in seconds; unset = the UTC calendar month
+    enabled: bool = True  # False when [server] usage_db = "" (no book, no virtual keys)
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,7 @@ class ClientKey:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     keys: tuple[ClientKey, ...] = ()
     providers: dict[str, Provider] = field(default_factory=dict)
     models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> "provider/model" targets
@@ -146,6 +167,7 @@ _SERVER_KEYS = {
     "admin_keys": list,
     "metrics_keys": list,
     "body_limit": int,
+    "body_memory": int,
     "header_timeout": (int, float),
     "idle_timeout": (int, float),
     "max_header_bytes": int,
@@ -182,20 +204,32 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "think_tags": bool,
     "stream_usage": bool,
     "pass_top_k": bool,
+    "structured_output": str,
+    "prompt_cache_key": bool,
     "passthrough_models": bool,
     "context_window": int,
     "discover_context": bool,
     "limits": dict,
+    "prices": dict,
+}
+_STORE_KEYS: dict[str, Any] = {
+    "url": str,
+    "refresh": (int, float),
+    "timeout": (int, float),
+    "buffer": int,
+    "rate_window": (int, float),
+    "day_window": (int, float),
+    "month_window": (int, float),
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
-_CHOICES = {
+_CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(presets.PRESETS),
-    "format": FORMATS,
     "system_turns": SYSTEM_TURNS,
     "tool_call_content": TOOL_CALL_CONTENTS,
     "reasoning_control": REASONING_CONTROLS,
     "auth": AUTH_STYLES,
     "max_tokens_field": MAX_TOKENS_FIELDS,
+    "structured_output": STRUCTURED_OUTPUT,
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -257,8 +291,17 @@ def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, tab
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise src.error(table, key, f"expected {names}, got {type(value).__name__}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise src.error(table, key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise src.error(table, key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _choices(key: str) -> tuple[str, ...] | None:
+    if key == "format":  # the registry is the one list of formats; imported late, as the formats import config
+        from relay.formats.registry import FORMATS
+
+        return tuple(FORMATS)
+    return _CHOICES.get(key)
 
 
 def _targets(value: Any, src: _Source, table: str, key: str) -> tuple[str, ...]:
@@ -277,14 +320,14 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
     for key in data:
-        if key not in ("server", "providers", "models", "routes", "keys"):
-            raise src.error(key, None, "unknown section (allowed: server, providers, models, routes, keys)")
+        if key not in ("server", "store", "providers", "models", "routes", "keys"):
+            raise src.error(key, None, "unknown section (allowed: server, store, providers, models, routes, keys)")
 
     raw_server = data.get("server", {})
     _check_keys(raw_server, _SERVER_KEYS, src, "server")
     raw_server = {k: _expand(v, src, "server", k, env) for k, v in raw_server.items()}
-    key_lists = {name: tuple(str(k) for k in raw_server.pop(name, []) if k)
-                 for name in ("api_keys", "admin_keys", "metrics_keys")}
+    key_lists: dict[str, Any] = {name: tuple(str(k) for k in raw_server.pop(name, []) if k)
+                                 for name in ("api_keys", "admin_keys", "metrics_keys")}
     server = ServerConfig(**key_lists, **raw_server)
     if not 0 <= server.port <= 65535:
         raise src.error("server", "port", "must be 0..65535")
@@ -306,7 +349,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         api_key = raw.pop("api_key", ())
         api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
         headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
-        models = tuple(str(m) for m in raw.pop("models", []))
+        served = tuple(str(m) for m in raw.pop("models", []))
         raw["base_url"] = raw["base_url"].rstrip("/")
         if problem := _url_problem(raw["base_url"]):
             raise src.error(table, "base_url", problem)
@@ -317,9 +360,19 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
             limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
         raw["limits"] = limits
+        prices: dict[str, pricing.Price] = {}
+        for model_name, entry in raw.pop("prices", {}).items():
+            try:
+                if not isinstance(entry, dict):
+                    raise ValueError("expected { input = USD, output = USD, cache_read = USD, cache_write = USD }"
+                                     " per million tokens")
+                prices[model_name] = pricing.parse(entry)
+            except ValueError as exc:
+                raise src.error(table, "prices", f"{model_name!r}: {exc}") from None
+        raw["prices"] = prices
         if "ca_file" in raw:
             raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
-        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=models, preset=preset,
+        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
                                    query=query, explicit=explicit, **raw)
 
     def check_target(target: str, table: str, key: str) -> None:
@@ -362,8 +415,42 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     for name in ("admin_keys", "metrics_keys"):
         if any(k.key in getattr(server, name) for k in client_keys):
             raise src.error("server", name, "holds a client key too; give operators keys of their own")
-    return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes,
-                  long_context_threshold=threshold, source=path)
+    return Config(server=server, store=_store(data.get("store", {}), server, src, env), keys=tuple(client_keys),
+                  providers=providers, models=models, routes=routes, long_context_threshold=threshold, source=path)
+
+
+def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) -> StoreConfig:
+    """``[store]``, checked now, so a bad url stops `relay check` and startup rather than the first request.
+    Without a url, the old ``[server] usage_db`` names the SQLite file (``""``: no store at all)."""
+    if not isinstance(raw, dict):
+        raise src.error("store", None, "expected a table")
+    _check_keys(raw, _STORE_KEYS, src, "store")
+    raw = {k: _expand(v, src, "store", k, env) for k, v in raw.items()}
+    url = raw.get("url", "")
+    if not url and server.usage_db is not None:
+        if server.usage_db == "":
+            return StoreConfig(**{**raw, "url": "", "enabled": False})
+        url = "sqlite://" + server.usage_db
+    if url:
+        problem = store_url_problem(url)
+        if problem:
+            from relay.store import masked
+
+            raise src.error("store", "url", f"{masked(url)!r}: {problem}")
+    for name in ("refresh", "timeout", "rate_window", "day_window", "month_window", "buffer"):
+        if name in raw and raw[name] <= 0:
+            raise src.error("store", name, "must be > 0")
+    return StoreConfig(**{**raw, "url": url})
+
+
+def store_url_problem(url: str) -> str | None:
+    if url.startswith("sqlite://"):
+        return None if url[len("sqlite://"):] else "no file: write sqlite:///path/to/relay.sqlite3"
+    if url.startswith(("redis://", "rediss://")):
+        from relay.store import redis_url_problem
+
+        return redis_url_problem(url)
+    return "expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
 
 
 def load(path: str | None, env: dict[str, str] | None = None) -> Config:
@@ -403,7 +490,7 @@ def default_config(env: dict[str, str]) -> Config:
     )
     # Claude Code asks for Claude ids (claude-sonnet-..., claude-haiku-...): RELAY_DEFAULT_MODEL says what serves them
     default_model = env.get("RELAY_DEFAULT_MODEL", "")
-    routes = {"default": (f"openai/{default_model}",)} if default_model else {}
+    routes: dict[str, tuple[str, ...]] = {"default": (f"openai/{default_model}",)} if default_model else {}
     # The startup line shows this: say what is missing, not just where the settings would come from.
     source = (f"<environment: OPENAI_BASE_URL={provider.base_url}, "
               f"OPENAI_API_KEY {'set' if key else 'NOT SET'}, "

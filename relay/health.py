@@ -1,12 +1,17 @@
 """Per-provider health: upstream key rotation with cool-downs, and a circuit breaker.
 
 Pure state with the clock passed in, so it is tested without sleeping. The server asks it which key to use
-and whether a provider is worth trying, and tells it how each attempt went.
+and whether a provider is worth trying, and tells it how each attempt went (``attempt_failed`` is the one
+place that says what a failure counts as).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.config import Provider
 
 AUTH_COOLDOWN = 300.0  # a key the upstream refused (401/403) is probably revoked: rest it long
 RATE_COOLDOWN = 30.0  # a key that hit a rate limit, unless Retry-After says otherwise
@@ -65,3 +70,28 @@ class ProviderHealth:
         self._probing = False
         if self._failures >= self.failure_threshold:
             self._open_until = now + self.cooldown
+
+    def attempt_failed(self, key: str, status: int, now: float, retry_after: float | None = None) -> None:
+        """What one failed attempt says: a refused key (401/403/429) rests and says nothing about the provider,
+        a 5xx counts against the circuit, anything else (a 4xx about the request) is no verdict."""
+        if status in (401, 403, 429):
+            self.key_refused(key, status, now, retry_after)
+            self.abandoned()
+        elif status >= 500:
+            self.failed(now)
+        else:
+            self.abandoned()
+
+
+class Healths:
+    """The health of every provider, by name; a provider whose keys changed (a reload) starts afresh."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, ProviderHealth] = {}
+
+    def of(self, provider: Provider) -> ProviderHealth:
+        health = self._by_name.get(provider.name)
+        if health is None or health.keys != provider.api_keys:
+            health = ProviderHealth(provider.api_keys, provider.failure_threshold, provider.cooldown)
+            self._by_name[provider.name] = health
+        return health

@@ -23,7 +23,7 @@ def client_env(config: Config, host: str | None = None, port: int | None = None)
     return {"ANTHROPIC_BASE_URL": f"http://{host}:{port}", "ANTHROPIC_AUTH_TOKEN": token}
 
 
-# The ids Claude Code 2.1.331 asks for when no model variable is set: the main conversation, then its `sonnet` and
+# The ids Claude Code 2.1.331 and 2.1.332 ask for when no model variable is set: the main conversation, then its `sonnet` and
 # `haiku` choices (measured: `claude -p` against a stub that logs the model of each request).
 CLAUDE_CODE_MODELS = ("claude-opus-5-5", "claude-sonnet-5-5", "claude-haiku-5-5")
 MAIN_MODEL_FALLBACK = CLAUDE_CODE_MODELS[0]
@@ -45,7 +45,7 @@ def static_window(config: Config, model: str) -> int | None:
     return target.provider.limits_for(target.model).context_window
 
 
-CLAUDE_MIN_COMPACT_WINDOW = 100_000  # Claude Code 2.1.331 reads a smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as 100k
+CLAUDE_MIN_COMPACT_WINDOW = 100_000  # Claude Code 2.1.331/2.1.332 read a smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as 100k
 CLAUDE_OUTPUT_RESERVE = 20_000  # it keeps this much of the window for output
 MIN_RESERVE = 6_000  # room left at the compaction point: the next turn's input and a reply
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpcore
 import trio
 
-from relay.transport import Backend
+from relay.transport import Backend, SocketStream, TLSStream
 
 OriginKey = tuple[bytes, bytes, int]
 BACKEND = Backend()
@@ -40,9 +40,10 @@ class HTTP11Connection(httpcore.AsyncHTTP11Connection):
     concurrent requests; this pool hands each connection to one request at a time, so it never contends, yet
     each of its two acquisitions per request cost a trip through trio's scheduler (~100 us per request here)."""
 
-    def __init__(self, origin: httpcore.Origin, stream: httpcore.AsyncNetworkStream, keepalive_expiry: float) -> None:
+    def __init__(self, origin: httpcore.Origin, stream: SocketStream | TLSStream, keepalive_expiry: float) -> None:
         super().__init__(origin=origin, stream=stream, keepalive_expiry=keepalive_expiry)
         self._state_lock = _Unshared()  # type: ignore[assignment]
+        self.network = stream  # relay's own transport, whose read hook a request may set
 
 
 class ConnectionPool:
@@ -57,7 +58,12 @@ class ConnectionPool:
     @asynccontextmanager
     async def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
                      extensions: dict[str, Any]) -> AsyncIterator[httpcore.Response]:
-        """One request on a pooled connection; the response body is read inside the block."""
+        """One request on a pooled connection; the response body is read inside the block.
+
+        Besides httpcore's ``timeout``, ``extensions`` may carry ``before_read``: an async callable run whenever
+        the connection is about to read the network for this request (the stream pump writes what the last
+        read produced then). The pool installs it on the connection for this request only and clears it before
+        the connection goes back to the pool, as httpcore scopes its ``trace`` extension to one request."""
         if content is not None:
             headers = [*headers, (b"content-length", b"%d" % len(content))]
         request = httpcore.Request(method, url, headers=headers, content=content, extensions=extensions)
@@ -77,15 +83,18 @@ class ConnectionPool:
             origin = request.url.origin
             key = (origin.scheme, origin.host, origin.port)
             connection = await self._checkout(key, origin, timeouts.get("connect"))
+            connection.network.before_read = extensions.get("before_read")
             try:
                 response = await connection.handle_async_request(request)
             except BaseException:
+                connection.network.before_read = None
                 with trio.CancelScope(shield=True):
                     await connection.aclose()
                 raise
             try:
                 yield response
             finally:
+                connection.network.before_read = None  # the hook belongs to this request, not the connection
                 with trio.CancelScope(shield=True):
                     await response.aclose()  # a body read to its end leaves the connection idle; else closed
                 if connection.is_idle():
@@ -106,9 +115,8 @@ class ConnectionPool:
             with trio.CancelScope(shield=True):
                 await connection.aclose()
         host = origin.host.decode("ascii")
-        stream = await BACKEND.connect_tcp(host, origin.port, timeout=timeout)
-        if origin.scheme == b"https":
-            stream = await stream.start_tls(self._ssl, server_hostname=host, timeout=timeout)
+        plain = await BACKEND.connect_tcp(host, origin.port, timeout=timeout)
+        stream = await plain.start_tls(self._ssl, server_hostname=host, timeout=timeout) if origin.scheme == b"https" else plain
         return HTTP11Connection(origin, stream, self._keepalive)
 
     async def aclose(self) -> None:

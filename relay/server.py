@@ -1,187 +1,105 @@
-"""The trio + h11 server: connection loop, limits, dispatch, and the two data paths.
+"""The server: its lifecycle (listen, drain, reload, the store's background task) and its endpoints.
 
-Nothing format-specific happens here beyond choosing the translator: bodies are parsed once and handed to
-``formats``; upstream bytes are fed to a translator and whatever it returns is written at once.
+The HTTP work is ``http.py``'s, streaming is ``pump.py``'s, what to do after a failed attempt is
+``retry.py``'s and everything about the upstream connection is ``upstream.py``'s. Nothing format-specific
+happens here beyond choosing the translator: bodies are parsed once and handed to ``formats``.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h11
-import httpcore
 import orjson
 import trio
 
-from relay import routing, tokens, transport
-from relay.auth import OPEN, Keys, is_loopback, may_call, permitted
-from relay.config import ClientKey, Config
-from relay.usage import UsageBook, default_path
-from relay.context import fit_max_tokens, fit_reason
-from relay.errors import RelayError, empty_stream, invalid
+from relay import admin, routing, tokens, transport
+from relay.auth import OPEN, Keys, may_call, permitted
+from relay.config import ClientKey, Config, ServerConfig
+from relay.context import Limits
+from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
-from relay.formats.base import ClientRequest, Options, Translator
-from relay.log import access_line, printable
+from relay.formats.base import ClientRequest, Options
+from relay.gateway import Gateway
+from relay.health import Healths, ProviderHealth
+from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
+from relay.log import Exchange
 from relay.metrics import Metrics
+from relay.pump import Pump
 from relay.resources import connection_budget
-from relay.upstream import Upstreams
+from relay.retry import RAISE, Raise, Retry, next_step, retry_after
+from relay.upstream import Deadlines, Upstreams
 
 log = logging.getLogger("relay.server")
 
-READ_SIZE = 65536
-USAGE_FLUSH_SECONDS = 5.0
-DRAIN_SECONDS = 2.0
-DRAIN_BYTES = 1024 * 1024
-RETRYABLE = {408, 429, 500, 502, 503, 504, 529}
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
-SERVER_HEADER = (b"server", b"relay")
 
 
-@dataclass
-class Exchange:
-    """What the access log needs to know about one request."""
+@dataclass(frozen=True)
+class Asked:
+    """One POST /v1/messages as relay will serve it: the request as sent, what goes on, relay's estimate."""
 
-    method: str
-    path: str
-    route: str = "other"  # the route dispatch matched: what /metrics labels, never the raw path
-    started: float = field(default_factory=time.perf_counter)
-    status: int = 0
-    model: str = ""
-    target: str = ""
-    stream: bool | None = None
-    ttfb: float | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    usage_estimated: bool = False  # the upstream reported no usage: the tokens are relay's estimates
-    request_id: str = field(default_factory=A.request_id)
-    note: str = ""
-    client: ClientKey | None = None
-    estimate: int = 0  # relay's estimate of the request's input tokens
-    first_byte: trio.CancelScope | None = None  # the first-byte deadline of the current upstream attempt
-    last_read: float = 0.0  # trio time of the last upstream chunk (the pump's idle-gap timer reads it)
-    incoming: ClientRequest | None = None  # the request as sent, for formats that forward it (anthropic)
-
-
-class ClientGone(Exception):
-    pass
-
-
-class Connection:
-    """One client connection: an h11 state machine and the socket it reads and writes."""
-
-    def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
-        self.stream = transport.ClientSocket(stream)
-        try:
-            self.peer_loopback = is_loopback(stream.socket.getpeername()[0])
-        except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
-            self.peer_loopback = False
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
-        self.chunked = False  # the response being written uses chunked framing (relay may frame chunks itself)
-        self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
-        self.head_timeout = 0.0
-
-    async def next_event(self) -> Any:
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if data and self.head_scope is not None:
-                    self._idle_ended()
-                self.h11.receive_data(data)
-                continue
-            return event
-
-    def _idle_ended(self) -> None:
-        """A request has started arriving: it now has header_timeout to finish, not the idle allowance."""
-        scope, self.head_scope = self.head_scope, None
-        if scope is not None:
-            scope.deadline = min(scope.deadline, trio.current_time() + self.head_timeout)
-
-    async def send(self, *events: Any) -> None:
-        data = b"".join(self.h11.send(e) or b"" for e in events)
-        if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGone() from exc
-
-
-def _headers(content_type: bytes, request_id: str, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", content_type), (b"request-id", request_id.encode()), SERVER_HEADER, *(extra or [])]
+    incoming: ClientRequest  # as the client sent it (formats that forward bytes compare against it)
+    req: dict[str, Any]  # with a <relay-model> tag stripped
+    stream: bool
+    estimate: int  # input tokens, relay's estimate
 
 
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstreams = Upstreams(config)
+        self.healths = Healths()
+        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
-        self._auth = Keys(config)
-        path = config.server.usage_db
-        self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
+        self.gateway = Gateway(config, self.metrics)
+        self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
-        self._flushing = trio.CancelScope()
-        self._flush_lock = trio.Lock()
-        self._idle: set[trio.CancelScope] = set()
+        self.idle_waits: set[trio.CancelScope] = set()
+        self.bodies = BodyBudget(config.server.body_memory)
         self._drain_deadline = float("inf")
         self._open = 0
         self.max_open = connection_budget(config.server.max_connections)
         self.draining = False
 
-    # ---- listening --------------------------------------------------------------------------
+    # ---- lifecycle ---------------------------------------------------------------------------
 
     async def serve(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Accept until drained, then let open requests finish (up to the drain deadline) and return."""
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
-        listeners = [await _reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
+        listeners = [_reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
         if self.max_open < self.config.server.max_connections:
             log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)
-        try:
-            async with trio.open_nursery() as connections:
-                if self.usage is not None:
-                    connections.start_soon(self._flush_usage_forever)
-                with self._accepting:
-                    task_status.started(bound)
-                    await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
-                for listener in listeners:
-                    await listener.aclose()
-                connections.cancel_scope.deadline = self._drain_deadline
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.flush_usage()
-                for upstreams in (self.upstreams, *self._retired):
-                    await upstreams.aclose()
+        async with trio.open_nursery() as background:
+            await background.start(self.gateway.run)  # one round with the store at most: never waits on it
+            try:
+                async with trio.open_nursery() as connections:
+                    with self._accepting:
+                        task_status.started(bound)
+                        await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
+                    for listener in listeners:
+                        await listener.aclose()
+                    connections.cancel_scope.deadline = self._drain_deadline
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.gateway.close()  # what is held goes to the store (bounded by its timeout)
+                    background.cancel_scope.cancel()
+                    for upstreams in (self.upstreams, *self._retired):
+                        await upstreams.aclose()
 
     async def flush_usage(self) -> None:
-        if self.usage is None:
-            return
-        async with self._flush_lock:  # one writer at a time: a flush returns only when everything is on disk
-            rows = self.usage.take()
-            if rows:
-                try:
-                    await trio.to_thread.run_sync(self.usage.write, rows)
-                except Exception as exc:  # a full disk must not take the gateway down
-                    log.warning("could not write usage to %s: %s", self.usage.path, exc)
-
-    async def _flush_usage_forever(self) -> None:
-        with self._flushing:  # drain() cancels this, so shutdown never waits out a sleep
-            while True:
-                await trio.sleep(USAGE_FLUSH_SECONDS)
-                await self.flush_usage()
+        """Wait until what this instance booked so far is in the store (tests, the admin API)."""
+        await self.gateway.flush()
 
     def drain(self, grace: float | None = None) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones when their response is done."""
@@ -189,8 +107,7 @@ class Server:
         self.draining = True
         self._drain_deadline = trio.current_time() + grace
         self._accepting.cancel()
-        self._flushing.cancel()
-        for scope in list(self._idle):
+        for scope in list(self.idle_waits):
             scope.cancel()
         log.info("draining: no new connections; open requests have %gs to finish", grace)
 
@@ -198,23 +115,27 @@ class Server:
         """New config for new requests; requests in flight keep the upstream pools they started with."""
         if (config.server.host, config.server.port) != (self.config.server.host, self.config.server.port):
             log.warning("reload: host/port changes take effect on restart only")
+        if config.store != self.config.store:
+            log.warning("reload: [store] changes take effect on restart only")
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
-        self._auth = Keys(config)
+        self.healths = Healths()
+        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
+        self.gateway.config = config
+        self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
         self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         if self._open >= self.max_open:
-            await _send_raw(stream, RelayError(529, "relay is at its connection limit; retry shortly", "overloaded_error"))
+            await send_raw(stream, RelayError(529, "relay is at its connection limit; retry shortly", "overloaded_error"))
             await stream.aclose()
             return
         self._open += 1
-        conn = Connection(stream, self.config.server.max_header_bytes)
         try:
-            await self._connection_loop(conn)
+            await serve_connection(Connection(stream, self.config.server.max_header_bytes), self)
         except ClientGone:
             pass
         except Exception:  # a bug must cost one connection, never the server
@@ -228,194 +149,92 @@ class Server:
                 except Exception:
                     pass
 
-    async def _connection_loop(self, conn: Connection) -> None:
-        server = self.config.server
-        while True:
-            # wait for the next request on a keep-alive connection, but not forever
-            event: Any = None
-            if self.draining:
-                return
-            with trio.move_on_after(server.idle_timeout) as idle:
-                self._idle.add(idle)
-                conn.head_scope, conn.head_timeout = idle, server.header_timeout  # first byte: the head's clock starts
-                try:
-                    event = await conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(conn, exc)
-                    return
-                finally:
-                    self._idle.discard(idle)
-                    conn.head_scope = None
-            if idle.cancelled_caught and conn.h11.trailing_data[0] and not self.draining:
-                await _send_raw(conn.stream, RelayError(408, f"request head not received within {server.header_timeout:g}s",
-                                                        "invalid_request_error"))
-                return
-            if not isinstance(event, h11.Request):
-                return
-            request = event
-            if _head_size(request) > server.max_header_bytes:  # h11 checks only heads still incomplete in a read
-                await _send_raw(conn.stream, RelayError(431, f"request head larger than {server.max_header_bytes} bytes",
-                                                        "invalid_request_error"))
-                return
-            ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
-            try:
-                with trio.fail_after(server.header_timeout):
-                    body = await self._read_body(conn, request)
-            except trio.TooSlowError:
-                await self._error(conn, ex, RelayError(408, f"request not received within {server.header_timeout:g}s", "invalid_request_error"), close=True)
-                return
-            except h11.RemoteProtocolError as exc:
-                await self._protocol_error(conn, exc)
-                return
-            except RelayError as err:  # body too large: the rest of it is never read, so close
-                await self._error(conn, ex, err, close=True)
-                return
-            await self._dispatch(conn, ex, request, body)
-            now = time.perf_counter()
-            self.metrics.request_done(
-                ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, now - ex.started,
-                None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
-            if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
-                self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens,
-                               ex.usage_estimated)
-            access_line(
-                ex.method, ex.path, ex.status, model=ex.model, target=ex.target, stream=ex.stream,
-                ttfb_ms=None if ex.ttfb is None else (ex.ttfb - ex.started) * 1000,
-                duration_ms=(time.perf_counter() - ex.started) * 1000,
-                input_tokens=ex.input_tokens, output_tokens=ex.output_tokens, usage_estimated=ex.usage_estimated,
-                request_id=ex.request_id, note=ex.note,
-            )
-            if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
-                return
-            try:
-                conn.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
-            if conn.h11.trailing_data[0]:  # pipelined: answered without a read, so let other connections run first
-                await trio.lowlevel.checkpoint()
+    @property
+    def limits(self) -> ServerConfig:
+        return self.config.server
 
-    async def _read_body(self, conn: Connection, request: h11.Request) -> bytes:
-        limit = self.config.server.body_limit
-        for name, value in request.headers:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            event = await conn.next_event()
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-                parts.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(parts)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ClientGone()
+    def done(self, ex: Exchange) -> None:
+        """A request is answered: its metrics, its access-log line (its usage and cost are booked by then)."""
+        self.metrics.request_done(
+            ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
+            None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
+        ex.write()
 
-    # ---- responses --------------------------------------------------------------------------
+    def _book(self, ex: Exchange) -> None:
+        """Usage and cost into the store's buffer, and the key's request released: once, however the request
+        ended (a client gone mid-stream was still served what it got)."""
+        micros = self.gateway.finish(ex.client, ex.admitted, ex.model, ex.target, ex.status, ex.input_tokens,
+                                     ex.output_tokens, ex.usage_estimated, ex.cache_read, ex.cache_write)
+        ex.admitted = False
+        ex.cost_usd = micros / 1_000_000 if micros else None
 
-    async def _protocol_error(self, conn: Connection, exc: h11.RemoteProtocolError) -> None:
-        """A request h11 cannot parse: answer with a raw 400/431 (h11's state is spent) and close."""
-        status = exc.error_status_hint or 400
-        if status >= 500:  # e.g. an unsupported Transfer-Encoding: the client's request is at fault, not relay
-            status = 400
-        if status == 431:
-            message = f"request head larger than {self.config.server.max_header_bytes} bytes"
-        else:  # h11 quotes the bytes it refused as Python reprs: bytearray(b'...')
-            message = "malformed HTTP request: " + re.sub(r"bytearray\(b(['\"])(.*?)\1\)", r"\2", str(exc))
-        await _send_raw(conn.stream, RelayError(status, message,
-                                                "request_too_large" if status == 413 else "invalid_request_error"))
+    # ---- endpoints ---------------------------------------------------------------------------
 
-    async def _json(self, conn: Connection, ex: Exchange, status: int, body: bytes, *, head_only: bool = False,
-                    extra: list[tuple[bytes, bytes]] | None = None, close: bool = False) -> None:
-        ex.status = status
-        headers = _headers(b"application/json", ex.request_id, extra)
-        headers.append((b"content-length", str(len(body)).encode()))
-        if close:
-            headers.append((b"connection", b"close"))
-        events: list[Any] = [h11.Response(status_code=status, headers=headers, reason=_reason(status).encode())]
-        if not head_only and ex.method != "HEAD":
-            events.append(h11.Data(data=body))
-        events.append(h11.EndOfMessage())
-        await conn.send(*events)
+    def admit(self, conn: Connection, ex: Exchange, request: h11.Request) -> None:
+        """The route and the key, from the head alone: nobody without a key gets relay to read, let alone
+        hold, a request body."""
+        path = ex.path.split("?", 1)[0]
+        if path in HEALTH_PATHS:
+            ex.route = path
+        elif path == "/metrics":
+            ex.route = path
+            self._auth.check_metrics(request.headers, conn.peer_loopback)
+        elif path.startswith("/admin/"):
+            ex.route = "/admin"
+            self._auth.check_admin(request.headers)
+        elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
+            ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
+            ex.client = self._auth.client(request.headers)
+            self.gateway.valid(ex.client)
+        else:
+            raise RelayError(404, f"no route for {ex.method} {path}", "not_found_error")
 
-    async def _error(self, conn: Connection, ex: Exchange, err: RelayError, *, close: bool = False, head_only: bool = False) -> None:
-        ex.note = (ex.note + " " if ex.note else "") + f"error={err.error_type}"
-        if err.status >= 500:
-            log.warning("%s %s -> %d %s: %s", ex.method, ex.path, err.status, err.error_type, err.message)
-        await self._json(conn, ex, err.status, err.body(ex.request_id), extra=err.headers, close=close, head_only=head_only)
+    async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+        """A request ``admit`` let in, with its body."""
+        try:
+            await self._respond(conn, ex, request, body)
+        finally:
+            self._book(ex)
 
-    # ---- dispatch ---------------------------------------------------------------------------
-
-    async def _dispatch(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+    async def _respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
-            if path in HEALTH_PATHS:
-                ex.route = path
+            if ex.route in HEALTH_PATHS:
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
-                await self._json(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
+                await send_body(conn, ex, 200, self.gateway.health(), head_only=method == "HEAD")
                 return
-            if path == "/metrics":
-                ex.route = path
-                self._auth.check_metrics(request.headers, conn.peer_loopback)
-                self._require(method, "GET", path)
-                await self._metrics(conn, ex)
+            if ex.route == "/metrics":
+                _require(method, "GET", path)
+                self.gateway.gauges()
+                await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
                 return
-            if not path.startswith("/v1/"):
-                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            if path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models"):
-                ex.route = path
-            elif path.startswith("/v1/models/"):
-                ex.route = "/v1/models/{id}"
-            ex.client = self._auth.client(request.headers)
+            if ex.route == "/admin":
+                status, answer = await admin.handle(self.gateway, method, ex.path, body)
+                await send_body(conn, ex, status, answer)
+                return
+            assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
-                self._require(method, "POST", path)
+                _require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
             elif path == "/v1/messages/count_tokens":
-                self._require(method, "POST", path)
-                req = self._parse(body)
+                _require(method, "POST", path)
+                req = _parse(body)
                 count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)), ex.client)
-                await self._json(conn, ex, 200, orjson.dumps({"input_tokens": count}))
+                await send_body(conn, ex, 200, orjson.dumps({"input_tokens": count}))
             elif path == "/v1/models":
-                self._require(method, "GET", path)
-                await self._json(conn, ex, 200, orjson.dumps(self._models(ex.client)))
-            elif path.startswith("/v1/models/"):
-                self._require(method, "GET", path)
+                _require(method, "GET", path)
+                await send_body(conn, ex, 200, orjson.dumps(self._models(ex.client)))
+            else:  # /v1/models/{id}
+                _require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
-                await self._json(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
-            else:
-                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
+                await send_body(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
         except RelayError as err:
-            await self._error(conn, ex, err, head_only=method == "HEAD")
+            await send_error(conn, ex, err, head_only=method == "HEAD")
         except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 255
             if ex.status == 0:
-                await self._error(conn, ex, invalid("request JSON nests too deeply (at most 255 levels)"))
-
-    async def _metrics(self, conn: Connection, ex: Exchange) -> None:
-        ex.status = 200
-        body = self.metrics.render()
-        headers = _headers(b"text/plain; version=0.0.4", ex.request_id, [(b"content-length", str(len(body)).encode())])
-        await conn.send(h11.Response(status_code=200, headers=headers), h11.Data(data=body), h11.EndOfMessage())
-
-    @staticmethod
-    def _require(method: str, allowed: str, path: str) -> None:
-        if method != allowed:
-            raise RelayError(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error")
-
-    @staticmethod
-    def _parse(body: bytes) -> dict[str, Any]:
-        if not body:
-            raise invalid("request body is empty; expected a JSON object")
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise invalid(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(req, dict):
-            raise invalid("request body must be a JSON object")
-        return req
+                await send_error(conn, ex, invalid("request JSON nests too deeply (at most 255 levels)"))
 
     def _entry(self, mid: str, target: routing.Target, window: int | None) -> dict[str, Any]:
         entry: dict[str, Any] = {"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
@@ -433,8 +252,7 @@ class Server:
             target = routing.resolve(self.config, mid)[0]
             if not may_call(client, target):
                 continue
-            window = target.provider.limits_for(target.model).context_window
-            data.append(self._entry(mid, target, window or self.upstreams.known_window(target.provider, target.model)))
+            data.append(self._entry(mid, target, self.known.window(target.provider, target.model)))
         return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
 
@@ -444,144 +262,7 @@ class Server:
         target = routing.resolve(self.config, mid)[0]
         if not may_call(client, target):
             raise RelayError(404, f"model: {mid!r} is not available to this key", "not_found_error")
-        return self._entry(mid, target, await self.window_of(target))
-
-    # ---- POST /v1/messages ------------------------------------------------------------------
-
-    async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
-        req = self._parse(body)
-        ex.incoming = ClientRequest(body, req, tuple(headers))
-        model = req.get("model")
-        if not isinstance(model, str) or not model:
-            raise invalid("model: Field required")
-        ex.model = model
-        limits = self.config.server
-        for field_name, limit in (("messages", limits.max_messages), ("tools", limits.max_tools)):
-            value = req.get(field_name)
-            if isinstance(value, list) and len(value) > limit:
-                raise RelayError(413, f"{field_name}: {len(value)} items; relay accepts at most {limit}", "request_too_large")
-        stream = req.get("stream") is True
-        ex.stream = stream
-        override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
-        ex.estimate = tokens.estimate(req)
-        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, ex.estimate))
-        failures: list[str] = []
-        try:
-            for number, target in enumerate(targets, 1):
-                last = number == len(targets)
-                health = self.upstreams.health_of(target.provider)
-                if not last and not health.available(trio.current_time()):
-                    failures.append(f"{target.label}:circuit-open")
-                    continue
-                if await self._try_target(conn, ex, req, target, stream, health, failures, last):
-                    return
-        finally:
-            if failures:
-                ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
-
-    async def _try_target(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target,
-                          stream: bool, health: Any, failures: list[str], last: bool) -> bool:
-        """Attempts on one target: True when served; False to fall back; raises what the client must see."""
-        provider = target.provider
-        attempt = 0
-        capped = False  # retried once already with the output cap the upstream stated
-        while True:
-            key = health.pick_key(trio.current_time())
-            ex.target = target.label
-            try:
-                await self._serve_from(conn, ex, req, target, stream, key)
-                health.succeeded()
-                return True
-            except BaseException as exc:
-                if not isinstance(exc, RelayError):
-                    health.abandoned()  # the client left or a bug: no verdict on the upstream, but free the probe
-                    raise
-                err = exc
-                if err.refusal:  # relay's own answer: no upstream attempt to count, retry or fall back from
-                    health.abandoned()
-                    raise
-                now = trio.current_time()
-                retry_after = _retry_after(err)
-                self.metrics.upstream_failed(provider.name, err.status)
-                if err.status in (401, 403, 429):
-                    health.key_refused(key, err.status, now, retry_after)
-                    health.abandoned()
-                elif err.status >= 500:
-                    health.failed(now)
-                else:
-                    health.abandoned()
-                if ex.status != 0:  # bytes reached the client: nothing can be retried
-                    raise
-                if err.output_cap and not capped and self.upstreams.learn_output_cap(provider, target.model, err.output_cap):
-                    capped = True  # at once, with the cap it stated: the same request would fail the same way
-                    failures.append(f"{target.label}:{err.status}")
-                    continue
-                rotated = err.status in (401, 403, 429) and health.has_fresh_key(now)
-                if err.status not in RETRYABLE and not rotated and not err.empty:  # an empty answer may fall back
-                    raise
-                failures.append(f"{target.label}:{err.status}")
-                attempt += 1 if not err.empty else provider.retries + 1  # the same request gets the same empty answer
-                wait = 0.0 if rotated else min(retry_after if retry_after is not None else 0.25 * 2 ** attempt * random.uniform(0.5, 1.0), 1e9)
-                if attempt <= provider.retries and wait <= provider.max_retry_wait:
-                    log.info("%s %s failed with %d (%s); retrying in %.2fs", ex.request_id, target.label, err.status, err.error_type, wait)
-                    await trio.sleep(wait)
-                    continue
-                if last:
-                    raise
-                log.info("%s %s failed with %d (%s); falling back", ex.request_id, target.label, err.status, err.error_type)
-                self.metrics.fell_back(provider.name)
-                return False
-
-    async def _serve_from(self, conn: Connection, ex: Exchange, req: dict[str, Any], target: routing.Target, stream: bool,
-                          key: str | None = None) -> None:
-        provider = target.provider
-        fmt = registry.get(provider.format)
-        estimate = ex.estimate
-        try:
-            req, window = await self._fit_context(ex, req, target, estimate)
-            call = fmt.build(req, provider, target.model, stream, ex.incoming)
-        except RelayError as err:
-            err.refusal = True  # relay's own answer: the upstream never saw this request
-            raise
-        if call.dropped and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
-        max_tokens = req.get("max_tokens")
-        stops = req.get("stop_sequences")
-        stops = tuple(x for x in stops if isinstance(x, str)) if isinstance(stops, list) else ()
-        opts = Options(ex.model, provider, stops, estimate, window,
-                       max_tokens if isinstance(max_tokens, int) else None)
-        # A stream must start within first_byte_timeout, and its head within read_timeout (the pump lifts this
-        # deadline at the first upstream chunk, then times the gaps between chunks itself).
-        first_wait = min(provider.first_byte_timeout, provider.read_timeout)
-        first_byte = ex.first_byte = trio.CancelScope(
-            deadline=trio.current_time() + first_wait if stream else float("inf"))
-        try:
-            with first_byte:
-                async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
-                                                  key=key, model=target.model, timed_reads=not stream) as upstream:
-                    if stream and not upstream.content_type.startswith(b"application/json"):
-                        await self._pump(conn, ex, upstream, fmt.stream_translator(opts), provider.read_timeout)
-                        return
-                    data = await upstream.read(64 * 1024 * 1024)
-            if first_byte.cancelled_caught:
-                if provider.read_timeout < provider.first_byte_timeout:
-                    raise RelayError(504, f"{provider.name}: the upstream sent nothing for {first_wait:g}s", "api_error")
-                raise RelayError(504, f"{provider.name}: no first byte within {first_wait:g}s", "api_error")
-            ex.ttfb = time.perf_counter()
-            try:
-                doc = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
-            message = fmt.translate_response(doc, opts)
-        except RelayError as err:
-            raise opts.overflow(err) from None
-        ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
-        ex.output_tokens = message["usage"]["output_tokens"]
-        if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
-            await self._sse_head(conn, ex, A.events_from_message(message))
-            await conn.send(h11.EndOfMessage())
-            return
-        await self._json(conn, ex, 200, orjson.dumps(message))
+        return self._entry(mid, target, await self.known.window_of(target.provider, target.model))
 
     async def _count_tokens(self, req: dict[str, Any], incoming: ClientRequest, client: ClientKey) -> int:
         """The upstream's own count when its format forwards count_tokens (``anthropic``), else relay's estimate
@@ -608,245 +289,165 @@ class Server:
                 log.info("count_tokens via %s failed (%s); answering with the local estimate", target.label, exc)
         return tokens.estimate(req)
 
-    async def window_of(self, target: routing.Target) -> int | None:
-        window = target.provider.limits_for(target.model).context_window
-        if window is None and target.provider.discover_context:
-            window = await self.upstreams.discover_window(target.provider, target.model)
-        return window
+    # ---- POST /v1/messages ------------------------------------------------------------------
 
-    async def _fit_context(self, ex: Exchange, req: dict[str, Any], target: routing.Target,
-                           estimate: int) -> tuple[dict[str, Any], int | None]:
-        """Lower max_tokens to what the model's window has room for; refuse, as Anthropic does, what cannot fit."""
-        max_tokens = req.get("max_tokens")
-        max_output = self.upstreams.max_output(target.provider, target.model)
-        window = await self.window_of(target)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1 or not (window or max_output):
-            return req, window
-        fitted = fit_max_tokens(estimate, max_tokens, window, max_output)
-        if fitted == max_tokens:
-            return req, window
-        log.info("%s max_tokens %d -> %d for %s: %s", ex.request_id, max_tokens, fitted, target.label,
-                 fit_reason(estimate, max_tokens, fitted, window, max_output))
-        return {**req, "max_tokens": fitted}, window
-
-    async def _sse_head(self, conn: Connection, ex: Exchange, first: bytes) -> None:
-        ex.status = 200
-        ex.ttfb = ex.ttfb or time.perf_counter()
-        headers = _headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
-        await conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"), h11.Data(data=first))
-        conn.chunked = conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing for this response
-
-    async def _pump(self, conn: Connection, ex: Exchange, upstream: Any, translator: Translator, idle: float) -> None:
-        """Upstream chunks -> translator -> client, in one task, while a watcher cancels it all when the client
-        goes away. Every upstream chunk is translated the moment it arrives; what one upstream read delivered
-        leaves in one client write, made when httpcore asks the network for more (the transport's
-        ``before_read`` hook), so nothing ever waits for a later read. ``idle``: the provider's read_timeout,
-        the longest upstream silence allowed between chunks."""
-        gone = False
-        flushing = False
-        pending: list[bytes] = []
-
-        async def flush() -> None:
-            nonlocal flushing
-            if pending:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                flushing = True
-                await self._write_sse(conn, ex, data)
-                flushing = False
-                ex.last_read = trio.current_time()  # the idle timer counts upstream silence, not a slow client
-
-        reading = trio.CancelScope()
-
-        async def watch_client(cancel: trio.CancelScope) -> None:
-            """Also the idle-gap timer: cheaper here, waking once per read_timeout, than a cancel scope
-            around every upstream read."""
-            nonlocal gone
-            while True:
-                with trio.move_on_at(ex.last_read + idle) as waiting:
-                    try:
-                        data = await conn.stream.receive_some(READ_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                if waiting.cancelled_caught:
-                    if trio.current_time() < ex.last_read + idle:
-                        continue
-                    if flushing:  # the client took nothing for read_timeout: a write cut midway cannot be
-                        gone = True  # finished with an error event, so the connection is simply closed
-                        ex.note = "client stopped reading"
-                        cancel.cancel()
-                    else:
-                        reading.cancel()
-                    return
-                if not data:
-                    gone = True
-                    cancel.cancel()
-                    return
-                conn.h11.receive_data(data)  # a pipelined next request: h11 keeps it for later
-
-        network = upstream.network_stream
-        hooked = hasattr(network, "before_read")
-        error: RelayError | None = None
-        self.metrics.open_streams += 1
+    async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
+        req = _parse(body)
+        incoming = ClientRequest(body, req, tuple(headers))
+        model = req.get("model")
+        if not isinstance(model, str) or not model:
+            raise invalid("model: Field required")
+        ex.model = model
+        self.gateway.admit(ex.client, model)  # a virtual key's limits and budget: 429 / 402 with retry-after
+        ex.admitted = True
+        limits = self.config.server
+        for field_name, limit in (("messages", limits.max_messages), ("tools", limits.max_tools)):
+            value = req.get(field_name)
+            if isinstance(value, list) and len(value) > limit:
+                raise RelayError(413, f"{field_name}: {len(value)} items; relay accepts at most {limit}", "request_too_large")
+        stream = req.get("stream") is True
+        ex.stream = stream
+        override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
+        asked = Asked(incoming, req, stream, tokens.estimate(req))
+        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, asked.estimate))
+        failures: list[str] = []
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_client, nursery.cancel_scope)
-                if hooked:
-                    network.before_read = flush
-                try:
-                    ex.last_read = trio.current_time()
-                    error = await self._relay_chunks(ex, upstream, translator, pending, None if hooked else flush, reading)
-                    await flush()
-                except ClientGone:
-                    gone = True
-                finally:
-                    if hooked:
-                        network.before_read = None  # the connection goes back to the pool
-                if not gone and error is None:
-                    if ex.status == 0:  # nothing came out at all: never leave the client without an answer
-                        error = empty_stream(ex.target)
-                    else:
-                        try:
-                            await conn.send(h11.EndOfMessage())
-                        except ClientGone:
-                            gone = True
-                nursery.cancel_scope.cancel()
-            if not gone and error is None and translator.error is None:
-                # after the watcher: a client that hangs up once it has its answer must not cost the connection
-                await _drain(upstream)
+            for number, target in enumerate(targets, 1):
+                last = number == len(targets)
+                health = self.healths.of(target.provider)
+                if not last and not health.available(trio.current_time()):
+                    failures.append(f"{target.label}:circuit-open")
+                    continue
+                if await self._try_target(conn, ex, asked, target, health, failures, last):
+                    return
         finally:
-            self.metrics.open_streams -= 1
-        if translator.has_usage:
-            ex.input_tokens = translator.input_tokens + translator.cache_read
-            ex.output_tokens = translator.output_tokens
-        elif translator.usage_estimated:
-            ex.input_tokens, ex.output_tokens, ex.usage_estimated = ex.estimate, translator.output_tokens, True
-        if gone:
-            ex.note = ex.note or "client disconnected"
-        elif translator.error is not None and translator.started:
-            ex.note = f"midstream error={translator.error.error_type}"
-        if error is not None:
-            raise error
+            if failures:
+                ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
 
-    async def _relay_chunks(self, ex: Exchange, upstream: Any, translator: Translator, pending: list[bytes],
-                            flush: Any, reading: trio.CancelScope) -> RelayError | None:
-        """Feeds the translator; returns the error to answer with when the upstream failed before anything
-        was produced. ``flush`` (when the transport has no read hook) writes after every chunk; ``reading``
-        is cancelled by the idle-gap timer."""
-        try:
-            with reading:
-                async for chunk in upstream.chunks():
-                    ex.last_read = trio.current_time()
-                    if ex.first_byte is not None:
-                        ex.first_byte.deadline = float("inf")
-                        ex.first_byte = None
-                    out = translator.feed(chunk)
-                    if out:
-                        pending.append(out)
-                    if translator.done:
-                        break
-                    if flush is not None:
-                        await flush()
-                else:
-                    pending.append(translator.finish())
-            if reading.cancelled_caught:
-                raise httpcore.ReadTimeout("idle")
-        except ClientGone:
-            raise
-        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
-            pending.append(translator.abort(_midstream(ex.target, exc)))
-        except Exception:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
-            log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=True)
-            err = RelayError(502, f"{ex.target}: the upstream sent data relay could not translate", "api_error")
-            if translator.started and not translator.done:
-                pending.append(err.sse())
-            translator.error, translator.done = err, True
-        if translator.error is not None and not translator.started:
-            return translator.error
-        return None
-
-    async def _write_sse(self, conn: Connection, ex: Exchange, data: bytes) -> None:
-        if not data:
-            return
-        if ex.status == 0:
-            await self._sse_head(conn, ex, data)
-        elif conn.chunked:  # the hot path: frame the chunk ourselves, one write, no h11 bookkeeping
+    async def _try_target(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
+                          health: ProviderHealth, failures: list[str], last: bool) -> bool:
+        """Attempts on one target: True when served; False to fall back; raises what the client must see."""
+        provider = target.provider
+        attempt = 0
+        capped = False  # retried once already with the output cap the upstream stated
+        while True:
+            key = health.pick_key(trio.current_time())
+            ex.target = target.label
             try:
-                await transport.send_all(conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
-            except OSError as exc:
-                raise ClientGone() from exc
-        else:
-            await conn.send(h11.Data(data=data))
+                await self._serve_from(conn, ex, asked, target, key)
+                health.succeeded()
+                return True
+            except BaseException as exc:
+                if not isinstance(exc, RelayError):
+                    health.abandoned()  # the client left or a bug: no verdict on the upstream, but free the probe
+                    raise
+                err = exc
+            if err.refusal:  # relay's own answer: no upstream attempt to count, retry or fall back from
+                health.abandoned()
+                raise err
+            now = trio.current_time()
+            self.metrics.upstream_failed(provider.name, err.status)
+            health.attempt_failed(key, err.status, now, retry_after(err))
+            if ex.status != 0:  # bytes reached the client: nothing can be retried
+                raise err
+            if err.output_cap and not capped and self.known.learn_output_cap(provider, target.model, err.output_cap):
+                capped = True  # at once, with the cap it stated: the same request would fail the same way
+                failures.append(f"{target.label}:{err.status}")
+                continue
+            attempt += 1
+            step = next_step(err, attempt, provider, health, now, last=last)
+            if step is RAISE:
+                raise err
+            failures.append(f"{target.label}:{err.status}")
+            if isinstance(step, Raise):
+                raise err
+            if isinstance(step, Retry):
+                log.info("%s %s failed with %d (%s); retrying in %.2fs", ex.request_id, target.label, err.status,
+                         err.error_type, step.wait)
+                await trio.sleep(step.wait)
+                continue
+            log.info("%s %s failed with %d (%s); falling back", ex.request_id, target.label, err.status, err.error_type)
+            self.metrics.fell_back(provider.name)
+            return False
 
-
-async def _drain(upstream: Any) -> None:
-    """Read what is left of a finished stream (the [DONE] and the chunked terminator, usually already here),
-    so the upstream connection goes back to the pool instead of being closed; give up quickly if it is not."""
-    with trio.move_on_after(DRAIN_SECONDS):
-        size = 0
+    async def _serve_from(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
+                          key: str | None = None) -> None:
+        provider = target.provider
+        fmt = registry.get(provider.format)
+        stream = asked.stream
         try:
-            async for chunk in upstream.chunks():
-                size += len(chunk)
-                if size > DRAIN_BYTES:
-                    return
-        except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError):
-            return  # the client already has its whole answer; this connection is simply not reused
+            req, window = await self.known.fit(asked.req, provider, target.model, asked.estimate, ex.request_id)
+            call = fmt.build(req, provider, target.model, stream, asked.incoming)
+        except RelayError as err:
+            err.refusal = True  # relay's own answer: the upstream never saw this request
+            raise
+        if call.dropped and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s dropped on purpose: %s", ex.request_id, ", ".join(sorted(call.dropped)))
+        max_tokens = req.get("max_tokens")
+        stops = req.get("stop_sequences")
+        stops = tuple(x for x in stops if isinstance(x, str)) if isinstance(stops, list) else ()
+        opts = Options(ex.model, provider, stops, asked.estimate, window,
+                       max_tokens if isinstance(max_tokens, int) else None)
+        deadlines = Deadlines(provider, stream)
+        out = EventStream(conn, ex)
+        pump = Pump(out, deadlines, asked.estimate) if stream else None
+        translator = fmt.stream_translator(opts) if stream else None
+        streamed: RelayError | None = None
+        try:
+            with deadlines.first_byte:
+                async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
+                                                  key=key, model=target.model, timed_reads=not stream,
+                                                  before_read=pump.flush if pump else None) as upstream:
+                    if pump is not None and translator is not None and not upstream.content_type.startswith(b"application/json"):
+                        streamed = await pump.run(upstream, translator, self.metrics)
+                        if streamed is None:
+                            return
+                    else:
+                        data = await upstream.read(64 * 1024 * 1024)
+            if streamed is None:
+                if deadlines.first_byte.cancelled_caught:
+                    raise deadlines.missed_first_byte()
+                ex.ttfb = time.perf_counter()
+                try:
+                    doc = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
+                message = fmt.translate_response(doc, opts)
+        except RelayError as err:  # an upstream's overflow in Anthropic's words
+            raise opts.overflow(err) from None
+        if streamed is not None:  # the translator's own error is in Anthropic's words already; an empty stream is not
+            raise streamed if translator is not None and streamed is translator.error else opts.overflow(streamed)
+        ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
+        ex.output_tokens = message["usage"]["output_tokens"]
+        ex.cache_read = message["usage"].get("cache_read_input_tokens", 0)
+        ex.cache_write = message["usage"].get("cache_creation_input_tokens", 0)
+        if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
+            await out.write(A.events_from_message(message))
+            await out.end()
+            return
+        await send_body(conn, ex, 200, orjson.dumps(message))
 
 
-async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
-    """A listening socket that shares its port with the other workers (SO_REUSEPORT): the kernel spreads
-    new connections across them."""
-    import socket as stdlib_socket
+def _require(method: str, allowed: str, path: str) -> None:
+    if method != allowed:
+        raise RelayError(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error")
 
-    info = await trio.socket.getaddrinfo(host, port, type=stdlib_socket.SOCK_STREAM)
-    family, kind, proto, _, address = info[0]
-    sock = trio.socket.socket(family, kind, proto)
-    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-    await sock.bind(address)
+
+def _parse(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise invalid("request body is empty; expected a JSON object")
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise invalid("request body must be a JSON object")
+    return req
+
+
+def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener that shares its port with the other workers (SO_REUSEPORT): the kernel spreads new
+    connections across them."""
+    sock = trio.socket.from_stdlib_socket(transport.reuse_port_socket(host, port))
     sock.listen(4096)
     return trio.SocketListener(sock)
-
-
-def _retry_after(err: RelayError) -> float | None:
-    for name, value in err.headers:
-        if name == b"retry-after":
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
-    return None
-
-
-def _head_size(request: h11.Request) -> int:
-    """The request head's size as sent, near enough: line, headers, line ends."""
-    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in request.headers)
-
-
-async def _send_raw(stream: trio.SocketStream | transport.ClientSocket, err: RelayError) -> None:
-    """An error response written outside h11 (its state is spent, or no h11 connection exists yet)."""
-    body = err.body()
-    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nrequest-id: %b\r\n"
-            b"server: relay\r\nconnection: close\r\n\r\n"
-            % (err.status, _reason(err.status).encode(), len(body), A.request_id().encode()))
-    try:
-        await stream.send_all(head + body)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-
-def _midstream(target: str, exc: Exception) -> RelayError:
-    if isinstance(exc, httpcore.ReadTimeout):
-        return RelayError(504, f"{target}: the upstream stopped sending mid-stream (read timeout)", "api_error")
-    return RelayError(502, f"{target}: the upstream connection broke mid-stream ({type(exc).__name__})", "api_error")
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-            413: "Payload Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-            529: "Overloaded"}
-
-
-def _reason(status: int) -> str:
-    return _REASONS.get(status, "Error")

@@ -101,7 +101,7 @@ def _content_tokens(content: Any) -> int:
             data = source.get("data") if isinstance(source, dict) else None
             if isinstance(data, str):
                 # a PDF page is ~1500-3000 tokens; base64 size is a rough stand-in for page count
-                total += text_tokens(data) if source.get("type") == "text" else len(data) // 50
+                total += text_tokens(data) if isinstance(source, dict) and source.get("type") == "text" else len(data) // 50
         elif kind == "tool_reference":
             total += 8
     return total

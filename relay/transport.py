@@ -7,9 +7,9 @@ with one wait and one recv (trying the recv first only when the last read filled
 plain send, and opens a cancel scope only when it really waits and has a timeout. TLS is the same socket
 calls with a sans-I/O ``ssl.SSLObject`` in between.
 
-Two hooks serve the stream pump: ``before_read`` runs whenever httpcore asks for more bytes, that is when
-everything already received has been parsed, which is exactly when translated events should leave for
-the client in one write; and every read goes through a ChunkMerger, so h11 parses one HTTP chunk per read
+Two hooks serve the stream pump: ``before_read`` (installed per request by the pool, from the request's
+``before_read`` extension) runs whenever httpcore asks for more bytes, that is when everything already
+received has been parsed, which is exactly when translated events should leave for the client in one write; and every read goes through a ChunkMerger, so h11 parses one HTTP chunk per read
 instead of one per SSE event.
 """
 
@@ -110,7 +110,7 @@ class SocketStream(httpcore.AsyncNetworkStream):
             self._sock.close()
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+                        timeout: float | None = None) -> TLSStream:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = TLSStream(self._sock, ssl_context.wrap_bio(incoming, outgoing, server_hostname=server_hostname),
                         incoming, outgoing)
@@ -237,9 +237,20 @@ def _extra(sock: socket.socket, info: str) -> Any:
     return None
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) socket that shares its port with other processes (SO_REUSEPORT): the
+    supervisor holds one to keep the port, each worker listens on its own and the kernel spreads connections."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock
+
+
 class Backend(httpcore.AsyncNetworkBackend):
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+                          socket_options: Iterable[Any] | None = None) -> SocketStream:
         try:
             with trio.fail_after(float("inf") if timeout is None else timeout):
                 stream = await trio.open_tcp_stream(host, port, local_address=local_address)  # happy eyeballs
@@ -259,6 +270,10 @@ class Backend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await trio.sleep(seconds)
+
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 
 
 class ClientSocket:
@@ -289,4 +304,20 @@ class ClientSocket:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    async def linger(self, seconds: float = LINGER_SECONDS, limit: int = LINGER_BYTES) -> None:
+        """Close our side, then read and drop what the client is still sending (a body relay refused unread)
+        for a moment: closing with unread bytes would make the kernel reset the connection, and the client
+        would lose the answer it was just sent. Bounded in time and bytes: nothing is held."""
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        dropped = 0
+        with trio.move_on_after(seconds):
+            while dropped < limit:
+                data = await self.receive_some(READ_SIZE)
+                if not data:
+                    return
+                dropped += len(data)
 

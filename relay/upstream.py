@@ -1,12 +1,13 @@
-"""Upstream HTTP: one httpcore connection pool per provider, timeouts, and error mapping.
+"""Upstream HTTP: one connection pool per provider, every upstream timeout, and error mapping.
 
 Knows no wire format: it sends bytes and yields bytes. A non-2xx answer is read (bounded) and raised as
-the matching Anthropic error before any byte reaches the client.
+the matching Anthropic error before any byte reaches the client. httpcore stops here: every httpcore error
+is mapped to a RelayError in this module, so the rest of relay never imports it.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,21 +16,91 @@ from typing import Any
 
 import httpcore
 import orjson
+import trio
 
 from relay import __version__
 from relay.config import Config, Provider
-from relay.context import Probe, listed_ids, model_probes, server_probes, window_from_server
 from relay.errors import RelayError, from_upstream
-from relay.health import ProviderHealth
 from relay.pool import ConnectionPool
-from relay.routing import named_targets
-
-log = logging.getLogger("relay.upstream")
+from relay.transport import ReadHook
 
 ERROR_BODY_LIMIT = 1024 * 1024
 DESCRIPTION_LIMIT = 4 * 1024 * 1024  # a server's self-description (/models, /props) larger than this is ignored
-WINDOWS_KEPT = 1024  # discovered windows kept; past it the oldest go (re-asked when needed)
 USER_AGENT = f"relay/{__version__}".encode()
+
+
+# What a broken or silent upstream connection raises while a body is read; mapped to RelayError here only.
+BROKEN = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError)
+
+
+def timeouts(provider: Provider, read: float | None, write: float | None = None) -> dict[str, float | None]:
+    """httpcore's per-request timeouts. ``read=None``: the caller times silences itself (``Deadlines``)."""
+    return {"connect": provider.connect_timeout, "read": read,
+            "write": provider.read_timeout if write is None else write, "pool": provider.connect_timeout}
+
+
+class Deadlines:
+    """The clocks of one upstream answer: a stream must start within first_byte_timeout, and its head within
+    read_timeout; after that no silence between two chunks may last longer than read_timeout. The first is a
+    cancel scope around the request; the pump lifts it at the first chunk and times the gaps itself with one
+    timer per stream (``last_read`` + ``idle``), far cheaper than a cancel scope around every read."""
+
+    __slots__ = ("provider", "idle", "first_wait", "first_byte", "last_read", "_waiting")
+
+    def __init__(self, provider: Provider, stream: bool) -> None:
+        self.provider = provider
+        self.idle = provider.read_timeout
+        self.first_wait = min(provider.first_byte_timeout, provider.read_timeout)
+        self.first_byte = trio.CancelScope(deadline=trio.current_time() + self.first_wait if stream else math.inf)
+        self._waiting = stream
+        self.last_read = trio.current_time()
+
+    def heard(self) -> None:
+        """A chunk arrived: the first-byte deadline is met, and the silence starts again from now."""
+        self.last_read = trio.current_time()
+        if self._waiting:
+            self._waiting = False
+            self.first_byte.deadline = math.inf
+
+    def missed_first_byte(self) -> RelayError:
+        name, wait = self.provider.name, self.first_wait
+        if self.provider.read_timeout < self.provider.first_byte_timeout:
+            return RelayError(504, f"{name}: the upstream sent nothing for {wait:g}s", "api_error")
+        return RelayError(504, f"{name}: no first byte within {wait:g}s", "api_error")
+
+
+class UpstreamBroke(RelayError):
+    """A stream's connection failed after its head: the pump ends the stream with this error."""
+
+
+def stalled(label: str) -> UpstreamBroke:
+    """A stream that went silent for longer than read_timeout after it started."""
+    return UpstreamBroke(504, f"{label}: the upstream stopped sending mid-stream (read timeout)", "api_error")
+
+
+def midstream_error(label: str, exc: Exception) -> UpstreamBroke:
+    if isinstance(exc, httpcore.ReadTimeout):
+        return stalled(label)
+    return UpstreamBroke(502, f"{label}: the upstream connection broke mid-stream ({type(exc).__name__})", "api_error")
+
+
+class _Chunks:
+    """A stream's body as it arrives, with a broken connection raised as UpstreamBroke."""
+
+    __slots__ = ("_chunks", "_label")
+
+    def __init__(self, chunks: AsyncIterator[bytes], label: str) -> None:
+        self._chunks = chunks
+        self._label = label
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except BROKEN as exc:
+            raise midstream_error(self._label, exc) from None
 
 
 @dataclass
@@ -37,7 +108,9 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     _response: httpcore.Response
-    _chunks: AsyncIterator[bytes] | None = None
+    label: str = ""  # provider/model, for the words of a mid-stream failure
+    _raw: AsyncIterator[bytes] | None = None
+    _chunks: _Chunks | None = None
 
     @property
     def content_type(self) -> bytes:
@@ -46,26 +119,41 @@ class UpstreamResponse:
                 return v.lower()
         return b""
 
-    @property
-    def network_stream(self) -> Any:
-        """The connection's transport (relay.transport), for the pump's write-before-read hook."""
-        return self._response.extensions.get("network_stream")
+    def _body(self) -> AsyncIterator[bytes]:
+        if self._raw is None:
+            self._raw = self._response.stream.__aiter__()  # type: ignore[union-attr]
+        return self._raw
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; the same iterator every call, so a reader can stop and later drain the rest."""
+        """The body as it arrives; the same iterator every call, so a reader can stop and later drain the rest.
+        A connection that breaks raises UpstreamBroke (worded as mid-stream)."""
         if self._chunks is None:
-            self._chunks = self._response.stream.__aiter__()  # type: ignore[union-attr]
+            self._chunks = _Chunks(self._body(), self.label)
         return self._chunks
 
     async def read(self, limit: int) -> bytes:
+        """The whole body (inside ``Upstreams.request``, which words a broken connection as a failed request)."""
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.chunks():
+        async for chunk in self._body():
             size += len(chunk)
             if size > limit:
                 raise RelayError(502, f"upstream response larger than {limit} bytes", "api_error")
             parts.append(chunk)
         return b"".join(parts)
+
+    async def drain(self, seconds: float, limit: int) -> None:
+        """Read what is left of a finished stream (the [DONE] and the chunked terminator, usually already here),
+        so the connection goes back to the pool instead of being closed; give up quickly if it is not."""
+        with trio.move_on_after(seconds):
+            size = 0
+            try:
+                async for chunk in self._body():
+                    size += len(chunk)
+                    if size > limit:
+                        return
+            except BROKEN:
+                return  # the client already has its whole answer; this connection is simply not reused
 
 
 def auth_headers(provider: Provider, key: str | None = None) -> list[tuple[bytes, bytes]]:
@@ -99,11 +187,6 @@ class Upstreams:
     def __init__(self, config: Config) -> None:
         self._ssl = ssl.create_default_context()
         self._pools: dict[str, ConnectionPool] = {}
-        self._windows: dict[tuple[str, str], int | None] = {}  # per named or listed model, bounded
-        self._described: dict[str, dict[str, Any]] = {}  # provider -> kind -> its answer to server_probes, asked once
-        self._named = named_targets(config)
-        self._output_caps: dict[tuple[str, str], int] = {}  # what upstreams said when they refused max_tokens
-        self._health: dict[str, ProviderHealth] = {}
         self.config = config
 
     def _pool(self, provider: Provider) -> ConnectionPool:
@@ -126,9 +209,11 @@ class Upstreams:
         key: str | None = None,
         model: str = "",
         timed_reads: bool = True,
+        before_read: ReadHook | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """``timed_reads=False``: the caller times the silences itself (the stream pump does, far cheaper
-        than a cancel scope per read)."""
+        than a cancel scope per read). ``before_read``: run whenever the connection is about to read the
+        network for this request (the pump writes out what the last read produced)."""
         url = provider.url(path, model)
         headers = [
             (b"host", _host_header(url)),
@@ -139,21 +224,18 @@ class Upstreams:
             *((k.encode(), v.encode()) for k, v in provider.headers),
             *(extra_headers or []),
         ]
-        timeouts = {
-            "connect": provider.connect_timeout,
-            "read": provider.read_timeout if timed_reads else None,
-            "write": provider.read_timeout,
-            "pool": provider.connect_timeout,
-        }
+        extensions: dict[str, Any] = {"timeout": timeouts(provider, provider.read_timeout if timed_reads else None)}
+        if before_read is not None:
+            extensions["before_read"] = before_read
         try:
             async with self._pool(provider).stream(
-                "POST", url, headers=headers, content=body, extensions={"timeout": timeouts}
+                "POST", url, headers=headers, content=body, extensions=extensions
             ) as response:
-                result = UpstreamResponse(response.status, list(response.headers), response)
+                result = UpstreamResponse(response.status, list(response.headers), response, f"{provider.name}/{model}")
                 if response.status >= 300:
                     try:
                         data = await result.read(ERROR_BODY_LIMIT)
-                    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.RemoteProtocolError):
+                    except BROKEN:
                         data = b""
                     retry_after = next((v.decode("latin-1") for k, v in result.headers if k.lower() == b"retry-after"), None)
                     raise from_upstream(response.status, data, provider.api_keys, retry_after, provider.name)
@@ -169,78 +251,15 @@ class Upstreams:
                    *auth_headers(provider)]
         if body is not None:
             headers.append((b"content-type", b"application/json"))
-        timeouts = {"connect": provider.connect_timeout, "read": 5.0, "write": 5.0, "pool": provider.connect_timeout}
         try:
             async with self._pool(provider).stream("POST" if body is not None else "GET", url, headers=headers,
-                                                   content=body, extensions={"timeout": timeouts}) as response:
+                                                   content=body, extensions={"timeout": timeouts(provider, 5.0, 5.0)}) as response:
                 if response.status != 200:
                     return None
                 content = await UpstreamResponse(200, [], response).read(DESCRIPTION_LIMIT)
             return orjson.loads(content)
         except Exception:  # a server that cannot describe itself simply has no known window
             return None
-
-    def health_of(self, provider: Provider) -> ProviderHealth:
-        health = self._health.get(provider.name)
-        if health is None or health.keys != provider.api_keys:
-            health = ProviderHealth(provider.api_keys, provider.failure_threshold, provider.cooldown)
-            self._health[provider.name] = health
-        return health
-
-    def known_window(self, provider: Provider, model: str) -> int | None:
-        return self._windows.get((provider.name, model))
-
-    async def discover_window(self, provider: Provider, model: str) -> int | None:
-        """Ask a local server how large its context is. Its name-free self-description (``/models``, ``/props``) is
-        asked once per provider; a model is asked about by name only when the config names it or the server lists
-        it, once, and the answer (or its absence) kept, in a bounded table. Any other name a client sends costs no
-        request and no entry: it gets what the name-free answers say."""
-        key = (provider.name, model)
-        if key in self._windows:
-            return self._windows[key]
-        described = self._described.setdefault(provider.name, {})
-        window = None
-        for kind, url, body in server_probes(provider.base_url):
-            if kind not in described:
-                described[kind] = await self.get_json(provider, url, body)
-            if window := window_from_server(kind, described[kind], model):
-                break
-        known = key in self._named or model in listed_ids(described.get("models"))
-        if not known:
-            return window
-        if window is None:
-            window = await self._ask_about(provider, model_probes(provider.base_url, model), model)
-        if len(self._windows) >= WINDOWS_KEPT:
-            del self._windows[next(iter(self._windows))]
-        self._windows[key] = window
-        if window is None:  # once per model: the answer (none) is kept like a found one
-            log.warning("%s/%s: could not learn the context window from %s (asked /models, /props, /api/v0/models, "
-                        "/api/show); set context_window in [providers.%s] (or RELAY_CONTEXT_WINDOW with no config "
-                        "file). Until then relay cannot fit max_tokens to it, and an overflowing request may run "
-                        "until the server's window fills", provider.name, model, provider.base_url, provider.name)
-        return window
-
-    async def _ask_about(self, provider: Provider, probes: list[Probe], model: str) -> int | None:
-        for kind, url, body in probes:
-            if window := window_from_server(kind, await self.get_json(provider, url, body), model):
-                return window
-        return None
-
-    def max_output(self, provider: Provider, model: str) -> int | None:
-        """The output cap relay applies: the configured one, or the lower one an upstream stated in a refusal."""
-        caps = [c for c in (provider.limits_for(model).max_output, self._output_caps.get((provider.name, model))) if c]
-        return min(caps) if caps else None
-
-    def learn_output_cap(self, provider: Provider, model: str, cap: int) -> bool:
-        """Keep the cap an upstream stated (for this process); True when it is news, i.e. lower than the cap relay
-        applied, so a retry with it can succeed. Never True twice for the same figure, so retries stay bounded."""
-        known = self.max_output(provider, model)
-        if known is not None and cap >= known:
-            return False
-        self._output_caps[(provider.name, model)] = cap
-        log.info("%s/%s refused max_tokens and says it accepts at most %d: relay caps max_tokens there from now on "
-                 "(until restart; max_tokens_cap or limits in the config make it permanent)", provider.name, model, cap)
-        return True
 
     async def aclose(self) -> None:
         for pool in self._pools.values():

@@ -7,25 +7,17 @@ workers, replaces any that die, and forwards SIGTERM/SIGINT (drain) and SIGHUP (
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from relay.transport import reuse_port_socket
+
 RESTART_BACKOFF = 1.0
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
 def supervise(workers: int, host: str, port: int, worker_args: list[str]) -> int:
-    reserved = reserve_port(host, port)
+    reserved = reuse_port_socket(host, port)
     port = reserved.getsockname()[1]
     command = [sys.executable, "-m", "relay", "serve", *worker_args, "--host", host, "--port", str(port), "--reuse-port"]
     procs: list[subprocess.Popen[bytes]] = []

@@ -12,7 +12,7 @@ import trio
 from tests.conftest import RELAY_KEY, UPSTREAM_KEY, RelayHandle, start_relay
 from tests.mock_upstream import MockUpstream, Reply
 
-PREFIX = {"gemini": "/v1beta", "openai-responses": "/v1", "anthropic": ""}
+PREFIX = {"openai": "/v1", "gemini": "/v1beta", "openai-responses": "/v1", "anthropic": ""}
 
 
 def format_config(upstream: MockUpstream, fmt: str, extra_provider: str = "") -> str:

@@ -1,5 +1,5 @@
-"""Shared by the fuzz and fault suites: a raw-socket HTTP client that notices every way an answer can go
-wrong (no answer, half an answer, a hang), the checks a "clean end" must pass, and a trap for relay's logs.
+"""Shared by the fuzz and fault suites: the checks a "clean end" must pass (of what ``tests.client.roundtrip``,
+which notices every way an answer can go wrong, brings back), and a trap for relay's logs.
 
 Known relay bugs that the property tests run into are recognised here by where they crash (``KNOWN_CRASHES``),
 so a property can tolerate them while each one is pinned by its own ``xfail(strict=True)`` test; any other crash
@@ -11,100 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
-import h11
 import orjson
 import pytest
 import trio
 from hypothesis import strategies as st
 
 from tests.anthropic_events import ERROR_TYPES, USAGE_COUNTS, Outcome, check_body, parse_sse
+from tests.client import Answer, roundtrip
 from tests.conftest import RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
 
-EXCHANGE_TIMEOUT = 10.0  # no single exchange in these suites may take longer: past it, relay hung
-
-
-@dataclass
-class Answer:
-    """What came back on one connection for one request."""
-
-    status: int | None  # None: the connection ended (or broke) before a response head
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    complete: bool = False  # the response was framed to its end (EndOfMessage)
-    elapsed: float = 0.0
-    note: str = ""  # how the connection ended when it ended early
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("content-type", "")
-
-
-async def roundtrip(port: int, raw: bytes, *, method: str = "POST", timeout: float = EXCHANGE_TIMEOUT,
-                    stop_after_first_data: bool = False) -> Answer:
-    """Send ``raw`` bytes to 127.0.0.1:port and read one response with an h11 client (primed with a request of
-    ``method`` so it frames HEAD answers right). Raises trio.TooSlowError when relay takes longer than
-    ``timeout``. ``stop_after_first_data`` hangs up as soon as the first body bytes arrive."""
-    started = time.perf_counter()
-    client = h11.Connection(h11.CLIENT)
-    client.send(h11.Request(method="HEAD" if method == "HEAD" else "GET", target="/", headers=[("host", "relay")]))
-    client.send(h11.EndOfMessage())
-    answer = Answer(status=None)
-    with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        try:
-            try:
-                await stream.send_all(raw)
-            except trio.BrokenResourceError:
-                pass  # relay answered and closed before taking all of it: read what it said
-            parts: list[bytes] = []
-            while True:
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError as exc:
-                        answer.note = f"reset: {exc!r}"
-                        data = b""
-                    client.receive_data(data)
-                    continue
-                if isinstance(event, h11.Response):
-                    answer.status = event.status_code
-                    answer.headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
-                elif isinstance(event, h11.Data):
-                    parts.append(bytes(event.data))
-                    if stop_after_first_data:
-                        break
-                elif isinstance(event, h11.EndOfMessage):
-                    answer.complete = True
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    answer.note = answer.note or "closed"
-                    break
-                elif isinstance(event, h11.InformationalResponse):
-                    continue
-        except h11.RemoteProtocolError as exc:  # includes a close before any response
-            answer.note = f"no parsable response: {exc}"
-        finally:
-            await stream.aclose()
-    answer.body = b"".join(parts)
-    answer.elapsed = time.perf_counter() - started
-    return answer
-
-
-def request_bytes(body: bytes, *, path: str = "/v1/messages", key: str, extra: list[tuple[bytes, bytes]] = ()) -> bytes:
-    head = [b"POST " + path.encode() + b" HTTP/1.1", b"host: 127.0.0.1", b"x-api-key: " + key.encode(),
-            b"content-type: application/json", b"anthropic-version: 2023-06-01", b"content-length: %d" % len(body)]
-    head += [k + b": " + v for k, v in extra]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 def answer_ok(rec: Recorded) -> Reply:

@@ -3,6 +3,8 @@ and a local server's window read from the server itself."""
 
 from __future__ import annotations
 
+import logging
+
 import anthropic
 import orjson
 import pytest
@@ -10,6 +12,7 @@ import trio
 
 from relay.context import MIN_OUTPUT, fit_max_tokens, window_from_server
 from relay.errors import RelayError
+from tests.client import ask
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, json_reply, text_stream
 
@@ -48,20 +51,14 @@ def test_window_from_server_shapes() -> None:
     assert window_from_server("models", {"data": [{"id": "other"}, {"id": "q"}]}, "q") is None
 
 
-def ask(port: int, text: str, max_tokens: int = 32000) -> str:
-    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
-    with client.messages.stream(model="mock-model", max_tokens=max_tokens, messages=[{"role": "user", "content": text}]) as s:
-        return s.get_final_text()
-
-
 async def test_max_tokens_lowered_and_overlong_refused(nursery: trio.Nursery, upstream: MockUpstream) -> None:
     upstream.handler = lambda r: text_stream("ok")
     relay = await start_relay(nursery, relay_config(upstream.base_url, "context_window = 4000"))
-    assert await trio.to_thread.run_sync(ask, relay.port, "word " * 400) == "ok"
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, text="word " * 400, max_tokens=32000)) == "ok"
     sent = upstream.requests[0].json["max_tokens"]
     assert 3400 < sent < 3700  # 4000 minus relay's estimate of ~400 words
     with pytest.raises(anthropic.BadRequestError) as info:
-        await trio.to_thread.run_sync(ask, relay.port, "word " * 20000)
+        await trio.to_thread.run_sync(lambda: ask(relay.port, text="word " * 20000, max_tokens=32000))
     assert info.value.body["error"]["message"].startswith("prompt is too long: ")
     assert info.value.body["error"]["message"].endswith(" tokens > 4000 maximum")
     assert len(upstream.requests) == 1  # the upstream never saw the request that could not fit
@@ -75,11 +72,11 @@ async def test_window_discovered_from_local_server(nursery: trio.Nursery, upstre
 
     upstream.handler = handler
     relay = await start_relay(nursery, relay_config(upstream.base_url, "discover_context = true"))
-    assert await trio.to_thread.run_sync(ask, relay.port, "hello") == "ok"
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, text="hello", max_tokens=32000)) == "ok"
     assert 2900 < upstream.requests[-1].json["max_tokens"] <= 3000
     gets = [r for r in upstream.requests if r.method == "GET"]
     assert len(gets) == 1
-    await trio.to_thread.run_sync(ask, relay.port, "again")
+    await trio.to_thread.run_sync(lambda: ask(relay.port, text="again", max_tokens=32000))
     assert len([r for r in upstream.requests if r.method == "GET"]) == 1  # asked once, then cached
 
     def model_entry() -> dict:  # type: ignore[type-arg]
@@ -91,7 +88,8 @@ async def test_window_discovered_from_local_server(nursery: trio.Nursery, upstre
     assert entry["id"] == "mock-model" and entry["context_window"] == 3000
 
 
-async def test_upstream_overflow_errors_become_anthropic_wording(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+async def test_upstream_overflow_errors_become_anthropic_wording(nursery: trio.Nursery, upstream: MockUpstream,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     from tests.mock_upstream import chunk, sse
     replies = {
         # llama.cpp: numbers only in fields (ggml-org/llama.cpp#15780)
@@ -116,9 +114,13 @@ async def test_upstream_overflow_errors_become_anthropic_wording(nursery: trio.N
         "stream": "prompt is too long: 5000 tokens > 4096 maximum",
         "late": "prompt is too long: 5000 tokens > 4096 maximum",
     }
+    caplog.set_level(logging.INFO, logger="relay.overflow")
     for name, message in expected.items():
+        caplog.clear()
         with pytest.raises(anthropic.APIStatusError) as info:
-            await trio.to_thread.run_sync(ask, relay.port, name)
+            await trio.to_thread.run_sync(lambda: ask(relay.port, text=name, max_tokens=32000))
+        overflows = [r for r in caplog.records if r.getMessage().startswith("upstream context overflow")]
+        assert len(overflows) == 1, (name, [r.getMessage() for r in overflows])  # reworded once, logged once
         if name == "late":
             assert message in str(info.value)
         else:

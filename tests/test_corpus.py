@@ -123,6 +123,9 @@ def shape(content: list[dict[str, Any]], expected: tuple[tuple[Any, ...], ...], 
     return out
 
 
+# A stream that closes without a finish_reason and without [DONE] was cut short (issue 13 item 3).
+ENDED_EARLY = (502, "api_error", "the upstream ended the stream before finishing")
+
 STREAMS: dict[str, Case] = {
     # Claude behind an OpenAI-compatible gateway (OpenAI format despite the prefix): first tool index is 1.
     "anthropic_openai_compat_tool_index1.sse": Case(
@@ -150,10 +153,11 @@ STREAMS: dict[str, Case] = {
                       "Thus, the answer is 3.", 606)),
         text('The word "strawberry" contains three "r"s.'),
     ), "end_turn", (18, 219, 0)),
-    # PARTIAL (one chunk, no finish, no [DONE]): the call still arrives whole; thought_signature is Gemini's own.
+    # PARTIAL (one chunk, no finish, no [DONE]): the call arrives whole (thought_signature is Gemini's own), but
+    # a stream that stops without saying it finished was cut short: what came, then an error event.
     "gemini3_tool_call_thought_signature_chunk.sse": Case((tool(
         "call_297140", "read", {"offset": 1, "limit": 100, "path": "/app/skills/agent-runtime/stage-design/SKILL.md"}),
-    ), "tool_use", NO_USAGE),
+    ), error=ENDED_EARLY),
     # finish_reason "stop" after a tool call is still a tool_use turn.
     "gemini_tool_call_finish_stop_RECONSTRUCTED.sse": Case((tool(
         "call_297140", "read", {"offset": 1, "limit": 100, "path": "/app/skills/agent-runtime/stage-design/SKILL.md"}),
@@ -175,8 +179,9 @@ STREAMS: dict[str, Case] = {
     "llamacpp_tool_calls_tail_timings_PARTIAL.sse": Case((), "end_turn", (808 - 804, 665, 804)),
     "llamacpp_usage_every_chunk_timings.sse": Case((text("Hello! How can I help you today?"),), "end_turn", (12, 10, 0)),
     # think_tags on: "<think>", "\n\n", "</think>" is an empty think section (Qwen3 with thinking off), so no
-    # block at all. See test_lmstudio_think_tags_off below for the pass-through.
-    "lmstudio_qwen3_inline_think_PARTIAL.sse": Case((), "end_turn", NO_USAGE, think_tags=True),
+    # block at all; PARTIAL (no finish, no [DONE]), so the stream ends in an error. See
+    # test_lmstudio_think_tags_off below for the pass-through.
+    "lmstudio_qwen3_inline_think_PARTIAL.sse": Case((), error=ENDED_EARLY, think_tags=True),
     "mistral_api_glm_incremental_tool_call.sse": Case((tool(
         "chatcmpl-tool-9f149c74c42f265b", "webSearchTool", {"query": "current Berlin weather"}),
     ), "tool_use", (171 - 128, 14, 128)),
@@ -317,13 +322,15 @@ def test_stream_events_conform(name: str) -> None:
 
 
 def test_lmstudio_think_tags_off() -> None:
-    """Without think_tags, inline tags are the model's text and pass through untouched."""
+    """Without think_tags, inline tags are the model's text and pass through untouched (and the capture's end,
+    with no finish, is still an error)."""
     name = "lmstudio_qwen3_inline_think_PARTIAL.sse"
     _, out = run_translator(read(name))
-    message = check_body(out, model=MODEL).message
+    outcome = check_body(out, model=MODEL)
+    message = outcome.message
     assert message is not None
     assert shape(message["content"], (), b"") == [text("<think>\n\n</think>")]
-    assert message["stop_reason"] == "end_turn"
+    assert outcome.error is not None and ENDED_EARLY[2] in outcome.error["message"]
 
 
 def test_stop_sequences_do_not_match_null_stop_reason() -> None:

@@ -6,6 +6,7 @@ import anthropic
 import pytest
 import trio
 
+from tests.client import ask
 from tests.conftest import RELAY_KEY, start_relay
 from tests.mock_upstream import MockUpstream, json_reply, text_stream
 
@@ -31,22 +32,13 @@ default = ["a/model-a", "b/model-b"]
 """
 
 
-def ask(port: int, stream: bool) -> str:
-    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
-    if stream:
-        with client.messages.stream(model="x", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
-            return s.get_final_text()
-    msg = client.messages.create(model="x", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-    return msg.content[0].text  # type: ignore[union-attr]
-
-
 @pytest.mark.parametrize("status", [429, 500, 503])
 async def test_falls_back_on_retryable_status(nursery: trio.Nursery, status: int) -> None:
     first, second = await two_upstreams(nursery)
     first.handler = lambda r: json_reply({"error": {"message": "busy"}}, status)
     second.handler = lambda r: text_stream("from b")
     relay = await start_relay(nursery, config(first.base_url, second.base_url))
-    assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from b"
     assert [r.json["model"] for r in first.requests] == ["model-a", "model-a"]  # one retry, then fall back
     assert [r.json["model"] for r in second.requests] == ["model-b"]
 
@@ -55,7 +47,7 @@ async def test_falls_back_when_unreachable(nursery: trio.Nursery) -> None:
     _, second = await two_upstreams(nursery)
     second.handler = lambda r: text_stream("from b")
     relay = await start_relay(nursery, config("http://127.0.0.1:9/v1", second.base_url))
-    assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from b"
 
 
 async def test_client_errors_do_not_fall_back(nursery: trio.Nursery) -> None:
@@ -63,7 +55,7 @@ async def test_client_errors_do_not_fall_back(nursery: trio.Nursery) -> None:
     first.handler = lambda r: json_reply({"error": {"message": "bad field"}}, 400)
     relay = await start_relay(nursery, config(first.base_url, second.base_url))
     with pytest.raises(anthropic.BadRequestError):
-        await trio.to_thread.run_sync(ask, relay.port, False)
+        await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=False))
     assert second.requests == []
 
 
@@ -73,7 +65,7 @@ async def test_long_retry_after_is_not_waited_out(nursery: trio.Nursery) -> None
     second.handler = lambda r: text_stream("from b")
     relay = await start_relay(nursery, config(first.base_url, second.base_url))
     with trio.fail_after(5):
-        assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+        assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from b"
     assert len(first.requests) == 1
 
 
@@ -83,7 +75,7 @@ async def test_key_rotation_and_cooldown(nursery: trio.Nursery) -> None:
                                if r.headers["authorization"] == "Bearer key-one" else text_stream("ok"))
     relay = await start_relay(nursery, config(first.base_url, second.base_url, 'api_key = ["key-one", "key-two"]'))
     for _ in range(3):
-        assert await trio.to_thread.run_sync(ask, relay.port, True) == "ok"
+        assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "ok"
     used = [r.headers["authorization"] for r in first.requests]
     assert used == ["Bearer key-one", "Bearer key-two", "Bearer key-two", "Bearer key-two"]  # key-one rests
     assert second.requests == []
@@ -97,12 +89,12 @@ async def test_circuit_opens_then_probes(nursery: trio.Nursery) -> None:
     relay = await start_relay(nursery, config(first.base_url, second.base_url,
                                               "retries = 0\nfailure_threshold = 2\ncooldown = 0.5"))
     for _ in range(4):
-        assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+        assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from b"
     assert len(first.requests) == 2  # after two failures the circuit opened: a was skipped, not asked
     healthy["a"] = True
     await trio.sleep(0.6)
-    assert await trio.to_thread.run_sync(ask, relay.port, True) == "from a"  # the probe succeeds: closed again
-    assert await trio.to_thread.run_sync(ask, relay.port, True) == "from a"
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from a"  # the probe succeeds: closed again
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from a"
 
 
 async def test_sub_agent_model_tag_routes_and_is_stripped(nursery: trio.Nursery) -> None:
@@ -130,7 +122,7 @@ async def test_slow_first_byte_falls_back(nursery: trio.Nursery) -> None:
     second.handler = lambda r: text_stream("from b")
     relay = await start_relay(nursery, config(first.base_url, second.base_url, "retries = 0\nfirst_byte_timeout = 0.3"))
     with trio.fail_after(2.5):
-        assert await trio.to_thread.run_sync(ask, relay.port, True) == "from b"
+        assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "from b"
 
 
 async def test_upstream_connections_are_reused(nursery: trio.Nursery) -> None:
@@ -138,6 +130,6 @@ async def test_upstream_connections_are_reused(nursery: trio.Nursery) -> None:
     first.handler = lambda r: text_stream("ok")
     relay = await start_relay(nursery, config(first.base_url, second.base_url))
     for _ in range(5):
-        assert await trio.to_thread.run_sync(ask, relay.port, True) == "ok"
+        assert await trio.to_thread.run_sync(lambda: ask(relay.port, model="x", stream=True)) == "ok"
     assert len(first.requests) == 5
     assert first.accepted == 1  # five streams, one keep-alive upstream connection

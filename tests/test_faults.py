@@ -29,8 +29,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, chunk, completion, json_reply, sse, text_stream
-from tests.robustness import (ANY_JSON, Answer, SharedRelay, assert_clean, check_exchange, encode, f, relay_idle,
-                              request_bytes, roundtrip, shared_relays, trap_relay_logs)
+from tests.client import Answer, messages_body, request_bytes, roundtrip
+from tests.client import ask as sdk_ask
+from tests.robustness import (ANY_JSON, SharedRelay, assert_clean, check_exchange, encode, f, relay_idle, shared_relays,
+                              trap_relay_logs)
 
 __all__ = ["shared_relays"]  # the fixture, imported so pytest finds it
 
@@ -208,8 +210,8 @@ async def start_faulty(nursery: trio.Nursery, retries: int = 0) -> Faulty:
 
 
 def ask(stream: bool, model: str = "mock-model", text: str = "hi") -> bytes:
-    body = {"model": model, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": text}]}
-    return request_bytes(orjson.dumps(body), key=RELAY_KEY)
+    """The raw request these suites send (max_tokens 64)."""
+    return request_bytes(messages_body(model, stream, text, 64), key=RELAY_KEY)
 
 
 def fault_model(fault: str) -> str:
@@ -229,7 +231,7 @@ EXPECT: dict[str, tuple[str | int, str | int]] = {
     "cut_before": (502, 502),
     "stall_mid": ("midstream", 504),
     "garbage": (502, 502),
-    "garbage_after": ("ok", 502),
+    "garbage_after": ("midstream", 502),  # the garbage is skipped, but no finish_reason nor [DONE] came: cut short
     "html": (502, 502),
     "json_for_stream": ("ok", "ok"),
     "json_error": (529, 529),
@@ -372,7 +374,7 @@ def test_any_upstream_answer_ends_cleanly(shared_relays: Callable[..., SharedRel
     (True, {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": ["stop"]}]}),
     (False, {"choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": {"type": "stop"}}]}),
 ], ids=["choices-int", "choices-object", "tool_calls-int", "finish_reason-list", "whole-finish_reason-object"])
-async def test_bug_malformed_upstream_chunk_crashes_translator(relay: RelayHandle, upstream: MockUpstream, stream: bool,
+async def test_malformed_upstream_chunk_ends_the_answer_cleanly(relay: RelayHandle, upstream: MockUpstream, stream: bool,
                                                                upstream_doc: Any) -> None:
     upstream.handler = lambda rec: Reply(pieces=sse(upstream_doc)) if stream else json_reply(upstream_doc)
     with trap_relay_logs() as trap:
@@ -383,7 +385,7 @@ async def test_bug_malformed_upstream_chunk_crashes_translator(relay: RelayHandl
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-async def test_bug_negative_usage_passes_through(relay: RelayHandle, upstream: MockUpstream, stream: bool) -> None:
+async def test_negative_usage_is_never_passed_on(relay: RelayHandle, upstream: MockUpstream, stream: bool) -> None:
     usage = {"prompt_tokens": -5, "completion_tokens": -3}
     if stream:
         reply = Reply(pieces=sse(chunk({"content": "x"}), chunk({}, "stop"), chunk(choices=False, usage=usage)))
@@ -394,7 +396,7 @@ async def test_bug_negative_usage_passes_through(relay: RelayHandle, upstream: M
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-async def test_bug_non_string_tool_call_id_and_name_pass_through(relay: RelayHandle, upstream: MockUpstream,
+async def test_non_string_tool_call_id_and_name_give_a_valid_answer(relay: RelayHandle, upstream: MockUpstream,
                                                                  stream: bool) -> None:
     call = {"index": 0, "id": 12345, "type": "function", "function": {"name": 7, "arguments": "{}"}}
     if stream:
@@ -420,7 +422,7 @@ async def settle(env: Faulty, target: tuple[int, int] | None = None) -> tuple[in
     last = (-1, -1)
     for _ in range(100):
         await env.relay.server.upstreams.aclose()
-        gc.collect()  # relay's usage flush leaves its sqlite connection to the GC (test_bug_usage_flush_...)
+        gc.collect()  # relay's usage flush leaves its sqlite connection to the GC (test_usage_flush_closes_its_sqlite_connection)
         await trio.sleep(0.05)
         now = (trio.lowlevel.current_statistics().tasks_living, open_fds())
         if now == target or (target is None and now == last):
@@ -480,14 +482,18 @@ async def test_soak_leaks_nothing(nursery: trio.Nursery) -> None:
         await soak_one(env, "ok", False, False)
 
 
-def test_bug_usage_flush_leaves_sqlite_connection_open(tmp_path: Any) -> None:
-    from relay.usage import UsageBook
+def test_usage_flush_closes_its_sqlite_connection(tmp_path: Any) -> None:
+    from relay.store import Batch, UsageRow, connected
 
     path = tmp_path / "usage.sqlite3"
-    book = UsageBook(str(path))
+
+    async def write() -> None:
+        async with connected(f"sqlite://{path}") as backend:
+            await backend.apply(Batch([UsageRow("key", "model", "2025-01-01", 1, 0, 2, 3)], {}))
+
     gc.disable()
     try:
-        book.write([("key", "model", "2025-01-01", 1, 2, 3, 0, 0)])
+        trio.run(write)
         still_open = [fd for fd in os.listdir("/proc/self/fd")
                       if os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve())]
     finally:
@@ -495,7 +501,7 @@ def test_bug_usage_flush_leaves_sqlite_connection_open(tmp_path: Any) -> None:
     assert not still_open, f"{len(still_open)} descriptor(s) of {path.name} left open"
 
 
-async def test_bug_circuit_stuck_open_after_probe_client_hangs_up(nursery: trio.Nursery) -> None:
+async def test_circuit_recovers_after_a_probe_client_hangs_up(nursery: trio.Nursery) -> None:
     first, second = MockUpstream(), MockUpstream()
     await nursery.start(first.serve)
     await nursery.start(second.serve)
@@ -541,15 +547,7 @@ async def test_upstream_cut_after_done_is_not_an_error(nursery: trio.Nursery) ->
     relay = await start_relay(nursery, relay_config(upstream.base_url))
     with trap_relay_logs() as trap:
         for _ in range(3):
-            text = await trio.to_thread.run_sync(_ask_stream, relay.port)
+            text = await trio.to_thread.run_sync(sdk_ask, relay.port)
             assert text == "whole"
         await relay_idle(relay)
     assert not trap.crashes, trap.describe()
-
-
-def _ask_stream(port: int) -> str:
-    import anthropic
-    from tests.conftest import RELAY_KEY
-    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
-    with client.messages.stream(model="mock-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
-        return s.get_final_text()

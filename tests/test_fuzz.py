@@ -9,8 +9,9 @@ fields deleted, retyped, duplicated, nested deep, blown up, or the bytes made in
 random header sets and request-line garbage on raw sockets. Each property runs against one relay (and mock
 upstream) that lives in a thread of its own for all its examples (``SharedRelay``): it must survive them all.
 
-Known bugs met on the way are pinned by the ``test_bug_*`` tests at the bottom (``xfail(strict=True)``); the
-properties tolerate exactly those (``tests.robustness.KNOWN_CRASHES`` / ``known_answer``) and fail on anything else.
+Bugs met on the way are pinned by the tests at the bottom, each named for what it checks; the properties
+tolerate exactly the known crashes still listed (``tests.robustness.KNOWN_CRASHES`` / ``known_answer``) and fail on
+anything else.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, json_reply
+from tests.client import request_bytes, roundtrip
 from tests.robustness import (ANY_JSON, HUGE, WILD, Nest, SharedRelay, answer_ok, assert_clean, check_exchange, encode,
-                              f, relay_idle, request_bytes, roundtrip, shared_relays, trap_relay_logs)
+                              f, relay_idle, shared_relays, trap_relay_logs)
 
 __all__ = ["shared_relays"]  # the fixture, imported so pytest finds it
 
@@ -397,7 +399,7 @@ def with_tools(*tools: Any) -> dict[str, Any]:
     ("/v1/messages/count_tokens", user({"type": "text", "text": 5})),
 ], ids=["text", "system-text", "document-source", "tool_result-text", "thinking", "tool_use-name", "tool-name",
         "tool-description", "count_tokens"])
-async def test_bug_token_estimate_assumes_field_types(relay: RelayHandle, upstream: MockUpstream, path: str,
+async def test_token_estimate_takes_fields_of_any_type(relay: RelayHandle, upstream: MockUpstream, path: str,
                                                       body: Any) -> None:
     upstream.handler = answer_ok
     await strict_exchange(relay, request_bytes(orjson.dumps(body), path=path, key=RELAY_KEY))
@@ -410,14 +412,14 @@ async def test_bug_token_estimate_assumes_field_types(relay: RelayHandle, upstre
     ("/v1/messages", {"max_tokens": 16, "model": "anth/claude-x", "messages": [{"role": "user", "content": "hi"}],
                       "metadata": Nest(300, {}, objects=True)}),
 ], ids=["tool_use-input", "input_schema", "count_tokens", "anthropic-format-metadata"])
-async def test_bug_nesting_deeper_than_orjson_can_write(nursery: trio.Nursery, upstream: MockUpstream, path: str,
+async def test_nesting_deeper_than_orjson_writes_gets_a_clean_answer(nursery: trio.Nursery, upstream: MockUpstream, path: str,
                                                         body: Any) -> None:
     relay = await relay_with_provider(nursery, upstream, "anth", "anthropic")
     await strict_exchange(relay, request_bytes(encode(body), path=path, key=RELAY_KEY))
 
 
 @pytest.mark.parametrize("model", ["ünï-code", "x?alt=json#"])
-async def test_bug_gemini_model_id_is_not_escaped_in_the_url(nursery: trio.Nursery, upstream: MockUpstream,
+async def test_gemini_model_id_is_escaped_in_the_url(nursery: trio.Nursery, upstream: MockUpstream,
                                                              model: str) -> None:
     relay = await relay_with_provider(nursery, upstream, "gem", "gemini")
     body = {"model": f"gem/{model}", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -430,7 +432,7 @@ async def test_bug_gemini_model_id_is_not_escaped_in_the_url(nursery: trio.Nurse
 
 
 @pytest.mark.parametrize("stops", [True, 5], ids=["true", "number"])
-async def test_bug_anthropic_format_stop_sequences_not_a_list(nursery: trio.Nursery, upstream: MockUpstream,
+async def test_anthropic_format_takes_stop_sequences_that_are_not_a_list(nursery: trio.Nursery, upstream: MockUpstream,
                                                               stops: Any) -> None:
     relay = await relay_with_provider(nursery, upstream, "anth", "anthropic")
     upstream.handler = answer_anthropic
@@ -439,7 +441,7 @@ async def test_bug_anthropic_format_stop_sequences_not_a_list(nursery: trio.Nurs
     await strict_exchange(relay, request_bytes(orjson.dumps(body), key=RELAY_KEY))
 
 
-async def test_bug_unsupported_transfer_encoding_is_a_5xx(relay: RelayHandle) -> None:
+async def test_unsupported_transfer_encoding_is_a_4xx(relay: RelayHandle) -> None:
     body = orjson.dumps(user({"type": "text", "text": "hi"}))
     raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode()
            + b"\r\ntransfer-encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
@@ -447,21 +449,22 @@ async def test_bug_unsupported_transfer_encoding_is_a_5xx(relay: RelayHandle) ->
 
 
 @pytest.mark.parametrize("head, status", [
-    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{", 408),
-    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{\"model\"", 408),
-    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999999\r\n\r\n", 413),
-], ids=["408-content-length", "408-chunked", "413"])
-async def test_bug_head_request_error_with_a_body_crashes(nursery: trio.Nursery, upstream: MockUpstream, head: bytes,
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: KEY\r\ncontent-length: 10\r\n\r\n{", 408),
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: KEY\r\ntransfer-encoding: chunked\r\n\r\n{\"model\"", 408),
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: KEY\r\ncontent-length: 999999999999\r\n\r\n", 413),
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{", 401),  # no key: refused on the head
+], ids=["408-content-length", "408-chunked", "413", "401-before-the-body"])
+async def test_head_request_errors_with_a_body_get_their_status(nursery: trio.Nursery, upstream: MockUpstream, head: bytes,
                                                           status: int) -> None:
     relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nheader_timeout = 0.3"))
     with trap_relay_logs() as trap:
-        answer = await roundtrip(relay.port, head, method="HEAD", timeout=5)
+        answer = await roundtrip(relay.port, head.replace(b"KEY", RELAY_KEY.encode()), method="HEAD", timeout=5)
         await relay_idle(relay)
     assert not trap.crashes, trap.describe()
     assert answer.status == status and answer.body == b""
 
 
-async def test_bug_unfinished_request_head_gets_no_408(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+async def test_unfinished_request_head_gets_a_408(nursery: trio.Nursery, upstream: MockUpstream) -> None:
     config = relay_config(upstream.base_url).replace("[server]", "[server]\nheader_timeout = 0.3\nidle_timeout = 1.5")
     relay = await start_relay(nursery, config)
     answer = await roundtrip(relay.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-le", timeout=5)

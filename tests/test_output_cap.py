@@ -15,6 +15,7 @@ from relay.config import default_config
 from relay.errors import from_upstream
 from relay.output_cap import detect
 from relay.server import Server
+from tests.client import ask
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, json_reply, sse, text_stream
 
@@ -107,13 +108,6 @@ def refuses_like_openai(request: Recorded) -> Reply:
     return text_stream("hello")
 
 
-def ask(port: int, max_tokens: int, model: str = "claude-opus-5-5") -> str:
-    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key=RELAY_KEY, max_retries=0)
-    with client.messages.stream(model=model, max_tokens=max_tokens,
-                                messages=[{"role": "user", "content": "hi"}]) as stream:
-        return stream.get_final_text()
-
-
 async def test_no_config_relay_learns_openais_cap_from_its_refusal(
         nursery: trio.Nursery, upstream: MockUpstream, caplog: pytest.LogCaptureFixture) -> None:
     """The README's quickstart: no config file, Claude Code's max_tokens 128000 against a model capped at 32768."""
@@ -124,7 +118,7 @@ async def test_no_config_relay_learns_openais_cap_from_its_refusal(
     port = await nursery.start(server.serve, "127.0.0.1", 0)
     caplog.set_level(logging.INFO, logger="relay")
     for _ in range(3):
-        assert await trio.to_thread.run_sync(ask, port, 128000) == "hello"
+        assert await trio.to_thread.run_sync(lambda: ask(port, max_tokens=128000, model="claude-opus-5-5")) == "hello"
     sent = [r.json["max_tokens"] for r in upstream.requests if r.path.endswith("/chat/completions")]
     assert sent == [128000, OPENAI_CAP, OPENAI_CAP, OPENAI_CAP], "one refusal, then the cap at once, then remembered"
     learned = [r.getMessage() for r in caplog.records if "accepts at most" in r.getMessage()]
@@ -145,7 +139,7 @@ async def test_a_cap_stated_inside_a_stream_is_learned_too(nursery: trio.Nursery
 
     upstream.handler = handler
     relay = await start_relay(nursery, relay_config(upstream.base_url))
-    assert await trio.to_thread.run_sync(ask, relay.port, 20000, "mock-model") == "hello"
+    assert await trio.to_thread.run_sync(lambda: ask(relay.port, max_tokens=20000, model="mock-model")) == "hello"
     assert [r.json["max_tokens"] for r in upstream.requests] == [20000, 8192]
 
 
@@ -156,7 +150,7 @@ async def test_a_refusal_that_repeats_is_answered_not_retried_forever(nursery: t
                                                                   "max_tokens is [1, 8192]"}}, 400)
     relay = await start_relay(nursery, relay_config(upstream.base_url, "retries = 3"))
     with pytest.raises(anthropic.BadRequestError, match="valid range of max_tokens"):
-        await trio.to_thread.run_sync(ask, relay.port, 20000, "mock-model")
+        await trio.to_thread.run_sync(lambda: ask(relay.port, max_tokens=20000, model="mock-model"))
     assert [r.json["max_tokens"] for r in upstream.requests] == [20000, 8192]
     metrics = relay.server.metrics.render().decode()
     assert 'relay_upstream_errors_total{provider="mock",status="400"} 2' in metrics
@@ -168,7 +162,7 @@ async def test_relay_max_output_tokens_caps_without_a_config_file(nursery: trio.
     server = Server(default_config({"OPENAI_BASE_URL": upstream.base_url, "RELAY_MAX_OUTPUT_TOKENS": "4096"}))
     port = await nursery.start(server.serve, "127.0.0.1", 0)
     caplog.set_level(logging.INFO, logger="relay")
-    assert await trio.to_thread.run_sync(ask, port, 128000, "gpt-4o") == "hello"
+    assert await trio.to_thread.run_sync(lambda: ask(port, max_tokens=128000, model="gpt-4o")) == "hello"
     assert [r.json["max_tokens"] for r in upstream.requests if r.path.endswith("/chat/completions")] == [4096]
     assert any("max_tokens 128000 -> 4096 for openai/gpt-4o: the output cap 4096" == r.getMessage().split(" ", 1)[1]
                for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -14,10 +14,11 @@ import trio
 
 from relay import cli
 from relay.config import (
-    AUTH_STYLES, FORMATS, MAX_TOKENS_FIELDS, REASONING_CONTROLS, SYSTEM_TURNS, ConfigError, ModelLimits, Provider,
+    AUTH_STYLES, MAX_TOKENS_FIELDS, REASONING_CONTROLS, SYSTEM_TURNS, ConfigError, ModelLimits, Provider,
     parse,
 )
 from relay.formats.openai_chat.request import build as openai_build
+from relay.formats.registry import FORMATS
 from relay.presets import PRESETS
 from tests.conftest import RELAY_KEY, UPSTREAM_KEY, start_relay
 from tests.mock_upstream import MockUpstream, completion

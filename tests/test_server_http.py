@@ -9,43 +9,9 @@ import pytest
 import trio
 
 from relay.config import ConfigError, parse
+from tests.client import exchange, post, roundtrip, split
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, completion
-
-
-async def exchange(port: int, raw: bytes, *, read_until_close: bool = False, head: bool = False) -> bytes:
-    """Send raw bytes, return the raw response (one response, framed by content-length, or until close)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(raw)
-    data = b""
-    with trio.fail_after(10):
-        while True:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            data += chunk
-            if head and b"\r\n\r\n" in data:
-                break
-            if not read_until_close and b"\r\n\r\n" in data:
-                head_, _, body = data.partition(b"\r\n\r\n")
-                length = next((int(l.split(b":")[1]) for l in head_.split(b"\r\n") if l.lower().startswith(b"content-length:")), None)
-                if length is not None and len(body) >= length:
-                    break
-    await stream.aclose()
-    return data
-
-
-def split(resp: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = resp.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
-    return status, headers, body
-
-
-def post(path: str, body: bytes, *, key: str = RELAY_KEY, extra: bytes = b"") -> bytes:
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nhost: relay\r\nx-api-key: " + key.encode()
-            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(body) + extra + b"\r\n" + body)
 
 
 async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
@@ -57,7 +23,7 @@ async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
         if raw.startswith(b"HEAD"):
             assert body == b""
         else:
-            assert orjson.loads(body) == {"status": "ok"}
+            assert orjson.loads(body) == {"status": "ok", "store": "up"}  # the store's state, never its address
 
 
 async def test_unknown_path_is_anthropic_404(relay: RelayHandle) -> None:
@@ -120,8 +86,8 @@ async def test_body_limit_413(nursery: trio.Nursery, upstream: MockUpstream) -> 
     relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nbody_limit = 1000"))
     status, headers, out = split(await exchange(relay.port, post("/v1/messages", b"x" * 2000)))
     assert status == 413 and orjson.loads(out)["error"]["type"] == "request_too_large"
-    # chunked bodies are counted as they arrive
-    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    # chunked bodies are counted as they arrive (with a key: without one, no body byte is read at all)
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\ntransfer-encoding: chunked\r\n\r\n"
            + b"".join(b"%x\r\n%s\r\n" % (300, b"y" * 300) for _ in range(5)) + b"0\r\n\r\n")
     status, _, out = split(await exchange(relay.port, raw))
     assert status == 413
@@ -160,8 +126,9 @@ async def test_idle_connection_is_closed(nursery: trio.Nursery, upstream: MockUp
     stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
     with trio.fail_after(5):
         assert await stream.receive_some(100) == b""  # silent client: closed, not held forever
-    # a client that starts a request but never finishes it gets a 408
-    out = await exchange(relay.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 50\r\n\r\n{", read_until_close=True)
+    # a client (with a key) that starts a request but never finishes it gets a 408
+    out = await exchange(relay.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode()
+                         + b"\r\ncontent-length: 50\r\n\r\n{", read_until_close=True)
     assert out.startswith(b"HTTP/1.1 408")
 
 
@@ -228,7 +195,6 @@ async def test_a_full_provider_pool_answers_529_then_frees_up(nursery: trio.Nurs
     """max_connections is a real limit: a request that finds no free upstream connection within
     connect_timeout gets overloaded_error (and may fall back); a freed connection serves the next one."""
     from tests.mock_upstream import Reply
-    from tests.robustness import roundtrip
 
     def slow_then_fast(rec: Any) -> Reply:  # the first request holds the only connection for a while
         if len(upstream.requests) == 1:

@@ -15,12 +15,10 @@ from functools import lru_cache
 from typing import Any
 
 import pytest
-from anthropic._streaming import SSEDecoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.formats.openai_chat.stream import StreamTranslator
-from relay.sse import SSEParser
 from tests.anthropic_events import Event, parse_sse
 from tests.test_corpus import CORPUS, STREAMS, is_anthropic_stream
 
@@ -160,45 +158,7 @@ def test_any_split_gives_the_same_events(name: str, data: st.DataObject) -> None
     assert translate(data.draw(respelled_splits(source)), name, source) == whole(name)
 
 
-# ---- the SSE parser on its own --------------------------------------------------------------------
-
-def parse(pieces: list[bytes]) -> list[tuple[bytes | None, bytes]]:
-    parser = SSEParser()
-    events = [event for piece in pieces for event in parser.feed(piece)]
-    return events + parser.close()
-
-
-def sdk_events(data: bytes) -> list[tuple[bytes | None, bytes]]:
-    """What the official SDK's SSE decoder reads (events that carry data)."""
-    return [(None if e.event is None else e.event.encode(), e.data.encode())
-            for e in SSEDecoder().iter_bytes(iter([data])) if e.data]
-
-
-@pytest.mark.parametrize("variant", ["lf", "crlf", "cr", "nospace"])
-@pytest.mark.parametrize("name", ALL_STREAMS)
-def test_parser_agrees_with_the_sdk_decoder(name: str, variant: str) -> None:
-    data = variants((CORPUS / name).read_bytes())[variant]
-    if not data.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")):
-        data += data[-1:]  # the SDK's decoder drops a final event with no blank line after it; relay keeps it
-    assert parse([data]) == sdk_events(data)
-
-
-@pytest.mark.parametrize("name", TARGET_STREAMS)
-@SETTINGS
-@given(data=st.data())
-def test_parser_any_split_of_named_events(name: str, data: st.DataObject) -> None:
-    """Anthropic-format files have ``event:`` lines, which OpenAI streams lack: names must survive any split."""
-    source = (CORPUS / name).read_bytes()
-    assert parse(data.draw(respelled_splits(source))) == parse([source])
-
-
 # ---- a read that brings nothing ----------------------------------------------------------------------
-
-def test_empty_read_between_cr_and_lf() -> None:
-    data = b"event: x\r\ndata: y\r\n\r\n"
-    cut = data.index(b"\r") + 1
-    assert parse([data[:cut], b"", data[cut:]]) == parse([data]) == [(b"x", b"y")]
-
 
 def test_empty_read_between_cr_and_lf_in_a_chunk() -> None:
     data = b'data: {"choices":[{"index":0,"delta":\r\ndata: {"content":"Hi"}}]}\r\n\r\ndata: [DONE]\r\n\r\n'

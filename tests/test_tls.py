@@ -15,7 +15,7 @@ import trio
 from relay.config import ConfigError, parse
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
-from tests.robustness import roundtrip
+from tests.client import roundtrip
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test CA")
 

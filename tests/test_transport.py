@@ -12,7 +12,8 @@ import trio
 
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
-from tests.robustness import relay_idle, roundtrip
+from tests.client import messages_body, request_bytes, roundtrip
+from tests.robustness import relay_idle
 
 WORDS = [f"w{i:03d} " for i in range(60)]
 
@@ -200,3 +201,34 @@ async def test_keep_alive_reuse_works_past_descriptor_1023(nursery: trio.Nursery
     finally:
         for s in filler:
             s.close()
+
+
+async def test_the_read_hook_belongs_to_one_request(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    """The pump's flush is a per-request extension: the pool installs it on the connection for that request only
+    (it runs while the body is read) and clears it before the connection is idle again, so the next request on
+    the connection never runs a finished stream's hook."""
+    from relay.pool import ConnectionPool
+    from relay.upstream import Upstreams
+
+    seen: list[object] = []
+    upstream.handler = lambda rec: text_stream("one", "two")
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    answer = await roundtrip(relay.port, request_bytes(messages_body(stream=True), key=RELAY_KEY))
+    assert answer.status == 200 and b"message_stop" in answer.body
+    await relay_idle(relay)
+    pools: dict[str, ConnectionPool] = relay.server.upstreams._pools
+    idle = [c for pool in pools.values() for stack in pool._idle.values() for c in stack]
+    assert idle and all(c.network.before_read is None for c in idle)
+    upstreams: Upstreams = relay.server.upstreams
+    provider = relay.server.config.providers["mock"]
+
+    async def hook() -> None:
+        seen.append(hook)
+
+    upstream.handler = lambda rec: text_stream("three")
+    async with upstreams.request(provider, "/chat/completions", orjson.dumps({"model": "m", "stream": True,
+                                 "messages": []}), stream=True, model="m", before_read=hook) as response:
+        assert b"three" in await response.read(1 << 20)
+    assert seen, "the hook did not run while the body was read"
+    idle = [c for pool in pools.values() for stack in pool._idle.values() for c in stack]
+    assert idle and all(c.network.before_read is None for c in idle)

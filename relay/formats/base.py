@@ -1,9 +1,10 @@
 """What every wire format provides, so the server can drive any of them the same way.
 
-A format is a module (registered in ``relay.formats.registry``) with three pure functions:
+A format (registered in ``relay.formats.registry``) offers three pure functions:
 ``build(req, provider, model, stream, client=None) -> UpstreamCall``, ``stream_translator(opts) -> Translator``
 and ``translate_response(doc, opts) -> dict`` (an Anthropic Message). No I/O anywhere. A format may also offer
 ``count_tokens(req, provider, model, client) -> UpstreamCall`` to have ``/v1/messages/count_tokens`` forwarded.
+The translated formats are each one ``Translated`` (their pieces as data); the passthrough is its own module.
 
 ``client`` is the request as it arrived (``ClientRequest``). relay never changes a parsed request in place: a
 change (a fitted max_tokens, a stripped routing tag) makes a new dict, so ``req is client.json`` tells a format
@@ -12,11 +13,16 @@ that forwards bytes whether those bytes still say what ``req`` says.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
+
+import orjson
 
 from relay.config import Provider
 from relay.errors import RelayError, as_anthropic_overflow
+from relay.formats.inbound import session_id
 
 
 @dataclass
@@ -39,6 +45,12 @@ class ClientRequest:
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
 
+    @cached_property
+    def session_id(self) -> str | None:
+        """Claude Code's session id (``metadata.user_id``'s ``session_id``), parsed once: what keeps a session's
+        requests on one upstream prefix cache (``prompt_cache_key``, and the server's session affinity)."""
+        return session_id(self.json)
+
 
 @dataclass(frozen=True)
 class Options:
@@ -54,6 +66,13 @@ class Options:
     def overflow(self, error: RelayError) -> RelayError:
         """Put an upstream's context-overflow error in Anthropic's words (other errors pass unchanged)."""
         return as_anthropic_overflow(error, self.input_tokens_hint, self.context_window, self.max_tokens)
+
+
+def ended_early(provider: str, missing: str) -> RelayError:
+    """An upstream stream that closed cleanly without its format's end marker (``missing``) has cut the answer
+    short. Passing that on as a normal end would be a silent truncation the client then acts on (Claude Code
+    runs a half-written tool call), so it is an error: HTTP 502 before anything was sent, ``event: error`` after."""
+    return RelayError(502, f"{provider}: the upstream ended the stream before finishing ({missing})", "api_error")
 
 
 class Translator(Protocol):
@@ -82,3 +101,36 @@ class Format(Protocol):
     def stream_translator(self, opts: Options) -> Translator: ...
 
     def translate_response(self, doc: Any, opts: Options) -> dict[str, Any]: ...
+
+
+def _no_extra(opts: Options) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Translated:
+    """A format relay translates (OpenAI Chat, Gemini, OpenAI Responses), as its pieces: the request builder
+    (``build_body(req, provider, model, stream) -> (body, dropped)``), the upstream path, the stream translator
+    (a ``BlockWriter``) and the whole-response translator. ``extra`` gives the provider quirks a format's
+    translators read beyond the common ones (OpenAI Chat: ``think_tags``, the stop sequences)."""
+
+    build_body: Callable[[dict[str, Any], Provider, str, bool], tuple[dict[str, Any], set[str]]]
+    path: Callable[[str, bool], str]
+    translator: Callable[..., Translator]
+    translate: Callable[..., dict[str, Any]]
+    extra: Callable[[Options], dict[str, Any]] = _no_extra
+
+    def build(self, req: dict[str, Any], provider: Provider, model: str, stream: bool,
+              client: ClientRequest | None = None) -> UpstreamCall:
+        body, dropped = self.build_body(req, provider, model, stream)
+        return UpstreamCall(self.path(model, stream), orjson.dumps(body), dropped=dropped)
+
+    def stream_translator(self, opts: Options) -> Translator:
+        p = opts.provider
+        return self.translator(opts.model, input_tokens_hint=opts.input_tokens_hint, secrets=p.api_keys,
+                               provider=p.name, on_error=opts.overflow, **self.extra(opts))
+
+    def translate_response(self, doc: Any, opts: Options) -> dict[str, Any]:
+        p = opts.provider
+        return self.translate(doc, opts.model, secrets=p.api_keys, provider=p.name, **self.extra(opts))
+

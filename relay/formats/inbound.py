@@ -7,8 +7,10 @@ a bounded max_tokens) is decided once, here, so the formats cannot drift apart. 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+import orjson
 
 from relay.config import Provider
 from relay.errors import invalid
@@ -169,6 +171,43 @@ def split_tool_results(content: str | list[Any], where: str) -> tuple[list[tuple
     return results, rest
 
 
+INTERRUPTED = "(no result: the tool call was interrupted)"
+T = TypeVar("T")
+
+
+class PendingCalls(Generic[T]):
+    """The tool calls of the last assistant turn still waiting for their results, in call order.
+
+    Every API relay translates to refuses a conversation with a call left unanswered (OpenAI Chat and Responses)
+    or pairs results with calls by position (Gemini), and Claude Code leaves calls unanswered when the user
+    interrupts a tool. So when the conversation moves on, each call still waiting gets ``INTERRUPTED`` as its
+    result: the one place that repair is made; ``interrupted(call_id)`` writes it in the format's own shape."""
+
+    def __init__(self, interrupted: Callable[[str], T]) -> None:
+        self.ids: list[str] = []
+        self._interrupted = interrupted
+
+    def add(self, call_id: str) -> None:
+        self.ids.append(call_id)
+
+    def __contains__(self, call_id: str) -> bool:
+        return call_id in self.ids
+
+    def take(self, call_id: str) -> bool:
+        """The result of ``call_id`` has come: True when that call was waiting (a result for a call the upstream
+        never saw is the caller's to keep as text)."""
+        if call_id in self.ids:
+            self.ids.remove(call_id)
+            return True
+        return False
+
+    def close(self, results: Mapping[str, T] | None = None) -> list[T]:
+        """Every call still waiting answered, in call order: its result from ``results``, else ``INTERRUPTED``."""
+        out = [results[c] if results and c in results else self._interrupted(c) for c in self.ids]
+        self.ids.clear()
+        return out
+
+
 def tool_loaded(block: dict[str, Any]) -> str:
     """Claude Code's ToolSearch answers with tool_reference blocks; upstreams get them as this sentence."""
     return f"Tool {block.get('tool_name')} is now loaded and can be called."
@@ -270,7 +309,7 @@ def effort(req: dict[str, Any]) -> str | None:
         return None
     if isinstance(asked, str) and asked in EFFORTS:
         return EFFORTS[asked]
-    if kind == "enabled":
+    if kind == "enabled" and isinstance(thinking, dict):
         budget = thinking.get("budget_tokens")
         if isinstance(budget, int):
             return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
@@ -331,11 +370,63 @@ def number(req: dict[str, Any], key: str) -> float | int | None:
     return value
 
 
-UNMAPPED = ("metadata", "context_management", "service_tier", "container", "mcp_servers")
+def output_schema(req: dict[str, Any], provider: Provider) -> dict[str, Any] | None:
+    """The JSON schema the answer must follow (``output_config.format``, or ``output_format``, its older beta
+    spelling), validated; None when the client asked for none. A provider that cannot constrain its output
+    (``structured_output = "none"``) is refused with a 400 naming the field: an answer in prose would only make
+    the client's parser fail."""
+    where = "output_config.format"
+    config = req.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise invalid("output_config: expected an object")
+    spec = config.get("format") if config else None
+    if spec is None:
+        where, spec = "output_format", req.get("output_format")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise invalid(f"{where}: expected an object")
+    if spec.get("type") != "json_schema":
+        raise invalid(f"{where}.type: Input should be 'json_schema'")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise invalid(f"{where}.schema: Field required (a JSON schema object)")
+    if provider.structured_output == "none":
+        raise invalid(f"{where}: structured output is not available from provider {provider.name!r} "
+                      f"(structured_output = \"none\"): route this request to a provider that supports it")
+    return schema
 
 
-def note_unmapped(req: dict[str, Any], dropped: set[str]) -> None:
-    """Top-level Anthropic fields no upstream format has an equivalent for."""
-    for key in UNMAPPED:
-        if key in req:
-            dropped.add(key)
+def session_id(req: dict[str, Any]) -> str | None:
+    """Claude Code's session id: ``metadata.user_id`` is a JSON string carrying ``session_id`` (other clients put
+    a plain user id there, which is not a session)."""
+    metadata = req.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user, str) or not user.startswith("{"):
+        return None
+    try:
+        doc = orjson.loads(user)
+    except orjson.JSONDecodeError:
+        return None
+    session = doc.get("session_id") if isinstance(doc, dict) else None
+    return session if isinstance(session, str) and session else None
+
+
+def prompt_cache_key(req: dict[str, Any], provider: Provider, dropped: set[str]) -> dict[str, str]:
+    """``{"prompt_cache_key": session}`` for providers that route their prefix cache by it (OpenAI's Chat and
+    Responses APIs; ``prompt_cache_key = true``), so one Claude Code session keeps hitting the same cache. Never
+    sent as ``user``: Claude Code's user_id is a long JSON string some providers refuse there."""
+    if req.get("metadata") is None:
+        return {}
+    session = session_id(req) if provider.prompt_cache_key else None
+    if session is None:
+        dropped.add("metadata")  # no session id in it, or the provider takes no prompt_cache_key
+        return {}
+    return {"prompt_cache_key": session}
+
+
+def asks_reasoning(req: dict[str, Any]) -> bool:
+    """The client said something about thinking (a provider without a reasoning control drops it)."""
+    config = req.get("output_config")
+    return bool(req.get("thinking")) or (isinstance(config, dict) and config.get("effort") is not None)
+

@@ -8,10 +8,10 @@ from relay.formats import anthropic_passthrough, gemini, openai_chat, openai_res
 from relay.formats.base import Format
 
 FORMATS: dict[str, Format] = {
-    "openai": cast(Format, openai_chat),
-    "anthropic": cast(Format, anthropic_passthrough),
-    "gemini": cast(Format, gemini),
-    "openai-responses": cast(Format, openai_responses),
+    "openai": openai_chat.FORMAT,
+    "anthropic": cast(Format, anthropic_passthrough),  # forwards rather than translates: a module of its own
+    "gemini": gemini.FORMAT,
+    "openai-responses": openai_responses.FORMAT,
 }
 
 

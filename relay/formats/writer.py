@@ -1,9 +1,11 @@
-"""The Anthropic side of a stream translator, shared by the formats whose upstream events are typed parts
-(Gemini, OpenAI Responses): open and close blocks, write deltas from the byte templates, close the message,
-turn a failure into an HTTP error (nothing sent yet) or an ``event: error`` (after).
+"""The Anthropic side of every translated stream (OpenAI Chat, Gemini, OpenAI Responses): parse the upstream's
+SSE, open and close blocks, write deltas from the byte templates, close the message, turn a failure into an HTTP
+error (nothing sent yet) or an ``event: error`` (after).
 
 A format subclasses it and implements ``_on_event`` (one parsed SSE event) and ``_stop_reason``; ``feed``,
-``finish`` and ``abort`` are the Translator protocol the server drives.
+``finish`` and ``abort`` are the Translator protocol the server drives. The per-chunk path is kept short: a read
+holding exactly one ``data:`` event skips the general parse (``SSEParser.single``), and ``text``/``thinking``
+into an open block are one template each.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Callable
 
 from relay.errors import RelayError, empty_stream
 from relay.formats import anthropic as A
-from relay.sse import Event, SSEError, SSEParser
+from relay.formats.base import ended_early
+from relay.sse import SSEError, SSEParser
+from relay.tokens import OutputCount
 
 NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
 
@@ -30,7 +34,8 @@ class BlockWriter:
         self.output_tokens = 0
         self.cache_read = 0
         self.has_usage = False
-        self.usage_estimated = False
+        self.usage_estimated = False  # no usage came: output_tokens is relay's estimate of what was streamed
+        self._streamed = OutputCount()  # for that estimate (llama-cpp-python sends no usage at all)
         self.saw_tool = False
         self.secrets = secrets
         self.provider = provider
@@ -40,20 +45,24 @@ class BlockWriter:
         self._out: list[bytes] = []
         self._block = NONE
         self._index = -1
-        self._signature = ""  # the open thinking block's signature, once known
+        self._signature = ""  # the open (or next closed) thinking block's signature, once known
 
     # ---- the Translator protocol ------------------------------------------------------------
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
+        payload = self._parser.single(data)
+        if payload is not None:  # what a paced upstream's every read holds
+            self._on_event(None, payload)
+            return self.flush()
         try:
             events = self._parser.feed(data)
-        except SSEError as exc:
+        except SSEError as exc:  # an oversized event from a broken upstream
             self.fail(RelayError(502, f"{self.provider}: {exc}", "api_error"))
             return self.flush()
-        for event in events:
-            self._on_event(event)
+        for name, payload in events:
+            self._on_event(name, payload)
             if self.done:
                 break
         return self.flush()
@@ -62,8 +71,8 @@ class BlockWriter:
         """The upstream body ended."""
         if self.done:
             return b""
-        for event in self._parser.close():
-            self._on_event(event)
+        for name, payload in self._parser.close():
+            self._on_event(name, payload)
             if self.done:
                 return self.flush()
         if not self.started:
@@ -80,12 +89,15 @@ class BlockWriter:
 
     # ---- for the format ---------------------------------------------------------------------
 
-    def _on_event(self, event: Event) -> None:
+    def _on_event(self, name: bytes | None, payload: bytes) -> None:
         raise NotImplementedError
 
+    ENDED_WITHOUT = "no end event"  # what was missing when the body ended early (named in the error)
+
     def _on_end(self) -> None:
-        """The stream ended without the format's own end event: close what is open."""
-        self.close()
+        """The body ended before the format's own end event: the answer was cut short (see ``ended_early``). A
+        format whose end is a field of an ordinary event (Gemini's ``finishReason``) overrides this."""
+        self.fail(ended_early(self.provider, self.ENDED_WITHOUT))
 
     def _stop_reason(self) -> str:
         raise NotImplementedError
@@ -100,6 +112,7 @@ class BlockWriter:
             return
         if self._block != TEXT:
             self._open(TEXT)
+        self._streamed.add(text)
         self._out.append(A.text_delta(self._index, text))
 
     def thinking(self, text: str, signature: str | None = None) -> None:
@@ -108,6 +121,7 @@ class BlockWriter:
         if self._block != THINKING:
             self._open(THINKING)
         if text:
+            self._streamed.add(text)
             self._out.append(A.thinking_delta(self._index, text))
         if signature:
             self._signature = signature
@@ -124,10 +138,12 @@ class BlockWriter:
     def tool(self, tool_id: str, name: str) -> None:
         self._open(TOOL)
         self.saw_tool = True
+        self._streamed.add(name)
         self._out.append(A.tool_block_start(self._index, tool_id, name))
 
     def tool_args(self, partial: str) -> None:
         if partial and self._block == TOOL:
+            self._streamed.add(partial)
             self._out.append(A.input_json_delta(self._index, partial))
 
     def close_block(self) -> None:
@@ -147,6 +163,8 @@ class BlockWriter:
         """message_delta (stop reason, usage) and message_stop."""
         self.start()
         self.close_block()
+        if not self.has_usage:
+            self.output_tokens, self.usage_estimated = self._streamed.tokens(), True
         usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
         self._out.append(A.message_delta(self._stop_reason(), stop_sequence, usage))
         self._out.append(A.MESSAGE_STOP)

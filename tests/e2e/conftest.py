@@ -30,7 +30,7 @@ import trio
 from ..mock_upstream import MockUpstream
 from .upstream import ScriptedModel
 
-CLAUDE_VERSION = "2.1.331"
+CLAUDE_VERSION = "2.1.332"
 CLAUDE_PACKAGE = f"@anthropic-ai/claude-code@{CLAUDE_VERSION}"
 INSTALL_TIMEOUT = 300
 RELAY_START_TIMEOUT = 15

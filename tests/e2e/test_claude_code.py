@@ -66,7 +66,7 @@ async def test_plain_text(claude: Claude, upstream: ScriptedModel, relay: str) -
     assert any(m["role"] == "user" and "say hello" in text_of(m["content"]) for m in body["messages"])
     assert {"Bash", "Write", "Edit", "Read", "ToolSearch"} <= set(tool_names(body))
     assert "DeferredToolPlaceholder" not in tool_names(body)  # RELAY-BEHAVIOUR: never-referenced deferred tool
-    assert upstream.side == []  # Claude Code 2.1.331 -p makes no side requests
+    assert upstream.side == []  # Claude Code 2.1.332 -p makes no side requests
 
 
 async def test_write_tool(claude: Claude, upstream: ScriptedModel, relay: str) -> None:

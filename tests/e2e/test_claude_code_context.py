@@ -1,6 +1,6 @@
 """Context windows with the real Claude Code CLI (issue 8): relay in front of a scripted model with a small window.
 
-What Claude Code 2.1.331 does, found by experiment (see also the README's "Context windows and compaction"):
+What Claude Code 2.1.332 (as 2.1.331) does, found by experiment (see also the README's "Context windows and compaction"):
 - A prompt-too-long 400 on the first exchange ends the run: stream-json `result` with `is_error: true`,
   `terminal_reason: "prompt_too_long"`, `api_error_status: 400` and the text "Prompt is too long · the request is
   ~N tokens (limit M) ...", N and M parsed from the error message. Nothing is retried (nothing to compact yet).
@@ -54,7 +54,7 @@ JSON = dict[str, Any]
 SUMMARY_ASK = "Your task is to create a detailed summary of the conversation so far"
 CONTINUED = "This session is being continued from a previous conversation that ran out of context."
 SUMMARY = "<summary>The user asked to read the part files one by one; the earlier parts were read.</summary>"
-AUTO_COMPACT_FLOOR = 100_000  # Claude Code 2.1.331 reads any smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as this
+AUTO_COMPACT_FLOOR = 100_000  # Claude Code 2.1.332 reads any smaller CLAUDE_CODE_AUTO_COMPACT_WINDOW as this
 
 
 @pytest.fixture
@@ -335,7 +335,7 @@ class TestPromptTooLong:
         }
         assert upstream.requests == []  # refused without calling the model
 
-        # How Claude Code 2.1.331 reports it: an API-error assistant message, then a result with is_error and
+        # How Claude Code 2.1.332 reports it: an API-error assistant message, then a result with is_error and
         # terminal_reason "prompt_too_long" (its subtype stays "success"), exit status 1.
         result = run.result
         assert (result["is_error"], result["terminal_reason"], result["api_error_status"]) == (True, "prompt_too_long", 400), run.debug()

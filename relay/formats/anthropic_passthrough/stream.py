@@ -15,6 +15,7 @@ from collections.abc import Callable
 import orjson
 
 from relay.errors import RelayError, from_anthropic_error
+from relay.formats.base import ended_early
 from relay.sse import SSEError, SSEParser
 
 _TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
@@ -82,8 +83,8 @@ class PassthroughTranslator:
         if self.done:
             return out
         if not self.started:
-            return self._fail(RelayError(502, f"{self._provider}: the upstream stream ended without a message", "api_error"))
-        return out + self._fail(RelayError(502, f"{self._provider}: the upstream stream ended before message_stop", "api_error"))
+            return self._fail(ended_early(self._provider, "no message_start"))
+        return out + self._fail(ended_early(self._provider, "closed before message_stop"))
 
     def abort(self, error: RelayError) -> bytes:
         if self.done:

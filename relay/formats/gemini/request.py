@@ -17,15 +17,19 @@ from typing import Any
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.fields import audit
 from relay.formats.gemini import schema
 from relay.formats.gemini.common import PLACEHOLDER_SIGNATURE, PREVIOUS, decode_signature, upstream_call_id
 from relay.formats.inbound import (
+    INTERRUPTED,
+    PendingCalls,
     blocks,
     client_tools,
     effort,
+    asks_reasoning,
     max_tokens,
-    note_unmapped,
     number,
+    output_schema,
     stop_sequences,
     split_tool_results,
     system_text,
@@ -40,7 +44,6 @@ from relay.formats.inbound import (
 BUDGETS = {"low": 1024, "medium": 8192, "high": 24576}
 # Gemini 3 Pro takes thinkingLevel low|high only; medium is sent as high.
 LEVELS = {"low": "low", "medium": "high", "high": "high"}
-INTERRUPTED = "(no result: the tool call was interrupted)"
 
 Part = dict[str, Any]
 
@@ -76,7 +79,7 @@ def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[
     return ({"error": text} if block.get("is_error") else {"output": text}), media
 
 
-def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pending: list[str],
+def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pending: PendingCalls[Part],
                  dropped: set[str]) -> list[Part]:
     if isinstance(content, str):
         return [{"text": content}] if content else []
@@ -98,7 +101,7 @@ def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pe
                 call["id"] = own
             part = {"functionCall": call}
             names[call_id] = name
-            pending.append(call_id)
+            pending.add(call_id)
         elif kind == "thinking":
             decoded = decode_signature(block.get("signature"))
             if decoded is None:
@@ -126,7 +129,8 @@ def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pe
 def _contents(req: dict[str, Any], provider: Provider, system: list[str], dropped: set[str]) -> list[dict[str, Any]]:
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool_use id -> function name, for the functionResponse
-    pending: list[str] = []  # the calls of the last model turn, in order, waiting for their results
+    # the calls of the last model turn, in order, waiting for their results (answered in that order)
+    pending: PendingCalls[Part] = PendingCalls(lambda cid: _response(cid, names[cid], {"error": INTERRUPTED}))
 
     def add(role: str, parts: list[Part]) -> None:
         if not parts:
@@ -136,21 +140,16 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
         else:
             contents.append({"role": role, "parts": parts})
 
-    def answers(results: dict[str, Part]) -> list[Part]:
-        out = [results.get(cid) or _response(cid, names[cid], {"error": INTERRUPTED}) for cid in pending]
-        pending.clear()
-        return out
-
     for where, role, content in turns(req):
         if role == "system":
             text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not contents:
                 system.append(text)
             else:
-                add("user", [*answers({}), {"text": text}])
+                add("user", [*pending.close(), {"text": text}])
             continue
         if role == "assistant":
-            add("user", answers({}))
+            add("user", pending.close())
             add("model", _model_parts(content, where, names, pending, dropped))
             continue
         results: dict[str, Part] = {}
@@ -167,7 +166,7 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
                 media.extend(extra)
         user = _user_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
-        add("user", [*answers(results), *media, *user])
+        add("user", [*pending.close(results), *media, *user])
     return contents
 
 
@@ -182,8 +181,8 @@ def _thinking_config(req: dict[str, Any], provider: Provider, dropped: set[str])
     control = provider.reasoning_control
     level = effort(req)
     if control == "none" or level is None:
-        if control == "none" and (req.get("thinking") or req.get("output_config")):
-            dropped.add("thinking/output_config (provider has no reasoning control)")
+        if control == "none" and asks_reasoning(req):
+            dropped.add("thinking/output_config.effort (provider has no reasoning control)")
         return None
     if control == "thinking_budget":
         return {"includeThoughts": True, "thinkingBudget": thinking_budget(req) or BUDGETS[level]}
@@ -236,8 +235,14 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     thinking = _thinking_config(req, provider, dropped)
     if thinking:
         generation["thinkingConfig"] = thinking
+    wanted = output_schema(req, provider)
+    if wanted is not None:  # JSON mode, constrained by the schema where Gemini's subset can say it
+        generation["responseMimeType"] = "application/json"
+        response_schema = schema.response_schema(wanted)
+        if response_schema is not None:
+            generation["responseSchema"] = response_schema
     body["generationConfig"] = generation
-    note_unmapped(req, dropped)
+    audit(req, "gemini", dropped)
     return body, dropped
 
 

@@ -35,7 +35,7 @@ def translate(doc: Any, model: str, *, secrets: tuple[str, ...] = (), provider: 
     if "error" in doc and not doc.get("candidates"):
         raise error_of(doc, secrets, provider)
     candidate = candidate_of(doc)
-    content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+    content = candidate["content"] if isinstance(candidate.get("content"), dict) else {}
     blocks: list[dict[str, Any]] = []
     saw_tool = False
     for op in part_ops(content.get("parts"), str(doc.get("responseId") or ""), 0):

@@ -30,6 +30,15 @@ def parameters(schema: dict[str, Any]) -> dict[str, Any] | None:
     return cleaned
 
 
+def response_schema(wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """A structured-output schema as Gemini's ``responseSchema``; None when nothing of it survives the subset
+    (the answer is then only JSON mode)."""
+    cleaned = _clean(wanted, wanted, 0)
+    if not cleaned or (cleaned.get("type") == "object" and not cleaned.get("properties")):
+        return None
+    return cleaned
+
+
 def _resolve(ref: str, root: dict[str, Any]) -> Any:
     if not ref.startswith("#/"):
         return None

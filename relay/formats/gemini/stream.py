@@ -2,7 +2,7 @@
 
 Each event is a whole ``GenerateContentResponse`` whose parts are new output (text pieces, whole function
 calls). Usage is cumulative and the last chunk carries the finish reason; the body simply ends (no ``[DONE]``),
-so the message closes at end of body.
+so the message closes at end of body, if a ``finishReason`` came (else the answer was cut short).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import orjson
 from relay.formats.gemini.common import blocked, part_ops, stop_reason, usage_numbers
 from relay.formats.gemini.response import candidate_of, error_of
 from relay.formats.writer import BlockWriter
-from relay.sse import Event
 
 
 class GeminiStreamTranslator(BlockWriter):
+    ENDED_WITHOUT = "no finishReason"
+
     def __init__(self, model: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._finish: str | None = None
@@ -25,9 +26,9 @@ class GeminiStreamTranslator(BlockWriter):
         self._calls = 0
         self._response_id = ""
 
-    def _on_event(self, event: Event) -> None:
+    def _on_event(self, name: bytes | None, payload: bytes) -> None:
         try:
-            doc = orjson.loads(event[1])
+            doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
         if isinstance(doc, list) and doc and isinstance(doc[0], dict):
@@ -72,6 +73,14 @@ class GeminiStreamTranslator(BlockWriter):
             if op[3]:
                 self.tool_args(orjson.dumps(op[3]).decode())
             self.close_block()
+
+    def _on_end(self) -> None:
+        """Gemini's body just ends: the last chunk's ``finishReason`` (or a blocked prompt) is what says it
+        finished."""
+        if self._finish or self._blocked:
+            self.close()
+        else:
+            super()._on_end()
 
     def _stop_reason(self) -> str:
         return stop_reason(self._finish, self.saw_tool, self._blocked)

@@ -12,13 +12,18 @@ import orjson
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.fields import audit
 from relay.formats.inbound import (
+    INTERRUPTED,
+    PendingCalls,
     client_tools,
     data_url,
     effort,
+    asks_reasoning,
     max_tokens,
-    note_unmapped,
     openai_choice_fields,
+    output_schema,
+    prompt_cache_key,
     sampling,
     stop_sequences,
     system_text,
@@ -28,6 +33,7 @@ from relay.formats.inbound import (
     turns,
     user_pieces,
 )
+from relay.formats.structured import json_schema_format
 
 
 def _user_parts(blocks: list[Any], where: str, dropped: set[str]) -> list[dict[str, Any]]:
@@ -108,8 +114,8 @@ def _reasoning(body: dict[str, Any], req: dict[str, Any], provider: Provider, dr
         if level:
             body["reasoning"] = {"effort": level}
     elif control == "none":
-        if req.get("thinking") or req.get("output_config"):
-            dropped.add("thinking/output_config (provider has no reasoning control)")
+        if asks_reasoning(req):
+            dropped.add("thinking/output_config.effort (provider has no reasoning control)")
     else:
         dropped.add(f"thinking (reasoning_control {control} is not an OpenAI Chat control)")
 
@@ -123,13 +129,11 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
     system = system_text(req.get("system"))
     merged_system: list[str] = [system] if system else []
     out: list[dict[str, Any]] = []
-    # each tool call id waiting for its result; OpenAI requires every call to be answered before the next turn
-    pending_calls: list[str] = []
+    pending: PendingCalls[dict[str, Any]] = PendingCalls(
+        lambda call_id: {"role": "tool", "tool_call_id": call_id, "content": INTERRUPTED})
 
     def answer_pending() -> None:
-        for call_id in pending_calls:
-            out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result: the tool call was interrupted)"})
-        pending_calls.clear()
+        out.extend(pending.close())
 
     for where, role, content in turns(req):
         if role == "system":
@@ -179,7 +183,8 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
             entry: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts) if texts else empty}
             if calls:
                 entry["tool_calls"] = calls
-                pending_calls.extend(c["id"] for c in calls)
+                for call in calls:
+                    pending.add(call["id"])
             if reasoning:
                 if provider.reasoning_return:
                     entry["reasoning_content"] = "\n\n".join(reasoning)
@@ -196,8 +201,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 if not isinstance(call_id, str):
                     raise invalid(f"{where}.content.{i}.tool_use_id: Field required")
                 text, images = _tool_result(block, f"{where}.content.{i}", dropped)
-                if call_id in pending_calls:
-                    pending_calls.remove(call_id)
+                if pending.take(call_id):
                     out.append({"role": "tool", "tool_call_id": call_id, "content": text})
                 else:  # a result for a call the upstream never saw: keep its content as plain text
                     rest.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
@@ -232,7 +236,11 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         else:
             dropped.add("top_k (not an OpenAI parameter)")
     _reasoning(body, req, provider, dropped)
-    note_unmapped(req, dropped)
+    schema = output_schema(req, provider)
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": json_schema_format(schema, provider)}
+    body.update(prompt_cache_key(req, provider, dropped))
+    audit(req, "openai", dropped)
     if stream:
         body["stream"] = True
         if provider.stream_usage:

@@ -95,7 +95,7 @@ def translate(
         for call in calls:
             if not isinstance(call, dict):
                 continue
-            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            function = call["function"] if isinstance(call.get("function"), dict) else {}
             saw_tool = True
             content.append({
                 "type": "tool_use",

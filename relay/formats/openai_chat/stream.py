@@ -1,19 +1,22 @@
-"""OpenAI Chat Completions SSE -> Anthropic Messages SSE, as an incremental sans-I/O state machine.
+"""OpenAI Chat Completions SSE -> Anthropic Messages SSE, as an incremental sans-I/O state machine on
+``formats.writer.BlockWriter`` (which owns the Anthropic side: blocks, message start and end, errors).
 
 ``feed(bytes)`` takes whatever one upstream read delivered and returns the Anthropic event bytes it
-produces, at once: nothing complete is held back. The only thing that waits is the closing
-``message_delta``: OpenAI sends usage after the finish chunk, so the message closes at ``[DONE]`` or EOF.
+produces, at once. What waits: the closing ``message_delta`` (OpenAI sends usage after the finish chunk, so the
+message closes at ``[DONE]``, or at EOF after a finish_reason; EOF with neither is an error), and the fragments
+of a parallel tool call that arrive while another call's block is open (see ``_on_tool_delta``).
+
+The hot path (``_delta_only``) handles the chunk nearly every read carries, one plain delta, with a few dict
+lookups and one template; the general path (``_on_event``) everything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from relay.errors import RelayError, empty_stream, from_stream_error
-from relay.tokens import OutputCount
+from relay.errors import RelayError, from_stream_error
 from relay.formats import anthropic as A
 from relay.formats.openai_chat.common import (
     ThinkSplitter,
@@ -25,118 +28,81 @@ from relay.formats.openai_chat.common import (
     text_field,
     usage_numbers,
 )
-from relay.sse import SSEError, SSEParser
-
-_NONE, _TEXT, _THINKING, _TOOL = 0, 1, 2, 3
+from relay.formats.writer import TEXT, THINKING, TOOL, BlockWriter
 
 
-class StreamTranslator:
-    def __init__(
-        self,
-        model: str,
-        *,
-        input_tokens_hint: int = 0,
-        think_tags: bool = False,
-        stop_sequences: tuple[str, ...] = (),
-        secrets: tuple[str, ...] = (),
-        provider: str = "upstream",
-        message_id: str | None = None,
-        on_error: Callable[[RelayError], RelayError] | None = None,
-    ) -> None:
-        self.model = model
-        self._on_error = on_error  # e.g. rewording a context overflow the way Anthropic says it
-        self.message_id = message_id or A.message_id()
-        self.started = False  # message_start has been produced
-        self.done = False  # message_stop or an error event has been produced
-        self.error: RelayError | None = None  # the upstream failed; if not started, answer with an HTTP error
-        self.input_tokens = input_tokens_hint
-        self.output_tokens = 0
-        self.cache_read = 0
-        self.has_usage = False
-        self.usage_estimated = False  # no usage came: output_tokens is relay's estimate from the streamed text
-        self._streamed = OutputCount()
-        self._hint = input_tokens_hint
-        self._parser = SSEParser()
+class _Call:
+    """One upstream tool call: how the upstream keys it (``index``, ``id``), and its argument text so far."""
+
+    __slots__ = ("index", "id", "name", "args")
+
+    def __init__(self, index: Any, call_id: str, name: str) -> None:
+        self.index = index
+        self.id = call_id
+        self.name = name
+        self.args: list[str] = []
+
+    def same(self, index: Any, call_id: str) -> bool:
+        """A fragment keyed (``index``, ``call_id``) belongs to this call. Ollama gives every call of a batch
+        index 0, so a different id under the same index is another call."""
+        if index is not None and index != self.index:
+            return False
+        if call_id and self.id and call_id != self.id:
+            return False
+        return index is not None or (bool(call_id) and call_id == self.id)
+
+    def complete(self) -> bool:
+        """The arguments so far are a whole JSON object: nothing more can belong to them."""
+        text = "".join(self.args)
+        if not text or text.lstrip()[:1] != "{":
+            return False
+        try:
+            return type(orjson.loads(text)) is dict
+        except orjson.JSONDecodeError:
+            return False
+
+
+class StreamTranslator(BlockWriter):
+    ENDED_WITHOUT = "no finish_reason and no [DONE]"
+
+    def __init__(self, model: str, *, think_tags: bool = False, stop_sequences: tuple[str, ...] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
         self._splitter = ThinkSplitter() if think_tags else None
         self._stops = stop_sequences
-        self._secrets = secrets
-        self._provider = provider
-        self._out: list[bytes] = []
-        self._block = _NONE
-        self._index = -1
-        self._signature: str | None = None
-        self._tool_key_index: Any = None
-        self._tool_key_id = ""
-        self._tool_has_args = False
-        self._saw_tool = False
+        self._call: _Call | None = None  # the tool call whose tool_use block is open
+        self._held: list[_Call] = []  # calls whose block cannot open yet (see _on_tool_delta)
+        self._closed: list[_Call] = []  # calls whose block has closed
         self._finish: str | None = None
         self._matched: str | None = None
 
-    # ---- public API -------------------------------------------------------------------------
+    # ---- BlockWriter hooks ------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> bytes:
-        if self.done:
-            return b""
-        payload = self._parser.single(data)
-        if payload is not None:
-            self._on_event(None, payload)
-            return self._flush()
-        try:
-            events = self._parser.feed(data)
-        except SSEError as exc:  # an oversized event from a broken upstream
-            self._fail(RelayError(502, f"{self._provider}: {exc}", "api_error"))
-            return self._flush()
-        for name, payload in events:
-            self._on_event(name, payload)
-            if self.done:
-                break
-        return self._flush()
+    def _on_end(self) -> None:
+        if self._finish is None:  # neither a finish_reason nor [DONE]: the answer was cut short
+            super()._on_end()
+        else:  # a finish_reason without [DONE]: several servers (llama.cpp without --send-done) stop there
+            self._close_message()
 
-    def finish(self) -> bytes:
-        """The upstream body ended cleanly (with or without ``[DONE]``)."""
-        if self.done:
-            return b""
-        for name, payload in self._parser.close():
-            self._on_event(name, payload)
-        if not self.done:
-            if not self.started:
-                self._fail(empty_stream(self._provider))
-            else:
-                self._close_message()
-        return self._flush()
+    def _stop_reason(self) -> str:
+        return stop_reason(self._finish, self.saw_tool, self._matched)
 
-    def abort(self, error: RelayError) -> bytes:
-        """The upstream connection failed mid-stream (reset, truncated, timed out)."""
-        if self.done:
-            return b""
-        self._fail(error)
-        return self._flush()
+    def close_block(self) -> None:
+        if self._block == TOOL and self._call is not None:
+            self._closed.append(self._call)
+            self._call = None
+        super().close_block()
 
-    @property
-    def stop_reason(self) -> str:
-        return stop_reason(self._finish, self._saw_tool, self._matched)
+    def _open(self, kind: int) -> None:
+        if self._held and kind != TOOL:  # text between parallel calls: the calls' blocks must close first
+            self._release_held()
+        super()._open(kind)
 
-    # ---- internals --------------------------------------------------------------------------
+    def fail(self, error: RelayError) -> None:
+        self._held.clear()  # calls not yet shown stay unshown: the turn failed
+        super().fail(error)
 
-    def _flush(self) -> bytes:
-        if not self._out:
-            return b""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
-
-    def _fail(self, error: RelayError) -> None:
-        if self._on_error is not None:
-            error = self._on_error(error)
-        self.error = error
-        self.done = True
-        if self.started:
-            self._close_block()
-            self._out.append(error.sse())
-
-    def _start(self) -> None:
-        self.started = True
-        self._out.append(A.message_start(self.message_id, self.model, self._hint))
+    # ---- the upstream's events --------------------------------------------------------------
 
     def _on_event(self, name: bytes | None, payload: bytes) -> None:
         if payload[:6] == b"[DONE]":
@@ -150,10 +116,10 @@ class StreamTranslator:
             return
         if not isinstance(chunk, dict):
             if isinstance(chunk, list) and chunk and isinstance(chunk[0], dict) and "error" in chunk[0]:
-                self._fail(from_stream_error(chunk[0], self._secrets, self._provider))
+                self.fail(from_stream_error(chunk[0], self.secrets, self.provider))
             return
         if name == b"error" or ("error" in chunk and not chunk.get("choices")):
-            self._fail(from_stream_error(chunk, self._secrets, self._provider))
+            self.fail(from_stream_error(chunk, self.secrets, self.provider))
             return
         choices = chunk.get("choices")
         choice: Any = None
@@ -162,15 +128,13 @@ class StreamTranslator:
             if len(choices) > 1 or (type(choice) is dict and choice.get("index", 0) != 0):
                 choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
             if type(choice) is dict and choice.get("finish_reason") == "error":  # OpenRouter's in-band error
-                self._fail(from_stream_error(choice if "error" in choice else chunk, self._secrets, self._provider))
+                self.fail(from_stream_error(choice if "error" in choice else chunk, self.secrets, self.provider))
                 return
-        if not self.started:
-            self._start()
+        self.start()
         if "usage" in chunk or "x_groq" in chunk or (type(choice) is dict and "usage" in choice):
             usage = chunk_usage(chunk, choice)
             if usage is not None:
-                self.input_tokens, self.output_tokens, self.cache_read = usage_numbers(usage)
-                self.has_usage = True
+                self.usage(*usage_numbers(usage))
         if type(choice) is not dict:
             return
         delta = choice.get("delta")
@@ -180,10 +144,8 @@ class StreamTranslator:
         if finish and isinstance(finish, str):
             self._finish = finish
             self._matched = matched_stop(choice, self._stops)
-            if self._splitter is not None:
-                for kind, text in self._splitter.flush():
-                    self._emit(kind, text)
-            self._close_block()
+            self._flush_splitter()
+            self._release_held()
 
     def _delta_only(self, chunk: dict[str, Any]) -> bool:
         """The hot path: a mid-stream chunk carrying one plain delta (text, reasoning text or the next argument
@@ -204,7 +166,7 @@ class StreamTranslator:
         content = delta.get("content")
         if type(content) is str:
             if size == 1:
-                self._emit("text", content)
+                self.text(content)
                 return True
             return False
         if content is not None:
@@ -213,12 +175,13 @@ class StreamTranslator:
         if size == 1:
             calls = delta.get("tool_calls")
             if calls is not None:
-                return self._block == _TOOL and self._more_arguments(calls)
+                return self._block == TOOL and self._more_arguments(calls)
             text = delta.get("reasoning_content")
             if text is None:
                 text = delta.get("reasoning")
             if type(text) is str:
-                self._emit("thinking", text)
+                if text:
+                    self.thinking(text)
                 return True
         return False
 
@@ -226,43 +189,39 @@ class StreamTranslator:
         if "reasoning_content" in delta or "reasoning" in delta or "reasoning_details" in delta:
             text, signature = reasoning_of(delta)
             if signature:
-                self._signature = signature
+                self._signature = signature  # lands on the thinking block open now, or the next one to close
             if text:
-                self._emit("thinking", text)
+                self.thinking(text)
         content = delta.get("content")
         if content:
             if isinstance(content, str):
                 if self._splitter is None:
-                    self._emit("text", content)
+                    self.text(content)
                 else:
-                    for kind, text in self._splitter.feed(content):
-                        self._emit(kind, text)
+                    self._emit(self._splitter.feed(content))
             else:
-                for kind, text in content_parts(content):
-                    self._emit(kind, text)
+                self._emit(content_parts(content))
         refusal = delta.get("refusal")
         if isinstance(refusal, str) and refusal:
-            self._emit("text", refusal)
+            self.text(refusal)
         calls = delta.get("tool_calls")
         if calls and type(calls) is list:
             for call in calls:
                 if isinstance(call, dict):
                     self._on_tool_delta(call)
 
-    def _emit(self, kind: str, text: str) -> None:
-        if not text:
-            return
-        self._streamed.add(text)
-        want = _TEXT if kind == "text" else _THINKING
-        if self._block != want:
-            self._close_block()
-            self._index += 1
-            self._block = want
-            self._out.append(A.text_block_start(self._index) if want == _TEXT else A.thinking_block_start(self._index))
-        if want == _TEXT:
-            self._out.append(A.text_delta(self._index, text))
-        else:
-            self._out.append(A.thinking_delta(self._index, text))
+    def _emit(self, pieces: list[tuple[str, str]]) -> None:
+        for kind, text in pieces:
+            if kind == "text":
+                self.text(text)
+            elif text:
+                self.thinking(text)
+
+    def _flush_splitter(self) -> None:
+        if self._splitter is not None:
+            self._emit(self._splitter.flush())
+
+    # ---- tool calls -------------------------------------------------------------------------
 
     def _more_arguments(self, calls: Any) -> bool:
         """The other hot path: the next argument fragment of the tool call already open (no id, no name, same
@@ -270,7 +229,9 @@ class StreamTranslator:
         if type(calls) is not list or len(calls) != 1:
             return False
         call = calls[0]
-        if type(call) is not dict or call.get("id") or call.get("index") != self._tool_key_index:
+        open_call = self._call
+        if type(call) is not dict or call.get("id") or open_call is None or call.get("index") != open_call.index \
+                or self._held:
             return False
         function = call.get("function")
         if type(function) is not dict or function.get("name"):
@@ -279,12 +240,20 @@ class StreamTranslator:
         if type(args) is not str:
             return False
         if args:
-            self._tool_has_args = True
+            open_call.args.append(args)
             self._streamed.add(args)
             self._out.append(A.input_json_delta(self._index, args))
         return True
 
     def _on_tool_delta(self, call: dict[str, Any]) -> None:
+        """One tool-call fragment into its own call's block.
+
+        Anthropic's stream has one open content block at a time, and a closed block cannot reopen. Some servers
+        interleave the fragments of parallel calls (index 0, 1, 0, ...), so when a new call appears while the
+        open call's arguments are not yet a whole JSON object, that call is *held* (its id, name and fragments
+        kept) until the open call is whole (its block closes and the held call's opens with what it gathered,
+        then streams live) or the turn ends. That is the only holding the target grammar forces: a new call
+        after a whole one, the usual sequential case, opens at once and streams as it comes."""
         index = call.get("index")
         call_id = text_field(call.get("id"))
         function = call.get("function")
@@ -294,47 +263,50 @@ class StreamTranslator:
         args = function.get("arguments")
         if args is not None and not isinstance(args, str):
             args = orjson.dumps(args).decode()  # some servers send the arguments as an object
-        if (
-            self._block != _TOOL
-            or (index is not None and index != self._tool_key_index)
-            or (call_id and self._tool_key_id and call_id != self._tool_key_id)
-            or (index is None and not call_id and name and self._tool_has_args)
-        ):
-            self._close_block()
-            self._index += 1
-            self._block = _TOOL
-            self._saw_tool = True
-            self._tool_key_index = index
-            self._tool_key_id = call_id
-            self._tool_has_args = False
-            self._out.append(A.tool_block_start(self._index, call_id if call_id else A.tool_use_id(), name))
-            self._streamed.add(name)
-        elif call_id and not self._tool_key_id:
-            self._tool_key_id = call_id
+        open_call = self._call
+        target: _Call | None = None
+        if open_call is not None and (open_call.same(index, call_id) or (
+                index is None and not call_id and not (name and open_call.args))):
+            target = open_call  # (no index and no id: the open call's, unless a name starts a new one)
+        else:
+            target = next((c for c in self._held if c.same(index, call_id)), None)
+        if target is None and not name and any(c.same(index, call_id) for c in self._closed):
+            return  # a late fragment of a call whose block had to close (text came between): it cannot reopen
+        if target is None:
+            target = _Call(index, call_id, name)
+            if open_call is None or (not self._held and open_call.complete()):
+                self._open_tool(target)
+                open_call = target
+            else:
+                self._held.append(target)
+        if not target.id and call_id:
+            target.id = call_id
+        if not target.name and name and target is not open_call:
+            target.name = name
         if args:
-            self._tool_has_args = True
-            self._streamed.add(args)
-            self._out.append(A.input_json_delta(self._index, args))
+            target.args.append(args)
+            if target is open_call:
+                self.tool_args(args)
+                if self._held and open_call.complete():
+                    self._release_held(whole=True)
 
-    def _close_block(self) -> None:
-        if self._block == _NONE:
-            return
-        if self._block == _THINKING:
-            self._out.append(A.signature_delta(self._index, self._signature or A.thinking_signature()))
-            self._signature = None
-        self._out.append(A.block_stop(self._index))
-        self._block = _NONE
+    def _open_tool(self, call: _Call) -> None:
+        self.tool(call.id if call.id else A.tool_use_id(), call.name)
+        self._call = call
+        if call.args:
+            self.tool_args("".join(call.args))
+
+    def _release_held(self, whole: bool = False) -> None:
+        """Held calls get their blocks in the order they appeared. With ``whole``, only while each open call is
+        whole (the next may still stream live); otherwise all of them (the turn is over)."""
+        while self._held:
+            if whole and not (self._call is not None and self._call.complete()):
+                return
+            self._open_tool(self._held.pop(0))
+        if not whole:
+            self.close_block()
 
     def _close_message(self) -> None:
-        if not self.started:
-            self._start()
-        if self._splitter is not None:
-            for kind, text in self._splitter.flush():
-                self._emit(kind, text)
-        self._close_block()
-        if not self.has_usage:
-            self.output_tokens, self.usage_estimated = self._streamed.tokens(), True
-        usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
-        self._out.append(A.message_delta(self.stop_reason, self._matched, usage))
-        self._out.append(A.MESSAGE_STOP)
-        self.done = True
+        self._flush_splitter()
+        self._release_held()
+        self.close(self._matched)

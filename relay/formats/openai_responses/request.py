@@ -15,14 +15,20 @@ import orjson
 
 from relay.config import Provider
 from relay.errors import invalid
+from relay.formats.fields import audit
+from relay.formats.structured import json_schema_format
 from relay.formats.inbound import (
+    INTERRUPTED,
+    PendingCalls,
     blocks,
     client_tools,
     data_url,
     effort,
+    asks_reasoning,
     max_tokens,
-    note_unmapped,
     openai_choice_fields,
+    output_schema,
+    prompt_cache_key,
     sampling,
     split_tool_results,
     stop_sequences,
@@ -34,7 +40,6 @@ from relay.formats.inbound import (
 from relay.formats.openai_responses.common import decode_reasoning
 
 MIN_OUTPUT_TOKENS = 16  # the API refuses max_output_tokens below 16 (Claude Code probes with max_tokens 1)
-INTERRUPTED = "(no result: the tool call was interrupted)"
 
 Item = dict[str, Any]
 
@@ -58,7 +63,7 @@ def _input_parts(content: str | list[Any], where: str, dropped: set[str]) -> lis
     return parts
 
 
-def _assistant_items(content: str | list[Any], where: str, pending: list[str], dropped: set[str]) -> list[Item]:
+def _assistant_items(content: str | list[Any], where: str, pending: PendingCalls[Item], dropped: set[str]) -> list[Item]:
     if isinstance(content, str):
         return [{"role": "assistant", "content": content}] if content else []
     items: list[Item] = []
@@ -77,7 +82,7 @@ def _assistant_items(content: str | list[Any], where: str, pending: list[str], d
                 raise invalid(f"{at}: tool_use needs a string id and name")
             arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
             items.append({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
-            pending.append(call_id)
+            pending.add(call_id)
         elif kind == "thinking":
             encrypted = decode_reasoning(block.get("signature"))
             if encrypted is None:
@@ -93,11 +98,11 @@ def _assistant_items(content: str | list[Any], where: str, pending: list[str], d
 
 def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: set[str]) -> list[Item]:
     items: list[Item] = []
-    pending: list[str] = []  # calls waiting for their output; the API refuses a call left unanswered
+    pending: PendingCalls[Item] = PendingCalls(
+        lambda call_id: {"type": "function_call_output", "call_id": call_id, "output": INTERRUPTED})
 
     def answer_pending() -> None:
-        items.extend({"type": "function_call_output", "call_id": c, "output": INTERRUPTED} for c in pending)
-        pending.clear()
+        items.extend(pending.close())
 
     for where, role, content in turns(req):
         if role == "system":
@@ -124,8 +129,7 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
             if media:
                 text = text or "(the result is the image below)"
                 follow += [{"type": "input_text", "text": f"[images returned by tool call {call_id}]"}, *media]
-            if call_id in pending:
-                pending.remove(call_id)
+            if pending.take(call_id):
                 items.append({"type": "function_call_output", "call_id": call_id, "output": text})
             else:  # a result for a call the upstream never saw: keep its content as plain text
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
@@ -160,17 +164,18 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         body["tools"] = tools
         body.update(openai_choice_fields(req, lambda name: {"type": "function", "name": name}))
     body.update(sampling(req))
-    if stop_sequences(req):
-        dropped.add("stop_sequences (the Responses API has none)")
-    if req.get("top_k") is not None:
-        dropped.add("top_k (not an OpenAI parameter)")
+    stop_sequences(req)  # validated; the Responses API has none (fields.FIELDS drops it)
     level = effort(req) if provider.reasoning_control != "none" else None
     if level:
         body["reasoning"] = {"effort": level, "summary": "auto"}
         body["include"] = ["reasoning.encrypted_content"]
-    elif req.get("thinking") or req.get("output_config"):
-        dropped.add("thinking/output_config (provider has no reasoning control)")
-    note_unmapped(req, dropped)
+    elif asks_reasoning(req):
+        dropped.add("thinking/output_config.effort (provider has no reasoning control)")
+    schema = output_schema(req, provider)
+    if schema is not None:
+        body["text"] = {"format": {"type": "json_schema", **json_schema_format(schema, provider)}}
+    body.update(prompt_cache_key(req, provider, dropped))
+    audit(req, "openai-responses", dropped)
     body["store"] = False
     if stream:
         body["stream"] = True

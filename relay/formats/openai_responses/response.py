@@ -32,12 +32,12 @@ def translate(doc: Any, model: str, *, secrets: tuple[str, ...] = (), provider: 
             for part in item.get("content") or ():
                 if not isinstance(part, dict):
                     continue
-                text = part.get("text") if part.get("type") == "output_text" else part.get("refusal")
-                if isinstance(text, str) and text:
+                value = part.get("text") if part.get("type") == "output_text" else part.get("refusal")
+                if isinstance(value, str) and value:
                     if content and content[-1]["type"] == "text":
-                        content[-1]["text"] += text
+                        content[-1]["text"] += value
                     else:
-                        content.append({"type": "text", "text": text})
+                        content.append({"type": "text", "text": value})
         elif kind == "function_call":
             saw_tool = True
             content.append({"type": "tool_use", "id": str(item.get("call_id") or item.get("id") or A.tool_use_id()),

@@ -15,21 +15,21 @@ import orjson
 
 from relay.formats.openai_responses.common import encode_reasoning, error_of, stop_reason, summary_text, usage_numbers
 from relay.formats.writer import BlockWriter
-from relay.sse import Event
 
 _TEXT_DELTAS = (b"response.output_text.delta", b"response.refusal.delta")
 _THINKING_DELTAS = (b"response.reasoning_summary_text.delta", b"response.reasoning_text.delta")
 
 
 class ResponsesStreamTranslator(BlockWriter):
+    ENDED_WITHOUT = "no response.completed"
+
     def __init__(self, model: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self._response: Any = None
         self._args_seen: set[Any] = set()  # output indexes whose arguments came as deltas
         self._thought = False  # the open reasoning item has produced text
 
-    def _on_event(self, event: Event) -> None:
-        name, payload = event
+    def _on_event(self, name: bytes | None, payload: bytes) -> None:
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
