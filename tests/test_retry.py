@@ -53,8 +53,10 @@ def test_a_refused_key_is_retried_at_once_while_another_key_is_fresh() -> None:
 def test_an_empty_stream_is_tried_elsewhere_not_again() -> None:
     assert next_step(empty_stream("p/m"), 1, P, ProviderHealth(()), 0.0) is FALL_BACK
     assert next_step(empty_stream("p/m"), 1, P, ProviderHealth(()), 0.0, last=True) is EXHAUSTED
-    # with no window known it is answered as a 400 (which Claude Code does not retry): still tried elsewhere
-    answered = as_anthropic_overflow(empty_stream("p/m"), 20000, None, None)
+    # from a local server with no window known it is answered as a 400 (which Claude Code does not retry), still
+    # tried elsewhere; from any other upstream it stays a 502
+    assert as_anthropic_overflow(empty_stream("p/m"), 20000, None, None).status == 502
+    answered = as_anthropic_overflow(empty_stream("p/m"), 20000, None, None, local=True)
     assert answered.status == 400 and "set context_window" in answered.message
     assert next_step(answered, 1, P, ProviderHealth(()), 0.0) is FALL_BACK
     assert next_step(answered, 1, P, ProviderHealth(()), 0.0, last=True) is EXHAUSTED
