@@ -82,7 +82,12 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 # quiet and several times that when it is not (measured: 112 s at load 4.5, 317 s at load 7): a bound, not a
 # speed assertion.
 QUICKSTART_TIMEOUT = 900
-BABBLE_CAP = 48  # SmolLM2 past its trained 8k window babbles until max_tokens: a cap keeps the test short
+# The tiny model often does not end its turn on Claude Code's prompt (measured: 4 tokens in one run, 48 of 48 in the
+# next); a small cap keeps each answer to a few seconds. An answer cut there makes Claude Code ask three more times
+# ("Output token limit hit") and then end with is_error ("exceeded the 128000 output token maximum"): the model's
+# words, which this test does not judge; relay's part is that every answer was a well-formed 200.
+BABBLE_CAP = 48
+OUTPUT_LIMIT_RETRIES = 3  # Claude Code 2.1.331's continuations after a max_tokens stop (measured)
 
 
 def readme_local_line() -> dict[str, str]:
@@ -99,7 +104,7 @@ async def test_the_quickstart_local_line_completes_under_claude_code(claude: Cla
     line = readme_local_line()
     assert line["RELAY_CONTEXT_WINDOW"] == str(QUICKSTART_N_CTX) == str(server.n_ctx)
     assert int(line["RELAY_CONTEXT_WINDOW"]) >= CLAUDE_CODE_MIN_WINDOW
-    # the line as written; only the port is the test server's, and the cap keeps the tiny model's babble short
+    # the line as written; only the port is the test server's, and the cap bounds the tiny model's answer
     variables = {**line, "OPENAI_BASE_URL": server.url, "RELAY_MAX_OUTPUT_TOKENS": str(BABBLE_CAP)}
     port = _free_port()
     log = tmp_path / "relay.log"
@@ -107,13 +112,20 @@ async def test_the_quickstart_local_line_completes_under_claude_code(claude: Cla
         run = await claude.run("say hello", url, model=None, timeout=QUICKSTART_TIMEOUT, env=variables,
                                launcher=[sys.executable, "-m", "relay", "claude", "--port", str(port), "--"])
     assert run.returncode is not None, f"Claude Code still running after {QUICKSTART_TIMEOUT}s\n{run.debug()}"
-    result = run.result
-    assert result.get("subtype") == "success" and not result.get("is_error"), run.debug()
+    result = run.result  # Claude Code ended with a result event
+    assert result.get("subtype") == "success", run.debug()
     assert "is served with a" not in run.stderr, run.stderr  # relay claude's small-window warning: not for 32k
     text = log.read_text()
     served = re.findall(r"POST /v1/messages\S* (\d+) model=(\S+) -> openai/local", text)
-    assert served and all(status == "200" for status, _ in served), text
+    assert served and all(status == "200" for status, _ in served), text  # every answer relay gave was a 200
     assert served[0][1] == CLAUDE_CODE_MODELS[0]
+    if result.get("is_error"):  # only ever the model's own long-windedness, never an error relay answered with
+        continued = [b for b in run.blocks("text") if str(b.get("text", "")).startswith("Output token limit hit")]
+        assert len(continued) == OUTPUT_LIMIT_RETRIES == len(served) - 1, run.debug()
+        # Claude Code's own words for four answers cut at max_tokens (it names the max_tokens it asked for)
+        assert "response exceeded the 128000 output token maximum" in str(result.get("result")), run.debug()
+    else:
+        assert run.result_text is not None
     assert f"max_tokens 128000 -> {BABBLE_CAP} for openai/local" in text
 
 
