@@ -28,6 +28,7 @@ from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
 from relay.log import Exchange
+from relay.instance_metrics import Board
 from relay.metrics import Metrics
 from relay.pump import Pump
 from relay.resources import connection_budget
@@ -58,6 +59,7 @@ class Server:
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
         self.gateway = Gateway(config, self.metrics)
+        self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
         self.idle_waits: set[trio.CancelScope] = set()
@@ -82,6 +84,8 @@ class Server:
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
+            if self.board is not None:
+                background.start_soon(self.board.run)
             try:
                 async with trio.open_nursery() as connections:
                     with self._accepting:
@@ -208,7 +212,8 @@ class Server:
             if ex.route == "/metrics":
                 _require(method, "GET", path)
                 self.gateway.gauges()
-                await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
+                text = self.metrics.render() if self.board is None else self.board.render()
+                await send_body(conn, ex, 200, text, content_type=b"text/plain; version=0.0.4")
                 return
             if ex.route == "/admin":
                 status, answer = await admin.handle(self.gateway, method, ex.path, body)
