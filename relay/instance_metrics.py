@@ -11,6 +11,7 @@ twice or not at all. What a killed worker counted after its last write (at most 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ import orjson
 import trio
 
 from relay.metrics import Metrics
+
+log = logging.getLogger("relay.metrics")
 
 RUN_DIR_ENV = "RELAY_RUN_DIR"  # set by the supervisor for its workers
 RETIRED = "retired.json"
@@ -58,24 +61,39 @@ class Board:
         self.directory = directory
         self.metrics = metrics
         self.path = directory / f"{os.getpid()}.json"
+        self.failed = False  # a write failed (logged once): metrics are never worth a worker
 
     @classmethod
     def from_env(cls, metrics: Metrics) -> Board | None:
         directory = os.environ.get(RUN_DIR_ENV)
         return cls(Path(directory), metrics) if directory else None
 
-    def publish(self) -> None:
-        _write(self.path, self.metrics.snapshot())
+    def publish(self) -> bool:
+        try:
+            _write(self.path, self.metrics.snapshot())
+        except OSError as exc:
+            if not self.failed:
+                log.error("cannot publish this worker's metrics to %s (%s): /metrics shows this worker alone",
+                          self.directory, exc)
+            self.failed = True
+            return False
+        self.failed = False
+        return True
 
     def render(self) -> bytes:
-        """The instance's metrics: this worker's as of now, the others' as last published, the dead's as left."""
-        self.publish()
+        """The instance's metrics: this worker's as of now, the others' as last published, the dead's as left
+        (this worker's alone when the run directory cannot be used)."""
+        if not self.publish():
+            return self.metrics.render()
         total = Metrics(self.metrics.configured)
-        with _locked(self.directory, fcntl.LOCK_SH):
-            for path in sorted(self.directory.glob("*.json")):
-                snap = _read(path)
-                if snap is not None:
-                    total.absorb(snap, live=path.name != RETIRED)
+        try:
+            with _locked(self.directory, fcntl.LOCK_SH):
+                for path in sorted(self.directory.glob("*.json")):
+                    snap = _read(path)
+                    if snap is not None:
+                        total.absorb(snap, live=path.name != RETIRED)
+        except OSError:
+            return self.metrics.render()
         return total.render()
 
     async def run(self) -> None:

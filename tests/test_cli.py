@@ -426,3 +426,21 @@ async def test_workers_metrics_count_the_whole_instance(nursery: trio.Nursery, u
     finally:
         if proc.returncode is None:
             proc.kill()
+
+
+def test_a_worker_whose_run_directory_is_gone_still_answers_metrics(tmp_path: Path) -> None:
+    """Metrics are never worth a worker: a run directory that cannot be written leaves /metrics to this worker's
+    own counters (logged once) instead of an error, and a dead worker's totals fold into the retired file once."""
+    import os
+
+    from relay.instance_metrics import RETIRED, Board, retire
+    from relay.metrics import Metrics
+    metrics = Metrics(["m"])
+    metrics.request_done("/v1/messages", "p", "m", 200, 0.1, 0.01, 5, 6)
+    line = 'relay_requests_total{path="/v1/messages",provider="p",model="m",status="200"} 1'
+    assert line in Board(tmp_path / "gone", metrics).render().decode()
+    board = Board(tmp_path, metrics)
+    assert line in board.render().decode()
+    retire(tmp_path, os.getpid())  # as the supervisor does when this worker has exited
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [RETIRED]
+    assert line in Board(tmp_path, Metrics(["m"])).render().decode()  # a fresh worker: the retired totals stay
