@@ -9,6 +9,7 @@ passed in, so it is tested without sleeping.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,8 +86,7 @@ class Live:
         if ttfb is not None:
             if not slot.ttfb:
                 slot.ttfb = [0] * (len(TTFB_BOUNDS) + 1)
-            bucket = next((i for i, bound in enumerate(TTFB_BOUNDS) if ttfb <= bound), len(TTFB_BOUNDS))
-            slot.ttfb[bucket] += 1
+            slot.ttfb[bisect_left(TTFB_BOUNDS, ttfb)] += 1
         self._seq += 1
         self.recent.append({
             "seq": self._seq, "time": round(now, 3), "key": printable(key, 80), "model": printable(model),

@@ -195,6 +195,8 @@ class Server:
             ex.route = "/ui"  # static files, no secret in them: no key asked, but none served without an admin API
             if not self.config.server.admin_keys:
                 raise RelayError(404, "the console is off: set [server] admin_keys to turn it on", "not_found_error")
+            if ex.method not in ("GET", "HEAD"):  # refused on the head: no body is read for anyone without a key
+                raise RelayError(405, f"{ex.method} is not allowed on {path}", "invalid_request_error")
         elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
             ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
             ex.client = self._auth.client(request.headers)
@@ -232,8 +234,6 @@ class Server:
                 await send_body(conn, ex, status, answer)
                 return
             if ex.route == "/ui":
-                if method not in ("GET", "HEAD"):
-                    raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
                 page, content_type = console.asset(path)
                 await send_body(conn, ex, 200, page, content_type=content_type, extra=console.HEADERS,
                                 head_only=method == "HEAD")

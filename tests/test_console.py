@@ -46,8 +46,8 @@ def browse_overview_and_keys(url: str) -> None:
         row = page.wait_for_selector("#recent tr:has-text('mock/mock-model')", timeout=10_000)
         cells = [c.inner_text() for c in row.query_selector_all("td")]
         assert cells[1] == "key1" and cells[2] == "mock-model" and cells[4] == "200", cells
-        assert cells[7] == "10 / 5" and cells[8] == "$0.02", cells
-        page.wait_for_selector("[data-metric='spend today']:text-is('$0.02')", timeout=15_000)
+        assert cells[7] == "10 / 5" and cells[8] == "$0.0200", cells
+        page.wait_for_selector("[data-metric='spend today']:text-is('$0.0200')", timeout=15_000)
         # a hostile model name is text: shown as sent, nothing of it runs or becomes an element
         assert ask(url, RELAY_KEY, HOSTILE) == "ok"
         cell = page.wait_for_selector("#recent td:has-text('window.pwned')", timeout=10_000)
@@ -73,7 +73,7 @@ def browse_overview_and_keys(url: str) -> None:
         page.reload()  # the secret is not shown again, anywhere
         page.wait_for_selector("#keys tr[data-key=alice]")
         assert secret not in page.content()
-        assert "$0.02 of $1.00 / month" in page.inner_text("#keys tr[data-key=alice]")
+        assert "$0.0200 of $1.00 / month" in page.inner_text("#keys tr[data-key=alice]")
         page.click("[data-revoke=alice]")
         page.wait_for_selector("#keys tr[data-key=alice] .pill.revoked")
         # the overview shows the new key's request too
@@ -154,6 +154,10 @@ async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream:
         assert headers["x-content-type-options"] == "nosniff" and "set-cookie" not in headers
     status, _, body = await run(get, "/ui")
     assert b"<script>" not in body and b" style=" not in body and b"http" not in body.replace(b"http-equiv", b"")
+    head = await run(call, url, "HEAD", "/ui")
+    assert head.status_code == 200 and head.text == ""
+    posted = await run(call, url, "POST", "/ui", "", {"x": "y" * 1000})  # refused on its head, no key asked
+    assert posted.status_code == 405
     for path in ("/ui/../config.py", "/ui/%2e%2e/__init__.py", "/ui/__init__.py", "/ui/nope.js"):
         assert (await run(get, path))[0] == 404, path
     # the console's admin routes: admin key only

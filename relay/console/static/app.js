@@ -47,7 +47,7 @@ async function api(method, path, body) {
 // ---- formatting ----------------------------------------------------------------------------------
 
 const num = (v, d = 0) => (v === null || v === undefined ? "–" : Number(v).toLocaleString("en-US", { maximumFractionDigits: d, minimumFractionDigits: d }));
-const usd = (v) => (v === null || v === undefined ? "–" : "$" + Number(v).toFixed(v !== 0 && Math.abs(v) < 0.01 ? 6 : 2));
+const usd = (v) => (v === null || v === undefined ? "–" : "$" + Number(v).toFixed(v !== 0 && Math.abs(v) < 1 ? 4 : 2));
 const ms = (v) => (v === null || v === undefined ? "–" : `${num(v, v < 10 ? 1 : 0)} ms`);
 const pct = (v) => (v === null || v === undefined ? "–" : `${num(v * 100, 1)} %`);
 const clock = (t) => new Date(t * 1000).toLocaleTimeString("en-GB", { hour12: false });
@@ -69,7 +69,8 @@ function spark(values) {
 
 function card(label, value, values, title) {
   return el("div", { class: "card", title: title || "" }, el("div", { class: "label" }, label),
-    el("div", { class: "value", "data-metric": label }, value), values ? spark(values) : null);
+    el("div", { class: "value", "data-metric": label }, value), values ? spark(values) : null,
+    values ? el("div", { class: "axis" }, el("span", {}, "1 h ago"), el("span", {}, "now")) : null);
 }
 
 function lastOf(values) {
@@ -184,7 +185,7 @@ const pages = {
       const keys = (await api("GET", "/admin/keys")).data;
       list.replaceChildren(...keys.flatMap((k) => {
         const row = el("tr", { "data-key": k.name },
-          el("td", {}, k.name), el("td", {}, el("span", { class: `pill ${k.state}` }, k.state)), el("td", { class: "muted" }, k.hint ? `${k.hint}…` : ""),
+          el("td", {}, k.name), el("td", {}, el("span", { class: `pill ${k.state}` }, k.state)), el("td", { class: "muted" }, k.hint || ""),
           el("td", { class: "wrap" }, (k.models || []).join(", ") || "any"),
           el("td", {}, k.limits.rpm ?? "–"), el("td", {}, k.limits.tpm ?? "–"), el("td", {}, k.limits.max_streams ?? "–"),
           el("td", {}, budgetCell(k)), el("td", {}, k.expires || "–"), el("td", {}));
@@ -234,14 +235,14 @@ const pages = {
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const r = await api("GET", `/admin/resolve?model=${encodeURIComponent(input.value)}`);
-      out.replaceChildren(el("table", {}, el("tbody", {}, row(r))));
+      out.replaceChildren(el("table", { class: "kv" }, el("tbody", {}, row(r))));
     });
     const all = await api("GET", "/admin/resolve");
     const pairs = (obj) => Object.entries(obj).map(([k, v]) => el("tr", {}, el("td", { class: "wrap" }, k), el("td", { class: "wrap" }, v.join(" → "))));
     root.append(el("h1", {}, "Routes"), form, out, el("h2", {}, "Claude Code's tiers"),
-      el("table", {}, el("tbody", {}, all.tiers.map(row))),
-      el("h2", {}, "Routes"), el("table", {}, el("tbody", {}, pairs(all.routes))),
-      el("h2", {}, "Aliases"), el("table", {}, el("tbody", {}, pairs(all.aliases))));
+      el("table", { class: "kv" }, el("tbody", {}, all.tiers.map(row))),
+      el("h2", {}, "Routes"), el("table", { class: "kv" }, el("tbody", {}, pairs(all.routes))),
+      el("h2", {}, "Aliases"), el("table", { class: "kv" }, el("tbody", {}, pairs(all.aliases))));
     return null;
   },
 
