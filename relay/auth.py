@@ -92,11 +92,15 @@ class Keys:
         """The admin API: an admin key only, never a client key; none configured = no admin API."""
         if not self._admin:
             raise RelayError(404, "the admin API is off: set [server] admin_keys to turn it on", "not_found_error")
+        self._operator(headers, self._admin, "an admin key", "use the admin API")
+
+    def _operator(self, headers: Headers, keys: Sequence[tuple[bytes, object]], needed: str, doing: str) -> None:
+        """One of ``keys`` is presented, else 403 for a client key (it is known, just not enough) or 401."""
         secret = presented(headers)
-        if _match(secret, self._admin) is None:
+        if _match(secret, keys) is None:
             if secret and self._find(secret) is not None:
-                raise RelayError(403, "a client key cannot use the admin API; use an admin key", "permission_error")
-            raise RelayError(401, "the admin API needs an admin key (x-api-key or Authorization: Bearer)",
+                raise RelayError(403, f"a client key cannot {doing}; use {needed}", "permission_error")
+            raise RelayError(401, f"{needed} is needed to {doing} (x-api-key or Authorization: Bearer)",
                              "authentication_error")
 
     def check_metrics(self, headers: Headers, peer_loopback: bool) -> None:
@@ -107,12 +111,7 @@ class Keys:
                 raise RelayError(403, "metrics are served on loopback only; set [server] metrics_keys (or admin_keys)"
                                       " to read them from elsewhere", "permission_error")
             return
-        secret = presented(headers)
-        if _match(secret, self._metrics) is None:
-            if secret and self._find(secret) is not None:
-                raise RelayError(403, "a client key cannot read metrics; use a metrics or admin key", "permission_error")
-            raise RelayError(401, "metrics need a metrics or admin key (x-api-key or Authorization: Bearer)",
-                             "authentication_error")
+        self._operator(headers, self._metrics, "a metrics or admin key", "read metrics")
 
 
 def permitted(client: ClientKey, model: str, targets: list[Target]) -> list[Target]:
