@@ -95,9 +95,20 @@ class Live:
             "input_tokens": input_tokens, "output_tokens": output_tokens,
             "cost_usd": cost_micros / 1_000_000 if cost_micros else None})
 
+    def _minute(self, last: int, elapsed: float) -> dict[str, Any]:
+        """The headline figures: the last six slots (the one filling included), so a quiet second reads as the
+        minute's rate, not as zero."""
+        slots = [s for s in (self._slots[i % STEPS] for i in range(last - 5, last + 1)) if s.index > last - 6]
+        span = 5 * STEP + elapsed
+        requests = sum(s.requests for s in slots)
+        ttfb = [sum(counts) for counts in zip(*(s.ttfb for s in slots if s.ttfb))]
+        return {"requests_per_s": round(requests / span, 3), "tokens_per_s": round(sum(s.tokens for s in slots) / span, 2),
+                "error_rate": round(sum(s.errors for s in slots) / requests, 4) if requests else None,
+                "ttfb_p50_ms": _quantile(ttfb, 0.5), "ttfb_p99_ms": _quantile(ttfb, 0.99)}
+
     def snapshot(self, now: float, after: int = 0) -> dict[str, Any]:
         """The hour's series, oldest first (per-second rates; the last slot is the one still filling, its rates
-        over the seconds it has had), and the requests newer than sequence number ``after``."""
+        over the seconds it has had), the last minute's figures, and the requests newer than sequence ``after``."""
         last = int(now // STEP)
         elapsed = max(1.0, now - last * STEP)
         rps: list[float] = []
@@ -119,7 +130,7 @@ class Live:
             streams.append(slot.streams)
             p50.append(_quantile(slot.ttfb, 0.5))
             p99.append(_quantile(slot.ttfb, 0.99))
-        return {"now": round(now, 3), "step": STEP, "seq": self._seq,
+        return {"now": round(now, 3), "step": STEP, "seq": self._seq, "last_minute": self._minute(last, elapsed),
                 "series": {"requests_per_s": rps, "error_rate": err, "tokens_per_s": tps, "cost_usd": cost,
                            "streams_open": streams, "ttfb_p50_ms": p50, "ttfb_p99_ms": p99},
                 "recent": [r for r in self.recent if r["seq"] > after]}

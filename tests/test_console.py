@@ -198,7 +198,15 @@ def test_live_series_and_bounds() -> None:
     assert s["error_rate"][-1] == pytest.approx(38 / 150, abs=1e-3) and s["streams_open"][-1] == 4
     assert s["cost_usd"][-1] == pytest.approx(0.0015)
     assert 100 <= s["ttfb_p50_ms"][-1] <= 125 and s["ttfb_p50_ms"][-2] is None
+    for _ in range(3):  # slow ones in the step before: 2 % of the minute, so they are its p99
+        live.request_done(t0 - STEP + 1, key="k", model="m", target="p/m", status=200, stream=False, ttfb=2.0,
+                          duration=2.0, input_tokens=10, output_tokens=0, cost_micros=0)
+    minute = live.snapshot(t0 + 5)["last_minute"]
+    assert minute["requests_per_s"] == pytest.approx(153 / 55, abs=1e-3)
+    assert minute["error_rate"] == pytest.approx(38 / 153, abs=1e-3)
+    assert 100 <= minute["ttfb_p50_ms"] <= 125 and 2000 <= minute["ttfb_p99_ms"] <= 2500
+    assert live.snapshot(t0 + 5 + 6 * STEP)["last_minute"]["requests_per_s"] == 0  # a minute on: nothing
     # an hour on, the slot is reused and the old counts are gone
     later = live.snapshot(t0 + STEP * STEPS + 1)["series"]
     assert sum(later["requests_per_s"]) == 0 and later["ttfb_p99_ms"][-1] is None
-    assert live.snapshot(t0 + 5, after=150)["recent"] == []
+    assert live.snapshot(t0 + 5, after=153)["recent"] == []

@@ -73,11 +73,6 @@ function card(label, value, values, title) {
     values ? el("div", { class: "axis" }, el("span", {}, "1 h ago"), el("span", {}, "now")) : null);
 }
 
-function lastOf(values) {
-  for (let i = values.length - 1; i >= 0; i--) if (values[i] !== null) return values[i];
-  return null;
-}
-
 // ---- pages ---------------------------------------------------------------------------------------
 
 const pages = {
@@ -85,7 +80,7 @@ const pages = {
     const cards = el("div", { class: "cards", id: "cards" });
     const body = el("tbody", { id: "recent" });
     root.append(el("h1", {}, "Overview"),
-      el("p", { class: "muted" }, "The last hour in 10-second steps, from this relay process; the table shows requests as they finish."),
+      el("p", { class: "muted" }, "Figures over the last minute; charts over the last hour in 10-second steps; both from this relay process. The table shows requests as they finish."),
       cards, el("h2", {}, "Recent requests"),
       el("table", {}, el("thead", {}, el("tr", {}, ["time", "key", "model asked", "target served", "status", "TTFB",
         "duration", "tokens in/out", "cost"].map((h) => el("th", {}, h)))), body));
@@ -100,13 +95,14 @@ const pages = {
         spend = usage ? usage.data.filter((r) => r.day === today()).reduce((s, r) => s + r.cost_usd, 0) : null;
       }
       const s = live.series;
+      const m = live.last_minute;
       cards.replaceChildren(
-        card("requests / s", num(lastOf(s.requests_per_s), 2), s.requests_per_s),
-        card("streams open", num(live.streams_open), s.streams_open, "the most open in each step"),
-        card("TTFB p50", ms(lastOf(s.ttfb_p50_ms)), s.ttfb_p50_ms, "time to first byte, to within 25 %"),
-        card("TTFB p99", ms(lastOf(s.ttfb_p99_ms)), s.ttfb_p99_ms, "time to first byte, to within 25 %"),
-        card("error rate", pct(lastOf(s.error_rate)), s.error_rate, "answers that were not 2xx"),
-        card("tokens / s", num(lastOf(s.tokens_per_s), 1), s.tokens_per_s, "input + output"),
+        card("requests / s", num(m.requests_per_s, 2), s.requests_per_s, "headline: the last minute"),
+        card("streams open", num(live.streams_open), s.streams_open, "now; the chart: the most open in each step"),
+        card("TTFB p50", ms(m.ttfb_p50_ms), s.ttfb_p50_ms, "time to first byte over the last minute, to within 25 %"),
+        card("TTFB p99", ms(m.ttfb_p99_ms), s.ttfb_p99_ms, "time to first byte over the last minute, to within 25 %"),
+        card("error rate", pct(m.error_rate), s.error_rate, "answers that were not 2xx, over the last minute"),
+        card("tokens / s", num(m.tokens_per_s, 1), s.tokens_per_s, "input + output, over the last minute"),
         card("spend today", usd(spend), s.cost_usd, "today (UTC) from the store, every instance; the chart: this process, per step"));
       for (const r of live.recent) {
         const row = el("tr", { class: "fresh", "data-seq": r.seq },
