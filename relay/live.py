@@ -38,19 +38,24 @@ class _Slot:
         self.ttfb = []
 
 
-def _quantile(counts: list[int], q: float) -> float | None:
-    """The upper bound of the bucket holding the q-th value, in ms (None with no values)."""
+def quantile_bucket(counts: list[int], q: float) -> int | None:
+    """Which bucket of a histogram holds its q-th value (None with no values). Shared with the console's
+    reading of the /metrics histograms."""
     total = sum(counts)
     if not total:
         return None
-    rank = math.ceil(q * total)
-    running = 0
+    rank, running = math.ceil(q * total), 0
     for i, count in enumerate(counts):
         running += count
         if running >= rank:
-            bound = TTFB_BOUNDS[min(i, len(TTFB_BOUNDS) - 1)]
-            return round(bound * 1000, 1)
+            return i
     return None
+
+
+def _quantile(counts: list[int], q: float) -> float | None:
+    """The upper bound of the bucket holding the q-th value, in ms (the last bound for the overflow bucket)."""
+    i = quantile_bucket(counts, q)
+    return None if i is None else round(TTFB_BOUNDS[min(i, len(TTFB_BOUNDS) - 1)] * 1000, 1)
 
 
 class Live:

@@ -226,7 +226,7 @@ class Server:
                 await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
                 return
             if ex.route == "/admin":
-                local = console.answer(self, method, path, ex.path.partition("?")[2])
+                local = await console.answer(self, method, path, ex.path.partition("?")[2], body)
                 if local is not None:
                     await send_body(conn, ex, 200, local)
                     return

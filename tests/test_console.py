@@ -17,8 +17,15 @@ import trio
 from relay.live import RECENT, STEP, STEPS, Live
 from tests.browser import browser_page
 from tests.conftest import RELAY_KEY, relay_config, start_relay
-from tests.mock_upstream import MockUpstream, text_stream
+from tests.mock_upstream import MockUpstream, completion, text_stream
 from tests.test_gateway import ADMIN, ask, call, gateway_config, run
+
+def answers_ok(recorded: Any) -> Any:
+    """The mock upstream's "ok", as a stream or in one piece, as asked."""
+    if recorded.json.get("stream"):
+        return text_stream("ok", usage=(10, 5))
+    return completion({"role": "assistant", "content": "ok"})
+
 
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 
@@ -106,6 +113,9 @@ def browse_providers_routes_usage(url: str) -> None:
         text = page.inner_text("#page")
         assert "circuit closed" in text and "1 key(s), 0 cooling down" in text and "mock-model" in text
         assert "sk-upstream" not in page.content()  # upstream keys are counted, never shown
+        page.click("[data-try='mock/mock-model']")  # a tiny request straight to the upstream: its answer and latency
+        page.wait_for_selector(".try-result.ok:has-text('ok')")
+        assert re.search(r"\d ms: ok$", page.inner_text(".try-result.ok")), page.inner_text(".try-result.ok")
         page.click("nav a[data-page=routes]")
         page.fill("#resolve input", "alias-model")
         page.click("#resolve button")
@@ -122,7 +132,7 @@ def browse_providers_routes_usage(url: str) -> None:
 
 async def test_console_providers_routes_usage_in_a_browser(nursery: trio.Nursery, upstream: MockUpstream,
                                                            tmp_path: Path) -> None:
-    upstream.handler = lambda r: text_stream("ok", usage=(10, 5))
+    upstream.handler = answers_ok
     relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
     assert await run(ask, relay.url, RELAY_KEY) == "ok"
     await relay.server.flush_usage()
@@ -130,7 +140,7 @@ async def test_console_providers_routes_usage_in_a_browser(nursery: trio.Nursery
 
 
 async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
-    upstream.handler = lambda r: text_stream("ok", usage=(10, 5))
+    upstream.handler = answers_ok
     relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
     url = relay.url
     import http.client
@@ -175,6 +185,10 @@ async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream:
     providers = (await run(call, url, "GET", "/admin/providers")).json()["data"]
     assert providers[0]["name"] == "mock" and providers[0]["health"]["circuit"] == "closed"
     assert "sk-" not in (await run(call, url, "GET", "/admin/providers")).text
+    tried = (await run(call, url, "POST", "/admin/try", ADMIN, {"target": "mock/mock-model"})).json()
+    assert tried["ok"] and tried["text"] == "ok" and tried["ms"] > 0
+    assert (await run(call, url, "POST", "/admin/try", ADMIN, {"target": "nope/x"})).status_code == 400
+    assert (await run(call, url, "POST", "/admin/try", RELAY_KEY, {"target": "mock/mock-model"})).status_code == 403
     resolved = (await run(call, url, "GET", "/admin/resolve?model=alias-model")).json()
     assert resolved["targets"][0]["target"] == "mock/aliased-upstream-model"
     # no admin keys: no admin API and no console
@@ -210,3 +224,10 @@ def test_live_series_and_bounds() -> None:
     later = live.snapshot(t0 + STEP * STEPS + 1)["series"]
     assert sum(later["requests_per_s"]) == 0 and later["ttfb_p99_ms"][-1] is None
     assert live.snapshot(t0 + 5, after=153)["recent"] == []
+
+
+def test_provider_urls_are_shown_without_secrets() -> None:
+    from relay.console import _shown_url
+
+    assert _shown_url("https://user:pw@llm.internal:8443/v1?key=abc") == "https://llm.internal:8443/v1"
+    assert _shown_url("http://[::1]:8080/v1") == "http://[::1]:8080/v1"

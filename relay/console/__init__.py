@@ -11,14 +11,17 @@ from __future__ import annotations
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
 import trio
 
 from relay import pricing, routing
+from relay.formats import registry
+from relay.formats.base import ClientRequest, Options
 from relay.config import Provider
 from relay.errors import RelayError
+from relay.live import quantile_bucket
 from relay.metrics import BUCKETS
 
 if TYPE_CHECKING:
@@ -54,14 +57,20 @@ def asset(path: str) -> tuple[bytes, bytes]:
     return found
 
 
-ROUTES = ("live", "providers", "resolve")
+ROUTES = ("live", "providers", "resolve", "try")
+TRY_PROMPT = "Say hello in five words."
 
 
-def answer(server: Server, method: str, path: str, query: str) -> bytes | None:
-    """The console's own admin routes (``GET /admin/live|providers|resolve``); None for any other path."""
+async def answer(server: Server, method: str, path: str, query: str, body: bytes) -> bytes | None:
+    """The console's own admin routes (``GET /admin/live|providers|resolve``, ``POST /admin/try``); None for any
+    other path."""
     name = path[len("/admin/"):]
     if name not in ROUTES:
         return None
+    if name == "try":
+        if method != "POST":
+            raise RelayError(405, f"{method} is not allowed here; use POST", "invalid_request_error")
+        return orjson.dumps(await _try(server, body))
     if method != "GET":
         raise RelayError(405, f"{method} is not allowed here; use GET", "invalid_request_error")
     args = parse_qs(query)
@@ -96,22 +105,54 @@ def _resolved(server: Server, model: str) -> dict[str, Any]:
         {"target": t.label, "context_window": t.provider.limits_for(t.model).context_window} for t in targets]}
 
 
+async def _try(server: Server, body: bytes) -> dict[str, Any]:
+    """The providers page's "try it": a tiny request straight to one ``provider/model`` (no route, no fallback, no
+    retry), its answer and latency. Not booked as usage: it is the operator's, not a key's."""
+    try:
+        doc = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError:
+        raise RelayError(400, "request body is not valid JSON", "invalid_request_error") from None
+    target = doc.get("target") if isinstance(doc, dict) else None
+    name, _, model = target.partition("/") if isinstance(target, str) else ("", "", "")
+    provider = server.config.providers.get(name)
+    if provider is None or not model:
+        raise RelayError(400, "target: expected PROVIDER/MODEL naming a configured provider", "invalid_request_error")
+    req = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": TRY_PROMPT}]}
+    fmt = registry.get(provider.format)
+    started = time.perf_counter()
+    try:
+        call = fmt.build(req, provider, model, False, ClientRequest(orjson.dumps(req), req, ()))
+        async with server.upstreams.request(provider, call.path, call.body, stream=False, extra_headers=call.headers,
+                                            model=model) as upstream:
+            data = await upstream.read(1024 * 1024)
+        message = fmt.translate_response(orjson.loads(data), Options(model, provider, max_tokens=32))
+    except RelayError as exc:
+        return {"target": target, "ok": False, "status": exc.status, "error": exc.message,
+                "ms": round((time.perf_counter() - started) * 1000, 1)}
+    except orjson.JSONDecodeError:
+        return {"target": target, "ok": False, "status": 502, "error": "the upstream answered with invalid JSON",
+                "ms": round((time.perf_counter() - started) * 1000, 1)}
+    text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
+    return {"target": target, "ok": True, "text": text, "usage": message.get("usage"),
+            "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
 def _p50(server: Server, provider: str) -> float | None:
     """The median time to first byte from the /metrics histogram (its bucket's upper bound, in ms)."""
     histogram = server.metrics.ttfb.get((provider,))
-    if histogram is None or not histogram.n:
-        return None
-    running = 0
-    for bound, count in zip((*BUCKETS, float("inf")), histogram.counts):
-        running += count
-        if running * 2 >= histogram.n:
-            return None if bound == float("inf") else bound * 1000
-    return None
+    i = None if histogram is None else quantile_bucket(histogram.counts, 0.5)
+    return None if i is None or i >= len(BUCKETS) else BUCKETS[i] * 1000
+
+
+def _shown_url(url: str) -> str:
+    """A base URL without what may hold a secret (user:password@, a query string)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _provider(server: Server, p: Provider) -> dict[str, Any]:
     """A provider as the page shows it: never a key, only how many there are and how many rest."""
-    return {"name": p.name, "format": p.format, "base_url": p.base_url, "preset": p.preset, "keys": len(p.api_keys),
+    return {"name": p.name, "format": p.format, "base_url": _shown_url(p.base_url), "preset": p.preset, "keys": len(p.api_keys),
             "passthrough_models": p.passthrough_models, "source": "config",
             "health": server.healths.of(p).state(trio.current_time()),
             "ttfb_p50_ms": _p50(server, p.name),

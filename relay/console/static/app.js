@@ -205,6 +205,20 @@ const pages = {
   },
 
   async providers(root) {
+    const tryCell = (target) => {
+      const out = el("span", { class: "try-result" });
+      const button = el("button", { type: "button", "data-try": target, on: { click: async () => {
+        button.disabled = true;
+        out.textContent = " …";
+        try {
+          const r = await api("POST", "/admin/try", { target });
+          out.className = `try-result ${r.ok ? "ok" : "error"}`;
+          out.textContent = r.ok ? ` ${ms(r.ms)}: ${r.text}` : ` ${ms(r.ms)}: ${r.status} ${r.error}`;
+        } catch (e) { if (!(e instanceof Refused)) out.textContent = ` ${e.message}`; }
+        button.disabled = false;
+      } } }, "Try it");
+      return el("td", { class: "wrap" }, button, out);
+    };
     const data = (await api("GET", "/admin/providers")).data;
     root.append(el("h1", {}, "Providers"), el("p", { class: "muted" }, "Health as this relay process sees it. Upstream keys are counted, never shown."));
     for (const p of data) {
@@ -213,9 +227,10 @@ const pages = {
         el("p", {}, "circuit ", el("span", { class: `pill ${h.circuit}` }, h.circuit),
           ` · ${h.failures} failures in a row · ${h.keys} key(s), ${h.keys_cooling} cooling down · TTFB p50 ${ms(p.ttfb_p50_ms)} · last error `,
           h.last_error ? `${h.last_error.status}, ${num(h.last_error.seconds_ago)} s ago` : "none"),
-        el("table", {}, el("thead", {}, el("tr", {}, ["model", "context window", "max output", "USD / M in", "USD / M out", "cache read", "cache write"].map((x) => el("th", {}, x)))),
+        el("table", {}, el("thead", {}, el("tr", {}, ["model", "context window", "max output", "USD / M in", "USD / M out", "cache read", "cache write", ""].map((x) => el("th", {}, x)))),
           el("tbody", {}, p.models.map((m) => el("tr", {}, el("td", {}, m.id), el("td", {}, num(m.context_window)), el("td", {}, num(m.max_output)),
-            ...["input", "output", "cache_read", "cache_write"].map((f) => el("td", {}, m.price && m.price[f] !== null ? m.price[f] : "–")))))));
+            ...["input", "output", "cache_read", "cache_write"].map((f) => el("td", {}, m.price && m.price[f] !== null ? m.price[f] : "–")),
+            tryCell(`${p.name}/${m.id}`))))));
       if (p.passthrough_models) root.append(el("p", { class: "muted" }, "Any other model name is passed through unchanged."));
     }
     return null;
