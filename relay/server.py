@@ -16,7 +16,7 @@ import h11
 import orjson
 import trio
 
-from relay import admin, routing, tokens, transport
+from relay import admin, console, routing, tokens, transport
 from relay.auth import OPEN, Keys, may_call, permitted
 from relay.config import ClientKey, Config, ServerConfig
 from relay.context import Limits
@@ -27,6 +27,7 @@ from relay.formats.base import ClientRequest, Options
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
+from relay.live import Live
 from relay.log import Exchange
 from relay.instance_metrics import Board
 from relay.metrics import Metrics
@@ -57,6 +58,7 @@ class Server:
         self.healths = Healths()
         self.known = Limits(self.upstreams.get_json)
         self.metrics = Metrics(routing.configured_names(config))
+        self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
         self.gateway = Gateway(config, self.metrics)
         self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
@@ -162,6 +164,13 @@ class Server:
         self.metrics.request_done(
             ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
             None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
+        if ex.route.startswith("/v1/"):  # what clients asked for; not the console's own polling
+            self.live.request_done(
+                time.time(), key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
+                status=ex.status, stream=ex.stream, ttfb=None if ex.ttfb is None else ex.ttfb - ex.started,
+                duration=time.perf_counter() - ex.started, input_tokens=ex.input_tokens,
+                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000))
+            self.live.streams(time.time(), self.metrics.open_streams)
         ex.write()
 
     def _book(self, ex: Exchange) -> None:
@@ -186,6 +195,12 @@ class Server:
         elif path.startswith("/admin/"):
             ex.route = "/admin"
             self._auth.check_admin(request.headers)
+        elif path == "/ui" or path.startswith("/ui/"):
+            ex.route = "/ui"  # static files, no secret in them: no key asked, but none served without an admin API
+            if not self.config.server.admin_keys:
+                raise RelayError(404, "the console is off: set [server] admin_keys to turn it on", "not_found_error")
+            if ex.method not in ("GET", "HEAD"):  # refused on the head: no body is read for anyone without a key
+                raise RelayError(405, f"{ex.method} is not allowed on {path}", "invalid_request_error")
         elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
             ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
             ex.client = self._auth.client(request.headers)
@@ -216,8 +231,17 @@ class Server:
                 await send_body(conn, ex, 200, text, content_type=b"text/plain; version=0.0.4")
                 return
             if ex.route == "/admin":
+                local = await console.answer(self, method, path, ex.path.partition("?")[2], body)
+                if local is not None:
+                    await send_body(conn, ex, 200, local)
+                    return
                 status, answer = await admin.handle(self.gateway, method, ex.path, body)
                 await send_body(conn, ex, status, answer)
+                return
+            if ex.route == "/ui":
+                page, content_type = console.asset(path)
+                await send_body(conn, ex, 200, page, content_type=content_type, extra=console.HEADERS,
+                                head_only=method == "HEAD")
                 return
             assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
