@@ -1,13 +1,15 @@
-"""The stream pump: upstream chunks -> translator -> client, while a watcher notices a client that leaves.
+"""The stream pump: upstream reads -> translator -> client, while a watcher notices a client that leaves.
 
-Every upstream chunk is translated the moment it arrives; what one upstream read delivered leaves in one
-client write, made when the upstream connection is about to read the network again (``Pump.flush``, passed
-to ``Upstreams.request`` as its ``before_read`` hook), so nothing ever waits for a later read.
+One loop: read the upstream once, translate what that read completed (SSE events, parsed in the same pass as
+the chunk framing, or body bytes for a translator that wants them), and write it to the client in one write
+just before the next upstream read (``Pump.flush``), so nothing ever waits for a later read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -15,6 +17,7 @@ from relay.errors import RelayError, empty_stream
 from relay.formats.base import Translator
 from relay.http import ClientGone, EventStream
 from relay.metrics import Metrics
+from relay.sse import SSEError
 from relay.upstream import Deadlines, UpstreamBroke, UpstreamResponse, stalled
 
 log = logging.getLogger("relay.server")
@@ -115,15 +118,21 @@ class Pump:
         """Feeds the translator; returns the error to answer with when the upstream failed before anything
         was produced. ``reading`` is cancelled by the idle-gap timer."""
         ex, pending, deadlines = self.out.ex, self.pending, self.deadlines
+        feed_events = getattr(translator, "feed_events", None)
+        read: Callable[[], Awaitable[Any]] = upstream.events if feed_events is not None else upstream.chunk
+        feed: Callable[[Any], bytes] = feed_events if feed_events is not None else translator.feed
         try:
             with reading:
-                async for chunk in upstream.chunks():
+                while not upstream.done:
+                    await self.flush()
+                    got = await read()
                     deadlines.heard()
-                    out = translator.feed(chunk)
-                    if out:
-                        pending.append(out)
-                    if translator.done:
-                        break
+                    if got:
+                        out = feed(got)
+                        if out:
+                            pending.append(out)
+                        if translator.done:
+                            break
                 else:
                     pending.append(translator.finish())
             if reading.cancelled_caught:
@@ -132,6 +141,8 @@ class Pump:
             raise
         except UpstreamBroke as exc:
             pending.append(translator.abort(exc))
+        except SSEError as exc:
+            pending.append(translator.bad_sse(exc))  # type: ignore[attr-defined]  # only event translators meet it
         except Exception:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
             log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=True)
             err = RelayError(502, f"{ex.target}: the upstream sent data relay could not translate", "api_error")
