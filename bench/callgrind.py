@@ -3,7 +3,8 @@
 Wall-clock and even CPU-time figures swing by tens of percent on this shared 2-core VM; an instruction count
 of the same workload repeats to a fraction of a percent. The workload: the mock upstream (not counted) and one
 server under ``valgrind --tool=callgrind`` (relay, or ``stack``/``pipe`` for the floors), sequential
-keep-alive requests for a 50-chunk stream (the burst case). Counting starts after a warm-up (callgrind_control
+keep-alive requests for a 50-chunk stream written in one piece (``--shape burst``: the whole body comes in one
+read) or 16 chunks 20 ms apart (``--shape paced``: one read per chunk, what a real model's stream costs). Counting starts after a warm-up (callgrind_control
 zeroes the counters) and stops after ``--requests`` more, so start-up is not in the figure.
 
 Run: ``python -m bench.callgrind --target relay --requests 200`` (needs valgrind: ``apt-get install valgrind``).
@@ -74,8 +75,11 @@ def server_argv(target: str, upstream_port: int, port: int, config: Path) -> lis
     return [sys.executable, "-m", f"bench.{target}", "--upstream-port", str(upstream_port), "--port", str(port)]
 
 
-def measure(target: str, requests: int, warmup: int) -> int:
-    upstream, upstream_port = start_upstream({"default": {"chunks": 50, "coalesce": True}})
+SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "delay": 0.02}}
+
+
+def measure(target: str, requests: int, warmup: int, shape: str = "burst") -> int:
+    upstream, upstream_port = start_upstream({"default": SHAPES[shape]})
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     port = free_port()
     out = workdir / "callgrind.out"
@@ -111,9 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", default="relay", choices=["relay", "stack", "pipe"])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--shape", default="burst", choices=list(SHAPES))
     args = parser.parse_args(argv)
-    per = measure(args.target, args.requests, args.warmup)
-    print(f"{args.target}: {per:,} instructions per 50-chunk request ({args.requests} requests after {args.warmup} warm-up)")
+    per = measure(args.target, args.requests, args.warmup, args.shape)
+    print(f"{args.target}: {per:,} instructions per {args.shape} request ({SHAPES[args.shape]['chunks']} chunks; "
+          f"{args.requests} requests after {args.warmup} warm-up)")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,17 @@ class Response:
         self._network = connection.network
         self._timeout = timeout
 
+    @property
+    def has_arrived(self) -> bool:
+        """Bytes came with the head (or the peer closed right after it), not taken yet."""
+        return bool(self._first)
+
+    def arrived(self) -> list[bytes]:
+        """What came with the head (b"" last when the peer had closed), taken without I/O; [] when nothing did."""
+        first, self._first = self._first, []
+        first.reverse()
+        return first
+
     async def receive(self) -> bytes:
         """The connection's next bytes (b"": it closed): first what came with the head, then one network read.
         Raises httpcore's ReadError / ReadTimeout."""

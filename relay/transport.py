@@ -55,6 +55,15 @@ async def receive_some(sock: Any, max_bytes: int, try_first: bool, timeout: floa
             pass
 
 
+def send_now(sock: Any, data: bytes) -> bytes:
+    """One write that never waits; returns what the socket's buffer did not take. Raises OSError."""
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        return data
+    return data[sent:] if sent < len(data) else b""
+
+
 async def send_all(sock: Any, data: bytes, timeout: float | None = None) -> None:
     """Write to a non-blocking socket (stdlib or trio), waiting only when its buffer is full. Raises OSError
     when the peer is gone, httpcore.WriteTimeout."""

@@ -113,6 +113,21 @@ class UpstreamResponse:
         """The body has ended."""
         return self._reader.done
 
+    def arrived(self) -> bool:
+        """Bytes came with the head (or the peer closed right after it): ``arrived_*`` has something to read."""
+        return self._response.has_arrived
+
+    def arrived_events(self) -> list[Event]:
+        """The events in what came with the head (no I/O; framing errors raise at the next ``events``)."""
+        out: list[Event] = []
+        for data in self._response.arrived():
+            out += self._reader.feed_events(data)
+        return out
+
+    def arrived_chunk(self) -> bytes:
+        """The body bytes that came with the head, as ``arrived_events``."""
+        return b"".join(self._reader.feed(data) for data in self._response.arrived())
+
     async def _receive(self) -> bytes:
         if self._reader.error is not None:  # what came before the break was handed out by the last call
             raise midstream_error(self.label, _broken_framing(self._reader))
