@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install run test bench bench-smoke check clean
+.PHONY: install run test bench bench-smoke check clean redis-server
 
 install: $(STAMP)
 
@@ -27,9 +27,20 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,local-llm]'
 	touch $(TEST_STAMP)
 
-test: $(TEST_STAMP)   ## type-check relay, then run the whole test suite
+test: $(TEST_STAMP) redis-server  ## type-check relay, then run the whole test suite
 	$(PY) -m mypy relay
 	$(PY) -m pytest -q $(ARGS)
+
+# The store tests run a real redis-server (Debian's package). Installed here when missing and possible (as root
+# with apt-get, as in CI); otherwise those tests fail and say how to get it.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "make test: installing redis-server (Debian package) for the store tests"; \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
+	      echo "make test: could not install redis-server: the Redis store tests will fail"; \
+	    else echo "make test: redis-server is missing and cannot be installed here (not root, or no apt-get): the Redis store tests will fail"; fi; }
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 

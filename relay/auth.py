@@ -10,6 +10,7 @@ import hmac
 import ipaddress
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
+from typing import Any, Protocol
 
 from relay.config import ClientKey, Config
 from relay.errors import RelayError
@@ -46,23 +47,61 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Keys:
-    """The keys of one config, encoded once."""
+class VirtualKeys(Protocol):
+    """Where virtual keys are found (relay.store.View): in memory, by the digest of the secret."""
 
-    def __init__(self, config: Config) -> None:
+    keys: dict[str, Any]
+
+    def find(self, secret: bytes) -> ClientKey | None: ...
+
+
+class Keys:
+    """The keys of one config, encoded once, and the store's virtual keys beside them."""
+
+    def __init__(self, config: Config, virtual: VirtualKeys | None = None) -> None:
         self._clients = [(k.key.encode(), k) for k in config.keys]
         server = config.server
         self._metrics = [(k.encode(), True) for k in (*server.admin_keys, *server.metrics_keys)]
+        self._admin = [(k.encode(), True) for k in server.admin_keys]
+        self._virtual = virtual
+
+    def _open(self) -> bool:
+        """No key of any kind to check against: a single user's relay. A virtual key, once one exists, closes
+        it (its holder must not be the only one kept out)."""
+        return not self._clients and (self._virtual is None or not self._virtual.keys)
+
+    def _find(self, secret: bytes) -> ClientKey | None:
+        found = _match(secret, self._clients) if self._clients else None
+        if isinstance(found, ClientKey):
+            return found
+        if secret and self._virtual is not None:
+            return self._virtual.find(secret)  # a dict lookup by SHA-256 digest: its timing tells nothing
+        return None
 
     def client(self, headers: Headers) -> ClientKey:
-        """The client key presented, ``OPEN`` when relay has none configured; else 401."""
-        if not self._clients:
+        """The client key presented (config or virtual), ``OPEN`` when relay has none; else 401."""
+        if self._open():
             return OPEN
-        found = _match(presented(headers), self._clients)
-        if not isinstance(found, ClientKey):
+        found = self._find(presented(headers))
+        if found is None:
             raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)",
                              "authentication_error")
         return found
+
+    def check_admin(self, headers: Headers) -> None:
+        """The admin API: an admin key only, never a client key; none configured = no admin API."""
+        if not self._admin:
+            raise RelayError(404, "the admin API is off: set [server] admin_keys to turn it on", "not_found_error")
+        self._operator(headers, self._admin, "an admin key", "use the admin API")
+
+    def _operator(self, headers: Headers, keys: Sequence[tuple[bytes, object]], needed: str, doing: str) -> None:
+        """One of ``keys`` is presented, else 403 for a client key (it is known, just not enough) or 401."""
+        secret = presented(headers)
+        if _match(secret, keys) is None:
+            if secret and self._find(secret) is not None:
+                raise RelayError(403, f"a client key cannot {doing}; use {needed}", "permission_error")
+            raise RelayError(401, f"{needed} is needed to {doing} (x-api-key or Authorization: Bearer)",
+                             "authentication_error")
 
     def check_metrics(self, headers: Headers, peer_loopback: bool) -> None:
         """``/metrics`` shows every key's models and traffic, so a client key never reads it: an admin or
@@ -72,12 +111,7 @@ class Keys:
                 raise RelayError(403, "metrics are served on loopback only; set [server] metrics_keys (or admin_keys)"
                                       " to read them from elsewhere", "permission_error")
             return
-        secret = presented(headers)
-        if _match(secret, self._metrics) is None:
-            if secret and _match(secret, self._clients) is not None:
-                raise RelayError(403, "a client key cannot read metrics; use a metrics or admin key", "permission_error")
-            raise RelayError(401, "metrics need a metrics or admin key (x-api-key or Authorization: Bearer)",
-                             "authentication_error")
+        self._operator(headers, self._metrics, "a metrics or admin key", "read metrics")
 
 
 def permitted(client: ClientKey, model: str, targets: list[Target]) -> list[Target]:

@@ -56,13 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                "`relay claude -- --help` shows Claude Code's help.")
     _add_config(claude)
     claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c comes first)")
-    usage = sub.add_parser("usage", help="print per-key usage totals (requests and tokens by model)")
+    usage = sub.add_parser("usage", help="per key and model: requests served and refused, tokens, cost")
     _add_config(usage)
-    usage.add_argument("--db", action="append", help="usage file(s) to add up (default: the config's usage_db)")
+    usage.add_argument("--db", action="append",
+                       help="SQLite file(s) to add up instead of the store (old usage books read too)")
     usage.add_argument("--since", help="only days from YYYY-MM-DD on")
     settings = sub.add_parser("claude-settings", help="print the ~/.claude/settings.json block for this relay")
     _add_config(settings)
     sub.add_parser("presets", help="list the provider presets (preset = \"name\" in a provider block)")
+    from relay.gateway_cli import add_commands
+
+    add_commands(sub, _add_config)
     return parser
 
 
@@ -96,20 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return check(config, args.models)
     if args.command == "usage":
-        from relay.log import printable
-        from relay.usage import default_path, report
+        from relay.gateway_cli import usage_command
 
-        paths = args.db or [config.server.usage_db or default_path()]
-        try:
-            print(f"{'key':<16} {'model':<40} {'requests':>9} {'input':>12} {'output':>12} {'est. input':>12} "
-                  f"{'est. output':>12}")
-            for key, model, n, tin, tout, est_in, est_out in report(paths, args.since):
-                print(f"{printable(key, 40):<16} {printable(model, 80):<40} {n:>9} {tin:>12} {tout:>12} {est_in:>12} "
-                      f"{est_out:>12}")
-            sys.stdout.flush()
-        except BrokenPipeError:  # `relay usage | head`: the reader has all it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
-        return 0
+        return usage_command(config, args.db, args.since)
+    if args.command == "keys":
+        from relay.gateway_cli import keys_command
+
+        return keys_command(config, args)
     if args.command == "claude-settings":
         from relay.launcher import settings_json
 
@@ -201,12 +198,15 @@ def serve(config: Config, host: str | None, port: int | None, log_level: str, al
 
 def check(config: Config, models: list[str]) -> int:
     from relay.errors import RelayError
+    from relay.gateway_cli import check_store
     from relay.launcher import CLAUDE_CODE_MODELS
     from relay.routing import resolve
 
     print(f"config: {config.source}")
     s = config.server
     print(f"server: http://{s.host}:{s.port}  client keys: {len(s.api_keys) or 'none (open)'}  body limit: {s.body_limit} bytes")
+    store_line, store_ok = check_store(config)
+    print(store_line)
     for p in config.providers.values():
         keys = f"{len(p.api_keys)} key(s)" if p.api_keys else "no key"
         print(f"provider {p.name}: format={p.format} base_url={p.base_url} {keys}")
@@ -217,12 +217,16 @@ def check(config: Config, models: list[str]) -> int:
             print(f"  {' '.join(quirks)}")
         for model, lim in p.limits.items():
             print(f"  {model}: context_window={lim.context_window} max_output={lim.max_output}")
+        for model, price in p.prices.items():
+            print(f"  {model}: USD per million tokens: input {price.input:g} output {price.output:g}"
+                  + (f" cache read {price.cache_read:g}" if price.cache_read is not None else "")
+                  + (f" cache write {price.cache_write:g}" if price.cache_write is not None else ""))
     for alias, targets in config.models.items():
         print(f"alias {alias} -> {', '.join(targets)}")
     for route, targets in config.routes.items():
         print(f"route {route} -> {', '.join(targets)}")
+    status = 0 if store_ok else 1
     samples = models or list(CLAUDE_CODE_MODELS)
-    status = 0
     for model in samples:
         try:
             resolved = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off

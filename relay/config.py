@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from relay import presets
+from relay import presets, pricing
 
 SYSTEM_TURNS = ("keep", "merge", "user")
 # The content of an assistant turn that is only tool calls: null (OpenAI's own form; some Bedrock-backed servers
@@ -76,6 +76,7 @@ class Provider:
     context_window: int | None = None
     discover_context: bool = False  # ask a local server (llama.cpp, vLLM, Ollama, LM Studio) for its window
     limits: dict[str, "ModelLimits"] = field(default_factory=dict)
+    prices: dict[str, pricing.Price] = field(default_factory=dict)  # model (or glob) -> USD per million tokens
     # Presets and the URL's shape.
     preset: str | None = None
     query: tuple[tuple[str, str], ...] = ()  # appended to every upstream URL (Azure's api-version)
@@ -111,6 +112,7 @@ class ServerConfig:
     admin_keys: tuple[str, ...] = ()  # operators' keys: never client keys (they read /metrics)
     metrics_keys: tuple[str, ...] = ()  # keys that may read /metrics and nothing else (a Prometheus scraper)
     body_limit: int = 32 * 1024 * 1024
+    body_memory: int = 256 * 1024 * 1024  # request-body bytes held across all connections; past it, 529
     header_timeout: float = 30.0  # time to deliver a whole request once it has started
     idle_timeout: float = 120.0  # keep-alive connection with no request
     max_header_bytes: int = 64 * 1024
@@ -119,6 +121,20 @@ class ServerConfig:
     usage_db: str | None = None  # SQLite file of per-key usage; None = the default path, "" = off
     max_messages: int = 100_000  # messages in one request; past this, 413 request_too_large
     max_tools: int = 2_000  # tools in one request
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where keys, limits and usage live (see relay.store)."""
+
+    url: str = field(default="", repr=False)  # sqlite://PATH, redis://HOST:PORT/DB, rediss://...; "" = the default file
+    refresh: float = 0.5  # seconds between two rounds with the store (keys, counters, usage)
+    timeout: float = 2.0  # a store round that takes longer is given up (the store counts as down)
+    buffer: int = 100_000  # usage rows held while the store is away
+    rate_window: float = 60.0  # the "minute" of rpm and tpm, in seconds (tests shorten it)
+    day_window: float | None = None  # a budget "day" in seconds; unset = the UTC calendar day
+    month_window: float | None = None  # a budget "month" in seconds; unset = the UTC calendar month
+    enabled: bool = True  # False when [server] usage_db = "" (no book, no virtual keys)
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,7 @@ class ClientKey:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     keys: tuple[ClientKey, ...] = ()
     providers: dict[str, Provider] = field(default_factory=dict)
     models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> "provider/model" targets
@@ -150,6 +167,7 @@ _SERVER_KEYS = {
     "admin_keys": list,
     "metrics_keys": list,
     "body_limit": int,
+    "body_memory": int,
     "header_timeout": (int, float),
     "idle_timeout": (int, float),
     "max_header_bytes": int,
@@ -192,6 +210,16 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "context_window": int,
     "discover_context": bool,
     "limits": dict,
+    "prices": dict,
+}
+_STORE_KEYS: dict[str, Any] = {
+    "url": str,
+    "refresh": (int, float),
+    "timeout": (int, float),
+    "buffer": int,
+    "rate_window": (int, float),
+    "day_window": (int, float),
+    "month_window": (int, float),
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -292,8 +320,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
     for key in data:
-        if key not in ("server", "providers", "models", "routes", "keys"):
-            raise src.error(key, None, "unknown section (allowed: server, providers, models, routes, keys)")
+        if key not in ("server", "store", "providers", "models", "routes", "keys"):
+            raise src.error(key, None, "unknown section (allowed: server, store, providers, models, routes, keys)")
 
     raw_server = data.get("server", {})
     _check_keys(raw_server, _SERVER_KEYS, src, "server")
@@ -332,6 +360,16 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
             limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
         raw["limits"] = limits
+        prices: dict[str, pricing.Price] = {}
+        for model_name, entry in raw.pop("prices", {}).items():
+            try:
+                if not isinstance(entry, dict):
+                    raise ValueError("expected { input = USD, output = USD, cache_read = USD, cache_write = USD }"
+                                     " per million tokens")
+                prices[model_name] = pricing.parse(entry)
+            except ValueError as exc:
+                raise src.error(table, "prices", f"{model_name!r}: {exc}") from None
+        raw["prices"] = prices
         if "ca_file" in raw:
             raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
         providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
@@ -377,8 +415,42 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     for name in ("admin_keys", "metrics_keys"):
         if any(k.key in getattr(server, name) for k in client_keys):
             raise src.error("server", name, "holds a client key too; give operators keys of their own")
-    return Config(server=server, keys=tuple(client_keys), providers=providers, models=models, routes=routes,
-                  long_context_threshold=threshold, source=path)
+    return Config(server=server, store=_store(data.get("store", {}), server, src, env), keys=tuple(client_keys),
+                  providers=providers, models=models, routes=routes, long_context_threshold=threshold, source=path)
+
+
+def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) -> StoreConfig:
+    """``[store]``, checked now, so a bad url stops `relay check` and startup rather than the first request.
+    Without a url, the old ``[server] usage_db`` names the SQLite file (``""``: no store at all)."""
+    if not isinstance(raw, dict):
+        raise src.error("store", None, "expected a table")
+    _check_keys(raw, _STORE_KEYS, src, "store")
+    raw = {k: _expand(v, src, "store", k, env) for k, v in raw.items()}
+    url = raw.get("url", "")
+    if not url and server.usage_db is not None:
+        if server.usage_db == "":
+            return StoreConfig(**{**raw, "url": "", "enabled": False})
+        url = "sqlite://" + server.usage_db
+    if url:
+        problem = store_url_problem(url)
+        if problem:
+            from relay.store import masked
+
+            raise src.error("store", "url", f"{masked(url)!r}: {problem}")
+    for name in ("refresh", "timeout", "rate_window", "day_window", "month_window", "buffer"):
+        if name in raw and raw[name] <= 0:
+            raise src.error("store", name, "must be > 0")
+    return StoreConfig(**{**raw, "url": url})
+
+
+def store_url_problem(url: str) -> str | None:
+    if url.startswith("sqlite://"):
+        return None if url[len("sqlite://"):] else "no file: write sqlite:///path/to/relay.sqlite3"
+    if url.startswith(("redis://", "rediss://")):
+        from relay.store import redis_url_problem
+
+        return redis_url_problem(url)
+    return "expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
 
 
 def load(path: str | None, env: dict[str, str] | None = None) -> Config:

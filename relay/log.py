@@ -92,6 +92,8 @@ def access_line(
     stream: bool | None = None,
     request_id: str = "",
     note: str = "",
+    key: str = "",
+    cost_usd: float | None = None,
 ) -> None:
     if not access.isEnabledFor(logging.INFO):
         return
@@ -107,6 +109,11 @@ def access_line(
     if input_tokens is not None:
         parts.append(f"in={input_tokens} out={output_tokens or 0}" + (" (estimated: no usage from upstream)"
                                                                       if usage_estimated else ""))
+    if cost_usd is not None:
+        parts.append(f"cost=${cost_usd:.6f}")
+    if key:
+        key = printable(key, 80)
+        parts.append(f"key={key}")
     if request_id:
         parts.append(f"id={request_id}")
     if note:
@@ -115,7 +122,7 @@ def access_line(
               "stream": stream, "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
               "duration_ms": round(duration_ms, 2), "input_tokens": input_tokens, "output_tokens": output_tokens,
               "usage_estimated": usage_estimated,
-              "request_id": request_id, "note": note}
+              "request_id": request_id, "note": note, "key": key, "cost_usd": cost_usd}
     access.info(" ".join(parts), extra={"fields": fields})
 
 
@@ -138,6 +145,10 @@ class Exchange:
     request_id: str = field(default_factory=request_id)
     note: str = ""
     client: ClientKey | None = None
+    cache_read: int = 0  # of input_tokens, read from the upstream's prompt cache
+    cache_write: int = 0  # written to it (counted apart from input_tokens, as Anthropic counts them)
+    admitted: bool = False  # the gateway counted this request against its key (released once it is answered)
+    cost_usd: float | None = None  # from the served model's price
 
     def add_note(self, note: str) -> None:
         self.note = (self.note + " " if self.note else "") + note
@@ -148,4 +159,5 @@ class Exchange:
             ttfb_ms=None if self.ttfb is None else (self.ttfb - self.started) * 1000,
             duration_ms=(time.perf_counter() - self.started) * 1000, input_tokens=self.input_tokens,
             output_tokens=self.output_tokens, usage_estimated=self.usage_estimated, request_id=self.request_id, note=self.note,
+            key=self.client.name if self.client is not None else "", cost_usd=self.cost_usd,
         )

@@ -14,6 +14,9 @@ from collections.abc import Iterable
 
 MODEL_SERIES = 200  # distinct served model names labelled beyond the configured ones
 OTHER = "other"
+STORE_GAUGES = {"relay_store_up": "1 when the last round with the store succeeded.",
+                "relay_store_buffered_rows": "Usage rows held for the store (it is away, or between rounds).",
+                "relay_store_instances": "Instances sharing the store, as last seen."}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -50,6 +53,9 @@ class Metrics:
         self.duration: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)  # (provider,)
         self.ttfb: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)
         self.open_streams = 0
+        self.cost: dict[tuple[str, ...], int] = defaultdict(int)  # (provider,) -> micro-dollars, from its prices
+        self.refused: dict[tuple[str, ...], int] = defaultdict(int)  # (reason,) -> requests relay's limits refused
+        self.store: dict[str, int] = {}  # gauge name -> value (the store's state, set before each scrape)
 
     def model_label(self, model: str, served: bool) -> str:
         if model in self.configured or model in self._served_models:
@@ -105,6 +111,14 @@ class Metrics:
         counter("relay_fallbacks_total", "Requests moved off a provider to the route's next target.", ("provider",), self.fallbacks)
         histogram("relay_request_duration_seconds", "Whole request time.", self.duration)
         histogram("relay_time_to_first_byte_seconds", "Time until the first byte went to the client.", self.ttfb)
+        counter("relay_refused_total", "Requests refused by relay's own limits, budgets or key expiry.", ("reason",),
+                self.refused)
+        out.append("# HELP relay_cost_usd_total Spend computed from the configured prices.\n"
+                   "# TYPE relay_cost_usd_total counter")
+        for (provider,), micros in sorted(self.cost.items()):
+            out.append(f'relay_cost_usd_total{_labels(("provider",), (provider,))} {micros / 1_000_000}')
         out.append("# HELP relay_open_streams Streams being relayed now.\n# TYPE relay_open_streams gauge")
         out.append(f"relay_open_streams {self.open_streams}")
+        for gauge, value in sorted(self.store.items()):
+            out.append(f"# HELP {gauge} {STORE_GAUGES[gauge]}\n# TYPE {gauge} gauge\n{gauge} {value}")
         return ("\n".join(out) + "\n").encode()

@@ -43,6 +43,11 @@ _DEEPSEEK_LIMITS = {
     "deepseek-chat": {"context_window": 128_000, "max_output": 8_000},
     "deepseek-reasoner": {"context_window": 128_000, "max_output": 64_000},
 }
+# Prices (USD per million tokens), read on the same kind of page as the windows, and dated: providers change them.
+# https://api-docs.deepseek.com/quick_start/pricing (Pricing Details, from 2025-09-05 16:00 UTC: one price list
+# for deepseek-chat and deepseek-reasoner; input cache miss $0.56, cache hit $0.07, output $1.68; no separate
+# cache-write price, so a write costs as plain input)
+_DEEPSEEK_PRICES = {m: {"input": 0.56, "output": 1.68, "cache_read": 0.07} for m in ("deepseek-chat", "deepseek-reasoner")}
 # https://platform.minimax.io/docs/guides/text-generation (Supported Models: context window 204,800; no output
 # cap given)
 _MINIMAX_LIMITS = {m: {"context_window": 204_800} for m in (
@@ -85,10 +90,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        "json_object only (no json_schema), so structured output is refused (the JSON Output guide was read through "
        "a mirror)", verified=False,
        base_url="https://api.deepseek.com", reasoning_control="thinking_type", reasoning_return=True,
-       structured_output="none", limits=_DEEPSEEK_LIMITS),
+       structured_output="none", limits=_DEEPSEEK_LIMITS, prices=_DEEPSEEK_PRICES),
     _p("deepseek-anthropic", "https://api-docs.deepseek.com/guides/anthropic_api",
        "anthropic-version/anthropic-beta ignored; x-api-key supported",
-       format="anthropic", limits=_DEEPSEEK_LIMITS, base_url="https://api.deepseek.com/anthropic"),
+       format="anthropic", limits=_DEEPSEEK_LIMITS, prices=_DEEPSEEK_PRICES, base_url="https://api.deepseek.com/anthropic"),
     _p("moonshot", "https://www.developersdigest.tech/reference/api-compatibility/moonshot (quotes platform.kimi.ai)",
        "Kimi; China: https://api.moonshot.cn/v1. Thinking via thinking.type (third-party report)", verified=False,
        base_url="https://api.moonshot.ai/v1", reasoning_control="thinking_type", reasoning_return=True),
@@ -160,7 +165,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        verified=False, base_url="http://localhost:1234/v1", system_turns="merge", tool_call_content="empty", **_LOCAL),
 )}
 
-MERGED = ("headers", "query", "limits")  # tables merged key by key; every other key is replaced whole
+MERGED = ("headers", "query", "limits", "prices")  # tables merged key by key; every other key is replaced whole
 # An explicit provider-wide value beats the preset's per-model figure for the same thing.
 _PROVIDER_WIDE = {"context_window": "context_window", "max_tokens_cap": "max_output"}
 
@@ -205,13 +210,16 @@ def listing() -> str:
         fmt = values.get("format", "openai")
         base = values.get("base_url", "(set base_url)")
         lines.append(f"{preset.name:<20} {fmt:<17} {base}")
-        quirks = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("format", "base_url", "limits"))
+        quirks = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("format", "base_url", "limits", "prices"))
         if quirks:
             lines.append(f"{'':<20} {quirks}")
         if values.get("limits"):
             lines.append(f"{'':<20} windows: " + ", ".join(
                 f"{m} {e['context_window']}" + (f"/{e['max_output']} out" if e.get("max_output") else "")
                 for m, e in values["limits"].items()))
+        if values.get("prices"):
+            lines.append(f"{'':<20} prices (USD/M in/out/cache read): " + ", ".join(
+                f"{m} {e['input']}/{e['output']}/{e.get('cache_read', e['input'])}" for m, e in values["prices"].items()))
         if preset.needs:
             lines.append(f"{'':<20} needs: {preset.needs}")
         if preset.notes:

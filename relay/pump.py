@@ -80,6 +80,7 @@ class Pump:
             metrics.open_streams -= 1
         if translator.has_usage:
             ex.input_tokens = translator.input_tokens + translator.cache_read
+            ex.cache_read = translator.cache_read
             ex.output_tokens = translator.output_tokens
         elif translator.usage_estimated:
             ex.input_tokens, ex.output_tokens, ex.usage_estimated = self.estimate, translator.output_tokens, True

@@ -1,4 +1,4 @@
-"""The server: its lifecycle (listen, drain, reload, the usage book) and its endpoints.
+"""The server: its lifecycle (listen, drain, reload, the store's background task) and its endpoints.
 
 The HTTP work is ``http.py``'s, streaming is ``pump.py``'s, what to do after a failed attempt is
 ``retry.py``'s and everything about the upstream connection is ``upstream.py``'s. Nothing format-specific
@@ -16,7 +16,7 @@ import h11
 import orjson
 import trio
 
-from relay import routing, tokens, transport
+from relay import admin, routing, tokens, transport
 from relay.auth import OPEN, Keys, may_call, permitted
 from relay.config import ClientKey, Config, ServerConfig
 from relay.context import Limits
@@ -24,19 +24,18 @@ from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options
+from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
-from relay.http import ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
-from relay.log import Exchange, printable
+from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
+from relay.log import Exchange
 from relay.metrics import Metrics
 from relay.pump import Pump
 from relay.resources import connection_budget
 from relay.retry import RAISE, Raise, Retry, next_step, retry_after
 from relay.upstream import Deadlines, Upstreams
-from relay.usage import UsageBook, default_path
 
 log = logging.getLogger("relay.server")
 
-USAGE_FLUSH_SECONDS = 5.0
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
 
 
@@ -58,13 +57,11 @@ class Server:
         self.known = Limits(self.upstreams.get_json)
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
-        self._auth = Keys(config)
-        path = config.server.usage_db
-        self.usage = UsageBook(default_path() if path is None else path) if path != "" else None
+        self.gateway = Gateway(config, self.metrics)
+        self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
-        self._flushing = trio.CancelScope()
-        self._flush_lock = trio.Lock()
         self.idle_waits: set[trio.CancelScope] = set()
+        self.bodies = BodyBudget(config.server.body_memory)
         self._drain_deadline = float("inf")
         self._open = 0
         self.max_open = connection_budget(config.server.max_connections)
@@ -83,38 +80,26 @@ class Server:
         if self.max_open < self.config.server.max_connections:
             log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)
-        try:
-            async with trio.open_nursery() as connections:
-                if self.usage is not None:
-                    connections.start_soon(self._flush_usage_forever)
-                with self._accepting:
-                    task_status.started(bound)
-                    await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
-                for listener in listeners:
-                    await listener.aclose()
-                connections.cancel_scope.deadline = self._drain_deadline
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.flush_usage()
-                for upstreams in (self.upstreams, *self._retired):
-                    await upstreams.aclose()
+        async with trio.open_nursery() as background:
+            await background.start(self.gateway.run)  # one round with the store at most: never waits on it
+            try:
+                async with trio.open_nursery() as connections:
+                    with self._accepting:
+                        task_status.started(bound)
+                        await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
+                    for listener in listeners:
+                        await listener.aclose()
+                    connections.cancel_scope.deadline = self._drain_deadline
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.gateway.close()  # what is held goes to the store (bounded by its timeout)
+                    background.cancel_scope.cancel()
+                    for upstreams in (self.upstreams, *self._retired):
+                        await upstreams.aclose()
 
     async def flush_usage(self) -> None:
-        if self.usage is None:
-            return
-        async with self._flush_lock:  # one writer at a time: a flush returns only when everything is on disk
-            rows = self.usage.take()
-            if rows:
-                try:
-                    await trio.to_thread.run_sync(self.usage.write, rows)
-                except Exception as exc:  # a full disk must not take the gateway down
-                    log.warning("could not write usage to %s: %s", self.usage.path, exc)
-
-    async def _flush_usage_forever(self) -> None:
-        with self._flushing:  # drain() cancels this, so shutdown never waits out a sleep
-            while True:
-                await trio.sleep(USAGE_FLUSH_SECONDS)
-                await self.flush_usage()
+        """Wait until what this instance booked so far is in the store (tests, the admin API)."""
+        await self.gateway.flush()
 
     def drain(self, grace: float | None = None) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones when their response is done."""
@@ -122,7 +107,6 @@ class Server:
         self.draining = True
         self._drain_deadline = trio.current_time() + grace
         self._accepting.cancel()
-        self._flushing.cancel()
         for scope in list(self.idle_waits):
             scope.cancel()
         log.info("draining: no new connections; open requests have %gs to finish", grace)
@@ -131,12 +115,15 @@ class Server:
         """New config for new requests; requests in flight keep the upstream pools they started with."""
         if (config.server.host, config.server.port) != (self.config.server.host, self.config.server.port):
             log.warning("reload: host/port changes take effect on restart only")
+        if config.store != self.config.store:
+            log.warning("reload: [store] changes take effect on restart only")
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
         self.known = Limits(self.upstreams.get_json)
-        self._auth = Keys(config)
+        self.gateway.config = config
+        self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
         self.metrics.configured = frozenset(routing.configured_names(config))
         log.info("reloaded config from %s", config.source)
@@ -167,39 +154,67 @@ class Server:
         return self.config.server
 
     def done(self, ex: Exchange) -> None:
-        """A request is answered: its metrics, its usage, its access-log line."""
+        """A request is answered: its metrics, its access-log line (its usage and cost are booked by then)."""
         self.metrics.request_done(
             ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
             None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
-        if self.usage is not None and ex.client is not None and ex.model and ex.status == 200:
-            self.usage.add(ex.client.name, printable(ex.model), ex.input_tokens, ex.output_tokens, ex.usage_estimated)
         ex.write()
+
+    def _book(self, ex: Exchange) -> None:
+        """Usage and cost into the store's buffer, and the key's request released: once, however the request
+        ended (a client gone mid-stream was still served what it got)."""
+        micros = self.gateway.finish(ex.client, ex.admitted, ex.model, ex.target, ex.status, ex.input_tokens,
+                                     ex.output_tokens, ex.usage_estimated, ex.cache_read, ex.cache_write)
+        ex.admitted = False
+        ex.cost_usd = micros / 1_000_000 if micros else None
 
     # ---- endpoints ---------------------------------------------------------------------------
 
+    def admit(self, conn: Connection, ex: Exchange, request: h11.Request) -> None:
+        """The route and the key, from the head alone: nobody without a key gets relay to read, let alone
+        hold, a request body."""
+        path = ex.path.split("?", 1)[0]
+        if path in HEALTH_PATHS:
+            ex.route = path
+        elif path == "/metrics":
+            ex.route = path
+            self._auth.check_metrics(request.headers, conn.peer_loopback)
+        elif path.startswith("/admin/"):
+            ex.route = "/admin"
+            self._auth.check_admin(request.headers)
+        elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
+            ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
+            ex.client = self._auth.client(request.headers)
+            self.gateway.valid(ex.client)
+        else:
+            raise RelayError(404, f"no route for {ex.method} {path}", "not_found_error")
+
     async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+        """A request ``admit`` let in, with its body."""
+        try:
+            await self._respond(conn, ex, request, body)
+        finally:
+            self._book(ex)
+
+    async def _respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
-            if path in HEALTH_PATHS:
-                ex.route = path
+            if ex.route in HEALTH_PATHS:
                 if method not in ("GET", "HEAD"):
                     raise RelayError(405, f"{method} is not allowed on {path}", "invalid_request_error")
-                await send_body(conn, ex, 200, b'{"status":"ok"}', head_only=method == "HEAD")
+                await send_body(conn, ex, 200, self.gateway.health(), head_only=method == "HEAD")
                 return
-            if path == "/metrics":
-                ex.route = path
-                self._auth.check_metrics(request.headers, conn.peer_loopback)
+            if ex.route == "/metrics":
                 _require(method, "GET", path)
+                self.gateway.gauges()
                 await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
                 return
-            if not path.startswith("/v1/"):
-                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
-            if path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models"):
-                ex.route = path
-            elif path.startswith("/v1/models/"):
-                ex.route = "/v1/models/{id}"
-            ex.client = self._auth.client(request.headers)
+            if ex.route == "/admin":
+                status, answer = await admin.handle(self.gateway, method, ex.path, body)
+                await send_body(conn, ex, status, answer)
+                return
+            assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
                 _require(method, "POST", path)
                 await self._messages(conn, ex, body, request.headers)
@@ -211,12 +226,10 @@ class Server:
             elif path == "/v1/models":
                 _require(method, "GET", path)
                 await send_body(conn, ex, 200, orjson.dumps(self._models(ex.client)))
-            elif path.startswith("/v1/models/"):
+            else:  # /v1/models/{id}
                 _require(method, "GET", path)
                 wanted = path[len("/v1/models/"):]
                 await send_body(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
-            else:
-                raise RelayError(404, f"no route for {method} {path}", "not_found_error")
         except RelayError as err:
             await send_error(conn, ex, err, head_only=method == "HEAD")
         except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 255
@@ -285,6 +298,8 @@ class Server:
         if not isinstance(model, str) or not model:
             raise invalid("model: Field required")
         ex.model = model
+        self.gateway.admit(ex.client, model)  # a virtual key's limits and budget: 429 / 402 with retry-after
+        ex.admitted = True
         limits = self.config.server
         for field_name, limit in (("messages", limits.max_messages), ("tools", limits.max_tools)):
             value = req.get(field_name)
@@ -403,6 +418,8 @@ class Server:
             raise streamed if translator is not None and streamed is translator.error else opts.overflow(streamed)
         ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
         ex.output_tokens = message["usage"]["output_tokens"]
+        ex.cache_read = message["usage"].get("cache_read_input_tokens", 0)
+        ex.cache_write = message["usage"].get("cache_creation_input_tokens", 0)
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
             await out.write(A.events_from_message(message))
             await out.end()

@@ -266,6 +266,10 @@ class Backend(httpcore.AsyncNetworkBackend):
         await trio.sleep(seconds)
 
 
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+
+
 class ClientSocket:
     """A client connection, read and written without trio.SocketStream's per-call checkpoint (a trip through
     the scheduler for every read and write). Same shape as the parts of trio.SocketStream the server uses;
@@ -294,4 +298,20 @@ class ClientSocket:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    async def linger(self, seconds: float = LINGER_SECONDS, limit: int = LINGER_BYTES) -> None:
+        """Close our side, then read and drop what the client is still sending (a body relay refused unread)
+        for a moment: closing with unread bytes would make the kernel reset the connection, and the client
+        would lose the answer it was just sent. Bounded in time and bytes: nothing is held."""
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        dropped = 0
+        with trio.move_on_after(seconds):
+            while dropped < limit:
+                data = await self.receive_some(READ_SIZE)
+                if not data:
+                    return
+                dropped += len(data)
 

@@ -315,13 +315,17 @@ def test_relay_claude_help_is_relays_own() -> None:
 
 def test_relay_usage_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     """`relay usage | head -1`: the reader stops early; relay must not print a BrokenPipeError traceback."""
-    from relay.usage import UsageBook
+    import trio
+
+    from relay.store import Batch, UsageRow, connected
 
     db = tmp_path / "usage.sqlite3"
-    book = UsageBook(str(db))
-    for n in range(3000):  # more lines than a pipe buffer holds
-        book.add(f"key{n}", "model", 1, 1)
-    book.write(book.take())
+
+    async def write() -> None:
+        async with connected(f"sqlite://{db}") as backend:  # more lines than a pipe buffer holds
+            await backend.apply(Batch([UsageRow(f"key{n}", "model", "2025-01-01", 1, 0, 1, 1) for n in range(3000)], {}))
+
+    trio.run(write)
     out = subprocess.run(f"{sys.executable} -m relay usage --db {db} | head -1", shell=True, capture_output=True,
                          text=True, timeout=60)
     assert out.stdout.startswith("key ") and out.stderr == "", out.stderr

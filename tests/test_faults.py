@@ -483,13 +483,17 @@ async def test_soak_leaks_nothing(nursery: trio.Nursery) -> None:
 
 
 def test_usage_flush_closes_its_sqlite_connection(tmp_path: Any) -> None:
-    from relay.usage import UsageBook
+    from relay.store import Batch, UsageRow, connected
 
     path = tmp_path / "usage.sqlite3"
-    book = UsageBook(str(path))
+
+    async def write() -> None:
+        async with connected(f"sqlite://{path}") as backend:
+            await backend.apply(Batch([UsageRow("key", "model", "2025-01-01", 1, 0, 2, 3)], {}))
+
     gc.disable()
     try:
-        book.write([("key", "model", "2025-01-01", 1, 2, 3, 0, 0)])
+        trio.run(write)
         still_open = [fd for fd in os.listdir("/proc/self/fd")
                       if os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve())]
     finally:

@@ -449,15 +449,16 @@ async def test_unsupported_transfer_encoding_is_a_4xx(relay: RelayHandle) -> Non
 
 
 @pytest.mark.parametrize("head, status", [
-    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{", 408),
-    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{\"model\"", 408),
-    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999999\r\n\r\n", 413),
-], ids=["408-content-length", "408-chunked", "413"])
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: KEY\r\ncontent-length: 10\r\n\r\n{", 408),
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: KEY\r\ntransfer-encoding: chunked\r\n\r\n{\"model\"", 408),
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: KEY\r\ncontent-length: 999999999999\r\n\r\n", 413),
+    (b"HEAD /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{", 401),  # no key: refused on the head
+], ids=["408-content-length", "408-chunked", "413", "401-before-the-body"])
 async def test_head_request_errors_with_a_body_get_their_status(nursery: trio.Nursery, upstream: MockUpstream, head: bytes,
                                                           status: int) -> None:
     relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nheader_timeout = 0.3"))
     with trap_relay_logs() as trap:
-        answer = await roundtrip(relay.port, head, method="HEAD", timeout=5)
+        answer = await roundtrip(relay.port, head.replace(b"KEY", RELAY_KEY.encode()), method="HEAD", timeout=5)
         await relay_idle(relay)
     assert not trap.crashes, trap.describe()
     assert answer.status == status and answer.body == b""

@@ -13,10 +13,17 @@ import anthropic
 import pytest
 import trio
 
-from relay.usage import UsageBook, report
+from relay.store import Batch, UsageRow, connected, summarize
+from relay.store.sqlite import read_files
 from tests.client import ask, final_message
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, text_stream
+
+
+def report(paths: list[str]) -> list[tuple[str, str, int, int, int, int, int]]:
+    """(key, model, requests, input, output, estimated input, estimated output) summed over files and days."""
+    return [(r.key, r.model, r.requests, r.input_tokens, r.output_tokens, r.estimated_input_tokens,
+             r.estimated_output_tokens) for r in summarize(read_files([p for p in paths if Path(p).exists()], None))]
 
 
 async def test_scoped_keys_and_usage_book(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
@@ -45,7 +52,8 @@ models = ["mock-*"]
     out = subprocess.run([sys.executable, "-m", "relay", "usage", "--db", str(db), "--db", str(db)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[1].split() == ["alice", "mock-model", "4", "28", "12", "0", "0"]  # two files, summed
+    # two files, summed: requests, refused, input, output, est. input, est. output, cost
+    assert out.stdout.split("\n")[1].split() == ["alice", "mock-model", "4", "0", "28", "12", "0", "0", "0.0000"]
 
 
 async def test_usage_without_upstream_figures_is_booked_and_logged_as_an_estimate(
@@ -72,14 +80,14 @@ async def test_usage_without_upstream_figures_is_booked_and_logged_as_an_estimat
     assert (requests, tin, tout, est_out) == (1, 0, 0, 225) and est_in > 0
 
 
-def test_an_old_usage_book_stays_readable_and_gains_the_estimate_columns(tmp_path: Path) -> None:
+async def test_an_old_usage_book_stays_readable_and_becomes_a_store(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     with closing(sqlite3.connect(path)) as db, db:  # the table as relay wrote it before the estimate columns
         db.execute("CREATE TABLE usage (key TEXT NOT NULL, model TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER "
                    "NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, PRIMARY KEY (key, model, day))")
         db.execute("INSERT INTO usage VALUES ('k', 'm', '2025-01-01', 2, 10, 4)")
     assert report([str(path)]) == [("k", "m", 2, 10, 4, 0, 0)]
-    book = UsageBook(str(path))
-    book.add("k", "m", 5, 7, estimated=True)
-    book.write(book.take())
+    async with connected(f"sqlite://{path}") as backend:  # [server] usage_db = "old.sqlite3": the store, in place
+        await backend.apply(Batch([UsageRow("k", "m", "2025-01-01", requests=1, estimated_input_tokens=5,
+                                            estimated_output_tokens=7)], {}))
     assert report([str(path)]) == [("k", "m", 3, 10, 4, 5, 7)]

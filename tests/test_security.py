@@ -1,25 +1,58 @@
 """Attacks over a socket, each checking the refusal and what the attack would have grown or leaked:
-who may read /metrics and how far its series can grow, forged log lines, upstream keys echoed in errors,
-the key header a client presents."""
+who may reach which model, who may read /metrics and how far its series can grow, forged log lines, upstream
+keys echoed in errors, the key header a client presents, bodies before a key, bytes behind a stream, request
+framing, the open-file limit."""
 
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 import pytest
 import trio
 
+from tests.client import exchange, get, messages_body, post, split
 from tests.conftest import RELAY_KEY, UPSTREAM_KEY, relay_config, start_relay
-from tests.mock_upstream import MockUpstream, Reply, completion, json_reply, text_stream
+from tests.mock_upstream import MockUpstream, Reply, completion, json_reply, sse, text_stream
 
 OK = completion({"role": "assistant", "content": "ok"})
-from tests.client import exchange, get, messages_body, post, split
-
 METRICS_KEY = "metrics-scraper-key"
+
+
+@asynccontextmanager
+async def relay_process(config: str, tmp_path: Path, *args: str,
+                        preexec: Callable[[], None] | None = None) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """``relay serve`` in its own process (for what is per process: its log handler, its memory, its limits);
+    yields the process, its port and its log file."""
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(config)
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0", *args],
+                                stderr=log_file, preexec_fn=preexec)
+    try:
+        with trio.fail_after(20):
+            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
+                assert proc.poll() is None, log_path.read_text()
+                await trio.sleep(0.05)
+        yield proc, int(m.group(1)), log_path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 async def test_metrics_refuse_client_keys_and_read_with_a_metrics_key(nursery: trio.Nursery, upstream: MockUpstream) -> None:
@@ -129,25 +162,13 @@ async def test_client_and_upstream_words_cannot_forge_log_lines(nursery: trio.Nu
     """A model name (in the target, the failure note and the retry line) and an upstream error message (in
     the warning) carry a newline, a forged access line and an ANSI escape: each log line stays one line."""
     upstream.handler = lambda r: json_reply({"error": {"message": "upstream broke " + FORGED}}, 500)
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(relay_config(upstream.base_url).replace("read_timeout = 5", "read_timeout = 5\nretries = 1\nmax_retry_wait = 0.01"))
-    log_path = tmp_path / "relay.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0",
-                                 "--log-format", fmt], stderr=log_file)
-    try:
-        with trio.fail_after(20):
-            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
-                await trio.sleep(0.05)
-        port = int(m.group(1))
+    config = relay_config(upstream.base_url).replace("read_timeout = 5", "read_timeout = 5\nretries = 1\nmax_retry_wait = 0.01")
+    async with relay_process(config, tmp_path, "--log-format", fmt) as (_, port, log_path):
         status, _, _ = split(await exchange(port, post("/v1/messages", messages_body("mock/" + FORGED))))
         assert status == 500
         with trio.fail_after(10):
             while log_path.read_bytes().count(b"/v1/messages") < 1:
                 await trio.sleep(0.05)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     raw = log_path.read_bytes()
     assert b"\x1b" not in raw
     lines = raw.decode().splitlines()
@@ -237,36 +258,24 @@ async def test_idle_sockets_past_the_open_file_limit_get_529_not_a_stall(upstrea
     """Under a 256-file soft limit, 300 idle connections: relay raises the limit where the hard limit lets it
     (all are held and /health answers 200), else its guard, sized from the limit, answers 529 past it; either
     way /health gets an answer at once and nothing is logged as a traceback."""
-    import resource
     soft, own_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1024 <= own_hard or own_hard == resource.RLIM_INFINITY:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, own_hard))  # the test itself holds 300+ sockets
-    cfg = tmp_path / "relay.toml"
-    cfg.write_text(relay_config(upstream.base_url))
-    log_path = tmp_path / "relay.log"
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0"],
-                                stderr=log_file, preexec_fn=limit)
     held: list[trio.SocketStream] = []
-    try:
-        with trio.fail_after(20):
-            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
-                await trio.sleep(0.05)
-        port = int(m.group(1))
-        for _ in range(300):
-            held.append(await trio.open_tcp_stream("127.0.0.1", port))
-        with trio.fail_after(5):
-            status, _, body = split(await exchange(port, get("/health")))
-        refused = 0
-        for stream in held:  # a refused connection has its 529 waiting; a held one has nothing to read
-            with trio.move_on_after(0.01):
-                refused += b" 529 " in await stream.receive_some(4096)
-    finally:
-        for stream in held:
-            await stream.aclose()
-        proc.terminate()
-        proc.wait(10)
+    async with relay_process(relay_config(upstream.base_url), tmp_path, preexec=limit) as (_, port, log_path):
+        try:
+            for _ in range(300):
+                held.append(await trio.open_tcp_stream("127.0.0.1", port))
+            with trio.fail_after(5):
+                status, _, body = split(await exchange(port, get("/health")))
+            refused = 0
+            for stream in held:  # a refused connection has its 529 waiting; a held one has nothing to read
+                with trio.move_on_after(0.01):
+                    refused += b" 529 " in await stream.receive_some(4096)
+        finally:
+            for stream in held:
+                await stream.aclose()
     log = log_path.read_text()
     assert "Traceback" not in log and "Too many open files" not in log, log[-2000:]
     if hard == 256:
@@ -274,3 +283,180 @@ async def test_idle_sockets_past_the_open_file_limit_get_529_not_a_stall(upstrea
         assert refused >= 300 - (256 - 64) // 2 and "max_connections 4096 lowered to 96" in log
     else:
         assert status == 200 and refused == 0 and "open-file limit raised from 256 to 4096" in log
+
+
+# ---- bodies before a key, bytes behind a stream, framing --------------------------------------------------------
+
+BIG = 30 * 1024 * 1024
+
+
+def big_head(key: str | None, length: int = BIG, extra: bytes = b"") -> bytes:
+    auth = b"" if key is None else b"x-api-key: " + key.encode() + b"\r\n"
+    return (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n" + auth + b"content-type: application/json\r\n"
+            b"content-length: %d\r\n" % length + extra + b"\r\n")
+
+
+async def read_answer(stream: trio.SocketStream, seconds: float = 5) -> bytes:
+    """Whatever relay answers until it closes (or ``seconds`` pass)."""
+    out = b""
+    with trio.move_on_after(seconds):
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    return out
+
+
+async def test_no_key_no_body_read(upstream: MockUpstream, tmp_path: Path) -> None:
+    """60 connections without a key announce 30 MB bodies and send the first MB: each is refused with 401 as
+    soon as its head is in (without waiting for the body), the connection closes, and relay holds nothing."""
+    async with relay_process(relay_config(upstream.base_url), tmp_path) as (proc, port, _):
+        before = rss(proc.pid)
+        streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(60)]
+        answers: list[bytes] = []
+
+        async def attack(stream: trio.SocketStream) -> None:
+            await stream.send_all(big_head(None))
+            with trio.move_on_after(1):  # relay may close before all of it is taken
+                try:
+                    await stream.send_all(b"x" * (1024 * 1024))
+                except trio.BrokenResourceError:
+                    pass
+            answers.append(await read_answer(stream))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(attack, stream)
+        grown = rss(proc.pid) - before
+        for stream in streams:
+            await stream.aclose()
+    assert len(answers) == 60 and all(a.startswith(b"HTTP/1.1 401 ") and b"connection: close" in a for a in answers)
+    assert grown < 20 * 1024 * 1024, f"relay grew {grown / 1e6:.0f} MB"
+    assert upstream.requests == []
+
+
+async def test_bodies_share_one_memory_budget(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    """With keys, each body is bounded by body_limit and all of them together by body_memory: a body that would
+    take the total past it gets 529 with retry-after, and once the first is answered, room is back."""
+    upstream.handler = lambda r: OK
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace(
+        "[server]", "[server]\nbody_limit = 3000000\nbody_memory = 4000000"))
+    body = orjson.dumps({"model": "mock-model", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x" * 2_500_000}]})
+    holder = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await holder.send_all(big_head(RELAY_KEY, len(body)) + body[:-10])  # 2.5 MB held, the last bytes not sent
+    await trio.sleep(0.3)
+    assert relay.server.bodies.held >= 2_000_000
+    second = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await second.send_all(big_head(RELAY_KEY, len(body)))
+    with trio.move_on_after(2):
+        try:
+            await second.send_all(body)
+        except trio.BrokenResourceError:
+            pass
+    answer = await read_answer(second)
+    assert answer.startswith(b"HTTP/1.1 529 ") and b"retry-after: 1" in answer, answer[:300]
+    await holder.send_all(body[-10:])
+    status, _, _ = split(await read_answer(holder, 2))
+    assert status == 200
+    assert relay.server.bodies.held == 0
+    status, _, _ = split(await exchange(relay.port, post("/v1/messages", body)))
+    assert status == 200  # room is back
+
+
+async def test_expect_100_continue_only_after_the_key(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    upstream.handler = lambda r: OK
+    body = messages_body()
+    for key, first in ((RELAY_KEY, b"HTTP/1.1 100 "), ("wrong-key", b"HTTP/1.1 401 ")):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        await stream.send_all(big_head(key, len(body), b"expect: 100-continue\r\n"))
+        with trio.fail_after(5):
+            interim = await stream.receive_some(65536)
+        assert interim.startswith(first), interim
+        if key == RELAY_KEY:
+            await stream.send_all(body)
+            with trio.fail_after(5):
+                rest = b""
+                while b'"ok"' not in rest:
+                    rest += await stream.receive_some(65536)
+            assert b"HTTP/1.1 200 " in interim + rest
+        await stream.aclose()
+    assert len(upstream.requests) == 1
+
+
+async def test_memory_is_given_back_after_large_bodies(upstream: MockUpstream, tmp_path: Path) -> None:
+    """Eight 20 MB bodies at once, then nothing: relay's resident memory comes back near where it was."""
+    upstream.handler = lambda r: OK
+    body = orjson.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "word " * 4_000_000}]})
+    async with relay_process(relay_config(upstream.base_url), tmp_path) as (proc, port, _):
+        await exchange(port, post("/v1/messages/count_tokens", messages_body()))
+        before = rss(proc.pid)
+
+        async def one() -> None:
+            status, _, _ = split(await exchange(port, post("/v1/messages/count_tokens", body)))
+            assert status == 200
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(one)
+        await trio.sleep(0.5)
+        await exchange(port, get("/health"))
+        kept = rss(proc.pid) - before
+    assert kept < 40 * 1024 * 1024, f"{kept / 1e6:.0f} MB still resident after the bodies were answered"
+
+
+async def test_bytes_sent_behind_a_stream_are_bounded(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    """A client (with a key) writes junk while its stream runs: relay holds at most a request head's worth of
+    it, then closes the connection (and the upstream stream), instead of buffering without end."""
+    chunks = [{"choices": [{"index": 0, "delta": {"content": f"w{n} "}}]} for n in range(40)]
+    pieces: list[bytes | float] = []
+    for piece in sse(*chunks):
+        pieces += [piece, 0.1]
+    upstream.handler = lambda r: Reply(pieces=pieces)
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(post("/v1/messages", messages_body(stream=True)))
+    with trio.fail_after(5):
+        first = await stream.receive_some(65536)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    sent = 0
+    with trio.move_on_after(3):
+        try:
+            while sent < 8 * 1024 * 1024:
+                await stream.send_all(b"J" * 65536)
+                sent += 65536
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    rest = await read_answer(stream, 5)
+    assert b"w39" not in rest  # cut off, not served to the end
+    assert sent < 4 * 1024 * 1024, f"relay took {sent} bytes"
+    with trio.fail_after(5):
+        await upstream.cancelled.wait()  # the upstream stream was closed too
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n",
+    b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding:\r\n chunked\r\n",
+    b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-note: a\r\n\tb\r\ncontent-length: 5\r\n",
+], ids=["content-length-and-transfer-encoding", "folded-transfer-encoding", "folded-header"])
+@pytest.mark.parametrize("split_at", [None, -3])
+async def test_ambiguous_framing_is_refused_and_closed(relay, head: bytes, split_at: int | None) -> None:  # type: ignore[no-untyped-def]
+    raw = head.replace(b"host: x\r\n", b"host: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\n") + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    cut = len(head) + (split_at or 0) if split_at else len(raw)
+    await stream.send_all(raw[:cut])  # a fold split across two reads is seen too
+    await trio.sleep(0.05)
+    await stream.send_all(raw[cut:])
+    answer = await read_answer(stream)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer, answer
+    await stream.aclose()
+
+
+async def test_a_pipelined_folded_request_is_refused(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    upstream.handler = lambda r: OK
+    good = post("/v1/messages", messages_body())
+    folded = post("/v1/messages", messages_body()).replace(b"host: relay\r\n", b"host: relay\r\nx-a: 1\r\n 2\r\n")
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(good + folded)
+    answer = await read_answer(stream)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in answer and len(upstream.requests) == 1

@@ -23,7 +23,7 @@ async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
         if raw.startswith(b"HEAD"):
             assert body == b""
         else:
-            assert orjson.loads(body) == {"status": "ok"}
+            assert orjson.loads(body) == {"status": "ok", "store": "up"}  # the store's state, never its address
 
 
 async def test_unknown_path_is_anthropic_404(relay: RelayHandle) -> None:
@@ -86,8 +86,8 @@ async def test_body_limit_413(nursery: trio.Nursery, upstream: MockUpstream) -> 
     relay = await start_relay(nursery, relay_config(upstream.base_url).replace("[server]", "[server]\nbody_limit = 1000"))
     status, headers, out = split(await exchange(relay.port, post("/v1/messages", b"x" * 2000)))
     assert status == 413 and orjson.loads(out)["error"]["type"] == "request_too_large"
-    # chunked bodies are counted as they arrive
-    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+    # chunked bodies are counted as they arrive (with a key: without one, no body byte is read at all)
+    raw = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode() + b"\r\ntransfer-encoding: chunked\r\n\r\n"
            + b"".join(b"%x\r\n%s\r\n" % (300, b"y" * 300) for _ in range(5)) + b"0\r\n\r\n")
     status, _, out = split(await exchange(relay.port, raw))
     assert status == 413
@@ -126,8 +126,9 @@ async def test_idle_connection_is_closed(nursery: trio.Nursery, upstream: MockUp
     stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
     with trio.fail_after(5):
         assert await stream.receive_some(100) == b""  # silent client: closed, not held forever
-    # a client that starts a request but never finishes it gets a 408
-    out = await exchange(relay.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 50\r\n\r\n{", read_until_close=True)
+    # a client (with a key) that starts a request but never finishes it gets a 408
+    out = await exchange(relay.port, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + RELAY_KEY.encode()
+                         + b"\r\ncontent-length: 50\r\n\r\n{", read_until_close=True)
     assert out.startswith(b"HTTP/1.1 408")
 
 

@@ -1,0 +1,125 @@
+"""The admin HTTP API under ``/admin/`` (admin keys only; the server checks them first): virtual keys, usage and
+the store's state, as JSON. The console (``/ui``) is built on it and nothing else.
+
+    GET    /admin/status                 this instance and its store: up, instances seen, rows held
+    GET    /admin/keys                   every key (never a secret nor its digest)
+    POST   /admin/keys                   {"name", "models", "rpm", "tpm", "max_streams", "budget",
+                                          "budget_period", "expires"} -> 201 {"key": ..., "secret": "rk-..."}
+    GET    /admin/keys/NAME              one key, with its spend in the current budget period
+    PATCH  /admin/keys/NAME              any of the fields above (null clears a limit)
+    DELETE /admin/keys/NAME              revokes it (kept, so its usage stays attributed)
+    GET    /admin/usage[?since=DAY]      rows per key, model and day: requests, refused, tokens, cost
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import orjson
+
+from relay.errors import RelayError, invalid
+from relay.gateway import Gateway
+from relay.limits import budget_counter
+from relay.pricing import usd
+from relay.store import (KeyExists, NoSuchKey, StoreError, UsageRow, VirtualKey, create_key, key_fields,
+                         with_changes)
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise invalid("request body must be a JSON object")
+    return doc
+
+
+def _key_doc(gateway: Gateway, key: VirtualKey) -> dict[str, Any]:
+    doc = key.public()
+    view = gateway.view
+    if view is not None and key.limits.budget_period:
+        start, end = view.windows.span(key.limits.budget_period, time.time())
+        spent = view.meter.counts(key.name).get(budget_counter(key.limits.budget_period, start), 0)
+        doc["spend"] = {"period": key.limits.budget_period, "usd": usd(spent),
+                        "resets_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end))}
+    now = time.time()
+    doc["state"] = "revoked" if key.revoked else "expired" if key.expired(now) else "active"
+    return doc
+
+
+def _row(r: UsageRow) -> dict[str, Any]:
+    doc: dict[str, Any] = dict(vars(r))
+    doc["cost_usd"] = usd(doc.pop("cost_micros"))
+    return doc
+
+
+async def handle(gateway: Gateway, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+    """(status, JSON body) for one admin request; RelayError for the refusals."""
+    path, _, query = target.partition("?")
+    parts = [unquote(p) for p in path.split("/")[2:] if p]  # after /admin/
+    view = gateway.view
+    if parts == ["status"] and method == "GET":
+        return 200, orjson.dumps(gateway.status())
+    if view is None:
+        raise RelayError(409, "the store is off ([server] usage_db = \"\"); set [store] url", "invalid_request_error")
+    try:
+        if parts == ["keys"]:
+            if method == "GET":
+                keys = await view.call(lambda backend: backend.load_keys())
+                return 200, orjson.dumps({"data": [_key_doc(gateway, k) for k in keys]})
+            if method == "POST":
+                doc = _body(body)
+                name = doc.pop("name", None)
+                if not isinstance(name, str):
+                    raise invalid("name: Field required")
+                if any(k.name == name for k in gateway.config.keys):
+                    raise RelayError(409, f"{name!r} names a key in the config file")
+                key, secret = create_key(name, doc, time.time())
+                await view.call(lambda backend: backend.put_key(key, create=True))
+                return 201, orjson.dumps({"key": _key_doc(gateway, key), "secret": secret})
+            raise _method(method, "GET or POST")
+        if len(parts) == 2 and parts[0] == "keys":
+            name = parts[1]
+            if method not in ("GET", "PATCH", "DELETE"):
+                raise _method(method, "GET, PATCH or DELETE")
+            changes = {"revoked": True} if method == "DELETE" else key_fields(_body(body)) if method == "PATCH" else {}
+
+            async def change(backend: Any) -> VirtualKey:
+                for k in await backend.load_keys():
+                    if k.name == name:
+                        if not changes:
+                            return k
+                        changed = with_changes(k, **changes)
+                        await backend.put_key(changed, create=False)
+                        return changed
+                raise NoSuchKey(f"no key named {name!r}")
+
+            return 200, orjson.dumps(_key_doc(gateway, await view.call(change)))
+        if parts == ["usage"]:
+            if method != "GET":
+                raise _method(method, "GET")
+            since = parse_qs(query).get("since", [None])[0]
+            if since is not None:
+                try:
+                    time.strptime(since, "%Y-%m-%d")
+                except ValueError:
+                    raise invalid("since: expected YYYY-MM-DD") from None
+            rows = await view.call(lambda backend: backend.usage(since))
+            rows.sort(key=lambda r: (r.day, r.key, r.model))
+            return 200, orjson.dumps({"data": [_row(r) for r in rows]})
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    except KeyExists as exc:
+        raise RelayError(409, str(exc)) from None
+    except NoSuchKey as exc:
+        raise RelayError(404, str(exc), "not_found_error") from None
+    except StoreError as exc:
+        raise RelayError(503, str(exc), "api_error") from None
+    raise RelayError(404, f"no admin route for {method} {path}", "not_found_error")
+
+
+def _method(method: str, allowed: str) -> RelayError:
+    return RelayError(405, f"{method} is not allowed here; use {allowed}", "invalid_request_error")

@@ -1,0 +1,205 @@
+"""The team-gateway commands: ``relay keys create|list|revoke|set`` and ``relay usage``, against the store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from relay.config import Config
+from relay.log import printable
+
+T = TypeVar("T")
+
+
+def _limit(value: str) -> int | None:
+    if value.lower() in ("none", "off"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', not {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (or 'none' for no limit)")
+    return number
+
+
+def _budget(value: str) -> float | None:
+    if value.lower() in ("none", "off"):
+        return None
+    try:
+        number = float(value.lstrip("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected USD (e.g. 25 or 2.50) or 'none', not {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return number
+
+
+def _date(value: str) -> str | None:
+    if value.lower() in ("none", "never"):
+        return None
+    try:
+        time.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, not {value!r}") from None
+    return value
+
+
+def _models(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def add_commands(sub: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
+    keys = sub.add_parser("keys", help="virtual keys in the store: create, list, revoke, set")
+    actions = keys.add_subparsers(dest="action", required=True)
+    for action, help_ in (("create", "create a key; its secret is printed once, as the last line"),
+                          ("set", "change a key's models, limits, budget or expiry ('none' clears one)")):
+        p = actions.add_parser(action, help=help_)
+        p.add_argument("name")
+        p.add_argument("--models", type=_models, default=argparse.SUPPRESS, help="comma-separated model names or globs the key may use")
+        p.add_argument("--rpm", type=_limit, default=argparse.SUPPRESS, help="requests per minute")
+        p.add_argument("--tpm", type=_limit, default=argparse.SUPPRESS, help="tokens (input + output) per minute")
+        p.add_argument("--max-streams", type=_limit, default=argparse.SUPPRESS, help="requests in flight at once")
+        p.add_argument("--budget", type=_budget, default=argparse.SUPPRESS, help="USD per budget period")
+        p.add_argument("--budget-period", choices=("day", "month"), default=argparse.SUPPRESS)
+        p.add_argument("--expires", type=_date, default=argparse.SUPPRESS, help="last day the key works (UTC)")
+        add_config(p)
+    p = actions.add_parser("list", help="list the keys (never their secrets)")
+    add_config(p)
+    p = actions.add_parser("revoke", help="revoke a key: it stops working on every instance within a second")
+    p.add_argument("name")
+    add_config(p)
+
+
+def _run(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+    from relay.store import StoreError, connected, url_for
+
+    url = url_for(config.store)
+    if url is None:
+        raise StoreError("the store is turned off ([server] usage_db = \"\"); set [store] url")
+
+    import trio
+
+    async def main() -> T:
+        async with connected(url, max(config.store.timeout, 5.0)) as backend:
+            return await work(backend)
+
+    return trio.run(main)
+
+
+def check_store(config: Config) -> tuple[str, bool]:
+    """`relay check`'s store line, after a ping; False when the store does not answer."""
+    from relay.store import StoreError, masked, url_for
+
+    url = url_for(config.store)
+    if url is None:
+        return "store: off ([server] usage_db = \"\": no usage book, no virtual keys)", True
+    if url.startswith("sqlite://") and not os.path.exists(os.path.expanduser(url[len("sqlite://"):])):
+        return f"store: {url} (created on first start)", True
+
+    async def ping(backend: Any) -> int:
+        await backend.ping()
+        return len(await backend.load_keys())
+
+    try:
+        count = _run(config, ping)
+    except StoreError as exc:
+        return f"store: {masked(url)}: unreachable: {exc}", False
+    return f"store: {masked(url)} ok ({count} virtual key(s))", True
+
+
+def keys_command(config: Config, args: argparse.Namespace) -> int:
+    from relay.store import FIELDS, NoSuchKey, StoreError, create_key, key_fields, with_changes
+
+    fields = {k: v for k, v in vars(args).items() if k in FIELDS}
+    try:
+        if args.action == "create":
+            if any(k.name == args.name for k in config.keys):
+                print(f"relay: {args.name!r} names a key in the config file; choose another name", file=sys.stderr)
+                return 2
+            key, secret = create_key(args.name, fields, time.time())
+
+            async def create(backend: Any) -> None:
+                await backend.put_key(key, create=True)
+
+            _run(config, create)
+            _describe(key)
+            print(secret)  # the last line, once: it is stored only as a digest
+            return 0
+        if args.action == "list":
+            keys = _run(config, lambda backend: backend.load_keys())
+            print(f"{'name':<20} {'hint':<10} {'state':<8} {'models':<24} {'rpm':>6} {'tpm':>9} {'streams':>7} "
+                  f"{'budget':>14} {'expires':<10}")
+            now = time.time()
+            for k in keys:
+                state = "revoked" if k.revoked else "expired" if k.expired(now) else "active"
+                lim = k.limits
+                budget = f"${lim.budget:g}/{lim.budget_period}" if lim.budget is not None else "-"
+                print(f"{k.name:<20} {k.hint:<10} {state:<8} {printable(','.join(k.models) or '*', 60):<24} "
+                      f"{_n(lim.rpm):>6} {_n(lim.tpm):>9} {_n(lim.max_streams):>7} {budget:>14} {k.expires or '-':<10}")
+            return 0
+        changes = {"revoked": True} if args.action == "revoke" else key_fields(fields)
+
+        async def change(backend: Any) -> Any:
+            for k in await backend.load_keys():
+                if k.name == args.name:
+                    changed = with_changes(k, **changes)
+                    await backend.put_key(changed, create=False)
+                    return changed
+            raise NoSuchKey(f"no key named {args.name!r}")
+
+        _describe(_run(config, change))
+        return 0
+    except StoreError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _describe(key: Any) -> None:
+    lim = key.limits
+    parts = [f"models={','.join(key.models) or '*'}", f"rpm={_n(lim.rpm)}", f"tpm={_n(lim.tpm)}",
+             f"max_streams={_n(lim.max_streams)}",
+             f"budget={'-' if lim.budget is None else f'${lim.budget:g}/{lim.budget_period}'}",
+             f"expires={key.expires or '-'}"]
+    state = "revoked" if key.revoked else "active"
+    print(f"key {key.name} ({key.hint}, {state}): {' '.join(parts)}")
+
+
+def usage_command(config: Config, paths: list[str] | None, since: str | None) -> int:
+    """Per key and model: requests served, refused apart, tokens and cost. ``paths``: read these SQLite files
+    (usage books of any relay version, or stores) instead of the configured store."""
+    from relay.pricing import usd
+    from relay.store import StoreError, summarize
+
+    try:
+        if paths:
+            from relay.store.sqlite import read_files
+
+            rows = read_files(paths, since)
+        else:
+            rows = _run(config, lambda backend: backend.usage(since))
+    except StoreError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"{'key':<16} {'model':<40} {'requests':>9} {'refused':>8} {'input':>12} {'output':>12} "
+              f"{'est. input':>12} {'est. output':>12} {'cost USD':>12}")
+        for r in summarize(rows):
+            print(f"{printable(r.key, 40):<16} {printable(r.model, 80) or '-':<40} {r.requests:>9} {r.refused:>8} "
+                  f"{r.input_tokens:>12} {r.output_tokens:>12} {r.estimated_input_tokens:>12} "
+                  f"{r.estimated_output_tokens:>12} {usd(r.cost_micros):>12.4f}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `relay usage | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
+    return 0
