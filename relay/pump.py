@@ -1,13 +1,15 @@
-"""The stream pump: upstream chunks -> translator -> client, while a watcher notices a client that leaves.
+"""The stream pump: upstream reads -> translator -> client, while a watcher notices a client that leaves.
 
-Every upstream chunk is translated the moment it arrives; what one upstream read delivered leaves in one
-client write, made when the upstream connection is about to read the network again (``Pump.flush``, passed
-to ``Upstreams.request`` as its ``before_read`` hook), so nothing ever waits for a later read.
+One loop: read the upstream once, translate what that read completed (SSE events, parsed in the same pass as
+the chunk framing, or body bytes for a translator that wants them), and write it to the client in one write
+just before the next upstream read (``Pump.flush``), so nothing ever waits for a later read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -15,6 +17,7 @@ from relay.errors import RelayError, empty_stream
 from relay.formats.base import Translator
 from relay.http import ClientGone, EventStream
 from relay.metrics import Metrics
+from relay.sse import SSEError
 from relay.upstream import Deadlines, UpstreamBroke, UpstreamResponse, stalled
 
 log = logging.getLogger("relay.server")
@@ -48,29 +51,28 @@ class Pump:
 
     async def run(self, upstream: UpstreamResponse, translator: Translator, metrics: Metrics) -> RelayError | None:
         """Relay the stream to its end. Returns the error to answer with when the upstream failed before
-        anything was produced (in the translator's words, already Anthropic's); None once the answer is out."""
+        anything was produced (in the translator's words, already Anthropic's); None once the answer is out.
+
+        What came with the upstream's head is translated first, with no task and no cancel scope: when that
+        holds the whole answer (a fast upstream) and the client's socket takes it in one write, the stream is
+        over before anything had to wait, and the client watcher is never started. Otherwise the rest runs
+        watched: the watcher notices a client that leaves, and times the upstream's silences."""
         ex = self.out.ex
         error: RelayError | None = None
-        reading = trio.CancelScope()
         metrics.open_streams += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, nursery.cancel_scope, reading)
-                try:
-                    self.deadlines.last_read = trio.current_time()
-                    error = await self._relay_chunks(upstream, translator, reading)
-                    await self.flush()
-                except ClientGone:
-                    self.gone = True
-                if not self.gone and error is None:
-                    if not self.out.started:  # nothing came out at all: never leave the client without an answer
-                        error = empty_stream(ex.target)
-                    else:
-                        try:
-                            await self.out.end()
-                        except ClientGone:
-                            self.gone = True
-                nursery.cancel_scope.cancel()
+            self.deadlines.last_read = trio.current_time()
+            over = self._arrived(upstream, translator)
+            rest = b""
+            if over:
+                error = self._answer_error(translator)
+                if error is None:
+                    try:
+                        rest = self.out.finish_now(self._take_pending())
+                    except ClientGone:
+                        self.gone = True
+            if not over or rest:
+                error = await self._watched(upstream, translator, rest)
             if not self.gone and error is None and translator.error is None:
                 # after the watcher: a client that hangs up once it has its answer must not cost the connection
                 await upstream.drain(DRAIN_SECONDS, DRAIN_BYTES)
@@ -86,6 +88,50 @@ class Pump:
             ex.note = ex.note or "client disconnected"
         elif translator.error is not None and translator.started:
             ex.note = f"midstream error={translator.error.error_type}"
+        return error
+
+    def _take_pending(self) -> bytes:
+        pending = self.pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        return data
+
+    def _answer_error(self, translator: Translator) -> RelayError | None:
+        """For a stream over before anything was written: the error to answer with instead, if any."""
+        if translator.error is not None and not translator.started:
+            return translator.error
+        if not any(self.pending):  # nothing came out at all: never leave the client without an answer
+            return empty_stream(self.out.ex.target)
+        return None
+
+    async def _watched(self, upstream: UpstreamResponse, translator: Translator, rest: bytes) -> RelayError | None:
+        """The stream from here on, with the client watcher: ``rest`` is the unsent end of an answer already
+        complete (a client slow to take it), else the stream is still coming."""
+        ex = self.out.ex
+        error: RelayError | None = None
+        reading = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client, nursery.cancel_scope, reading)
+            try:
+                if rest:
+                    self.flushing = True
+                    await self.out.conn.send_bytes(rest)
+                    self.flushing = False
+                    nursery.cancel_scope.cancel()
+                    return None
+                error = await self._relay_chunks(upstream, translator, reading)
+                await self.flush()
+            except ClientGone:
+                self.gone = True
+            if not self.gone and error is None:
+                if not self.out.started:  # nothing came out at all: never leave the client without an answer
+                    error = empty_stream(ex.target)
+                else:
+                    try:
+                        await self.out.end()
+                    except ClientGone:
+                        self.gone = True
+            nursery.cancel_scope.cancel()
         return error
 
     async def _watch_client(self, cancel: trio.CancelScope, reading: trio.CancelScope) -> None:
@@ -111,34 +157,73 @@ class Pump:
                 cancel.cancel()
                 return
 
-    async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator,
-                            reading: trio.CancelScope) -> RelayError | None:
-        """Feeds the translator; returns the error to answer with when the upstream failed before anything
-        was produced. ``reading`` is cancelled by the idle-gap timer."""
-        ex, pending, deadlines = self.out.ex, self.pending, self.deadlines
+    def _arrived(self, upstream: UpstreamResponse, translator: Translator) -> bool:
+        """Translate what came with the upstream's head (no I/O); True when that ended the stream."""
         try:
-            with reading:
-                async for chunk in upstream.chunks():
-                    deadlines.heard()
-                    out = translator.feed(chunk)
-                    if out:
-                        pending.append(out)
-                    if translator.done:
-                        break
-                else:
-                    pending.append(translator.finish())
-            if reading.cancelled_caught:
-                pending.append(translator.abort(stalled(ex.target)))
-        except ClientGone:
-            raise
-        except UpstreamBroke as exc:
+            if not upstream.arrived():
+                return upstream.done and self._take(None, translator.feed, upstream, translator)
+            self.deadlines.heard()
+            if translator_reads_events(translator):
+                got: Any = upstream.arrived_events()
+                return self._take(got, translator.feed_events, upstream, translator)  # type: ignore[attr-defined]
+            return self._take(upstream.arrived_chunk(), translator.feed, upstream, translator)
+        except Exception as exc:
+            self._failed(exc, translator)
+            return True
+
+    def _take(self, got: Any, feed: Callable[[Any], bytes], upstream: UpstreamResponse, translator: Translator) -> bool:
+        """Translate what one read completed; True when the stream is over."""
+        if got:
+            out = feed(got)
+            if out:
+                self.pending.append(out)
+            if translator.done:
+                return True
+        if upstream.done:
+            self.pending.append(translator.finish())
+            return True
+        return False
+
+    def _failed(self, exc: Exception, translator: Translator) -> None:
+        """End the translation after ``exc``: an upstream that broke, or data that could not be translated."""
+        pending, ex = self.pending, self.out.ex
+        if isinstance(exc, UpstreamBroke):
             pending.append(translator.abort(exc))
-        except Exception:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
-            log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=True)
+        elif isinstance(exc, SSEError):
+            pending.append(translator.bad_sse(exc))  # type: ignore[attr-defined]  # only event translators meet it
+        else:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
+            log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=exc)
             err = RelayError(502, f"{ex.target}: the upstream sent data relay could not translate", "api_error")
             if translator.started and not translator.done:
                 pending.append(err.sse())
             translator.error, translator.done = err, True
+
+    async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator,
+                            reading: trio.CancelScope) -> RelayError | None:
+        """Feeds the translator until the stream is over; returns the error to answer with when the upstream
+        failed before anything was produced. ``reading`` is cancelled by the idle-gap timer."""
+        events = translator_reads_events(translator)
+        read: Callable[[], Awaitable[Any]] = upstream.events if events else upstream.chunk
+        feed: Callable[[Any], bytes] = translator.feed_events if events else translator.feed  # type: ignore[attr-defined]
+        try:
+            with reading:
+                while True:
+                    await self.flush()
+                    got = await read()
+                    self.deadlines.heard()
+                    if self._take(got, feed, upstream, translator):
+                        break
+            if reading.cancelled_caught:
+                self.pending.append(translator.abort(stalled(self.out.ex.target)))
+        except ClientGone:
+            raise
+        except Exception as exc:
+            self._failed(exc, translator)
         if translator.error is not None and not translator.started:
             return translator.error
         return None
+
+
+def translator_reads_events(translator: Translator) -> bool:
+    """Translators that take parsed SSE events (every translated format); the passthrough takes bytes."""
+    return hasattr(translator, "feed_events")

@@ -425,8 +425,7 @@ class Server:
         try:
             with deadlines.first_byte:
                 async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
-                                                  key=key, model=target.model, timed_reads=not stream,
-                                                  before_read=pump.flush if pump else None) as upstream:
+                                                  key=key, model=target.model, timed_reads=not stream) as upstream:
                     if pump is not None and translator is not None and not upstream.content_type.startswith(b"application/json"):
                         streamed = await pump.run(upstream, translator, self.metrics)
                         if streamed is None:
