@@ -56,7 +56,7 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
-        self.known = Limits(self.upstreams.get_json)
+        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
         self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
@@ -127,7 +127,7 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
-        self.known = Limits(self.upstreams.get_json)
+        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
