@@ -272,7 +272,7 @@ class Upstreams:
                                                    content=body, extensions={"timeout": timeouts(provider, 5.0, 5.0)}) as response:
                 if response.status != 200:
                     return None
-                content = await UpstreamResponse(200, [], response).read(DESCRIPTION_LIMIT)
+                content = await UpstreamResponse(response).read(DESCRIPTION_LIMIT)
             return orjson.loads(content)
         except Exception:  # a server that cannot describe itself simply has no known window
             return None
