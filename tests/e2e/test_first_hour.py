@@ -108,11 +108,19 @@ async def test_the_quickstart_local_line_completes_under_claude_code(claude: Cla
                                launcher=[sys.executable, "-m", "relay", "claude", "--port", str(port), "--"])
     assert run.returncode is not None, f"Claude Code still running after {QUICKSTART_TIMEOUT}s\n{run.debug()}"
     result = run.result
-    assert result.get("subtype") == "success" and not result.get("is_error"), run.debug()
-    assert "is served with a" not in run.stderr, run.stderr  # relay claude's small-window warning: not for 32k
     text = log.read_text()
-    served = re.findall(r"POST /v1/messages\S* (\d+) model=(\S+) -> openai/local", text)
-    assert served and all(status == "200" for status, _ in served), text
+    served = re.findall(r"POST /v1/messages\S* (\d+) model=(\S+) -> openai/local.* out=(\d+)", text)
+    assert served and all(status == "200" for status, _, _ in served), text
+    if result.get("is_error"):
+        # Claude Code gives up after asking three times to resume an answer cut at max_tokens: that is the tiny
+        # model babbling to BABBLE_CAP every time (its words vary run to run), not relay failing; every answer
+        # must then have reached the cap, and Claude Code must have received them.
+        assert all(int(out) >= BABBLE_CAP * 0.9 for _, _, out in served), run.debug()
+        assert "Output token limit hit" in str(run.events), run.debug()
+        assert any(e.get("type") == "assistant" for e in run.events), run.debug()
+    else:
+        assert result.get("subtype") == "success", run.debug()
+    assert "is served with a" not in run.stderr, run.stderr  # relay claude's small-window warning: not for 32k
     assert served[0][1] == CLAUDE_CODE_MODELS[0]
     assert f"max_tokens 128000 -> {BABBLE_CAP} for openai/local" in text
 
