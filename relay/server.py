@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import trio
 
 from relay import admin, routing, tokens, transport
 from relay.auth import OPEN, Keys, may_call, permitted
-from relay.config import ClientKey, Config, ServerConfig
+from relay.config import ClientKey, Config, Provider, ServerConfig
 from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
@@ -37,6 +38,7 @@ from relay.upstream import Deadlines, Upstreams
 log = logging.getLogger("relay.server")
 
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
+_UNWATCHED = nullcontext()  # an answer that is not streamed has no watcher
 
 
 @dataclass(frozen=True)
@@ -348,8 +350,8 @@ class Server:
             now = trio.current_time()
             self.metrics.upstream_failed(provider.name, err.status)
             health.attempt_failed(key, err.status, now, retry_after(err))
-            if ex.status != 0:  # bytes reached the client: nothing can be retried
-                raise err
+            if ex.status != 0:  # bytes reached the client (message_start, early): _serve_from sent the error as
+                return True  # an event, and nothing can be retried
             if err.output_cap and not capped and self.known.learn_output_cap(provider, target.model, err.output_cap):
                 capped = True  # at once, with the cap it stated: the same request would fail the same way
                 failures.append(f"{target.label}:{err.status}")
@@ -369,6 +371,13 @@ class Server:
             log.info("%s %s failed with %d (%s); falling back", ex.request_id, target.label, err.status, err.error_type)
             self.metrics.fell_back(provider.name)
             return False
+
+    def _keepalive(self, provider: Provider, ex: Exchange) -> tuple[float, float]:
+        """A stream's ping interval, and when (trio's clock) its message_start goes out unasked: keepalive_start
+        after the request came in, retries and fallbacks included (a proxy in front counts from then)."""
+        server = self.config.server
+        start = server.keepalive_start if provider.keepalive_start is None else provider.keepalive_start
+        return server.keepalive, trio.current_time() - (time.perf_counter() - ex.started) + start
 
     async def _serve_from(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
                           key: str | None = None) -> None:
@@ -390,20 +399,24 @@ class Server:
                        max_tokens if isinstance(max_tokens, int) else None)
         deadlines = Deadlines(provider, stream)
         out = EventStream(conn, ex)
-        pump = Pump(out, deadlines, asked.estimate) if stream else None
         translator = fmt.stream_translator(opts) if stream else None
+        pump = Pump(out, deadlines, asked.estimate, translator, *self._keepalive(provider, ex)) if translator else None
         streamed: RelayError | None = None
         try:
             with deadlines.first_byte:
-                async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
-                                                  key=key, model=target.model, timed_reads=not stream,
-                                                  before_read=pump.flush if pump else None) as upstream:
-                    if pump is not None and translator is not None and not upstream.content_type.startswith(b"application/json"):
-                        streamed = await pump.run(upstream, translator, self.metrics)
-                        if streamed is None:
-                            return
-                    else:
-                        data = await upstream.read(64 * 1024 * 1024)
+                async with pump.watching(self.metrics) if pump else _UNWATCHED:
+                    async with self.upstreams.request(provider, call.path, call.body, stream=stream,
+                                                      extra_headers=call.headers, key=key, model=target.model,
+                                                      timed_reads=not stream,
+                                                      before_read=pump.flush if pump else None) as upstream:
+                        if pump is not None and not upstream.content_type.startswith(b"application/json"):
+                            streamed = await pump.run(upstream)
+                            if streamed is None:
+                                return
+                        else:
+                            data = await upstream.read(64 * 1024 * 1024)
+            if pump is not None and pump.gone:  # the client left while the upstream was still to answer
+                return
             if streamed is None:
                 if deadlines.first_byte.cancelled_caught:
                     raise deadlines.missed_first_byte()
@@ -414,7 +427,10 @@ class Server:
                     raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
                 message = fmt.translate_response(doc, opts)
         except RelayError as err:  # an upstream's overflow in Anthropic's words
-            raise opts.overflow(err) from None
+            err = opts.overflow(err)
+            if pump is not None and out.started:  # message_start went out early: the error is an event now
+                await pump.fail(err)
+            raise err from None
         if streamed is not None:  # the translator's own error is in Anthropic's words already; an empty stream is not
             raise streamed if translator is not None and streamed is translator.error else opts.overflow(streamed)
         ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
@@ -422,7 +438,7 @@ class Server:
         ex.cache_read = message["usage"].get("cache_read_input_tokens", 0)
         ex.cache_write = message["usage"].get("cache_creation_input_tokens", 0)
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
-            await out.write(A.events_from_message(message))
+            await out.write(A.events_from_message(message, out.started))
             await out.end()
             return
         await send_body(conn, ex, 200, orjson.dumps(message))
