@@ -126,6 +126,7 @@ class ServerConfig:
     # message_start sent before the upstream's first byte once the request has waited keepalive_start seconds.
     keepalive: float = 10.0
     keepalive_start: float = 20.0
+    affinity_sessions: int = 10_000  # Claude Code sessions kept on their upstream key and target (0: no affinity)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ _SERVER_KEYS = {
     "max_tools": int,
     "keepalive": (int, float),
     "keepalive_start": (int, float),
+    "affinity_sessions": int,
 }
 _PROVIDER_KEYS: dict[str, Any] = {
     "preset": str,
@@ -342,6 +344,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     for name in ("keepalive", "keepalive_start"):
         if getattr(server, name) < 0:
             raise src.error("server", name, "must be >= 0 seconds (keepalive = 0 turns pings off)")
+    if server.affinity_sessions < 0:
+        raise src.error("server", "affinity_sessions", "must be >= 0 (0 turns session affinity off)")
 
     providers: dict[str, Provider] = {}
     for name, raw in data.get("providers", {}).items():

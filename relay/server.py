@@ -18,6 +18,7 @@ import orjson
 import trio
 
 from relay import admin, routing, tokens, transport
+from relay.affinity import Place, Route, Sessions
 from relay.auth import OPEN, Keys, may_call, permitted
 from relay.config import ClientKey, Config, Provider, ServerConfig
 from relay.context import Limits
@@ -49,6 +50,8 @@ class Asked:
     req: dict[str, Any]  # with a <relay-model> tag stripped
     stream: bool
     estimate: int  # input tokens, relay's estimate
+    place: Place | None = None  # where this Claude Code session was served last (session affinity)
+    route: Route = ()  # the labels of the targets resolved for it, in the route's order
 
 
 class Server:
@@ -56,6 +59,7 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
+        self.sessions = Sessions(config.server.affinity_sessions)
         self.known = Limits(self.upstreams.get_json)
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
@@ -123,6 +127,7 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
+        self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
         self.known = Limits(self.upstreams.get_json)
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
@@ -159,7 +164,7 @@ class Server:
         """A request is answered: its metrics, its access-log line (its usage and cost are booked by then)."""
         self.metrics.request_done(
             ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
-            None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
+            None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens, ex.cache_read)
         ex.write()
 
     def _book(self, ex: Exchange) -> None:
@@ -310,8 +315,14 @@ class Server:
         stream = req.get("stream") is True
         ex.stream = stream
         override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
-        asked = Asked(incoming, req, stream, tokens.estimate(req))
-        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, asked.estimate))
+        estimate = tokens.estimate(req)
+        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, estimate))
+        place = self.sessions.place(ex.client.name if ex.client else "", incoming.session_id)
+        if place is None:
+            asked = Asked(incoming, req, stream, estimate)
+        else:  # the session's own target first, while it is healthy (the loop below passes over it when not)
+            asked = Asked(incoming, req, stream, estimate, place, tuple(t.label for t in targets))
+            targets = place.order(targets)
         failures: list[str] = []
         try:
             for number, target in enumerate(targets, 1):
@@ -333,11 +344,12 @@ class Server:
         attempt = 0
         capped = False  # retried once already with the output cap the upstream stated
         while True:
-            key = health.pick_key(trio.current_time())
+            key = health.pick_key(trio.current_time(), asked.place.keys.get(provider.name) if asked.place else None)
             ex.target = target.label
             try:
                 await self._serve_from(conn, ex, asked, target, key)
                 health.succeeded()
+                Sessions.served(asked.place, asked.route, target, key)
                 return True
             except BaseException as exc:
                 if not isinstance(exc, RelayError):
