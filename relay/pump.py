@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
 
 import trio
 
@@ -41,7 +41,7 @@ class Pump:
     time (trio's clock) at which message_start goes out if the upstream has not started by then."""
 
     __slots__ = ("out", "deadlines", "estimate", "translator", "keepalive", "start_at", "pending", "flushing",
-                 "gone", "last_write", "aside", "reading", "_watching", "_timer")
+                 "gone", "last_write", "aside", "reading", "_watching", "_timer", "_metrics", "_nursery")
 
     def __init__(self, out: EventStream, deadlines: Deadlines, estimate: int, translator: Translator,
                  keepalive: float = 0.0, start_at: float = math.inf) -> None:
@@ -59,6 +59,8 @@ class Pump:
         self.reading: trio.CancelScope | None = None  # the body's reads, once it streams (the idle gap cancels it)
         self._watching = trio.CancelScope()
         self._timer: trio.CancelScope | None = None  # the watcher's present wait
+        self._metrics: Metrics
+        self._nursery: Any  # trio's nursery manager, entered by ``__aenter__``
 
     async def flush(self) -> None:
         pending = self.pending
@@ -73,26 +75,29 @@ class Pump:
             # the idle timer counts upstream silence, not a slow client
             self.last_write = self.deadlines.last_read = trio.current_time()
 
-    @asynccontextmanager
-    async def watching(self, metrics: Metrics) -> AsyncIterator[None]:
-        """The watcher runs while the body runs: around the upstream request, so a client that leaves cancels
-        even the wait for the upstream's head. Whatever the body raises comes out as itself, not grouped."""
-        failure: Exception | None = None
-        metrics.open_streams += 1
+    def watching(self, metrics: Metrics) -> Pump:
+        """``async with pump.watching(metrics)``: the watcher runs while the body runs, around the upstream
+        request, so a client that leaves cancels even the wait for the upstream's head. Whatever the body
+        raises comes out as itself, not grouped. (A class of its own, not a generator: one per stream.)"""
+        self._metrics = metrics
+        return self
+
+    async def __aenter__(self) -> None:
+        self._metrics.open_streams += 1
+        self._nursery = trio.open_nursery()
+        nursery = await self._nursery.__aenter__()
+        nursery.start_soon(self._watch_client, nursery.cancel_scope)
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        self._watching.cancel()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, nursery.cancel_scope)
-                try:
-                    yield
-                except Exception as exc:  # an upstream's error: the server's to handle (Cancelled stays here)
-                    failure = exc
-                finally:
-                    self._watching.cancel()
+            if isinstance(exc, Exception):  # an upstream's error: the server's to handle, not the nursery's
+                await self._nursery.__aexit__(None, None, None)
+                return False
+            return bool(await self._nursery.__aexit__(kind, exc, tb))  # Cancelled stays with the scopes
         finally:
-            metrics.open_streams -= 1
+            self._metrics.open_streams -= 1
             self._account()
-        if failure is not None:
-            raise failure
 
     async def run(self, upstream: UpstreamResponse) -> RelayError | None:
         """Relay the stream to its end (inside ``watching``). Returns the error to answer with when the upstream
