@@ -7,9 +7,11 @@ names or one that was served, up to ``MODEL_SERIES`` of them (``other`` past tha
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 MODEL_SERIES = 200  # distinct served model names labelled beyond the configured ones
@@ -17,6 +19,12 @@ OTHER = "other"
 STORE_GAUGES = {"relay_store_up": "1 when the last round with the store succeeded.",
                 "relay_store_buffered_rows": "Usage rows held for the store (it is away, or between rounds).",
                 "relay_store_instances": "Instances sharing the store, as last seen."}
+# How workers' values of a gauge add up to the instance's: up only if every worker's store is up, rows held
+# anywhere, the largest count of instances any worker saw.
+GAUGE_SUMS: dict[str, Callable[[int, int], int]] = {"relay_store_up": min, "relay_store_buffered_rows": operator.add,
+                                                    "relay_store_instances": max}
+COUNTERS = ("requests", "tokens", "upstream_errors", "fallbacks", "cost", "refused")
+HISTOGRAMS = ("duration", "ttfb")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -40,6 +48,11 @@ class Histogram:
         self.counts[bisect_left(BUCKETS, value)] += 1
         self.total += value
         self.n += 1
+
+    def add(self, counts: list[int], total: float, n: int) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.total += total
+        self.n += n
 
 
 class Metrics:
@@ -90,6 +103,31 @@ class Metrics:
 
     def fell_back(self, provider: str) -> None:
         self.fallbacks[(provider,)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every value, as JSON-ready data: what a worker publishes for the instance's scrape."""
+        snap: dict[str, Any] = {name: [[list(k), v] for k, v in getattr(self, name).items()] for name in COUNTERS}
+        for name in HISTOGRAMS:
+            snap[name] = [[list(k), h.counts, h.total, h.n] for k, h in getattr(self, name).items()]
+        snap["open_streams"] = self.open_streams
+        snap["store"] = self.store
+        return snap
+
+    def absorb(self, snap: dict[str, Any], live: bool = True) -> None:
+        """Add another worker's snapshot; a dead worker (``live`` false) adds its counters, not its gauges."""
+        for name in COUNTERS:
+            counter: dict[tuple[str, ...], int] = getattr(self, name)
+            for key, value in snap.get(name, ()):
+                counter[tuple(key)] += value
+        for name in HISTOGRAMS:
+            histograms: dict[tuple[str, ...], Histogram] = getattr(self, name)
+            for key, counts, total, n in snap.get(name, ()):
+                histograms[tuple(key)].add(counts, total, n)
+        if live:
+            self.open_streams += snap.get("open_streams", 0)
+            for gauge, value in snap.get("store", {}).items():
+                if gauge in GAUGE_SUMS:
+                    self.store[gauge] = GAUGE_SUMS[gauge](self.store[gauge], value) if gauge in self.store else value
 
     def render(self) -> bytes:
         out: list[str] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ import h11
 import orjson
 import trio
 
-from relay import admin, routing, tokens, transport
+from relay import admin, console, routing, tokens, transport
 from relay.affinity import Place, Route, Sessions
 from relay.auth import OPEN, Keys, may_call, permitted
 from relay.config import ClientKey, Config, Provider, ServerConfig
@@ -25,13 +24,15 @@ from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
-from relay.formats.base import ClientRequest, Options
+from relay.formats.base import ClientRequest, Options, Translator
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
+from relay.live import Live
 from relay.log import Exchange
+from relay.instance_metrics import Board
 from relay.metrics import Metrics
-from relay.pump import Pump
+from relay.pump import HeadWaits, Pump
 from relay.resources import connection_budget
 from relay.retry import RAISE, Raise, Retry, next_step, retry_after
 from relay.upstream import Deadlines, Upstreams
@@ -39,7 +40,6 @@ from relay.upstream import Deadlines, Upstreams
 log = logging.getLogger("relay.server")
 
 HEALTH_PATHS = {"/", "/health", "/api/hello", "/healthz"}
-_UNWATCHED = nullcontext()  # an answer that is not streamed has no watcher
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,13 @@ class Server:
         self.upstreams = Upstreams(config)
         self.healths = Healths()
         self.sessions = Sessions(config.server.affinity_sessions)
+        self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
         self.known = Limits(self.upstreams.get_json)
         self.metrics = Metrics(routing.configured_names(config))
+        self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
         self.gateway = Gateway(config, self.metrics)
+        self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
         self.idle_waits: set[trio.CancelScope] = set()
@@ -88,6 +91,9 @@ class Server:
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
+            await background.start(self.heads.run)
+            if self.board is not None:
+                background.start_soon(self.board.run)
             try:
                 async with trio.open_nursery() as connections:
                     with self._accepting:
@@ -165,6 +171,13 @@ class Server:
         self.metrics.request_done(
             ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
             None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens, ex.cache_read)
+        if ex.route.startswith("/v1/"):  # what clients asked for; not the console's own polling
+            self.live.request_done(
+                time.time(), key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
+                status=ex.status, stream=ex.stream, ttfb=None if ex.ttfb is None else ex.ttfb - ex.started,
+                duration=time.perf_counter() - ex.started, input_tokens=ex.input_tokens,
+                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000))
+            self.live.streams(time.time(), self.metrics.open_streams)
         ex.write()
 
     def _book(self, ex: Exchange) -> None:
@@ -189,6 +202,12 @@ class Server:
         elif path.startswith("/admin/"):
             ex.route = "/admin"
             self._auth.check_admin(request.headers)
+        elif path == "/ui" or path.startswith("/ui/"):
+            ex.route = "/ui"  # static files, no secret in them: no key asked, but none served without an admin API
+            if not self.config.server.admin_keys:
+                raise RelayError(404, "the console is off: set [server] admin_keys to turn it on", "not_found_error")
+            if ex.method not in ("GET", "HEAD"):  # refused on the head: no body is read for anyone without a key
+                raise RelayError(405, f"{ex.method} is not allowed on {path}", "invalid_request_error")
         elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
             ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
             ex.client = self._auth.client(request.headers)
@@ -215,11 +234,21 @@ class Server:
             if ex.route == "/metrics":
                 _require(method, "GET", path)
                 self.gateway.gauges()
-                await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
+                text = self.metrics.render() if self.board is None else self.board.render()
+                await send_body(conn, ex, 200, text, content_type=b"text/plain; version=0.0.4")
                 return
             if ex.route == "/admin":
+                local = await console.answer(self, method, path, ex.path.partition("?")[2], body)
+                if local is not None:
+                    await send_body(conn, ex, 200, local)
+                    return
                 status, answer = await admin.handle(self.gateway, method, ex.path, body)
                 await send_body(conn, ex, status, answer)
+                return
+            if ex.route == "/ui":
+                page, content_type = console.asset(path)
+                await send_body(conn, ex, 200, page, content_type=content_type, extra=console.HEADERS,
+                                head_only=method == "HEAD")
                 return
             assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
@@ -384,12 +413,20 @@ class Server:
             self.metrics.fell_back(provider.name)
             return False
 
-    def _keepalive(self, provider: Provider, ex: Exchange) -> tuple[float, float]:
-        """A stream's ping interval, and when (trio's clock) its message_start goes out unasked: keepalive_start
-        after the request came in, retries and fallbacks included (a proxy in front counts from then)."""
+    def _pump(self, out: EventStream, deadlines: Deadlines, estimate: int, translator: Translator,
+              provider: Provider) -> Pump:
+        """A stream's pump with its keep-alive: the ping interval, and when (trio's clock) its message_start goes
+        out unasked: keepalive_start after the request came in, retries and fallbacks included (a proxy in front
+        counts from then); a stream that can reach that time waiting for its head is kept in ``heads``."""
         server = self.config.server
+        if not server.keepalive:
+            return Pump(out, deadlines, estimate, translator)
         start = server.keepalive_start if provider.keepalive_start is None else provider.keepalive_start
-        return server.keepalive, trio.current_time() - (time.perf_counter() - ex.started) + start
+        start_at = trio.current_time() - (time.perf_counter() - out.ex.started) + start
+        pump = Pump(out, deadlines, estimate, translator, server.keepalive, start_at)
+        if start_at < deadlines.first_byte.deadline:
+            self.heads.add(pump, start)
+        return pump
 
     async def _serve_from(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
                           key: str | None = None) -> None:
@@ -412,23 +449,24 @@ class Server:
         deadlines = Deadlines(provider, stream)
         out = EventStream(conn, ex)
         translator = fmt.stream_translator(opts) if stream else None
-        pump = Pump(out, deadlines, asked.estimate, translator, *self._keepalive(provider, ex)) if translator else None
+        pump = self._pump(out, deadlines, asked.estimate, translator, provider) if translator else None
         streamed: RelayError | None = None
         try:
             with deadlines.first_byte:
-                async with pump.watching(self.metrics) if pump else _UNWATCHED:
-                    async with self.upstreams.request(provider, call.path, call.body, stream=stream,
-                                                      extra_headers=call.headers, key=key, model=target.model,
-                                                      timed_reads=not stream,
-                                                      before_read=pump.flush if pump else None) as upstream:
-                        if pump is not None and not upstream.content_type.startswith(b"application/json"):
-                            streamed = await pump.run(upstream)
-                            if streamed is None:
-                                return
-                        else:
-                            data = await upstream.read(64 * 1024 * 1024)
-            if pump is not None and pump.gone:  # the client left while the upstream was still to answer
-                return
+                async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
+                                                  key=key, model=target.model, timed_reads=not stream) as upstream:
+                    if pump is not None and not upstream.content_type.startswith(b"application/json"):
+                        streamed = await pump.run(upstream, self.metrics)
+                        if streamed is None:
+                            return
+                    else:
+                        if pump is not None:
+                            await pump.end_head_watch()
+                        data = await upstream.read(64 * 1024 * 1024)
+            if pump is not None:
+                await pump.end_head_watch()
+                if pump.gone:  # the client left while the upstream was still to answer
+                    return
             if streamed is None:
                 if deadlines.first_byte.cancelled_caught:
                     raise deadlines.missed_first_byte()
@@ -440,8 +478,10 @@ class Server:
                 message = fmt.translate_response(doc, opts)
         except RelayError as err:  # an upstream's overflow in Anthropic's words
             err = opts.overflow(err)
-            if pump is not None and out.started:  # message_start went out early: the error is an event now
-                await pump.fail(err)
+            if pump is not None:
+                await pump.end_head_watch()
+                if out.started:  # message_start went out early: the error is an event now
+                    await pump.fail(err)
             raise err from None
         if streamed is not None:  # the translator's own error is in Anthropic's words already; an empty stream is not
             raise streamed if translator is not None and streamed is translator.error else opts.overflow(streamed)
