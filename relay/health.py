@@ -29,10 +29,13 @@ class ProviderHealth:
     _probing: bool = False
     last_error: tuple[int, float] | None = None  # (status, when) of the last failed attempt, for the console
 
-    def pick_key(self, now: float) -> str:
-        """Round robin over keys that are not resting; if all rest, the one that wakes first."""
+    def pick_key(self, now: float, prefer: str | None = None) -> str:
+        """``prefer`` (the key a session used last) if it is one of these and not resting; else round robin
+        over keys that are not resting; if all rest, the one that wakes first."""
         if not self.keys:
             return ""
+        if prefer is not None and self._resting.get(prefer, 0.0) <= now and prefer in self.keys:
+            return prefer
         for _ in range(len(self.keys)):
             key = self.keys[self._next % len(self.keys)]
             self._next += 1

@@ -66,6 +66,8 @@ class Metrics:
         self.duration: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)  # (provider,)
         self.ttfb: dict[tuple[str, ...], Histogram] = defaultdict(Histogram)
         self.open_streams = 0
+        self.cache_hits: dict[tuple[str, ...], int] = defaultdict(int)  # (provider,): requests with cache reads
+        self.cache_read: dict[tuple[str, ...], int] = defaultdict(int)  # (provider,): tokens read from the cache
         self.cost: dict[tuple[str, ...], int] = defaultdict(int)  # (provider,) -> micro-dollars, from its prices
         self.refused: dict[tuple[str, ...], int] = defaultdict(int)  # (reason,) -> requests relay's limits refused
         self.store: dict[str, int] = {}  # gauge name -> value (the store's state, set before each scrape)
@@ -79,8 +81,9 @@ class Metrics:
         return OTHER if model else ""
 
     def request_done(self, route: str, provider: str, model: str, status: int, duration: float,
-                     ttfb: float | None, tokens_in: int | None, tokens_out: int | None) -> None:
-        """``route``: the route relay matched, never the raw path; ``model``: as the client asked for it."""
+                     ttfb: float | None, tokens_in: int | None, tokens_out: int | None, cache_read: int = 0) -> None:
+        """``route``: the route relay matched, never the raw path; ``model``: as the client asked for it;
+        ``cache_read``: of tokens_in, what the upstream read from its prompt cache."""
         model = self.model_label(model, 200 <= status < 300)
         self.requests[(route, provider, model, str(status))] += 1
         if provider:
@@ -91,6 +94,9 @@ class Metrics:
                 self.tokens[(provider, "input")] += tokens_in
             if tokens_out:
                 self.tokens[(provider, "output")] += tokens_out
+            if cache_read:
+                self.cache_hits[(provider,)] += 1
+                self.cache_read[(provider,)] += cache_read
 
     def upstream_failed(self, provider: str, status: int) -> None:
         self.upstream_errors[(provider, str(status))] += 1
@@ -146,6 +152,10 @@ class Metrics:
                 ("path", "provider", "model", "status"), self.requests)
         counter("relay_tokens_total", "Tokens reported by upstreams.", ("provider", "direction"), self.tokens)
         counter("relay_upstream_errors_total", "Failed upstream attempts by status.", ("provider", "status"), self.upstream_errors)
+        counter("relay_cache_hits_total", "Answers whose usage reported prompt-cache reads.", ("provider",),
+                self.cache_hits)
+        counter("relay_cache_read_tokens_total", "Input tokens the upstream read from its prompt cache.", ("provider",),
+                self.cache_read)
         counter("relay_fallbacks_total", "Requests moved off a provider to the route's next target.", ("provider",), self.fallbacks)
         histogram("relay_request_duration_seconds", "Whole request time.", self.duration)
         histogram("relay_time_to_first_byte_seconds", "Time until the first byte went to the client.", self.ttfb)

@@ -96,6 +96,12 @@ class BlockWriter:
         self.fail(error)
         return self.flush()
 
+    def start_now(self) -> bytes:
+        if self.started:
+            return b""
+        self.start()
+        return self.flush()
+
     # ---- for the format ---------------------------------------------------------------------
 
     def _on_event(self, name: bytes | None, payload: bytes) -> None:
