@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install run test bench bench-smoke check clean redis-server
+.PHONY: install run test bench bench-smoke check clean redis-server chromium screenshots
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,local-llm]'
 	touch $(TEST_STAMP)
 
-test: $(TEST_STAMP) redis-server  ## type-check relay, then run the whole test suite
+test: $(TEST_STAMP) redis-server chromium  ## type-check relay, then run the whole test suite
 	$(PY) -m mypy relay
 	$(PY) -m pytest -q $(ARGS)
 
@@ -41,6 +41,19 @@ redis-server:
 	      { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
 	      echo "make test: could not install redis-server: the Redis store tests will fail"; \
 	    else echo "make test: redis-server is missing and cannot be installed here (not root, or no apt-get): the Redis store tests will fail"; fi; }
+
+# The console tests drive a real headless Chromium (Debian's package) through Playwright for Python; the same way.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "make test: installing chromium (Debian package) for the console tests"; \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	      echo "make test: could not install chromium: the console tests will fail"; \
+	    else echo "make test: chromium is missing and cannot be installed here (not root, or no apt-get): the console tests will fail"; fi; }
+
+screenshots: $(STAMP) chromium  ## a PNG of each console page, into docs/
+	$(PY) -m tests.console_screens docs
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 

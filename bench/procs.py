@@ -8,6 +8,7 @@ nothing else shares its interpreter. Linux only, as is this machine.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -199,28 +200,33 @@ def relay_supports_workers() -> bool:
     return "--workers" in out.stdout
 
 
-def relay_config(upstream_port: int, profile: str) -> str:
-    """A relay config whose one provider is the mock upstream's ``profile``."""
+def relay_config(upstream_port: int, profile: str, store: str = "") -> str:
+    """A relay config whose one provider is the mock upstream's ``profile``; ``store``: a store url (with a
+    config key, ``bench``, and a price for the model, so every request is booked with a cost), else no store."""
+    server = 'api_keys = ["bench"]\n' if store else 'usage_db = ""\n'  # no store: stays out of the user's usage book
     return (
         "[server]\n"
         'host = "127.0.0.1"\n'
         "port = 8787\n"
-        'usage_db = ""\n'  # the bench's requests stay out of the user's usage book
-        "[providers.mock]\n"
+        + server
+        + (f'[store]\nurl = "{store}"\n' if store else "")
+        + "[providers.mock]\n"
         'format = "openai"\n'
         f'base_url = "http://127.0.0.1:{upstream_port}/p/{profile}/v1"\n'
         'api_key = "x"\n'
         'models = ["mock-model"]\n'
         "max_connections = 4096\n"  # measure relay, not its per-provider cap (1,024 by default)
-        "[routes]\n"
+        + ('prices = { "mock-model" = { input = 1, output = 2 } }\n' if store else "")
+        + "[routes]\n"
         'default = "mock/mock-model"\n'
     )
 
 
-def start_relay(upstream_port: int, profile: str, workers: int = 1, timeout: float = 20.0) -> tuple[Child, int]:
+def start_relay(upstream_port: int, profile: str, workers: int = 1, timeout: float = 20.0,
+                store: str = "") -> tuple[Child, int]:
     """Start ``relay serve`` in front of the mock and wait for ``GET /health``; raises RelayUnavailable."""
     config = Path(tempfile.mkstemp(prefix="bench-relay-", suffix=".toml")[1])
-    config.write_text(relay_config(upstream_port, profile))
+    config.write_text(relay_config(upstream_port, profile, store))
     port = free_port()
     argv = [sys.executable, "-m", "relay", "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning"]
@@ -250,3 +256,42 @@ def _healthy(port: int) -> bool:
             return sock.recv(64).startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
     except OSError:
         return False
+
+
+def create_virtual_key(upstream_port: int, profile: str, store: str) -> str:
+    """``relay keys create`` in ``store``: a virtual key with every limit and a budget set (so every request is
+    checked against all of them) but too high to refuse anything. Returns its secret."""
+    config = Path(tempfile.mkstemp(prefix="bench-keys-", suffix=".toml")[1])
+    try:
+        config.write_text(relay_config(upstream_port, profile, store))
+        out = subprocess.run(
+            [sys.executable, "-m", "relay", "keys", "create", "bench-limited", "--models", "mock/*", "--rpm", "100000000",
+             "--tpm", "100000000000", "--max-streams", "100000", "--budget", "1000000", "-c", str(config)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        config.unlink(missing_ok=True)
+    if out.returncode != 0:
+        raise RelayUnavailable(f"relay keys create failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def start_redis(folder: Path) -> tuple[Child, int] | None:
+    """A redis-server on a free loopback port, persistence off (the bench measures relay, not disks); None
+    when the binary is missing (``make test`` installs Debian's package)."""
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if binary is None:
+        return None
+    port = free_port()
+    child = Child("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
+                            "--appendonly", "no", "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and child.proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return child, port
+        except OSError:
+            time.sleep(0.05)
+    child.stop()
+    raise RuntimeError(f"redis-server did not answer on port {port}:\n{child.log_tail()}")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from bench.store_path import format_results as store_path_results
 from bench.translator import format_results
 
 if TYPE_CHECKING:
@@ -86,7 +87,8 @@ def _aggregate(phases: list[Phase], pace: float) -> dict[str, Any]:
     return stats
 
 
-def summarise(phases: list[Phase], plan: Plan, translator: dict[str, Any] | None, notes: list[str]) -> dict[str, Any]:
+def summarise(phases: list[Phase], plan: Plan, translator: dict[str, Any] | None, notes: list[str],
+              store_path: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the table, the JSON file and the chart need."""
     groups: dict[tuple[str, str], dict[str, list[Phase]]] = defaultdict(lambda: defaultdict(list))
     for p in phases:
@@ -94,7 +96,7 @@ def summarise(phases: list[Phase], plan: Plan, translator: dict[str, Any] | None
     cases = []
     for (scenario, case), by_path in groups.items():
         paths = {path: _aggregate(ps, plan.pace) for path, ps in by_path.items()}
-        ratios: dict[str, dict[str, float]] = {}
+        ratios: dict[str, dict[str, Any]] = {}
         direct = paths.get(DIRECT)
         for path, stats in paths.items():
             if path == DIRECT or direct is None:
@@ -103,6 +105,8 @@ def summarise(phases: list[Phase], plan: Plan, translator: dict[str, Any] | None
             r["added_ttfb_p50_ms"] = stats["ttfb_p50"] - direct["ttfb_p50"]
             r["added_ttfb_p99_ms"] = stats["ttfb_p99"] - direct["ttfb_p99"]
             ratios[path] = r
+        if scenario == "store":
+            ratios = _store_ratios(paths)
         if RELAY in paths and RELAY2 in paths:
             ratios[RELAY2]["rps_vs_1_worker"] = _ratio(paths[RELAY2]["rps"], paths[RELAY]["rps"])
         level = next(iter(by_path.values()))[0].level
@@ -118,10 +122,28 @@ def summarise(phases: list[Phase], plan: Plan, translator: dict[str, Any] | None
         "notes": notes,
         "cases": cases,
         "translator": translator,
+        "store_path": store_path,
         "phases": [_phase_row(p) for p in phases],
     }
     summary["targets"] = _targets(summary, plan)
     return summary
+
+
+STORES, VKEY = ("sqlite", "redis"), "+vkey"
+
+
+def _store_ratios(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The store scenario compares within one relay: a limited virtual key against the config key (what the
+    limits cost), and the config key against relay without a store (what booking usage costs)."""
+    ratios = {}
+    for store in STORES:
+        for path, base in ((store + VKEY, store), (store, RELAY)):
+            if path in paths and base in paths:
+                ratios[path] = {"rps": _ratio(paths[path]["rps"], paths[base]["rps"]), "vs": base,
+                                "added_ttfb_p50_ms": paths[path]["ttfb_p50"] - paths[base]["ttfb_p50"],
+                                "added_cpu_us": paths[path].get("relay_cpu_us_per_request", math.nan)
+                                - paths[base].get("relay_cpu_us_per_request", math.nan)}
+    return ratios
 
 
 def _ratio(a: float, b: float) -> float:
@@ -188,6 +210,23 @@ def _targets(summary: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         add(f"paced: relay RSS per open stream at c={at['level']} (KiB)", per / KIB, "< 64", per / KIB < 64)
     else:
         add("paced: most concurrent streams with no gap > 2x pace (one worker)", None, ">= 512", None)
+    for store in STORES:
+        one, ten = _case(summary, "store", "c=1"), _case(summary, "store", "c=10")
+        r = one["ratios"].get(store + VKEY) if one else None
+        if r:
+            add(f"store ({store}): TTFB p50 a limited virtual key adds over a config key, c=1 (ms)",
+                r["added_ttfb_p50_ms"], "< 0.3", r["added_ttfb_p50_ms"] < 0.3)
+        r = ten["ratios"].get(store + VKEY) if ten else None
+        if r:
+            add(f"store ({store}): req/s a limited virtual key loses against a config key, c=10 (%)",
+                (1 - r["rps"]) * 100, "< 10", (1 - r["rps"]) * 100 < 10)
+        r = one["ratios"].get(store) if one else None
+        if r:
+            add(f"store ({store}): TTFB p50 a config key's booking adds over no store, c=1 (ms)",
+                r["added_ttfb_p50_ms"], REFERENCE, None)
+    if summary.get("store_path"):
+        add("store: request-path CPU a limited virtual key adds, in process (admit + finish, ms)",
+            summary["store_path"]["added_us"] / 1e3, REFERENCE, None)
     t = summary.get("translator") or {}
     figure = t.get("min_per_event_feed")
     add("translator alone: chunks/s on one core (slowest stream, one event per feed)", figure, ">= 200,000",
@@ -239,11 +278,14 @@ _COLUMNS = {
     "bodies": _COMMON + [("CPU us/req", "relay_cpu_us_per_request", "us")],
     "paced": _COMMON + [("gap p99", "gap_p99", "ms"), ("stalled", "stalled", "int"),
                         ("CPU us/chunk", "relay_cpu_us_per_chunk", "us"), ("RSS/stream", "rss_per_stream", "kib")],
+    "store": _COMMON + [("CPU us/req", "relay_cpu_us_per_request", "us")],
 }
 _TITLES = {
     "burst": "burst: 50-chunk streams, no delay (latencies in ms)",
     "bodies": "bodies: Claude Code-shaped requests at concurrency 1, 10-chunk answers (ms)",
     "paced": "paced: 64 chunks of 16 bytes, 20 ms apart; stalled = streams with a gap > 40 ms (ms)",
+    "store": "store: 10-chunk answers; relay without a store, then each store with a config key and a limited "
+             "virtual key (+vkey) (ms)",
 }
 
 
@@ -260,23 +302,26 @@ def render(summary: dict[str, Any]) -> str:
         else:
             title = _TITLES[scenario]
         widths = [max(11, len(h) + 2) for h, _, _ in columns]
-        header = [f"{'case':<10}", f"{'path':<9}"] + [f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True)]
+        header = [f"{'case':<10}", f"{'path':<12}"] + [f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True)]
         lines += ["", title, "".join(header), "-" * len("".join(header))]
         for c in cases:
             label = c["case"]
             for path, stats in c["paths"].items():
-                row = [f"{label:<10}", f"{path:<9}"] + [
+                row = [f"{label:<10}", f"{path:<12}"] + [
                     f"{_fmt(stats.get(k), f):>{w}}" for (_, k, f), w in zip(columns, widths, strict=True)]
                 lines.append("".join(row))
                 label = ""
                 ratio = c["ratios"].get(path)
-                if ratio:
+                if ratio and scenario == "store":
+                    lines.append(f"{'':<10}{'  vs ' + ratio['vs']:<12}  req/s {_fmt(ratio['rps'], 'x')}, TTFB p50 "
+                                 f"{ratio['added_ttfb_p50_ms']:+.3f} ms, CPU {ratio['added_cpu_us']:+.0f} us/req")
+                elif ratio:
                     cells = [f"{_fmt(ratio.get(k), 'x') if k in ratio else '':>{w}}"
                              for (_, k, _), w in zip(columns, widths, strict=True)]
-                    lines.append("".join([f"{'':<10}", f"{'  /direct':<9}"] + cells))
+                    lines.append("".join([f"{'':<10}", f"{'  /direct':<12}"] + cells))
             if scenario == "bodies" and RELAY in c["ratios"]:
                 r = c["ratios"][RELAY]
-                lines.append(f"{'':<10}{'  added':<9}  TTFB p50 +{r['added_ttfb_p50_ms']:.2f} ms, "
+                lines.append(f"{'':<10}{'  added':<12}  TTFB p50 +{r['added_ttfb_p50_ms']:.2f} ms, "
                              f"p99 +{r['added_ttfb_p99_ms']:.2f} ms")
     harness = [c["paths"][DIRECT]["harness_cores"] for c in summary["cases"] if DIRECT in c["paths"]]
     other = [p["other_load_cores"] for p in summary["phases"]]
@@ -287,7 +332,9 @@ def render(summary: dict[str, Any]) -> str:
                      f"in a phase, of {summary['meta']['cpus']}: the figures are noisy.")
     if summary.get("translator"):
         lines += ["", format_results(summary["translator"])]
-    lines += ["", "targets (issue 4):"]
+    if summary.get("store_path"):
+        lines += ["", store_path_results(summary["store_path"])]
+    lines += ["", "targets (issues 4 and 15):"]
     for t in summary["targets"]:
         verdict = "for reference" if t["limit"] == REFERENCE else {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         figure = t["figure"]

@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import _net, bodies, procs, report, translator
+from bench import _net, bodies, procs, report, store_path, translator
 from bench.load import LoadPool, LoadSpec, Tally
 from bench.upstream import Profile, stream_events
 
 KIB = 1024
 DIRECT, RELAY, RELAY2, PIPE, STACK = "direct", "relay", "relay-2w", "pipe", "stack"
+STORES = ("sqlite", "redis")  # the store scenario's paths: each store with a config key, and "+vkey"
+VKEY = "+vkey"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Plan:
     paced_chunks: int
     paced_streams: int  #: streams per client per phase
     translator_seconds: float
+    store_levels: tuple[int, ...] = (1, 10)  #: concurrency: 1 for the TTFB a virtual key adds, 10 for req/s
+    store_seconds: float = 2.0
     pace: float = 0.020
     timeout: float = 60.0
 
@@ -59,9 +63,9 @@ SMOKE = Plan(
     burst_levels=(1, 10), burst_seconds=0.3, two_workers=False, floor=True,
     body_sizes=(10 * KIB, 100 * KIB), body_seconds=0.3,
     paced_levels=(8, 32), paced_chunks=16, paced_streams=1,
-    translator_seconds=0.05, timeout=20.0,
+    translator_seconds=0.05, store_seconds=0.3, timeout=20.0,
 )
-SCENARIOS = ("burst", "bodies", "paced", "translator")
+SCENARIOS = ("burst", "bodies", "paced", "store", "translator")
 
 
 @dataclass
@@ -131,6 +135,7 @@ class Runner:
             "burst": Profile(chunks=50, coalesce=True, stream="always"),
             "bodies": Profile(chunks=10, coalesce=True, stream="always"),
             "paced": Profile(chunks=plan.paced_chunks, delay=plan.pace, first_delay=plan.pace, stream="always"),
+            "store": Profile(chunks=10, coalesce=True, stream="always"),
         }
 
     # -- plumbing ---------------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ class Runner:
 
     @staticmethod
     def _stop(targets: dict[str, Target]) -> None:
-        for target in targets.values():
+        for target in reversed(targets.values()):  # the last started first: a relay before the store it writes to
             if target.child is not None:
                 target.child.stop()
 
@@ -189,7 +194,8 @@ class Runner:
         target = targets[path]
         relay_pids = procs.tree(target.child.pid) if target.child else []
         # Everything this run started, idle relays included, so that the rest is truly other programs' load.
-        idle_relays = [pid for t in targets.values() if t.child and t is not target for pid in procs.tree(t.child.pid)]
+        idle_relays = list({pid for t in targets.values() if t.child and t.child is not target.child
+                            for pid in procs.tree(t.child.pid)})
         harness_pids = [self.upstream.pid, *self.pool.pids, *idle_relays]
         relay_cpu0, harness_cpu0 = procs.cpu_seconds(relay_pids), procs.cpu_seconds(harness_pids)
         busy0, all0 = procs.machine_busy()
@@ -301,12 +307,59 @@ class Runner:
         finally:
             self._stop(targets)
 
+    def _store_targets(self) -> dict[str, Target]:
+        """relay without a store, then one relay per store, each asked with its config key (no limits) and with
+        a virtual key that has every limit and a budget: the difference is what the limits cost per request."""
+        headers = {"anthropic-version": "2023-06-01"}
+        targets: dict[str, Target] = {}
+        try:
+            child, port = procs.start_relay(self.upstream_port, "store")
+            targets[RELAY] = Target(port, "/v1/messages", "event: message_stop", {**headers, "x-api-key": "bench"}, child)
+            for store in STORES:
+                if store == "sqlite":
+                    url = f"sqlite://{self.workdir / 'relay.sqlite3'}"
+                else:
+                    (self.workdir / "redis").mkdir(exist_ok=True)
+                    redis = procs.start_redis(self.workdir / "redis")
+                    if redis is None:
+                        self.notes.append("redis-server is not installed: the store scenario measured SQLite only")
+                        continue
+                    targets["redis-server"] = Target(redis[1], "", "", child=redis[0])  # stopped with the rest
+                    url = f"redis://127.0.0.1:{redis[1]}/0"
+                secret = procs.create_virtual_key(self.upstream_port, "store", url)
+                child, port = procs.start_relay(self.upstream_port, "store", store=url)
+                targets[store] = Target(port, "/v1/messages", "event: message_stop", {**headers, "x-api-key": "bench"},
+                                        child)
+                targets[store + VKEY] = Target(port, "/v1/messages", "event: message_stop",
+                                               {**headers, "x-api-key": secret}, child)
+        except BaseException:
+            self._stop(targets)
+            raise
+        return targets
+
+    def _store(self) -> None:
+        plan = self.plan
+        body = self._body_file("simple.json", bodies.simple_body())
+        everything = self._store_targets()
+        targets = {path: t for path, t in everything.items() if t.path}  # not the redis-server
+        try:
+            self._warm(targets, body, 4)
+            for level in plan.store_levels:
+                specs = {p: self._spec(t, body, concurrency=level, duration=plan.store_seconds)
+                         for p, t in targets.items()}
+                self._rounds(Case("store", f"c={level}", level, specs), targets)
+        finally:
+            self._stop(everything)
+
     # -- the whole run ----------------------------------------------------------------------------------------
 
     def _count_phases(self) -> int:
         plan = self.plan
         levels = {"burst": plan.burst_levels, "bodies": plan.body_sizes, "paced": plan.paced_levels}
-        return plan.rounds * sum(len(levels[s]) * len(self._paths(s)) for s in levels if s in self.only)
+        phases = plan.rounds * sum(len(levels[s]) * len(self._paths(s)) for s in levels if s in self.only)
+        if self.use_relay and "store" in self.only:
+            phases += plan.rounds * len(plan.store_levels) * (1 + 2 * len(STORES))
+        return phases
 
     def run(self) -> Path:
         """Run the selected scenarios; returns the path of the JSON results."""
@@ -333,13 +386,19 @@ class Runner:
                     self._bodies()
                 if "paced" in self.only:
                     self._paced()
+                if "store" in self.only and self.use_relay:
+                    self._store()
         finally:
             self.upstream.stop()
             shutil.rmtree(self.workdir, ignore_errors=True)
         if "translator" in self.only:  # alone on the machine: it measures one core
             print("translator micro-benchmark ...", file=sys.stderr, flush=True)
             translator_results = translator.run(self.plan.translator_seconds)
-        summary = report.summarise(self.phases, self.plan, translator_results, self.notes)
+        store_results = None
+        if "store" in self.only and self.use_relay:
+            print("store request-path micro-benchmark ...", file=sys.stderr, flush=True)
+            store_results = store_path.run(self.plan.translator_seconds)
+        summary = report.summarise(self.phases, self.plan, translator_results, self.notes, store_results)
         print(report.render(summary))
         out = report.write(summary, self.results_dir, smoke=self.smoke)
         print(f"\nresults: {out}")

@@ -1,8 +1,8 @@
 """The library floor: h11 on the client side and relay's httpcore pool on the upstream side, nothing else.
 
 Each request is read with h11, sent upstream as it came through relay's own connection pool (httpcore's
-HTTP/1.1 connection on relay's transport), and the upstream's body is copied back as it arrives, framed as
-relay frames it. No JSON, no routing, no translation, no client watcher, no access log: what is left is the
+HTTP/1.1 connection on relay's transport, its body read by relay's reader), and the upstream's body is copied
+back as it arrives, framed as relay frames it. No JSON, no routing, no translation, no client watcher, no access log: what is left is the
 cost of the libraries the design card fixes (trio, h11, httpcore) used the way relay uses them. The bench
 runs it as the ``stack`` path beside ``pipe`` (bytes only) and ``relay``, so relay's figures can be split
 into what the stack costs and what relay's own work costs. It speaks OpenAI on both sides (the same requests
@@ -44,7 +44,11 @@ async def _exchange(client: socket.socket, conn: h11.Connection, pool: Connectio
     async with pool.stream("POST", origin + request.target.decode(), headers=headers, content=b"".join(parts),
                            extensions=TIMEOUTS) as response:
         await send_all(client, conn.send(h11.Response(status_code=response.status, headers=HEAD)) or b"")
-        async for chunk in response.stream:  # type: ignore[union-attr]
+        reader = response.reader
+        while not reader.done:
+            chunk = reader.feed(await response.receive())
+            if reader.error is not None:
+                raise OSError(str(reader.error))
             if chunk:
                 await send_all(client, b"%x\r\n%b\r\n" % (len(chunk), chunk))
     await send_all(client, conn.send(h11.EndOfMessage()) or b"")

@@ -56,6 +56,7 @@ class Provider:
     connect_timeout: float = 10.0
     read_timeout: float = 300.0  # longest silence between two upstream reads
     first_byte_timeout: float = 300.0  # a stream that has not started by then is given up (and falls back)
+    keepalive_start: float | None = None  # the server's keepalive_start, for this provider's streams
     max_connections: int = 1024  # concurrent upstream requests to this provider; more wait (up to connect_timeout)
     retries: int = 1  # extra attempts on the same provider for 429/5xx/connect failures, before falling back
     max_retry_wait: float = 5.0  # a Retry-After longer than this is passed to the client instead of waited out
@@ -121,6 +122,11 @@ class ServerConfig:
     usage_db: str | None = None  # SQLite file of per-key usage; None = the default path, "" = off
     max_messages: int = 100_000  # messages in one request; past this, 413 request_too_large
     max_tools: int = 2_000  # tools in one request
+    # A stream's keep-alive: a ping after this many seconds without a write (0: no pings, no early start), and
+    # message_start sent before the upstream's first byte once the request has waited keepalive_start seconds.
+    keepalive: float = 10.0
+    keepalive_start: float = 20.0
+    affinity_sessions: int = 10_000  # Claude Code sessions kept on their upstream key and target (0: no affinity)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,9 @@ _SERVER_KEYS = {
     "usage_db": str,
     "max_messages": int,
     "max_tools": int,
+    "keepalive": (int, float),
+    "keepalive_start": (int, float),
+    "affinity_sessions": int,
 }
 _PROVIDER_KEYS: dict[str, Any] = {
     "preset": str,
@@ -192,6 +201,7 @@ _PROVIDER_KEYS: dict[str, Any] = {
     "connect_timeout": (int, float),
     "read_timeout": (int, float),
     "first_byte_timeout": (int, float),
+    "keepalive_start": (int, float),
     "max_connections": int,
     "retries": int,
     "max_retry_wait": (int, float),
@@ -331,6 +341,11 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     server = ServerConfig(**key_lists, **raw_server)
     if not 0 <= server.port <= 65535:
         raise src.error("server", "port", "must be 0..65535")
+    for name in ("keepalive", "keepalive_start"):
+        if getattr(server, name) < 0:
+            raise src.error("server", name, "must be >= 0 seconds (keepalive = 0 turns pings off)")
+    if server.affinity_sessions < 0:
+        raise src.error("server", "affinity_sessions", "must be >= 0 (0 turns session affinity off)")
 
     providers: dict[str, Provider] = {}
     for name, raw in data.get("providers", {}).items():
@@ -338,6 +353,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
         if not isinstance(raw, dict):
             raise src.error("providers", name, "expected a table")
         _check_keys(raw, _PROVIDER_KEYS, src, table)
+        if raw.get("keepalive_start", 0) < 0:
+            raise src.error(table, "keepalive_start", "must be >= 0 seconds")
         raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
         explicit = frozenset(raw)
         preset = raw.pop("preset", None)

@@ -27,11 +27,15 @@ class ProviderHealth:
     _failures: int = 0
     _open_until: float = 0.0
     _probing: bool = False
+    last_error: tuple[int, float] | None = None  # (status, when) of the last failed attempt, for the console
 
-    def pick_key(self, now: float) -> str:
-        """Round robin over keys that are not resting; if all rest, the one that wakes first."""
+    def pick_key(self, now: float, prefer: str | None = None) -> str:
+        """``prefer`` (the key a session used last) if it is one of these and not resting; else round robin
+        over keys that are not resting; if all rest, the one that wakes first."""
         if not self.keys:
             return ""
+        if prefer is not None and self._resting.get(prefer, 0.0) <= now and prefer in self.keys:
+            return prefer
         for _ in range(len(self.keys)):
             key = self.keys[self._next % len(self.keys)]
             self._next += 1
@@ -74,6 +78,7 @@ class ProviderHealth:
     def attempt_failed(self, key: str, status: int, now: float, retry_after: float | None = None) -> None:
         """What one failed attempt says: a refused key (401/403/429) rests and says nothing about the provider,
         a 5xx counts against the circuit, anything else (a 4xx about the request) is no verdict."""
+        self.last_error = (status, now)
         if status in (401, 403, 429):
             self.key_refused(key, status, now, retry_after)
             self.abandoned()
@@ -81,6 +86,14 @@ class ProviderHealth:
             self.failed(now)
         else:
             self.abandoned()
+
+    def state(self, now: float) -> dict[str, object]:
+        """What the console shows: the circuit, the keys resting (counted, never named) and the last failure."""
+        circuit = "closed" if self._failures < self.failure_threshold else "open" if now < self._open_until else "half-open"
+        return {"circuit": circuit, "failures": self._failures, "keys": len(self.keys),
+                "keys_cooling": sum(1 for k in self.keys if self._resting.get(k, 0.0) > now),
+                "last_error": None if self.last_error is None else
+                {"status": self.last_error[0], "seconds_ago": round(now - self.last_error[1], 1)}}
 
 
 class Healths:

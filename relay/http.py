@@ -164,17 +164,30 @@ class EventStream:
     def started(self) -> bool:
         return self.ex.status != 0
 
+    def _head(self) -> h11.Response:
+        ex = self.ex
+        ex.status = 200
+        ex.ttfb = ex.ttfb or time.perf_counter()
+        headers = response_headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
+        self.chunked = self.conn.h11.their_http_version == b"1.1"  # h11 chooses chunked framing
+        return h11.Response(status_code=200, headers=headers, reason=b"OK")
+
+    def finish_now(self, data: bytes) -> bytes:
+        """A whole answer known before anything was written: head, events and terminator in one write, made
+        without waiting. Returns what the socket did not take at once (the caller sends it, watched)."""
+        h = self.conn.h11
+        whole = b"".join(h.send(e) or b"" for e in (self._head(), h11.Data(data=data), h11.EndOfMessage()))
+        try:
+            return transport.send_now(self.conn.stream.socket, whole)
+        except OSError as exc:
+            raise ClientGone() from exc
+
     async def write(self, data: bytes) -> None:
         """Send events; the first call sends the head with them."""
         if not data:
             return
         if self.ex.status == 0:
-            ex = self.ex
-            ex.status = 200
-            ex.ttfb = ex.ttfb or time.perf_counter()
-            headers = response_headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
-            await self.conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"), h11.Data(data=data))
-            self.chunked = self.conn.h11.their_http_version == b"1.1"  # h11 chose chunked framing
+            await self.conn.send(self._head(), h11.Data(data=data))
         elif self.chunked:
             try:
                 await transport.send_all(self.conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))

@@ -6,20 +6,25 @@ pool does the same job in constant time: a stack of idle connections per origin 
 reused first, so the rest can expire), and a semaphore for the connection limit. It holds httpcore's
 HTTP/1.1 connections directly: httpcore's AsyncHTTPConnection wrapper only adds, per request, a lock (a trip
 through trio's scheduler) and protocol negotiation that relay, speaking HTTP/1.1 only, never needs. httpcore
-still does everything on the wire: HTTP/1.1 framing, connection state, keep-alive expiry.
+sends the request and reads the response head; the body is relay's to read (``Response``, ``relay.reader``),
+and the connection comes back to the pool only when that body ended cleanly.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import httpcore
 import trio
+from httpcore._async.http11 import HTTPConnectionState
 
-from relay.transport import Backend, SocketStream, TLSStream
+from relay.reader import BodyReader, framing, keeps_alive
+from relay.transport import READ_SIZE, Backend, SocketStream, TLSStream
 
 OriginKey = tuple[bytes, bytes, int]
 BACKEND = Backend()
@@ -43,7 +48,67 @@ class HTTP11Connection(httpcore.AsyncHTTP11Connection):
     def __init__(self, origin: httpcore.Origin, stream: SocketStream | TLSStream, keepalive_expiry: float) -> None:
         super().__init__(origin=origin, stream=stream, keepalive_expiry=keepalive_expiry)
         self._state_lock = _Unshared()  # type: ignore[assignment]
-        self.network = stream  # relay's own transport, whose read hook a request may set
+        self.network = stream
+
+    def leftover(self) -> tuple[bytes, bool]:
+        """What the read that finished the response head held after it, and whether the peer had closed."""
+        return self._h11_state.trailing_data
+
+    def reuse(self) -> None:
+        """Ready for the next request after relay read this one's body to its clean end (what httpcore does when
+        h11 has read the body): h11 never saw the body, so it starts over as a fresh parser."""
+        self._h11_state = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=self.MAX_INCOMPLETE_EVENT_SIZE)
+        self._state = HTTPConnectionState.IDLE
+        self._expire_at = time.monotonic() + self._keepalive_expiry if self._keepalive_expiry is not None else None
+
+
+class Response:
+    """A response whose head httpcore has read; its body is read by relay (``reader``) from ``receive``."""
+
+    __slots__ = ("status", "headers", "reader", "keep_alive", "_first", "_network", "_timeout")
+
+    def __init__(self, connection: HTTP11Connection, response: httpcore.Response, method: bytes,
+                 timeout: float | None) -> None:
+        self.status = response.status
+        self.headers = response.headers
+        self.reader = BodyReader(*framing(self.status, self.headers, method))
+        self.keep_alive = keeps_alive(response.extensions.get("http_version", b"HTTP/1.1"), self.headers)
+        first, closed = connection.leftover()
+        self._first = ([b""] if closed else []) + ([first] if first else [])  # popped from the end
+        self._network = connection.network
+        self._timeout = timeout
+
+    @property
+    def has_arrived(self) -> bool:
+        """Bytes came with the head (or the peer closed right after it), not taken yet."""
+        return bool(self._first)
+
+    def arrived(self) -> list[bytes]:
+        """What came with the head (b"" last when the peer had closed), taken without I/O; [] when nothing did."""
+        first, self._first = self._first, []
+        first.reverse()
+        return first
+
+    async def receive(self) -> bytes:
+        """The connection's next bytes (b"": it closed): first what came with the head, then one network read.
+        Raises httpcore's ReadError / ReadTimeout."""
+        if self._first:
+            return self._first.pop()
+        return await self._network.read(READ_SIZE, self._timeout)
+
+    async def aread(self) -> bytes:
+        """The whole body (a small answer); a framing error is httpcore's RemoteProtocolError, as h11's was."""
+        reader = self.reader
+        parts = []
+        while not reader.done:
+            parts.append(reader.feed(await self.receive()))
+            if reader.error is not None:
+                raise httpcore.RemoteProtocolError(str(reader.error))
+        return b"".join(parts)
+
+    @property
+    def reusable(self) -> bool:
+        return self.keep_alive and self.reader.clean
 
 
 class ConnectionPool:
@@ -57,13 +122,10 @@ class ConnectionPool:
 
     @asynccontextmanager
     async def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
-                     extensions: dict[str, Any]) -> AsyncIterator[httpcore.Response]:
-        """One request on a pooled connection; the response body is read inside the block.
-
-        Besides httpcore's ``timeout``, ``extensions`` may carry ``before_read``: an async callable run whenever
-        the connection is about to read the network for this request (the stream pump writes what the last
-        read produced then). The pool installs it on the connection for this request only and clears it before
-        the connection goes back to the pool, as httpcore scopes its ``trace`` extension to one request."""
+                     extensions: dict[str, Any]) -> AsyncIterator[Response]:
+        """One request on a pooled connection; the response body is read inside the block (``Response``). The
+        connection goes back to the pool when the body was read to its clean end; anything else (a body cut
+        short or left unread, a framing error, bytes after the end, a cancelled read) closes it."""
         if content is not None:
             headers = [*headers, (b"content-length", b"%d" % len(content))]
         request = httpcore.Request(method, url, headers=headers, content=content, extensions=extensions)
@@ -83,22 +145,22 @@ class ConnectionPool:
             origin = request.url.origin
             key = (origin.scheme, origin.host, origin.port)
             connection = await self._checkout(key, origin, timeouts.get("connect"))
-            connection.network.before_read = extensions.get("before_read")
             try:
-                response = await connection.handle_async_request(request)
+                response = Response(connection, await connection.handle_async_request(request), request.method,
+                                    timeouts.get("read"))
             except BaseException:
-                connection.network.before_read = None
                 with trio.CancelScope(shield=True):
                     await connection.aclose()
                 raise
             try:
                 yield response
             finally:
-                connection.network.before_read = None  # the hook belongs to this request, not the connection
-                with trio.CancelScope(shield=True):
-                    await response.aclose()  # a body read to its end leaves the connection idle; else closed
-                if connection.is_idle():
+                if response.reusable:
+                    connection.reuse()
                     self._idle.setdefault(key, []).append(connection)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await connection.aclose()
         finally:
             self._slots.release()
 

@@ -1,20 +1,33 @@
-"""The stream pump: upstream chunks -> translator -> client, while a watcher notices a client that leaves.
+"""The stream pump: upstream reads -> translator -> client, while a watcher notices a client that leaves
+and fills the upstream's silences.
 
-Every upstream chunk is translated the moment it arrives; what one upstream read delivered leaves in one
-client write, made when the upstream connection is about to read the network again (``Pump.flush``, passed
-to ``Upstreams.request`` as its ``before_read`` hook), so nothing ever waits for a later read.
+One loop: read the upstream once, translate what that read completed (SSE events, parsed in the same pass as
+the chunk framing, or body bytes for a translator that wants them), and write it to the client in one write
+just before the next upstream read (``Pump.flush``), so nothing ever waits for a later read.
+
+Keep-alive (proxies cut connections idle for 30-60 s): whenever nothing was written for ``keepalive`` seconds,
+Anthropic's ``ping`` event, never before message_start. The stream's watcher times it, as it times the idle
+gap. Before the upstream's head there is no watcher (a fast upstream never needs one): one task per server
+(``HeadWaits``) starts one for a stream still waiting at its ``start_at``. A stream whose upstream has sent
+nothing by then gets its message_start early, and from then on a failure is an ``event: error`` rather than an
+HTTP status (so not before a long wait: fast failures keep their status, their retries and their fallbacks).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from relay.errors import RelayError, empty_stream
+from relay.formats.anthropic import PING
 from relay.formats.base import Translator
 from relay.http import ClientGone, EventStream
 from relay.metrics import Metrics
+from relay.sse import SSEError
 from relay.upstream import Deadlines, UpstreamBroke, UpstreamResponse, stalled
 
 log = logging.getLogger("relay.server")
@@ -24,58 +37,143 @@ DRAIN_BYTES = 1024 * 1024
 
 
 class Pump:
-    """One streamed answer. Made before the upstream request, so its ``flush`` can be that request's hook."""
+    """One streamed answer, made before the upstream request. ``keepalive``: seconds without a write before a
+    ping (0: none, nor an early start); ``start_at``: the time (trio's clock) at which message_start goes out
+    if the upstream has not started by then."""
 
-    __slots__ = ("out", "deadlines", "estimate", "pending", "flushing", "gone")
+    __slots__ = ("out", "deadlines", "estimate", "translator", "keepalive", "start_at", "pending", "flushing",
+                 "gone", "last_write", "aside", "head_over", "waits", "_head_scope", "_head_done")
 
-    def __init__(self, out: EventStream, deadlines: Deadlines, estimate: int) -> None:
+    def __init__(self, out: EventStream, deadlines: Deadlines, estimate: int, translator: Translator,
+                 keepalive: float = 0.0, start_at: float = math.inf) -> None:
         self.out = out
         self.deadlines = deadlines
         self.estimate = estimate  # relay's estimate of the prompt, for the usage of a stream that reports none
+        self.translator = translator
+        self.keepalive = keepalive
+        self.start_at = start_at
         self.pending: list[bytes] = []  # translated events not yet written
         self.flushing = False  # a client write is under way (a client that stops reading stalls it)
         self.gone = False  # the client left (or stopped reading): nothing more can reach it
+        self.last_write = 0.0  # when the last client write ended
+        self.aside: trio.Event | None = None  # set when the watcher's own write (a ping) is done
+        self.head_over = False  # the upstream's head came (or the request failed): no head watch from now
+        self.waits: dict[Pump, None] | None = None  # where ``HeadWaits`` keeps it until its head comes
+        self._head_scope: trio.CancelScope | None = None  # a head watch (``HeadWaits``), once started
+        self._head_done: trio.Event | None = None
 
     async def flush(self) -> None:
         pending = self.pending
         if pending:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
+            while self.aside is not None:  # a ping is being written: the stream's bytes follow it, never inside it
+                await self.aside.wait()
             self.flushing = True
             await self.out.write(data)
             self.flushing = False
-            self.deadlines.last_read = trio.current_time()  # the idle timer counts upstream silence, not a slow client
+            # the idle timer counts upstream silence, not a slow client
+            self.last_write = self.deadlines.last_read = trio.current_time()
 
-    async def run(self, upstream: UpstreamResponse, translator: Translator, metrics: Metrics) -> RelayError | None:
+    async def end_head_watch(self) -> None:
+        """The upstream answered its head, or the request failed: a head watch (if one was started) ends
+        here, after any write of its own, before the stream's own writes or watcher begin."""
+        self.head_over = True
+        if self.waits is not None:
+            self.waits.pop(self, None)
+            self.waits = None
+        if self._head_done is not None:
+            while self.aside is not None:
+                await self.aside.wait()
+            self._head_scope.cancel()  # type: ignore[union-attr]
+            await self._head_done.wait()
+            self._head_done = None
+
+    async def watch_head(self) -> None:
+        """The upstream has not answered its head by ``start_at`` (run by ``HeadWaits``, not by this stream's
+        task): message_start now, then pings, until the head comes; a client that leaves cancels the request."""
+        if self.head_over or self.translator.started:  # the head came while this task was being started
+            return
+        done = self._head_done = trio.Event()
+        self._head_scope = trio.CancelScope()
+        try:
+            with self._head_scope:
+                conn = self.out.conn
+                ok = await self._aside(self.translator.start_now())
+                while ok and not self.head_over:
+                    with trio.move_on_at(self.last_write + self.keepalive) as waiting:
+                        data = await conn.receive()
+                    if not waiting.cancelled_caught:
+                        ok = bool(data)  # b"": the client left; else a pipelined request, kept for later
+                        self.gone = self.gone or not ok
+                    elif not self.head_over:
+                        ok = await self._aside(PING)
+                if not ok:
+                    self.deadlines.first_byte.cancel()  # the server sees ``gone`` and answers nobody
+        finally:
+            done.set()
+
+    async def run(self, upstream: UpstreamResponse, metrics: Metrics) -> RelayError | None:
         """Relay the stream to its end. Returns the error to answer with when the upstream failed before
-        anything was produced (in the translator's words, already Anthropic's); None once the answer is out."""
-        ex = self.out.ex
+        anything was produced (in the translator's words, already Anthropic's); None once the answer is out.
+
+        What came with the upstream's head is translated first, with no task and no cancel scope: when that
+        holds the whole answer (a fast upstream) and the client's socket takes it in one write, the stream is
+        over before anything had to wait, and the client watcher is never started. Otherwise the rest runs
+        watched: the watcher notices a client that leaves, and times the upstream's silences."""
+        ex, translator = self.out.ex, self.translator
         error: RelayError | None = None
-        reading = trio.CancelScope()
         metrics.open_streams += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, nursery.cancel_scope, reading)
+            if self.waits is not None or self._head_done is not None:
+                await self.end_head_watch()
+            self.head_over = True
+            self.deadlines.last_read = trio.current_time()
+            over = self._arrived(upstream, translator)
+            rest = b""
+            if over and self.out.started:  # message_start went out early: the rest is ordinary writes
                 try:
-                    self.deadlines.last_read = trio.current_time()
-                    error = await self._relay_chunks(upstream, translator, reading)
                     await self.flush()
+                    await self._end()
                 except ClientGone:
                     self.gone = True
-                if not self.gone and error is None:
-                    if not self.out.started:  # nothing came out at all: never leave the client without an answer
-                        error = empty_stream(ex.target)
-                    else:
-                        try:
-                            await self.out.end()
-                        except ClientGone:
-                            self.gone = True
-                nursery.cancel_scope.cancel()
+            elif over:
+                error = self._answer_error(translator)
+                if error is None:
+                    try:
+                        rest = self.out.finish_now(self._take_pending())
+                        self.last_write = trio.current_time()
+                    except ClientGone:
+                        self.gone = True
+            if not over or rest:
+                error = await self._watched(upstream, translator, rest)
             if not self.gone and error is None and translator.error is None:
                 # after the watcher: a client that hangs up once it has its answer must not cost the connection
                 await upstream.drain(DRAIN_SECONDS, DRAIN_BYTES)
         finally:
             metrics.open_streams -= 1
+        self._account()
+        return error
+
+    async def fail(self, error: RelayError) -> None:
+        """The request failed after message_start went out early (and after ``end_head_watch``): an event
+        ends the stream."""
+        try:
+            await self.out.write(self.translator.abort(error))
+            await self.out.end()
+        except ClientGone:
+            self.gone = True
+        self._account()
+
+    async def _end(self) -> None:
+        while self.aside is not None:
+            await self.aside.wait()
+        self.flushing = True  # for good: no ping may follow the terminator
+        await self.out.end()
+
+    def _account(self) -> None:
+        """What the stream used and how it ended, for the access log and the usage book."""
+        ex, translator = self.out.ex, self.translator
         if translator.has_usage:
             ex.input_tokens = translator.input_tokens + translator.cache_read
             ex.cache_read = translator.cache_read
@@ -86,59 +184,227 @@ class Pump:
             ex.note = ex.note or "client disconnected"
         elif translator.error is not None and translator.started:
             ex.note = f"midstream error={translator.error.error_type}"
+
+    def _take_pending(self) -> bytes:
+        pending = self.pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        return data
+
+    def _answer_error(self, translator: Translator) -> RelayError | None:
+        """For a stream over before anything was written: the error to answer with instead, if any."""
+        if translator.error is not None and not translator.started:
+            return translator.error
+        if not any(self.pending):  # nothing came out at all: never leave the client without an answer
+            return empty_stream(self.out.ex.target)
+        return None
+
+    async def _watched(self, upstream: UpstreamResponse, translator: Translator, rest: bytes) -> RelayError | None:
+        """The stream from here on, with the client watcher: ``rest`` is the unsent end of an answer already
+        complete (a client slow to take it), else the stream is still coming."""
+        ex = self.out.ex
+        error: RelayError | None = None
+        reading = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client, nursery.cancel_scope, reading)
+            try:
+                if rest:
+                    self.flushing = True
+                    await self.out.conn.send_bytes(rest)
+                    self.flushing = False
+                    nursery.cancel_scope.cancel()
+                    return None
+                error = await self._relay_chunks(upstream, translator, reading)
+                await self.flush()
+            except ClientGone:
+                self.gone = True
+            if not self.gone and error is None:
+                if not self.out.started:  # nothing came out at all: never leave the client without an answer
+                    error = empty_stream(ex.target)
+                else:
+                    try:
+                        await self._end()
+                    except ClientGone:
+                        self.gone = True
+            nursery.cancel_scope.cancel()
         return error
 
     async def _watch_client(self, cancel: trio.CancelScope, reading: trio.CancelScope) -> None:
-        """Cancels everything when the client goes away. Also the idle-gap timer: cheaper here, waking once
-        per read_timeout, than a cancel scope around every upstream read."""
-        conn, deadlines = self.out.conn, self.deadlines
-        idle = deadlines.idle
+        """Cancels everything when the client goes away. Also the stream's one timer, waking at the first of:
+        the idle gap, a ping due (after message_start), the early start (before it). Cheaper here, waking
+        once per keepalive at most, than a cancel scope around every upstream read."""
+        conn, deadlines, out, translator = self.out.conn, self.deadlines, self.out, self.translator
+        idle, keepalive = deadlines.idle, self.keepalive
         while True:
-            with trio.move_on_at(deadlines.last_read + idle) as waiting:
+            wake = deadlines.last_read + idle
+            if keepalive:
+                if out.started and not self.flushing:
+                    wake = min(wake, self.last_write + keepalive)
+                else:  # before the first write, or during one: the stream's task may change that at any
+                    wake = min(wake, trio.current_time() + keepalive)  # moment, so look again within keepalive
+                    if not translator.started:
+                        wake = min(wake, self.start_at)
+            with trio.move_on_at(wake) as waiting:
                 data = await conn.receive()  # a pipelined next request: h11 keeps it for later
-            if waiting.cancelled_caught:
-                if trio.current_time() < deadlines.last_read + idle:
-                    continue
+            if not waiting.cancelled_caught:
+                if not data:
+                    self.gone = True
+                    cancel.cancel()
+                    return
+                continue
+            now = trio.current_time()
+            if now >= deadlines.last_read + idle:
                 if self.flushing:  # the client took nothing for read_timeout: a write cut midway cannot be
                     self.gone = True  # finished with an error event, so the connection is simply closed
-                    self.out.ex.note = "client stopped reading"
+                    out.ex.note = "client stopped reading"
                     cancel.cancel()
                 else:
                     reading.cancel()
                 return
-            if not data:
-                self.gone = True
-                cancel.cancel()
-                return
+            if not keepalive or self.flushing:
+                continue
+            if out.started:
+                if now >= self.last_write + keepalive and not await self._aside(PING):
+                    cancel.cancel()
+                    return
+            elif now >= self.start_at and not translator.started:
+                log.debug("%s %s: no event from the upstream yet; message_start goes out now", out.ex.request_id,
+                          out.ex.target)
+                if not await self._aside(translator.start_now()):
+                    cancel.cancel()
+                    return
 
-    async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator,
-                            reading: trio.CancelScope) -> RelayError | None:
-        """Feeds the translator; returns the error to answer with when the upstream failed before anything
-        was produced. ``reading`` is cancelled by the idle-gap timer."""
-        ex, pending, deadlines = self.out.ex, self.pending, self.deadlines
+    async def _aside(self, data: bytes) -> bool:
+        """A write of a watcher's own, while the stream's writes wait for it; False when the client is gone
+        (or took nothing for read_timeout: a write cut midway leaves nothing to add to)."""
+        done = self.aside = trio.Event()
+        self.flushing = True
         try:
-            with reading:
-                async for chunk in upstream.chunks():
-                    deadlines.heard()
-                    out = translator.feed(chunk)
-                    if out:
-                        pending.append(out)
-                    if translator.done:
-                        break
-                else:
-                    pending.append(translator.finish())
-            if reading.cancelled_caught:
-                pending.append(translator.abort(stalled(ex.target)))
+            with trio.move_on_after(self.deadlines.idle) as cut:
+                await self.out.write(data)
+            if cut.cancelled_caught:
+                self.gone = True
+                self.out.ex.note = "client stopped reading"
+            self.last_write = trio.current_time()
         except ClientGone:
-            raise
-        except UpstreamBroke as exc:
+            self.gone = True
+        finally:
+            self.flushing = False
+            self.aside = None
+            done.set()
+        return not self.gone
+
+    def _arrived(self, upstream: UpstreamResponse, translator: Translator) -> bool:
+        """Translate what came with the upstream's head (no I/O); True when that ended the stream."""
+        try:
+            if not upstream.arrived():
+                return upstream.done and self._take(None, translator.feed, upstream, translator)
+            self.deadlines.heard()
+            if translator_reads_events(translator):
+                got: Any = upstream.arrived_events()
+                return self._take(got, translator.feed_events, upstream, translator)  # type: ignore[attr-defined]
+            return self._take(upstream.arrived_chunk(), translator.feed, upstream, translator)
+        except Exception as exc:
+            self._failed(exc, translator)
+            return True
+
+    def _take(self, got: Any, feed: Callable[[Any], bytes], upstream: UpstreamResponse, translator: Translator) -> bool:
+        """Translate what one read completed; True when the stream is over."""
+        if got:
+            out = feed(got)
+            if out:
+                self.pending.append(out)
+            if translator.done:
+                return True
+        if upstream.done:
+            self.pending.append(translator.finish())
+            return True
+        return False
+
+    def _failed(self, exc: Exception, translator: Translator) -> None:
+        """End the translation after ``exc``: an upstream that broke, or data that could not be translated."""
+        pending, ex = self.pending, self.out.ex
+        if isinstance(exc, UpstreamBroke):
             pending.append(translator.abort(exc))
-        except Exception:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
-            log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=True)
+        elif isinstance(exc, SSEError):
+            pending.append(translator.bad_sse(exc))  # type: ignore[attr-defined]  # only event translators meet it
+        else:  # an upstream shape nobody anticipated (or a translator bug): a clean end, never a cut
+            log.warning("%s %s: upstream data could not be translated", ex.request_id, ex.target, exc_info=exc)
             err = RelayError(502, f"{ex.target}: the upstream sent data relay could not translate", "api_error")
             if translator.started and not translator.done:
                 pending.append(err.sse())
             translator.error, translator.done = err, True
+
+    async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator,
+                            reading: trio.CancelScope) -> RelayError | None:
+        """Feeds the translator until the stream is over; returns the error to answer with when the upstream
+        failed before anything was produced. ``reading`` is cancelled by the idle-gap timer."""
+        events = translator_reads_events(translator)
+        read: Callable[[], Awaitable[Any]] = upstream.events if events else upstream.chunk
+        feed: Callable[[Any], bytes] = translator.feed_events if events else translator.feed  # type: ignore[attr-defined]
+        try:
+            with reading:
+                while True:
+                    await self.flush()
+                    got = await read()
+                    self.deadlines.heard()
+                    if self._take(got, feed, upstream, translator):
+                        break
+            if reading.cancelled_caught:
+                self.pending.append(translator.abort(stalled(self.out.ex.target)))
+        except ClientGone:
+            raise
+        except Exception as exc:
+            self._failed(exc, translator)
         if translator.error is not None and not translator.started:
             return translator.error
         return None
+
+
+def translator_reads_events(translator: Translator) -> bool:
+    """Translators that take parsed SSE events (every translated format); the passthrough takes bytes."""
+    return hasattr(translator, "feed_events")
+
+
+class HeadWaits:
+    """Streams whose upstream has not answered its head yet, and the one task per server that starts a head
+    watch (``Pump.watch_head``) for any still waiting at its ``start_at``. A stream pays a dict entry for the
+    wait, and a task only when the wait is long. Streams wait in one dict per keepalive_start (start_at is
+    then in arrival order), so the next one due is always a dict's first."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[float, dict[Pump, None]] = {}
+        self._timer: trio.CancelScope | None = None
+
+    def add(self, pump: Pump, start: float) -> None:
+        """``start``: the keepalive_start that gave the pump its start_at."""
+        line = self._waiting.get(start)
+        if line is None:
+            line = self._waiting[start] = {}
+        line[pump] = None
+        pump.waits = line
+        timer = self._timer
+        if timer is not None and pump.start_at < timer.deadline:
+            timer.deadline = pump.start_at
+
+    def __len__(self) -> int:
+        return sum(len(line) for line in self._waiting.values())
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as watches:
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                due = math.inf
+                for line in self._waiting.values():
+                    while line:
+                        pump = next(iter(line))
+                        if pump.start_at > now:
+                            due = min(due, pump.start_at)
+                            break
+                        del line[pump]
+                        if not pump.head_over and not pump.translator.started:
+                            watches.start_soon(pump.watch_head)
+                with trio.move_on_at(due) as self._timer:
+                    await trio.sleep_forever()
+                self._timer = None

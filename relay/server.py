@@ -16,20 +16,23 @@ import h11
 import orjson
 import trio
 
-from relay import admin, routing, tokens, transport
+from relay import admin, console, routing, tokens, transport
+from relay.affinity import Place, Route, Sessions
 from relay.auth import OPEN, Keys, may_call, permitted
-from relay.config import ClientKey, Config, ServerConfig
+from relay.config import ClientKey, Config, Provider, ServerConfig
 from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
-from relay.formats.base import ClientRequest, Options
+from relay.formats.base import ClientRequest, Options, Translator
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
+from relay.live import Live
 from relay.log import Exchange
+from relay.instance_metrics import Board
 from relay.metrics import Metrics
-from relay.pump import Pump
+from relay.pump import HeadWaits, Pump
 from relay.resources import connection_budget
 from relay.retry import RAISE, Raise, Retry, next_step, retry_after
 from relay.upstream import Deadlines, Upstreams
@@ -47,6 +50,8 @@ class Asked:
     req: dict[str, Any]  # with a <relay-model> tag stripped
     stream: bool
     estimate: int  # input tokens, relay's estimate
+    place: Place | None = None  # where this Claude Code session was served last (session affinity)
+    route: Route = ()  # the labels of the targets resolved for it, in the route's order
 
 
 class Server:
@@ -54,10 +59,14 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
+        self.sessions = Sessions(config.server.affinity_sessions)
+        self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
+        self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
         self.gateway = Gateway(config, self.metrics)
+        self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
         self.idle_waits: set[trio.CancelScope] = set()
@@ -82,6 +91,9 @@ class Server:
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
+            await background.start(self.heads.run)
+            if self.board is not None:
+                background.start_soon(self.board.run)
             try:
                 async with trio.open_nursery() as connections:
                     with self._accepting:
@@ -121,6 +133,7 @@ class Server:
         self.config = config
         self.upstreams = Upstreams(config)
         self.healths = Healths()
+        self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
@@ -157,7 +170,14 @@ class Server:
         """A request is answered: its metrics, its access-log line (its usage and cost are booked by then)."""
         self.metrics.request_done(
             ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
-            None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens)
+            None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens, ex.cache_read)
+        if ex.route.startswith("/v1/"):  # what clients asked for; not the console's own polling
+            self.live.request_done(
+                time.time(), key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
+                status=ex.status, stream=ex.stream, ttfb=None if ex.ttfb is None else ex.ttfb - ex.started,
+                duration=time.perf_counter() - ex.started, input_tokens=ex.input_tokens,
+                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000))
+            self.live.streams(time.time(), self.metrics.open_streams)
         ex.write()
 
     def _book(self, ex: Exchange) -> None:
@@ -182,6 +202,12 @@ class Server:
         elif path.startswith("/admin/"):
             ex.route = "/admin"
             self._auth.check_admin(request.headers)
+        elif path == "/ui" or path.startswith("/ui/"):
+            ex.route = "/ui"  # static files, no secret in them: no key asked, but none served without an admin API
+            if not self.config.server.admin_keys:
+                raise RelayError(404, "the console is off: set [server] admin_keys to turn it on", "not_found_error")
+            if ex.method not in ("GET", "HEAD"):  # refused on the head: no body is read for anyone without a key
+                raise RelayError(405, f"{ex.method} is not allowed on {path}", "invalid_request_error")
         elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
             ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
             ex.client = self._auth.client(request.headers)
@@ -208,11 +234,21 @@ class Server:
             if ex.route == "/metrics":
                 _require(method, "GET", path)
                 self.gateway.gauges()
-                await send_body(conn, ex, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
+                text = self.metrics.render() if self.board is None else self.board.render()
+                await send_body(conn, ex, 200, text, content_type=b"text/plain; version=0.0.4")
                 return
             if ex.route == "/admin":
+                local = await console.answer(self, method, path, ex.path.partition("?")[2], body)
+                if local is not None:
+                    await send_body(conn, ex, 200, local)
+                    return
                 status, answer = await admin.handle(self.gateway, method, ex.path, body)
                 await send_body(conn, ex, status, answer)
+                return
+            if ex.route == "/ui":
+                page, content_type = console.asset(path)
+                await send_body(conn, ex, 200, page, content_type=content_type, extra=console.HEADERS,
+                                head_only=method == "HEAD")
                 return
             assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
@@ -308,8 +344,14 @@ class Server:
         stream = req.get("stream") is True
         ex.stream = stream
         override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
-        asked = Asked(incoming, req, stream, tokens.estimate(req))
-        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, asked.estimate))
+        estimate = tokens.estimate(req)
+        targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, estimate))
+        place = self.sessions.place(ex.client.name if ex.client else "", incoming.session_id)
+        if place is None:
+            asked = Asked(incoming, req, stream, estimate)
+        else:  # the session's own target first, while it is healthy (the loop below passes over it when not)
+            asked = Asked(incoming, req, stream, estimate, place, tuple(t.label for t in targets))
+            targets = place.order(targets)
         failures: list[str] = []
         try:
             for number, target in enumerate(targets, 1):
@@ -331,11 +373,12 @@ class Server:
         attempt = 0
         capped = False  # retried once already with the output cap the upstream stated
         while True:
-            key = health.pick_key(trio.current_time())
+            key = health.pick_key(trio.current_time(), asked.place.keys.get(provider.name) if asked.place else None)
             ex.target = target.label
             try:
                 await self._serve_from(conn, ex, asked, target, key)
                 health.succeeded()
+                Sessions.served(asked.place, asked.route, target, key)
                 return True
             except BaseException as exc:
                 if not isinstance(exc, RelayError):
@@ -348,8 +391,8 @@ class Server:
             now = trio.current_time()
             self.metrics.upstream_failed(provider.name, err.status)
             health.attempt_failed(key, err.status, now, retry_after(err))
-            if ex.status != 0:  # bytes reached the client: nothing can be retried
-                raise err
+            if ex.status != 0:  # bytes reached the client (message_start, early): _serve_from sent the error as
+                return True  # an event, and nothing can be retried
             if err.output_cap and not capped and self.known.learn_output_cap(provider, target.model, err.output_cap):
                 capped = True  # at once, with the cap it stated: the same request would fail the same way
                 failures.append(f"{target.label}:{err.status}")
@@ -369,6 +412,21 @@ class Server:
             log.info("%s %s failed with %d (%s); falling back", ex.request_id, target.label, err.status, err.error_type)
             self.metrics.fell_back(provider.name)
             return False
+
+    def _pump(self, out: EventStream, deadlines: Deadlines, estimate: int, translator: Translator,
+              provider: Provider) -> Pump:
+        """A stream's pump with its keep-alive: the ping interval, and when (trio's clock) its message_start goes
+        out unasked: keepalive_start after the request came in, retries and fallbacks included (a proxy in front
+        counts from then); a stream that can reach that time waiting for its head is kept in ``heads``."""
+        server = self.config.server
+        if not server.keepalive:
+            return Pump(out, deadlines, estimate, translator)
+        start = server.keepalive_start if provider.keepalive_start is None else provider.keepalive_start
+        start_at = trio.current_time() - (time.perf_counter() - out.ex.started) + start
+        pump = Pump(out, deadlines, estimate, translator, server.keepalive, start_at)
+        if start_at < deadlines.first_byte.deadline:
+            self.heads.add(pump, start)
+        return pump
 
     async def _serve_from(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
                           key: str | None = None) -> None:
@@ -390,20 +448,25 @@ class Server:
                        max_tokens if isinstance(max_tokens, int) else None)
         deadlines = Deadlines(provider, stream)
         out = EventStream(conn, ex)
-        pump = Pump(out, deadlines, asked.estimate) if stream else None
         translator = fmt.stream_translator(opts) if stream else None
+        pump = self._pump(out, deadlines, asked.estimate, translator, provider) if translator else None
         streamed: RelayError | None = None
         try:
             with deadlines.first_byte:
                 async with self.upstreams.request(provider, call.path, call.body, stream=stream, extra_headers=call.headers,
-                                                  key=key, model=target.model, timed_reads=not stream,
-                                                  before_read=pump.flush if pump else None) as upstream:
-                    if pump is not None and translator is not None and not upstream.content_type.startswith(b"application/json"):
-                        streamed = await pump.run(upstream, translator, self.metrics)
+                                                  key=key, model=target.model, timed_reads=not stream) as upstream:
+                    if pump is not None and not upstream.content_type.startswith(b"application/json"):
+                        streamed = await pump.run(upstream, self.metrics)
                         if streamed is None:
                             return
                     else:
+                        if pump is not None:
+                            await pump.end_head_watch()
                         data = await upstream.read(64 * 1024 * 1024)
+            if pump is not None:
+                await pump.end_head_watch()
+                if pump.gone:  # the client left while the upstream was still to answer
+                    return
             if streamed is None:
                 if deadlines.first_byte.cancelled_caught:
                     raise deadlines.missed_first_byte()
@@ -414,7 +477,12 @@ class Server:
                     raise RelayError(502, f"{provider.name}: the upstream answered with invalid JSON", "api_error") from None
                 message = fmt.translate_response(doc, opts)
         except RelayError as err:  # an upstream's overflow in Anthropic's words
-            raise opts.overflow(err) from None
+            err = opts.overflow(err)
+            if pump is not None:
+                await pump.end_head_watch()
+                if out.started:  # message_start went out early: the error is an event now
+                    await pump.fail(err)
+            raise err from None
         if streamed is not None:  # the translator's own error is in Anthropic's words already; an empty stream is not
             raise streamed if translator is not None and streamed is translator.error else opts.overflow(streamed)
         ex.input_tokens = message["usage"]["input_tokens"] + message["usage"].get("cache_read_input_tokens", 0)
@@ -422,7 +490,7 @@ class Server:
         ex.cache_read = message["usage"].get("cache_read_input_tokens", 0)
         ex.cache_write = message["usage"].get("cache_creation_input_tokens", 0)
         if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
-            await out.write(A.events_from_message(message))
+            await out.write(A.events_from_message(message, out.started))
             await out.end()
             return
         await send_body(conn, ex, 200, orjson.dumps(message))

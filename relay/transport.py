@@ -7,10 +7,8 @@ with one wait and one recv (trying the recv first only when the last read filled
 plain send, and opens a cancel scope only when it really waits and has a timeout. TLS is the same socket
 calls with a sans-I/O ``ssl.SSLObject`` in between.
 
-Two hooks serve the stream pump: ``before_read`` (installed per request by the pool, from the request's
-``before_read`` extension) runs whenever httpcore asks for more bytes, that is when everything already
-received has been parsed, which is exactly when translated events should leave for the client in one write; and every read goes through a ChunkMerger, so h11 parses one HTTP chunk per read
-instead of one per SSE event.
+The response body does not pass through httpcore: relay's pool reads it with ``read`` and takes it apart
+itself (``relay.reader``), so these reads deliver raw bytes.
 """
 
 from __future__ import annotations
@@ -25,9 +23,6 @@ from typing import Any
 import httpcore
 import trio
 
-from relay.chunked import ChunkMerger
-
-ReadHook = Callable[[], Awaitable[None]]
 READ_SIZE = 64 * 1024  # what httpcore asks for per read; TLS reads the socket in the same steps
 
 
@@ -60,6 +55,15 @@ async def receive_some(sock: Any, max_bytes: int, try_first: bool, timeout: floa
             pass
 
 
+def send_now(sock: Any, data: bytes) -> bytes:
+    """One write that never waits; returns what the socket's buffer did not take. Raises OSError."""
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        return data
+    return data[sent:] if sent < len(data) else b""
+
+
 async def send_all(sock: Any, data: bytes, timeout: float | None = None) -> None:
     """Write to a non-blocking socket (stdlib or trio), waiting only when its buffer is full. Raises OSError
     when the peer is gone, httpcore.WriteTimeout."""
@@ -82,23 +86,18 @@ class SocketStream(httpcore.AsyncNetworkStream):
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._more = False  # the last read filled its buffer: the next one tries recv before waiting
-        self.before_read: ReadHook | None = None
-        self.merger = ChunkMerger()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self.before_read is not None:
-            await self.before_read()
         try:
             data = await receive_some(self._sock, max_bytes, self._more, timeout)
         except OSError as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
         self._more = len(data) == max_bytes
-        return self.merger.feed(data)
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
             return
-        self.merger.expect_response(buffer.startswith(b"HEAD "))
         try:
             await send_all(self._sock, buffer, timeout)
         except OSError as exc:
@@ -137,8 +136,6 @@ class TLSStream(httpcore.AsyncNetworkStream):
         self._in = incoming  # ciphertext from the network, waiting to be decrypted
         self._out = outgoing  # ciphertext the TLS layer produced, waiting to be sent
         self._more = False  # as SocketStream: the last socket read filled its buffer
-        self.before_read: ReadHook | None = None
-        self.merger = ChunkMerger()
 
     async def _receive(self, timeout: float | None) -> None:
         data = await receive_some(self._sock, READ_SIZE, self._more, timeout)
@@ -169,8 +166,6 @@ class TLSStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectError(f"TLS handshake failed: {exc}") from None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if self.before_read is not None:
-            await self.before_read()
         try:
             while True:
                 try:
@@ -184,12 +179,11 @@ class TLSStream(httpcore.AsyncNetworkStream):
             await self._send_pending(timeout)  # a post-handshake answer (a TLS 1.3 key update), rarely any
         except (ssl.SSLError, OSError) as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
-        return self.merger.feed(data)
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
             return
-        self.merger.expect_response(buffer.startswith(b"HEAD "))
         try:
             self._tls.write(buffer)  # into memory: always whole
             await self._send_pending(timeout)

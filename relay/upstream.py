@@ -1,6 +1,7 @@
 """Upstream HTTP: one connection pool per provider, every upstream timeout, and error mapping.
 
-Knows no wire format: it sends bytes and yields bytes. A non-2xx answer is read (bounded) and raised as
+Knows no wire format: it sends bytes and yields the body's bytes or its SSE events (taken apart in one pass by
+``relay.reader``; which one is the translator's choice). A non-2xx answer is read (bounded) and raised as
 the matching Anthropic error before any byte reaches the client. httpcore stops here: every httpcore error
 is mapped to a RelayError in this module, so the rest of relay never imports it.
 """
@@ -11,7 +12,6 @@ import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpcore
@@ -21,8 +21,9 @@ import trio
 from relay import __version__
 from relay.config import Config, Provider
 from relay.errors import RelayError, from_upstream
-from relay.pool import ConnectionPool
-from relay.transport import ReadHook
+from relay.pool import ConnectionPool, Response
+from relay.reader import BodyReader
+from relay.sse import Event
 
 ERROR_BODY_LIMIT = 1024 * 1024
 DESCRIPTION_LIMIT = 4 * 1024 * 1024  # a server's self-description (/models, /props) larger than this is ignored
@@ -84,33 +85,22 @@ def midstream_error(label: str, exc: Exception) -> UpstreamBroke:
     return UpstreamBroke(502, f"{label}: the upstream connection broke mid-stream ({type(exc).__name__})", "api_error")
 
 
-class _Chunks:
-    """A stream's body as it arrives, with a broken connection raised as UpstreamBroke."""
-
-    __slots__ = ("_chunks", "_label")
-
-    def __init__(self, chunks: AsyncIterator[bytes], label: str) -> None:
-        self._chunks = chunks
-        self._label = label
-
-    def __aiter__(self) -> _Chunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self._chunks.__anext__()
-        except BROKEN as exc:
-            raise midstream_error(self._label, exc) from None
+def _broken_framing(reader: BodyReader) -> httpcore.RemoteProtocolError:
+    """A body that broke its framing, as httpcore raised it when h11 read bodies (the same words follow)."""
+    return httpcore.RemoteProtocolError(str(reader.error))
 
 
-@dataclass
 class UpstreamResponse:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    _response: httpcore.Response
-    label: str = ""  # provider/model, for the words of a mid-stream failure
-    _raw: AsyncIterator[bytes] | None = None
-    _chunks: _Chunks | None = None
+    """An upstream's answer, its head read; the body is read here, one network read per call."""
+
+    __slots__ = ("status", "headers", "label", "_response", "_reader")
+
+    def __init__(self, response: Response, label: str = "") -> None:
+        self.status = response.status
+        self.headers = response.headers
+        self.label = label  # provider/model, for the words of a mid-stream failure
+        self._response = response
+        self._reader = response.reader
 
     @property
     def content_type(self) -> bytes:
@@ -119,23 +109,52 @@ class UpstreamResponse:
                 return v.lower()
         return b""
 
-    def _body(self) -> AsyncIterator[bytes]:
-        if self._raw is None:
-            self._raw = self._response.stream.__aiter__()  # type: ignore[union-attr]
-        return self._raw
+    @property
+    def done(self) -> bool:
+        """The body has ended."""
+        return self._reader.done
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; the same iterator every call, so a reader can stop and later drain the rest.
-        A connection that breaks raises UpstreamBroke (worded as mid-stream)."""
-        if self._chunks is None:
-            self._chunks = _Chunks(self._body(), self.label)
-        return self._chunks
+    def arrived(self) -> bool:
+        """Bytes came with the head (or the peer closed right after it): ``arrived_*`` has something to read."""
+        return self._response.has_arrived
+
+    def arrived_events(self) -> list[Event]:
+        """The events in what came with the head (no I/O; framing errors raise at the next ``events``)."""
+        out: list[Event] = []
+        for data in self._response.arrived():
+            out += self._reader.feed_events(data)
+        return out
+
+    def arrived_chunk(self) -> bytes:
+        """The body bytes that came with the head, as ``arrived_events``."""
+        return b"".join(self._reader.feed(data) for data in self._response.arrived())
+
+    async def _receive(self) -> bytes:
+        if self._reader.error is not None:  # what came before the break was handed out by the last call
+            raise midstream_error(self.label, _broken_framing(self._reader))
+        try:
+            return await self._response.receive()
+        except BROKEN as exc:
+            raise midstream_error(self.label, exc) from None
+
+    async def events(self) -> list[Event]:
+        """The SSE events that the next read completes (relay.sse.SSEError for an oversized one). A connection
+        that breaks, or a body that breaks its framing, raises UpstreamBroke (worded as mid-stream)."""
+        return self._reader.feed_events(await self._receive())
+
+    async def chunk(self) -> bytes:
+        """The body bytes the next read brings, for a translator that reads bytes; errors as ``events``."""
+        return self._reader.feed(await self._receive())
 
     async def read(self, limit: int) -> bytes:
         """The whole body (inside ``Upstreams.request``, which words a broken connection as a failed request)."""
+        reader, response = self._reader, self._response
         parts: list[bytes] = []
         size = 0
-        async for chunk in self._body():
+        while not reader.done:
+            chunk = reader.feed(await response.receive())
+            if reader.error is not None:
+                raise _broken_framing(reader)
             size += len(chunk)
             if size > limit:
                 raise RelayError(502, f"upstream response larger than {limit} bytes", "api_error")
@@ -143,15 +162,16 @@ class UpstreamResponse:
         return b"".join(parts)
 
     async def drain(self, seconds: float, limit: int) -> None:
-        """Read what is left of a finished stream (the [DONE] and the chunked terminator, usually already here),
+        """Read what is left of a finished stream (the [DONE] and the chunked terminator, usually read already),
         so the connection goes back to the pool instead of being closed; give up quickly if it is not."""
+        reader = self._reader
+        if reader.done or reader.error is not None:
+            return
         with trio.move_on_after(seconds):
             size = 0
             try:
-                async for chunk in self._body():
-                    size += len(chunk)
-                    if size > limit:
-                        return
+                while not reader.done and reader.error is None and size <= limit:
+                    size += len(reader.feed(await self._response.receive()))
             except BROKEN:
                 return  # the client already has its whole answer; this connection is simply not reused
 
@@ -209,11 +229,9 @@ class Upstreams:
         key: str | None = None,
         model: str = "",
         timed_reads: bool = True,
-        before_read: ReadHook | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """``timed_reads=False``: the caller times the silences itself (the stream pump does, far cheaper
-        than a cancel scope per read). ``before_read``: run whenever the connection is about to read the
-        network for this request (the pump writes out what the last read produced)."""
+        than a cancel scope per read)."""
         url = provider.url(path, model)
         headers = [
             (b"host", _host_header(url)),
@@ -225,13 +243,11 @@ class Upstreams:
             *(extra_headers or []),
         ]
         extensions: dict[str, Any] = {"timeout": timeouts(provider, provider.read_timeout if timed_reads else None)}
-        if before_read is not None:
-            extensions["before_read"] = before_read
         try:
             async with self._pool(provider).stream(
                 "POST", url, headers=headers, content=body, extensions=extensions
             ) as response:
-                result = UpstreamResponse(response.status, list(response.headers), response, f"{provider.name}/{model}")
+                result = UpstreamResponse(response, f"{provider.name}/{model}")
                 if response.status >= 300:
                     try:
                         data = await result.read(ERROR_BODY_LIMIT)
@@ -256,7 +272,7 @@ class Upstreams:
                                                    content=body, extensions={"timeout": timeouts(provider, 5.0, 5.0)}) as response:
                 if response.status != 200:
                     return None
-                content = await UpstreamResponse(200, [], response).read(DESCRIPTION_LIMIT)
+                content = await UpstreamResponse(response).read(DESCRIPTION_LIMIT)
             return orjson.loads(content)
         except Exception:  # a server that cannot describe itself simply has no known window
             return None

@@ -122,6 +122,7 @@ def check_stream(events: list[Event], *, strict: bool = True, model: str | None 
         where = f"event {i} ({name})"
         if name == "ping":
             _require(set(data) == {"type"}, where, f"ping with fields {data}")
+            _require(message is not None, where, "a ping before message_start")
             continue
         if name == "error":
             _require(i == last, where, "`event: error` is not the last event")

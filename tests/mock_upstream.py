@@ -20,6 +20,7 @@ class Reply:
     pieces: list[bytes | float] = field(default_factory=list)  # bytes are written; a float is a pause (s)
     chunked: bool = True
     cut: bool = False  # drop the connection after the pieces, without ending the body
+    delay: float = 0.0  # silence before the head (a server that thinks before it answers at all)
 
 
 @dataclass
@@ -100,6 +101,11 @@ class MockUpstream:
                 if not reply.chunked:
                     size = sum(len(p) for p in reply.pieces if isinstance(p, bytes))
                     headers.append(("content-length", str(size)))
+                if reply.delay:
+                    with trio.move_on_after(reply.delay):  # as a pause below: notice a client that hangs up
+                        if not await stream.receive_some(65536):
+                            self.cancelled.set()
+                            return
                 await stream.send_all(conn.send(h11.Response(status_code=reply.status, headers=headers)))
                 try:
                     for piece in reply.pieces:

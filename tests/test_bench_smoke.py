@@ -1,7 +1,7 @@
 """`make bench-smoke` runs in the suite so the benchmark harness cannot rot unnoticed.
 
-It starts the real pieces (mock upstream, relay, the bench.pipe and bench.stack floors, load processes) as the full
-benchmark does, with tiny counts,
+It starts the real pieces (mock upstream, relay, the bench.pipe and bench.stack floors, load processes, a
+redis-server for the store scenario) as the full benchmark does, with tiny counts,
 and checks that every path of every scenario completed its requests without a single error.
 """
 
@@ -23,7 +23,7 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**os.environ, "XDG_STATE_HOME": str(state)},
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -32,7 +32,11 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
     results = json.loads(files[0].read_text())
 
     phases = results["phases"]
-    assert {p["scenario"] for p in phases} == {"burst", "bodies", "paced"}
+    assert {p["scenario"] for p in phases} == {"burst", "bodies", "paced", "store"}
+    # the store's cost: relay without a store, then SQLite and Redis each with a config key and a virtual key
+    # (refused or unknown, the virtual key's requests would be errors below)
+    assert {p["path"] for p in phases if p["scenario"] == "store"} == {"relay", "sqlite", "sqlite+vkey", "redis",
+                                                                        "redis+vkey"}
     assert {p["path"] for p in phases} >= {"direct", "relay", "pipe", "stack"}
     assert {p["scenario"] for p in phases if p["path"] == "pipe"} == {"burst", "paced"}  # the byte floor
     assert {p["scenario"] for p in phases if p["path"] == "stack"} == {"burst", "bodies", "paced"}  # the libraries
@@ -44,4 +48,5 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
         relay = case["paths"]["relay"]
         assert relay["relay_rss_peak"] > 0, case["case"]  # /proc sampling found the relay process
     assert results["targets"], "targets section missing"
+    assert sum(t["target"].startswith("store (") and t["figure"] is not None for t in results["targets"]) == 6
     assert not (state / "relay").exists(), "the bench's relays wrote to the user's usage book"

@@ -352,3 +352,118 @@ def test_relay_usage_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     out = subprocess.run(f"{sys.executable} -m relay usage --db {db} | head -1", shell=True, capture_output=True,
                          text=True, timeout=60)
     assert out.stdout.startswith("key ") and out.stderr == "", out.stderr
+
+
+def _fresh_connection(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One request on a connection of its own, so the kernel may hand each to either worker."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request(method, path, body=body or None, headers={"x-api-key": RELAY_KEY, "content-type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _counters(text: str) -> dict[str, float]:
+    """Every counter-like sample of a scrape (counters, histogram buckets, sums and counts), by series."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and not line.startswith(("relay_open_streams", "relay_store_")):
+            series, _, value = line.rpartition(" ")
+            samples[series] = float(value)
+    return samples
+
+
+async def test_workers_metrics_count_the_whole_instance(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
+    """A scrape lands on one worker but reports every worker's requests; its counters never go back, not
+    even when a worker dies and is replaced."""
+    import json
+    import os
+    import signal
+
+    from tests.mock_upstream import completion
+    upstream.handler = lambda r: completion({"content": "hi"})
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(relay_config(upstream.base_url))
+    run_root = tmp_path / "run"
+    run_root.mkdir()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0", "--workers", "2"], stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(run_root)})  # the supervisor's run directory lands where the test can look
+    assert proc.stderr is not None
+    log = b""
+    body = json.dumps({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).encode()
+    messages = 'relay_requests_total{path="/v1/messages",provider="mock",model="mock-model",status="200"}'
+    last: dict[str, float] = {}
+
+    def send(n: int) -> None:
+        for _ in range(n):
+            status, answer = _fresh_connection(port, "POST", "/v1/messages", body)
+            assert status == 200, answer
+
+    async def scrape() -> float:
+        nonlocal last
+        status, text = await trio.to_thread.run_sync(_fresh_connection, port, "GET", "/metrics")
+        assert status == 200
+        now = _counters(text.decode())
+        went_back = {series: (value, now.get(series)) for series, value in last.items() if now.get(series, -1) < value}
+        assert not went_back, went_back
+        last = now
+        return now.get(messages, 0)
+
+    async def scrapes_reach(total: int) -> None:
+        with trio.fail_after(20):
+            while await scrape() != total:
+                await trio.sleep(0.2)
+        for _ in range(6):  # and stay there, whichever worker answers
+            assert await scrape() == total
+
+    try:
+        with trio.fail_after(30):
+            while log.count(b"listening on http://127.0.0.1:") < 3:  # the supervisor and two workers
+                log += await proc.stderr.receive_some(4096)
+        port = int(re.search(rb"listening on http://127\.0\.0\.1:(\d+) with 2 workers", log).group(1))  # type: ignore[union-attr]
+        await trio.to_thread.run_sync(send, 20)
+        await scrapes_reach(20)
+        [run_dir] = run_root.iterdir()
+        per_worker = {path.name: json.loads(path.read_bytes()) for path in run_dir.glob("*.json")}
+        served = {name: sum(v for k, v in snap["requests"] if k[0] == "/v1/messages") for name, snap in per_worker.items()}
+        assert len(served) == 2 and all(served.values()), served  # both workers served some: the sum is not one worker's
+
+        children = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        os.kill(children[0], signal.SIGKILL)  # its last totals stay in the instance's
+        with trio.fail_after(20):
+            while log.count(b"listening on http://127.0.0.1:") < 4:
+                log += await proc.stderr.receive_some(4096)
+        assert (run_dir / "retired.json").exists() and not (run_dir / f"{children[0]}.json").exists()
+        await scrapes_reach(20)
+        await trio.to_thread.run_sync(send, 6)
+        await scrapes_reach(26)
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+        assert not run_dir.exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+
+
+def test_a_worker_whose_run_directory_is_gone_still_answers_metrics(tmp_path: Path) -> None:
+    """Metrics are never worth a worker: a run directory that cannot be written leaves /metrics to this worker's
+    own counters (logged once) instead of an error, and a dead worker's totals fold into the retired file once."""
+    import os
+
+    from relay.instance_metrics import RETIRED, Board, retire
+    from relay.metrics import Metrics
+    metrics = Metrics(["m"])
+    metrics.request_done("/v1/messages", "p", "m", 200, 0.1, 0.01, 5, 6)
+    line = 'relay_requests_total{path="/v1/messages",provider="p",model="m",status="200"} 1'
+    assert line in Board(tmp_path / "gone", metrics).render().decode()
+    board = Board(tmp_path, metrics)
+    assert line in board.render().decode()
+    retire(tmp_path, os.getpid())  # as the supervisor does when this worker has exited
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [RETIRED]
+    assert line in Board(tmp_path, Metrics(["m"])).render().decode()  # a fresh worker: the retired totals stay

@@ -1,6 +1,6 @@
-"""relay's own socket layer end to end (relay/transport.py, relay/chunked.py): upstream bytes cut anywhere
-across reads, keep-alive reuse after merged chunks, a client that stops reading (full socket buffers), and
-bodies bigger than one read."""
+"""relay's own socket layer end to end (relay/transport.py, relay/pool.py, relay/reader.py): upstream bytes cut
+anywhere across reads, keep-alive reuse only after a body that ended cleanly, a client that stops reading (full
+socket buffers), and bodies bigger than one read."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ class CuttingUpstream(MockUpstream):
     """Answers every request on a connection with the same chunked stream, written in pieces of ``cuts``
     bytes with a pause between them, so relay reads it cut at those places."""
 
-    def __init__(self, cuts: list[int]) -> None:
+    def __init__(self, cuts: list[int], answer: bytes | None = None) -> None:
         super().__init__()
         self.cuts = cuts
+        self.answer = chunked_sse(WORDS) if answer is None else answer
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.accepted += 1
@@ -52,7 +53,7 @@ class CuttingUpstream(MockUpstream):
                     buf += await stream.receive_some(65536)
                 self.requests.append(Recorded("POST", "", {}, buf[:length]))
                 buf = buf[length:]
-                data = chunked_sse(WORDS)
+                data = self.answer
                 start, i = 0, 0
                 while start < len(data):
                     size = self.cuts[i % len(self.cuts)]
@@ -83,7 +84,7 @@ async def test_upstream_bytes_cut_anywhere_arrive_whole(nursery: trio.Nursery, c
     upstream = CuttingUpstream(cuts)
     await nursery.start(upstream.serve)
     relay = await start_relay(nursery, relay_config(upstream.base_url))
-    for _ in range(2):  # the second request reuses the connection: the merger starts over at the new head
+    for _ in range(2):  # the second request reuses the connection
         await relay_idle(relay)  # the first stream's connection is back in the pool once its tail is read
         answer = await roundtrip(relay.port, stream_request(), timeout=30)
         assert answer.status == 200 and answer.complete, answer
@@ -203,32 +204,66 @@ async def test_keep_alive_reuse_works_past_descriptor_1023(nursery: trio.Nursery
             s.close()
 
 
-async def test_the_read_hook_belongs_to_one_request(nursery: trio.Nursery, upstream: MockUpstream) -> None:
-    """The pump's flush is a per-request extension: the pool installs it on the connection for that request only
-    (it runs while the body is read) and clears it before the connection is idle again, so the next request on
-    the connection never runs a finished stream's hook."""
-    from relay.pool import ConnectionPool
-    from relay.upstream import Upstreams
-
-    seen: list[object] = []
-    upstream.handler = lambda rec: text_stream("one", "two")
+@pytest.mark.parametrize("cuts", [[100000], [5]], ids=["one-read", "cut"])
+@pytest.mark.parametrize("tail", [b"x", b"\r\n", b"HTTP/1.1 200 OK\r\n"], ids=["byte", "crlf", "head"])
+async def test_bytes_after_the_end_close_the_connection(nursery: trio.Nursery, cuts: list[int], tail: bytes) -> None:
+    """The client gets its whole answer, but a connection that carried anything after the body's end would
+    feed it to the next request: it is closed, and the next request opens a new one."""
+    upstream = CuttingUpstream(cuts, chunked_sse(WORDS) + tail)
+    await nursery.start(upstream.serve)
     relay = await start_relay(nursery, relay_config(upstream.base_url))
-    answer = await roundtrip(relay.port, request_bytes(messages_body(stream=True), key=RELAY_KEY))
-    assert answer.status == 200 and b"message_stop" in answer.body
-    await relay_idle(relay)
-    pools: dict[str, ConnectionPool] = relay.server.upstreams._pools
-    idle = [c for pool in pools.values() for stack in pool._idle.values() for c in stack]
-    assert idle and all(c.network.before_read is None for c in idle)
-    upstreams: Upstreams = relay.server.upstreams
-    provider = relay.server.config.providers["mock"]
+    for _ in range(2):
+        await relay_idle(relay)
+        answer = await roundtrip(relay.port, stream_request(), timeout=30)
+        assert answer.status == 200 and answer.complete and texts(answer.body) == "".join(WORDS)
+    assert upstream.accepted == 2
 
-    async def hook() -> None:
-        seen.append(hook)
 
-    upstream.handler = lambda rec: text_stream("three")
-    async with upstreams.request(provider, "/chat/completions", orjson.dumps({"model": "m", "stream": True,
-                                 "messages": []}), stream=True, model="m", before_read=hook) as response:
-        assert b"three" in await response.read(1 << 20)
-    assert seen, "the hook did not run while the body was read"
-    idle = [c for pool in pools.values() for stack in pool._idle.values() for c in stack]
-    assert idle and all(c.network.before_read is None for c in idle)
+@pytest.mark.parametrize("cuts", [[100000], [3, 250]], ids=["one-read", "cut"])
+async def test_a_framing_error_ends_the_stream_with_an_error_and_closes(nursery: trio.Nursery, cuts: list[int]) -> None:
+    good = chunked_sse(WORDS[:5])
+    broken = good[:good.index(b"\r\n", good.index(b"w002")) + 2] + b"zz\r\nnot a chunk\r\n0\r\n\r\n"
+    upstream = CuttingUpstream(cuts, broken)
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url))
+    for _ in range(2):
+        await relay_idle(relay)
+        answer = await roundtrip(relay.port, stream_request(), timeout=30)
+        assert answer.status == 200 and answer.complete
+        assert texts(answer.body) == "".join(WORDS[:3])
+        assert b"event: error" in answer.body and b"broke mid-stream (RemoteProtocolError)" in answer.body
+    assert upstream.accepted == 2
+
+
+async def test_connection_close_and_http10_answers_are_not_reused(nursery: trio.Nursery) -> None:
+    body = chunked_sse(WORDS[:4])
+    head_end = body.index(b"\r\n\r\n") + 4
+    for head in (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                 b"transfer-encoding: chunked\r\n\r\n",
+                 b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"):
+        upstream = CuttingUpstream([100000], head + body[head_end:])
+        await nursery.start(upstream.serve)
+        relay = await start_relay(nursery, relay_config(upstream.base_url))
+        for _ in range(2):
+            await relay_idle(relay)
+            answer = await roundtrip(relay.port, stream_request(), timeout=30)
+            assert answer.status == 200 and texts(answer.body) == "".join(WORDS[:4])
+        assert upstream.accepted == 2, head
+
+
+async def test_a_sized_json_answer_with_bytes_after_it(nursery: trio.Nursery) -> None:
+    """Content-Length framing: the body is exactly that many bytes; more closes the connection."""
+    doc = orjson.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "sized"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+    answer_bytes = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(doc), doc)
+    for tail, connections in ((b"", 1), (b"junk", 2)):
+        upstream = CuttingUpstream([7, 100000], answer_bytes + tail)
+        await nursery.start(upstream.serve)
+        relay = await start_relay(nursery, relay_config(upstream.base_url))
+        for _ in range(2):
+            await relay_idle(relay)
+            body = orjson.dumps({"model": "mock-model", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+            answer = await roundtrip(relay.port, request_bytes(body, key=RELAY_KEY))
+            assert answer.status == 200 and orjson.loads(answer.body)["content"][0]["text"] == "sized"
+        assert upstream.accepted == connections

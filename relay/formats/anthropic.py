@@ -55,6 +55,10 @@ def message_start(msg_id: str, model: str, input_tokens: int = 0) -> bytes:
     )
 
 
+# Anthropic's own keep-alive event: what relay writes into a stream the upstream keeps silent (``pump.Pump``).
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+
 def text_block_start(index: int) -> bytes:
     return (
         b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
@@ -161,10 +165,11 @@ def message(
     }
 
 
-def events_from_message(msg: dict[str, Any]) -> bytes:
-    """A whole Message replayed as a stream, for upstreams that answer a stream request in one piece."""
+def events_from_message(msg: dict[str, Any], started: bool = False) -> bytes:
+    """A whole Message replayed as a stream, for upstreams that answer a stream request in one piece
+    (``started``: relay's message_start is out already, during a long wait for that answer)."""
     usage = msg["usage"]
-    out = [message_start(msg["id"], msg["model"], usage.get("input_tokens", 0))]
+    out = [] if started else [message_start(msg["id"], msg["model"], usage.get("input_tokens", 0))]
     for index, block in enumerate(msg["content"]):
         kind = block["type"]
         if kind == "text":

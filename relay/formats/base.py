@@ -94,6 +94,11 @@ class Translator(Protocol):
 
     def abort(self, error: RelayError) -> bytes: ...
 
+    def start_now(self) -> bytes:
+        """message_start before the upstream has sent anything (a long silence: the stream's keep-alive needs
+        it out); b"" once started. Whatever fails after it is an ``event: error``, no longer an HTTP status."""
+        ...
+
 
 class Format(Protocol):
     def build(self, req: dict[str, Any], provider: Provider, model: str, stream: bool,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from relay.errors import RelayError, empty_stream
 from relay.formats import anthropic as A
 from relay.formats.base import ended_early
-from relay.sse import SSEError, SSEParser
+from relay.sse import Event, SSEError, SSEParser
 from relay.tokens import OutputCount
 
 NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
@@ -58,14 +58,23 @@ class BlockWriter:
             return self.flush()
         try:
             events = self._parser.feed(data)
-        except SSEError as exc:  # an oversized event from a broken upstream
-            self.fail(RelayError(502, f"{self.provider}: {exc}", "api_error"))
-            return self.flush()
+        except SSEError as exc:
+            return self.bad_sse(exc)
+        return self.feed_events(events)
+
+    def feed_events(self, events: list[Event]) -> bytes:
+        """Events already parsed (the server's body reader parses them in the same pass as the chunk framing)."""
+        if self.done:
+            return b""
         for name, payload in events:
             self._on_event(name, payload)
             if self.done:
                 break
         return self.flush()
+
+    def bad_sse(self, exc: SSEError) -> bytes:
+        """An oversized event from a broken upstream."""
+        return self.abort(RelayError(502, f"{self.provider}: {exc}", "api_error"))
 
     def finish(self) -> bytes:
         """The upstream body ended."""
@@ -85,6 +94,12 @@ class BlockWriter:
         if self.done:
             return b""
         self.fail(error)
+        return self.flush()
+
+    def start_now(self) -> bytes:
+        if self.started:
+            return b""
+        self.start()
         return self.flush()
 
     # ---- for the format ---------------------------------------------------------------------

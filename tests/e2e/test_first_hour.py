@@ -116,10 +116,11 @@ async def test_the_quickstart_local_line_completes_under_claude_code(claude: Cla
     assert result.get("subtype") == "success", run.debug()
     assert "is served with a" not in run.stderr, run.stderr  # relay claude's small-window warning: not for 32k
     text = log.read_text()
-    served = re.findall(r"POST /v1/messages\S* (\d+) model=(\S+) -> openai/local", text)
-    assert served and all(status == "200" for status, _ in served), text  # every answer relay gave was a 200
+    served = re.findall(r"POST /v1/messages\S* (\d+) model=(\S+) -> openai/local.* out=(\d+)", text)
+    assert served and all(status == "200" for status, _, _ in served), text  # every answer relay gave was a 200
     assert served[0][1] == CLAUDE_CODE_MODELS[0]
     if result.get("is_error"):  # only ever the model's own long-windedness, never an error relay answered with
+        assert all(int(out) >= BABBLE_CAP * 0.9 for _, _, out in served), run.debug()  # each answer reached the cap
         continued = [b for b in run.blocks("text") if str(b.get("text", "")).startswith("Output token limit hit")]
         assert len(continued) == OUTPUT_LIMIT_RETRIES == len(served) - 1, run.debug()
         # Claude Code's own words for four answers cut at max_tokens (it names the max_tokens it asked for)

@@ -30,7 +30,8 @@ def count_tokens(req: dict[str, Any], provider: Provider, model: str, client: Cl
 
 def stream_translator(opts: Options) -> PassthroughTranslator:
     p = opts.provider
-    return PassthroughTranslator(opts.model, secrets=p.api_keys, provider=p.name, on_error=opts.overflow)
+    return PassthroughTranslator(opts.model, secrets=p.api_keys, provider=p.name, on_error=opts.overflow,
+                                 input_tokens_hint=opts.input_tokens_hint)
 
 
 def translate_response(doc: Any, opts: Options) -> dict[str, Any]:

@@ -5,6 +5,8 @@ and take the input usage) and, after it, the event names, to take usage from ``m
 ``message_stop`` and ``error``. Every other byte is forwarded untouched, in the read it arrived in, up to the end
 of the last complete event: an unfinished event's bytes wait for the read that finishes it (the client could not
 act on them anyway), so that when the upstream breaks off, relay's ``event: error`` is not glued to half an event.
+After a long silence relay may have sent a message_start of its own (``start_now``, for the keep-alive): the
+upstream's is then read for its usage and dropped, and everything after it forwarded as usual.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import orjson
 
 from relay.errors import RelayError, from_anthropic_error
+from relay.formats import anthropic as A
 from relay.formats.base import ended_early
 from relay.sse import SSEError, SSEParser
 
@@ -33,9 +36,11 @@ def _kind(name: bytes | None, payload: bytes) -> bytes:
 
 class PassthroughTranslator:
     def __init__(self, model: str, *, secrets: tuple[str, ...] = (), provider: str = "upstream",
-                 on_error: Callable[[RelayError], RelayError] | None = None) -> None:
+                 on_error: Callable[[RelayError], RelayError] | None = None, input_tokens_hint: int = 0) -> None:
         self.model = model
         self.started = False  # bytes have gone to the client
+        self._forwarding = False  # the upstream's first event is in: its bytes are forwarded from here on
+        self._hint = input_tokens_hint  # for a message_start of relay's own (``start_now``)
         self.done = False
         self.error: RelayError | None = None
         self.has_usage = False
@@ -58,7 +63,7 @@ class PassthroughTranslator:
             events = self._parser.feed(data)
         except SSEError as exc:
             return self._fail(RelayError(502, f"{self._provider}: {exc}", "api_error"))
-        if self.started:
+        if self._forwarding:
             for name, payload in events:
                 self._after_start(_kind(name, payload), payload)
             if self._skip_lf:  # message_start ended a read on CR: this LF was its end, already written
@@ -72,19 +77,26 @@ class PassthroughTranslator:
         if self.done:
             return b""
         events = self._parser.close()  # a last event that ended without a blank line
-        if not self.started:
+        if not self._forwarding:
             out = self._before_start(events)
         else:
             out = b""
             for name, payload in events:
                 self._after_start(_kind(name, payload), payload)
-        if events and self.started:  # that event is complete after all: its held bytes go out
+        if events and self._forwarding:  # that event is complete after all: its held bytes go out
             out, self._tail = out + self._tail, b""
         if self.done:
             return out
-        if not self.started:
-            return self._fail(ended_early(self._provider, "no message_start"))
+        if not self._forwarding:
+            return out + self._fail(ended_early(self._provider, "no message_start"))
         return out + self._fail(ended_early(self._provider, "closed before message_stop"))
+
+    def start_now(self) -> bytes:
+        """A message_start of relay's own; the upstream's, when it comes, gives its usage and is not sent."""
+        if self.started:
+            return b""
+        self.started = True
+        return A.message_start(A.message_id(), self.model, self._hint)
 
     def abort(self, error: RelayError) -> bytes:
         if self.done:
@@ -100,13 +112,15 @@ class PassthroughTranslator:
                 continue
             if kind == b"error":
                 return self._fail(self._error(payload))
-            self.started = True
+            early, self.started, self._forwarding = self.started, True, True
             head, self._head = self._head, b""
             if kind != b"message_start":  # a stream without message_start: not ours to fix, pass it on
                 out = b""
             else:
                 rest, self._skip_lf = _after_first_event(head, b'"message_start"')
                 out = self._message_start(payload)
+                if early:  # relay's own message_start is out already: this one only had the usage to give
+                    out = b""
                 head = rest
             for later_name, later in events[number + 1:]:
                 self._after_start(_kind(later_name, later), later)

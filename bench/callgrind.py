@@ -1,0 +1,126 @@
+"""Instructions per request, counted by valgrind's callgrind: a figure that does not move with the machine's load.
+
+Wall-clock and even CPU-time figures swing by tens of percent on this shared 2-core VM; an instruction count
+of the same workload repeats to a fraction of a percent. The workload: the mock upstream (not counted) and one
+server under ``valgrind --tool=callgrind`` (relay, or ``stack``/``pipe`` for the floors), sequential
+keep-alive requests for a 50-chunk stream written in one piece (``--shape burst``: the whole body comes in one
+read) or 16 chunks 20 ms apart (``--shape paced``: one read per chunk, what a real model's stream costs). Counting starts after a warm-up (callgrind_control
+zeroes the counters) and stops after ``--requests`` more, so start-up is not in the figure.
+
+Run: ``python -m bench.callgrind --target relay --requests 200`` (needs valgrind: ``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.procs import ROOT, free_port, relay_config, start_upstream
+
+BODY = orjson.dumps({"model": "mock-model", "max_tokens": 64, "stream": True,
+                     "messages": [{"role": "user", "content": "Say hello."}]})
+
+
+def request(target: str) -> bytes:
+    if target == "relay":
+        path, body = b"/v1/messages", BODY
+    else:  # the floors speak OpenAI on both sides
+        path, body = b"/p/default/v1/chat/completions", orjson.dumps(
+            {"model": "mock-model", "stream": True, "messages": [{"role": "user", "content": "Say hello."}]})
+    return (b"POST %b HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\n"
+            b"content-length: %d\r\n\r\n%b" % (path, len(body), body))
+
+
+def ask(sock: socket.socket, raw: bytes) -> None:
+    """One request on a keep-alive connection; returns once the chunked answer's terminator arrived."""
+    sock.sendall(raw)
+    data = b""
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        more = sock.recv(65536)
+        if not more:
+            raise RuntimeError(f"connection closed mid-answer: {data[-200:]!r}")
+        data += more
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"bad answer: {data[:300]!r}")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the server under valgrind exited")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on {port} after {seconds:.0f}s")
+
+
+def server_argv(target: str, upstream_port: int, port: int, config: Path) -> list[str]:
+    if target == "relay":
+        config.write_text(relay_config(upstream_port, "default"))
+        return [sys.executable, "-m", "relay", "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning"]
+    return [sys.executable, "-m", f"bench.{target}", "--upstream-port", str(upstream_port), "--port", str(port)]
+
+
+SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "delay": 0.02}}
+
+
+def measure(target: str, requests: int, warmup: int, shape: str = "burst") -> int:
+    upstream, upstream_port = start_upstream({"default": SHAPES[shape]})
+    workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
+    port = free_port()
+    out = workdir / "callgrind.out"
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+            *server_argv(target, upstream_port, port, workdir / "relay.toml")]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(workdir / "valgrind.log").open("wb"))
+    try:
+        wait_port(port, proc, 300)
+        raw = request(target)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            for _ in range(warmup):
+                ask(sock, raw)
+            subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
+            for _ in range(requests):
+                ask(sock, raw)
+            subprocess.run(["callgrind_control", "--dump=measured", str(proc.pid)], check=True, capture_output=True)
+        dumps = sorted(workdir.glob("callgrind.out*"), key=os.path.getmtime)
+        text = next(p for p in reversed(dumps) if b"measured" in p.read_bytes()[:2000]).read_text()
+        total = int(re.search(r"^(?:summary|totals): (\d+)", text, re.M).group(1))  # type: ignore[union-attr]
+        return total // requests
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        upstream.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.callgrind", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="relay", choices=["relay", "stack", "pipe"])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--shape", default="burst", choices=list(SHAPES))
+    args = parser.parse_args(argv)
+    per = measure(args.target, args.requests, args.warmup, args.shape)
+    print(f"{args.target}: {per:,} instructions per {args.shape} request ({SHAPES[args.shape]['chunks']} chunks; "
+          f"{args.requests} requests after {args.warmup} warm-up)")
+
+
+if __name__ == "__main__":
+    main()

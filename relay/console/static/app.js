@@ -1,0 +1,322 @@
+// The relay console: one page over the admin API. Every string from a client, a key or the config reaches the
+// page as a text node (el() never parses HTML), so a model named "<script>" is shown, never run.
+"use strict";
+
+const KEY = "relay-admin-key";
+const POLL_MS = 1500;
+let timer = null;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (name === "on") for (const [ev, fn] of Object.entries(value)) node.addEventListener(ev, fn);
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function svg(tag, attrs) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, String(value));
+  return node;
+}
+
+class Refused extends Error {}
+
+async function api(method, path, body) {
+  const init = { method, headers: { "x-api-key": sessionStorage.getItem(KEY) || "" }, credentials: "omit", cache: "no-store" };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  const doc = await res.json().catch(() => ({}));
+  if (res.status === 401 || res.status === 403) {
+    sessionStorage.removeItem(KEY);
+    showLogin((doc.error && doc.error.message) || "refused");
+    throw new Refused("refused");
+  }
+  if (!res.ok) throw new Error((doc.error && doc.error.message) || `HTTP ${res.status}`);
+  return doc;
+}
+
+// ---- formatting ----------------------------------------------------------------------------------
+
+const num = (v, d = 0) => (v === null || v === undefined ? "–" : Number(v).toLocaleString("en-US", { maximumFractionDigits: d, minimumFractionDigits: d }));
+const usd = (v) => (v === null || v === undefined ? "–" : "$" + Number(v).toFixed(v !== 0 && Math.abs(v) < 1 ? 4 : 2));
+const ms = (v) => (v === null || v === undefined ? "–" : `${num(v, v < 10 ? 1 : 0)} ms`);
+const pct = (v) => (v === null || v === undefined ? "–" : `${num(v * 100, 1)} %`);
+const clock = (t) => new Date(t * 1000).toLocaleTimeString("en-GB", { hour12: false });
+const today = () => new Date().toISOString().slice(0, 10);
+
+// ---- charts: one polyline per series, in plain SVG -----------------------------------------------
+
+function spark(values) {
+  const w = 360, h = 48;
+  const box = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img" });
+  const nums = values.map((v) => (v === null ? 0 : v));
+  const top = Math.max(...nums, 1e-9);
+  const step = w / Math.max(nums.length - 1, 1);
+  const points = nums.map((v, i) => `${(i * step).toFixed(1)},${(h - 2 - (v / top) * (h - 4)).toFixed(1)}`);
+  box.append(svg("polygon", { class: "area", points: `0,${h} ${points.join(" ")} ${w},${h}` }));
+  box.append(svg("polyline", { class: "line", points: points.join(" ") }));
+  return box;
+}
+
+function card(label, value, values, title) {
+  return el("div", { class: "card", title: title || "" }, el("div", { class: "label" }, label),
+    el("div", { class: "value", "data-metric": label }, value), values ? spark(values) : null,
+    values ? el("div", { class: "axis" }, el("span", {}, "1 h ago"), el("span", {}, "now")) : null);
+}
+
+// ---- pages ---------------------------------------------------------------------------------------
+
+const pages = {
+  async overview(root) {
+    const cards = el("div", { class: "cards", id: "cards" });
+    const body = el("tbody", { id: "recent" });
+    root.append(el("h1", {}, "Overview"),
+      el("p", { class: "muted" }, "Figures over the last minute; charts over the last hour in 10-second steps; both from this relay process. The table shows requests as they finish."),
+      cards, el("h2", {}, "Recent requests"),
+      el("table", {}, el("thead", {}, el("tr", {}, ["time", "key", "model asked", "target served", "status", "TTFB",
+        "duration", "tokens in/out", "cost"].map((h) => el("th", {}, h)))), body));
+    let after = 0;
+    let spend = null;
+    let spendAt = 0;
+    const tick = async () => {
+      const live = await api("GET", `/admin/live?after=${after}`);
+      if (Date.now() - spendAt > 10000) {
+        spendAt = Date.now();
+        const usage = await api("GET", `/admin/usage?since=${today()}`).catch(() => null);
+        spend = usage ? usage.data.filter((r) => r.day === today()).reduce((s, r) => s + r.cost_usd, 0) : null;
+      }
+      const s = live.series;
+      const m = live.last_minute;
+      cards.replaceChildren(
+        card("requests / s", num(m.requests_per_s, 2), s.requests_per_s, "headline: the last minute"),
+        card("streams open", num(live.streams_open), s.streams_open, "now; the chart: the most open in each step"),
+        card("TTFB p50", ms(m.ttfb_p50_ms), s.ttfb_p50_ms, "time to first byte over the last minute, to within 25 %"),
+        card("TTFB p99", ms(m.ttfb_p99_ms), s.ttfb_p99_ms, "time to first byte over the last minute, to within 25 %"),
+        card("error rate", pct(m.error_rate), s.error_rate, "answers that were not 2xx, over the last minute"),
+        card("tokens / s", num(m.tokens_per_s, 1), s.tokens_per_s, "input + output, over the last minute"),
+        card("spend today", usd(spend), s.cost_usd, "today (UTC) from the store, every instance; the chart: this process, per step"));
+      for (const r of live.recent) {
+        const row = el("tr", { class: "fresh", "data-seq": r.seq },
+          el("td", {}, clock(r.time)), el("td", {}, r.key), el("td", { class: "wrap" }, r.model),
+          el("td", { class: "wrap" }, r.target), el("td", { class: `status-${String(r.status)[0]}` }, r.status || "gone"),
+          el("td", {}, ms(r.ttfb_ms)), el("td", {}, ms(r.duration_ms)),
+          el("td", {}, `${num(r.input_tokens)} / ${num(r.output_tokens)}`), el("td", {}, usd(r.cost_usd)));
+        body.prepend(row);
+      }
+      while (body.children.length > 100) body.lastChild.remove();
+      after = live.seq;
+    };
+    await tick();
+    return tick;
+  },
+
+  async keys(root) {
+    const list = el("tbody", { id: "keys" });
+    const shown = el("div", { id: "secret-box" });
+    const err = el("p", { class: "error", role: "alert" });
+    const field = (name, label, type, extra) => el("label", {}, label, el("input", { name, type, ...(extra || {}) }));
+    const form = el("form", { class: "inline", id: "create-key" },
+      field("name", "name", "text", { required: true, pattern: "[A-Za-z0-9][\\w.@\\-]{0,63}" }),
+      field("models", "models (globs, comma separated)", "text"),
+      field("rpm", "requests / min", "number", { min: 1 }), field("tpm", "tokens / min", "number", { min: 1 }),
+      field("max_streams", "streams", "number", { min: 1 }), field("budget", "budget USD", "number", { min: 0, step: "0.01" }),
+      el("label", {}, "period", el("select", { name: "budget_period" }, el("option", { value: "month" }, "month"), el("option", { value: "day" }, "day"))),
+      field("expires", "expires", "date"),
+      el("button", { type: "submit", class: "primary" }, "Create key"));
+    const read = (f) => {
+      const doc = {};
+      for (const name of ["rpm", "tpm", "max_streams"]) doc[name] = f.elements[name].value ? parseInt(f.elements[name].value, 10) : null;
+      doc.budget = f.elements.budget.value ? parseFloat(f.elements.budget.value) : null;
+      doc.budget_period = f.elements.budget_period.value;
+      doc.models = f.elements.models.value.split(",").map((m) => m.trim()).filter(Boolean);
+      doc.expires = f.elements.expires.value || null;
+      return doc;
+    };
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      err.textContent = "";
+      try {
+        const made = await api("POST", "/admin/keys", { name: form.elements.name.value, ...read(form) });
+        shown.replaceChildren(el("div", { class: "secret" }, `Key ${made.key.name} created. Its secret, shown this once:`,
+          el("br"), el("code", { id: "new-secret" }, made.secret)));
+        form.reset();
+        await load();
+      } catch (e) { if (!(e instanceof Refused)) err.textContent = e.message; }
+    });
+    const edit = (k) => {
+      const f = el("form", { class: "inline" },
+        field("models", "models", "text", { value: (k.models || []).join(", ") }),
+        field("rpm", "requests / min", "number", { min: 1, value: k.limits.rpm ?? "" }),
+        field("tpm", "tokens / min", "number", { min: 1, value: k.limits.tpm ?? "" }),
+        field("max_streams", "streams", "number", { min: 1, value: k.limits.max_streams ?? "" }),
+        field("budget", "budget USD", "number", { min: 0, step: "0.01", value: k.limits.budget ?? "" }),
+        el("label", {}, "period", el("select", { name: "budget_period" },
+          ["month", "day"].map((p) => el("option", { value: p, selected: p === (k.limits.budget_period || "month") }, p)))),
+        field("expires", "expires", "date", { value: k.expires || "" }),
+        el("button", { type: "submit", class: "primary" }, "Save"));
+      f.addEventListener("submit", async (ev) => {
+        ev.preventDefault();
+        try { await api("PATCH", `/admin/keys/${encodeURIComponent(k.name)}`, read(f)); await load(); }
+        catch (e) { if (!(e instanceof Refused)) err.textContent = e.message; }
+      });
+      return f;
+    };
+    const budgetCell = (k) => {
+      if (k.limits.budget === null || k.limits.budget === undefined) return k.spend ? usd(k.spend.usd) : "no budget";
+      const spent = k.spend ? k.spend.usd : 0;
+      const bar = svg("svg", { viewBox: "0 0 80 8" });
+      bar.append(svg("rect", { class: "used", width: Math.min(80, (80 * spent) / Math.max(k.limits.budget, 1e-9)), height: 8 }));
+      return el("span", {}, el("span", { class: "bar" }, bar), `${usd(spent)} of ${usd(k.limits.budget)} / ${k.limits.budget_period || "month"}`);
+    };
+    const load = async () => {
+      const keys = (await api("GET", "/admin/keys")).data;
+      list.replaceChildren(...keys.flatMap((k) => {
+        const row = el("tr", { "data-key": k.name },
+          el("td", {}, k.name), el("td", {}, el("span", { class: `pill ${k.state}` }, k.state)), el("td", { class: "muted" }, k.hint || ""),
+          el("td", { class: "wrap" }, (k.models || []).join(", ") || "any"),
+          el("td", {}, k.limits.rpm ?? "–"), el("td", {}, k.limits.tpm ?? "–"), el("td", {}, k.limits.max_streams ?? "–"),
+          el("td", {}, budgetCell(k)), el("td", {}, k.expires || "–"), el("td", {}));
+        const actions = row.lastChild;
+        const editRow = el("tr", { hidden: true }, el("td", { colspan: 10 }, edit(k)));
+        if (k.state !== "revoked") {
+          actions.append(el("button", { type: "button", on: { click: () => { editRow.hidden = !editRow.hidden; } } }, "Limits"), " ",
+            el("button", { type: "button", "data-revoke": k.name, on: { click: async () => {
+              try { await api("DELETE", `/admin/keys/${encodeURIComponent(k.name)}`); await load(); }
+              catch (e) { if (!(e instanceof Refused)) err.textContent = e.message; }
+            } } }, "Revoke"));
+        }
+        return [row, editRow];
+      }));
+    };
+    root.append(el("h1", {}, "Keys"), form, err, shown,
+      el("table", {}, el("thead", {}, el("tr", {}, ["name", "state", "secret", "models", "rpm", "tpm", "streams",
+        "spend / budget", "expires", ""].map((h) => el("th", {}, h)))), list));
+    await load();
+    return null;
+  },
+
+  async providers(root) {
+    const tryCell = (target) => {
+      const out = el("span", { class: "try-result" });
+      const button = el("button", { type: "button", "data-try": target, on: { click: async () => {
+        button.disabled = true;
+        out.textContent = " …";
+        try {
+          const r = await api("POST", "/admin/try", { target });
+          out.className = `try-result ${r.ok ? "ok" : "error"}`;
+          out.textContent = r.ok ? ` ${ms(r.ms)}: ${r.text}` : ` ${ms(r.ms)}: ${r.status} ${r.error}`;
+        } catch (e) { if (!(e instanceof Refused)) out.textContent = ` ${e.message}`; }
+        button.disabled = false;
+      } } }, "Try it");
+      return el("td", { class: "wrap" }, button, out);
+    };
+    const data = (await api("GET", "/admin/providers")).data;
+    root.append(el("h1", {}, "Providers"), el("p", { class: "muted" }, "Health as this relay process sees it. Upstream keys are counted, never shown."));
+    for (const p of data) {
+      const h = p.health;
+      root.append(el("h2", {}, `${p.name} `, el("span", { class: "muted" }, `${p.format} · ${p.base_url}${p.preset ? " · preset " + p.preset : ""} · ${p.source}`)),
+        el("p", {}, "circuit ", el("span", { class: `pill ${h.circuit}` }, h.circuit),
+          ` · ${h.failures} failures in a row · ${h.keys} key(s), ${h.keys_cooling} cooling down · TTFB p50 ${ms(p.ttfb_p50_ms)} · last error `,
+          h.last_error ? `${h.last_error.status}, ${num(h.last_error.seconds_ago)} s ago` : "none"),
+        el("table", {}, el("thead", {}, el("tr", {}, ["model", "context window", "max output", "USD / M in", "USD / M out", "cache read", "cache write", ""].map((x) => el("th", {}, x)))),
+          el("tbody", {}, p.models.map((m) => el("tr", {}, el("td", {}, m.id), el("td", {}, num(m.context_window)), el("td", {}, num(m.max_output)),
+            ...["input", "output", "cache_read", "cache_write"].map((f) => el("td", {}, m.price && m.price[f] !== null ? m.price[f] : "–")),
+            tryCell(`${p.name}/${m.id}`))))));
+      if (p.passthrough_models) root.append(el("p", { class: "muted" }, "Any other model name is passed through unchanged."));
+    }
+    return null;
+  },
+
+  async routes(root) {
+    const out = el("div", { id: "resolved" });
+    const input = el("input", { name: "model", type: "text", required: true, placeholder: "a model id, e.g. claude-sonnet-4-5" });
+    const row = (r) => el("tr", {}, el("td", { class: "wrap" }, r.model), r.error ? el("td", { class: "error" }, r.error)
+      : el("td", { class: "wrap" }, r.targets.map((t) => t.target + (t.context_window ? ` (window ${num(t.context_window)})` : "")).join(" → ")));
+    const form = el("form", { class: "inline", id: "resolve" }, el("label", {}, "resolve a model id as relay check does", input),
+      el("button", { type: "submit", class: "primary" }, "Resolve"));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const r = await api("GET", `/admin/resolve?model=${encodeURIComponent(input.value)}`);
+      out.replaceChildren(el("table", { class: "kv" }, el("tbody", {}, row(r))));
+    });
+    const all = await api("GET", "/admin/resolve");
+    const pairs = (obj) => Object.entries(obj).map(([k, v]) => el("tr", {}, el("td", { class: "wrap" }, k), el("td", { class: "wrap" }, v.join(" → "))));
+    root.append(el("h1", {}, "Routes"), form, out, el("h2", {}, "Claude Code's tiers"),
+      el("table", { class: "kv" }, el("tbody", {}, all.tiers.map(row))),
+      el("h2", {}, "Routes"), el("table", { class: "kv" }, el("tbody", {}, pairs(all.routes))),
+      el("h2", {}, "Aliases"), el("table", { class: "kv" }, el("tbody", {}, pairs(all.aliases))));
+    return null;
+  },
+
+  async usage(root) {
+    const rows = (await api("GET", "/admin/usage")).data;
+    const cols = ["day", "key", "model", "requests", "refused", "input_tokens", "output_tokens", "cache_read", "cache_write", "cost_usd"];
+    const csv = [cols.join(",")].concat(rows.map((r) => cols.map((c) => {
+      const v = String(r[c] ?? "");
+      return /[",\n]/.test(v) || /^[=+\-@]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v;
+    }).join(","))).join("\n");
+    const link = el("a", { href: URL.createObjectURL(new Blob([csv + "\n"], { type: "text/csv" })), download: `relay-usage-${today()}.csv`, id: "csv" }, "Download CSV");
+    root.append(el("h1", {}, "Usage"), el("p", { class: "muted" }, "Per key, model and day (UTC), from the store: every instance. ", link),
+      el("table", {}, el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c.replace(/_/g, " "))))),
+        el("tbody", {}, rows.slice().reverse().map((r) => el("tr", {}, cols.map((c) => el("td", {}, c === "cost_usd" ? usd(r[c]) : r[c])))))));
+    return null;
+  },
+};
+
+// ---- shell ---------------------------------------------------------------------------------------
+
+function showLogin(message) {
+  clearInterval(timer);
+  document.getElementById("page").hidden = true;
+  document.getElementById("nav").hidden = true;
+  document.getElementById("logout").hidden = true;
+  document.getElementById("login").hidden = false;
+  document.getElementById("login-error").textContent = message || "";
+}
+
+async function show() {
+  clearInterval(timer);
+  if (!sessionStorage.getItem(KEY)) return showLogin("");
+  const name = (location.hash || "#overview").slice(1);
+  const page = pages[name] ? name : "overview";
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
+  const root = document.getElementById("page");
+  try {
+    const status = await api("GET", "/admin/status");
+    const store = status.store;
+    document.getElementById("instance").textContent = store ? `store ${store.up ? "up" : "down"} · ${store.instances ?? 1} instance(s)` : "no store";
+  } catch (e) { if (e instanceof Refused) return; }
+  document.getElementById("login").hidden = true;
+  document.getElementById("nav").hidden = false;
+  document.getElementById("logout").hidden = false;
+  root.hidden = false;
+  root.replaceChildren();
+  root.dataset.page = page;
+  try {
+    const tick = await pages[page](root);
+    if (tick) timer = setInterval(() => tick().catch(() => {}), POLL_MS);
+  } catch (e) {
+    if (!(e instanceof Refused)) root.append(el("p", { class: "error" }, e.message));
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("login-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(KEY, document.getElementById("admin-key").value);
+    document.getElementById("admin-key").value = "";
+    show();
+  });
+  document.getElementById("logout").addEventListener("click", () => { sessionStorage.removeItem(KEY); showLogin(""); });
+  window.addEventListener("hashchange", show);
+  show();
+});

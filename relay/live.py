@@ -1,0 +1,141 @@
+"""What the console's overview shows live: the last hour in ten-second steps and the latest requests, in memory.
+
+Bounded whatever the traffic: ``STEPS`` slots of a few counters and one small TTFB histogram each, and a ring of
+``RECENT`` requests whose client-chosen strings are cut to ``printable`` length. About 150 KB at most, per process
+(with ``--workers N`` each worker keeps its own and the console shows the one that answered). Pure: the clock is
+passed in, so it is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.log import printable
+
+STEP = 10  # seconds per slot
+STEPS = 360  # one hour
+RECENT = 100  # requests kept for the table
+# TTFB histogram: bucket i holds values up to 1 ms * 1.25**i (so a quantile is good to 25 %), the last one the rest.
+TTFB_BOUNDS = tuple(0.001 * 1.25 ** i for i in range(48))
+
+
+@dataclass
+class _Slot:
+    index: int = -1  # which STEP-long span of time this slot holds now (epoch seconds // STEP)
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0
+    cost_micros: int = 0
+    streams: int = 0  # the most streams seen open during the span
+    ttfb: list[int] = field(default_factory=list)  # counts per TTFB_BOUNDS bucket; empty until one is seen
+
+    def reset(self, index: int) -> None:
+        self.index, self.requests, self.errors, self.tokens, self.cost_micros, self.streams = index, 0, 0, 0, 0, 0
+        self.ttfb = []
+
+
+def quantile_bucket(counts: list[int], q: float) -> int | None:
+    """Which bucket of a histogram holds its q-th value (None with no values). Shared with the console's
+    reading of the /metrics histograms."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank, running = math.ceil(q * total), 0
+    for i, count in enumerate(counts):
+        running += count
+        if running >= rank:
+            return i
+    return None
+
+
+def _quantile(counts: list[int], q: float) -> float | None:
+    """The upper bound of the bucket holding the q-th value, in ms (the last bound for the overflow bucket)."""
+    i = quantile_bucket(counts, q)
+    return None if i is None else round(TTFB_BOUNDS[min(i, len(TTFB_BOUNDS) - 1)] * 1000, 1)
+
+
+class Live:
+    def __init__(self) -> None:
+        self._slots = [_Slot() for _ in range(STEPS)]
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self._seq = 0
+
+    def _slot(self, now: float) -> _Slot:
+        index = int(now // STEP)
+        slot = self._slots[index % STEPS]
+        if slot.index != index:
+            slot.reset(index)
+        return slot
+
+    def streams(self, now: float, open_streams: int) -> None:
+        """A sample of the open-stream gauge (taken as requests end and as the console polls)."""
+        slot = self._slot(now)
+        slot.streams = max(slot.streams, open_streams)
+
+    def request_done(self, now: float, *, key: str, model: str, target: str, status: int, stream: bool | None,
+                     ttfb: float | None, duration: float, input_tokens: int | None, output_tokens: int | None,
+                     cost_micros: int) -> None:
+        """One answered request: ``now`` in epoch seconds, ``ttfb`` and ``duration`` in seconds. An error is any
+        answer that is not a 2xx (status 0: the client left before any answer)."""
+        slot = self._slot(now)
+        slot.requests += 1
+        if not 200 <= status < 300:
+            slot.errors += 1
+        tokens = (input_tokens or 0) + (output_tokens or 0)
+        slot.tokens += tokens
+        slot.cost_micros += cost_micros
+        if ttfb is not None:
+            if not slot.ttfb:
+                slot.ttfb = [0] * (len(TTFB_BOUNDS) + 1)
+            slot.ttfb[bisect_left(TTFB_BOUNDS, ttfb)] += 1
+        self._seq += 1
+        self.recent.append({
+            "seq": self._seq, "time": round(now, 3), "key": printable(key, 80), "model": printable(model),
+            "target": printable(target), "status": status, "stream": stream,
+            "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1), "duration_ms": round(duration * 1000, 1),
+            "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cost_usd": cost_micros / 1_000_000 if cost_micros else None})
+
+    def _minute(self, last: int, elapsed: float) -> dict[str, Any]:
+        """The headline figures: the last six slots (the one filling included), so a quiet second reads as the
+        minute's rate, not as zero."""
+        slots = [s for s in (self._slots[i % STEPS] for i in range(last - 5, last + 1)) if s.index > last - 6]
+        span = 5 * STEP + elapsed
+        requests = sum(s.requests for s in slots)
+        ttfb = [sum(counts) for counts in zip(*(s.ttfb for s in slots if s.ttfb))]
+        return {"requests_per_s": round(requests / span, 3), "tokens_per_s": round(sum(s.tokens for s in slots) / span, 2),
+                "error_rate": round(sum(s.errors for s in slots) / requests, 4) if requests else None,
+                "ttfb_p50_ms": _quantile(ttfb, 0.5), "ttfb_p99_ms": _quantile(ttfb, 0.99)}
+
+    def snapshot(self, now: float, after: int = 0) -> dict[str, Any]:
+        """The hour's series, oldest first (per-second rates; the last slot is the one still filling, its rates
+        over the seconds it has had), the last minute's figures, and the requests newer than sequence ``after``."""
+        last = int(now // STEP)
+        elapsed = max(1.0, now - last * STEP)
+        rps: list[float] = []
+        err: list[float | None] = []
+        tps: list[float] = []
+        cost: list[float] = []
+        streams: list[int] = []
+        p50: list[float | None] = []
+        p99: list[float | None] = []
+        for index in range(last - STEPS + 1, last + 1):
+            slot = self._slots[index % STEPS]
+            span = elapsed if index == last else STEP
+            if slot.index != index:
+                slot = _Slot()
+            rps.append(round(slot.requests / span, 3))
+            err.append(round(slot.errors / slot.requests, 4) if slot.requests else None)
+            tps.append(round(slot.tokens / span, 2))
+            cost.append(slot.cost_micros / 1_000_000)
+            streams.append(slot.streams)
+            p50.append(_quantile(slot.ttfb, 0.5))
+            p99.append(_quantile(slot.ttfb, 0.99))
+        return {"now": round(now, 3), "step": STEP, "seq": self._seq, "last_minute": self._minute(last, elapsed),
+                "series": {"requests_per_s": rps, "error_rate": err, "tokens_per_s": tps, "cost_usd": cost,
+                           "streams_open": streams, "ttfb_p50_ms": p50, "ttfb_p99_ms": p99},
+                "recent": [r for r in self.recent if r["seq"] > after]}

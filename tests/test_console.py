@@ -1,0 +1,233 @@
+"""The console (/ui) in a real headless Chromium against a real relay and mock upstream: log in, watch a request
+appear by itself, create a key and use it with the anthropic SDK, revoke it; model names shown as text; nothing
+from another origin; no console errors. Then its headers and its admin routes over plain HTTP, and the live
+series' arithmetic."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+import trio
+
+from relay.live import RECENT, STEP, STEPS, Live
+from tests.browser import browser_page
+from tests.conftest import RELAY_KEY, relay_config, start_relay
+from tests.mock_upstream import MockUpstream, completion, text_stream
+from tests.test_gateway import ADMIN, ask, call, gateway_config, run
+
+def answers_ok(recorded: Any) -> Any:
+    """The mock upstream's "ok", as a stream or in one piece, as asked."""
+    if recorded.json.get("stream"):
+        return text_stream("ok", usage=(10, 5))
+    return completion({"role": "assistant", "content": "ok"})
+
+
+HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+
+
+def login(page: Any, url: str, key: str = ADMIN) -> None:
+    page.goto(url + "/ui")
+    page.fill("#admin-key", key)
+    page.click("#login-form button")
+
+
+def browse_overview_and_keys(url: str) -> None:
+    with browser_page(url) as (page, watch):
+        # a wrong key is refused and the login stays; a client key too (the admin API refuses it)
+        login(page, url, "not-a-key")
+        page.wait_for_selector("#login-error:has-text('admin key')")
+        login(page, url, RELAY_KEY)
+        page.wait_for_selector("#login-error:has-text('client key cannot')")
+        assert page.evaluate("sessionStorage.getItem('relay-admin-key')") is None
+        watch.errors.clear()  # the refused fetches above are logged by the browser as failed loads
+        login(page, url)
+        page.wait_for_selector("#page[data-page=overview] #cards .card")
+        assert page.evaluate("document.cookie") == ""
+        # a request made elsewhere appears on the overview by itself (no reload, no click)
+        assert ask(url, RELAY_KEY) == "ok"
+        row = page.wait_for_selector("#recent tr:has-text('mock/mock-model')", timeout=10_000)
+        cells = [c.inner_text() for c in row.query_selector_all("td")]
+        assert cells[1] == "key1" and cells[2] == "mock-model" and cells[4] == "200", cells
+        assert cells[7] == "10 / 5" and cells[8] == "$0.0200", cells
+        page.wait_for_selector("[data-metric='spend today']:text-is('$0.0200')", timeout=15_000)
+        # a hostile model name is text: shown as sent, nothing of it runs or becomes an element
+        assert ask(url, RELAY_KEY, HOSTILE) == "ok"
+        cell = page.wait_for_selector("#recent td:has-text('window.pwned')", timeout=10_000)
+        assert cell.inner_text() == HOSTILE
+        assert page.evaluate("window.pwned") is None
+        assert page.evaluate("document.querySelectorAll('#recent script, #recent img').length") == 0
+        # the Keys page: create (secret shown once), use it with the SDK, set a limit, revoke
+        page.click("nav a[data-page=keys]")
+        page.fill("#create-key input[name=name]", "alice")
+        page.fill("#create-key input[name=rpm]", "30")
+        page.fill("#create-key input[name=budget]", "1")
+        page.click("#create-key button[type=submit]")
+        secret = page.wait_for_selector("#new-secret").inner_text()
+        assert re.fullmatch(r"rk-[A-Za-z0-9_-]{40,}", secret), secret
+        row = page.wait_for_selector("#keys tr[data-key=alice]")
+        assert "active" in row.inner_text() and "30" in row.inner_text() and secret not in row.inner_text()
+        assert ask(url, secret) == "ok"
+        page.click("#keys tr[data-key=alice] button:has-text('Limits')")
+        limits = page.locator("#keys tr[data-key=alice] + tr form")
+        limits.locator("input[name=rpm]").fill("7")
+        limits.locator("button[type=submit]").click()
+        page.wait_for_selector("#keys tr[data-key=alice] td:nth-child(5):text-is('7')")
+        page.reload()  # the secret is not shown again, anywhere
+        page.wait_for_selector("#keys tr[data-key=alice]")
+        assert secret not in page.content()
+        assert "$0.0200 of $1.00 / month" in page.inner_text("#keys tr[data-key=alice]")
+        page.click("[data-revoke=alice]")
+        page.wait_for_selector("#keys tr[data-key=alice] .pill.revoked")
+        # the overview shows the new key's request too
+        page.click("nav a[data-page=overview]")
+        page.wait_for_selector("#recent td:text-is('alice')", timeout=10_000)
+        watch.clean()
+    # revoked: refused within a second (the store's refresh is 50 ms here)
+    for _ in range(50):
+        try:
+            ask(url, secret)
+        except anthropic.AuthenticationError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a revoked key still works")
+
+
+async def test_console_overview_live_and_keys_in_a_browser(nursery: trio.Nursery, upstream: MockUpstream,
+                                                            tmp_path: Path) -> None:
+    upstream.handler = lambda r: text_stream("ok", usage=(10, 5))
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    await run(browse_overview_and_keys, relay.url)
+
+
+def browse_providers_routes_usage(url: str) -> None:
+    with browser_page(url) as (page, watch):
+        login(page, url)
+        page.wait_for_selector("#page[data-page=overview]")
+        page.click("nav a[data-page=providers]")
+        page.wait_for_selector("#page[data-page=providers] h2:has-text('mock')")
+        text = page.inner_text("#page")
+        assert "circuit closed" in text and "1 key(s), 0 cooling down" in text and "mock-model" in text
+        assert "sk-upstream" not in page.content()  # upstream keys are counted, never shown
+        page.click("[data-try='mock/mock-model']")  # a tiny request straight to the upstream: its answer and latency
+        page.wait_for_selector(".try-result.ok:has-text('ok')")
+        assert re.search(r"\d ms: ok$", page.inner_text(".try-result.ok")), page.inner_text(".try-result.ok")
+        page.click("nav a[data-page=routes]")
+        page.fill("#resolve input", "alias-model")
+        page.click("#resolve button")
+        page.wait_for_selector("#resolved td:has-text('mock/aliased-upstream-model')")
+        assert "mock/small-model" in page.inner_text("#page")  # the haiku tier
+        page.click("nav a[data-page=usage]")
+        page.wait_for_selector("#page[data-page=usage] #csv")
+        with page.expect_download() as download:
+            page.click("#csv")
+        csv = Path(download.value.path()).read_text()
+        assert csv.startswith("day,key,model,requests,") and ",key1,mock-model,1,0,10,5," in csv, csv
+        watch.clean()
+
+
+async def test_console_providers_routes_usage_in_a_browser(nursery: trio.Nursery, upstream: MockUpstream,
+                                                           tmp_path: Path) -> None:
+    upstream.handler = answers_ok
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    assert await run(ask, relay.url, RELAY_KEY) == "ok"
+    await relay.server.flush_usage()
+    await run(browse_providers_routes_usage, relay.url)
+
+
+async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
+    upstream.handler = answers_ok
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    url = relay.url
+    import http.client
+    from urllib.parse import urlsplit
+
+    def get(path: str, key: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+        conn.request("GET", path, headers={"x-api-key": key} if key else {})
+        answer = conn.getresponse()
+        out = answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+        conn.close()
+        return out
+
+    for path, kind in (("/ui", "text/html"), ("/ui/", "text/html"), ("/ui/app.js", "text/javascript"),
+                       ("/ui/style.css", "text/css")):
+        status, headers, body = await run(get, path)
+        assert status == 200 and headers["content-type"].startswith(kind), (path, status)
+        csp = headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert headers["x-content-type-options"] == "nosniff" and "set-cookie" not in headers
+    status, _, body = await run(get, "/ui")
+    assert b"<script>" not in body and b" style=" not in body and b"http" not in body.replace(b"http-equiv", b"")
+    head = await run(call, url, "HEAD", "/ui")
+    assert head.status_code == 200 and head.text == ""
+    posted = await run(call, url, "POST", "/ui", "", {"x": "y" * 1000})  # refused on its head, no key asked
+    assert posted.status_code == 405
+    for path in ("/ui/../config.py", "/ui/%2e%2e/__init__.py", "/ui/__init__.py", "/ui/nope.js"):
+        assert (await run(get, path))[0] == 404, path
+    # the console's admin routes: admin key only
+    assert (await run(get, "/admin/live", RELAY_KEY))[0] == 403
+    assert (await run(get, "/admin/live"))[0] == 401
+    assert (await run(call, url, "POST", "/admin/live", ADMIN, {})).status_code == 405
+    assert await run(ask, url, RELAY_KEY) == "ok"
+    live = (await run(call, url, "GET", "/admin/live")).json()
+    assert len(live["series"]["requests_per_s"]) == STEPS and live["step"] == STEP
+    [seen] = live["recent"]
+    assert (seen["key"], seen["model"], seen["target"], seen["status"], seen["input_tokens"]) == \
+        ("key1", "mock-model", "mock/mock-model", 200, 10)
+    assert (await run(call, url, "GET", f"/admin/live?after={live['seq']}")).json()["recent"] == []
+    assert (await run(call, url, "GET", "/admin/live?after=x")).status_code == 400
+    providers = (await run(call, url, "GET", "/admin/providers")).json()["data"]
+    assert providers[0]["name"] == "mock" and providers[0]["health"]["circuit"] == "closed"
+    assert "sk-" not in (await run(call, url, "GET", "/admin/providers")).text
+    tried = (await run(call, url, "POST", "/admin/try", ADMIN, {"target": "mock/mock-model"})).json()
+    assert tried["ok"] and tried["text"] == "ok" and tried["ms"] > 0
+    assert (await run(call, url, "POST", "/admin/try", ADMIN, {"target": "nope/x"})).status_code == 400
+    assert (await run(call, url, "POST", "/admin/try", RELAY_KEY, {"target": "mock/mock-model"})).status_code == 403
+    resolved = (await run(call, url, "GET", "/admin/resolve?model=alias-model")).json()
+    assert resolved["targets"][0]["target"] == "mock/aliased-upstream-model"
+    # no admin keys: no admin API and no console
+    bare = await start_relay(nursery, relay_config(upstream.base_url))
+    assert (await run(call, bare.url, "GET", "/ui")).status_code == 404
+    assert (await run(call, bare.url, "GET", "/admin/live")).status_code == 404
+
+
+def test_live_series_and_bounds() -> None:
+    live = Live()
+    t0 = 1_000_000.0  # a multiple of STEP
+    for i in range(RECENT + 50):
+        live.request_done(t0 + 1, key="k", model="m" * 500, target="p/m", status=200 if i % 4 else 500, stream=True,
+                          ttfb=0.1, duration=0.2, input_tokens=3, output_tokens=2, cost_micros=10)
+    live.streams(t0 + 2, 4)
+    snap = live.snapshot(t0 + 5)
+    s = snap["series"]
+    assert len(snap["recent"]) == RECENT and snap["recent"][0]["seq"] == 51  # bounded: the oldest went
+    assert len(snap["recent"][0]["model"]) <= 201
+    assert s["requests_per_s"][-1] == pytest.approx(150 / 5) and s["tokens_per_s"][-1] == pytest.approx(750 / 5)
+    assert s["error_rate"][-1] == pytest.approx(38 / 150, abs=1e-3) and s["streams_open"][-1] == 4
+    assert s["cost_usd"][-1] == pytest.approx(0.0015)
+    assert 100 <= s["ttfb_p50_ms"][-1] <= 125 and s["ttfb_p50_ms"][-2] is None
+    for _ in range(3):  # slow ones in the step before: 2 % of the minute, so they are its p99
+        live.request_done(t0 - STEP + 1, key="k", model="m", target="p/m", status=200, stream=False, ttfb=2.0,
+                          duration=2.0, input_tokens=10, output_tokens=0, cost_micros=0)
+    minute = live.snapshot(t0 + 5)["last_minute"]
+    assert minute["requests_per_s"] == pytest.approx(153 / 55, abs=1e-3)
+    assert minute["error_rate"] == pytest.approx(38 / 153, abs=1e-3)
+    assert 100 <= minute["ttfb_p50_ms"] <= 125 and 2000 <= minute["ttfb_p99_ms"] <= 2500
+    assert live.snapshot(t0 + 5 + 6 * STEP)["last_minute"]["requests_per_s"] == 0  # a minute on: nothing
+    # an hour on, the slot is reused and the old counts are gone
+    later = live.snapshot(t0 + STEP * STEPS + 1)["series"]
+    assert sum(later["requests_per_s"]) == 0 and later["ttfb_p99_ms"][-1] is None
+    assert live.snapshot(t0 + 5, after=153)["recent"] == []
+
+
+def test_provider_urls_are_shown_without_secrets() -> None:
+    from relay.console import _shown_url
+
+    assert _shown_url("https://user:pw@llm.internal:8443/v1?key=abc") == "https://llm.internal:8443/v1"
+    assert _shown_url("http://[::1]:8080/v1") == "http://[::1]:8080/v1"
