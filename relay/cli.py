@@ -52,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "pointing at relay, starting a relay for the session when none listens on the configured port. "
                     "It sets the compaction variables from the main model's window and warns when that window is too "
                     "small for Claude Code.",
-        epilog="Everything after relay's own -c goes to claude; claude's own -c/--continue and --help go after --: "
+        epilog="Everything after relay's own -c and --port goes to claude; claude's own -c/--continue and --help go after --: "
                "`relay claude -- --help` shows Claude Code's help.")
     _add_config(claude)
-    claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c comes first)")
+    claude.add_argument("--port", type=int, help="the relay's port, when it was started with --port (default from "
+                                                 "config, else 8787)")
+    claude.add_argument("args", nargs="*", help="arguments for claude (relay's own -c and --port come first)")
     usage = sub.add_parser("usage", help="per key and model: requests served and refused, tokens, cost")
     _add_config(usage)
     usage.add_argument("--db", action="append",
@@ -73,16 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["claude"]:  # everything after relay's own -c goes to claude untouched
+    if argv[:1] == ["claude"]:  # everything after relay's own leading -c / --port goes to claude untouched
         rest = argv[1:]
         if rest[:1] in (["-h"], ["--help"]):  # relay's own help; Claude Code's is `relay claude -- --help`
             build_parser().parse_args(["claude", "--help"])
-        config_path = None
-        if rest[:1] in (["-c"], ["--config"]) and len(rest) > 1:
-            config_path, rest = rest[1], rest[2:]
+        own: list[str] = []
+        while rest[:1] in (["-c"], ["--config"], ["--port"]) and len(rest) > 1:
+            own, rest = own + rest[:2], rest[2:]
         if rest[:1] == ["--"]:
             rest = rest[1:]
-        argv = ["claude"] + (["-c", config_path] if config_path else []) + ["--", *rest]
+        argv = ["claude", *own, "--", *rest]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "claude":
         from relay.launcher import run_claude
 
-        return run_claude(config, args.config or os.environ.get("RELAY_CONFIG"), args.args)
+        return run_claude(config, args.config or os.environ.get("RELAY_CONFIG"), args.args, args.port)
     config_path = args.config or os.environ.get("RELAY_CONFIG")
     if args.workers > 1:
         from relay.workers import supervise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -28,6 +29,7 @@ fit_log = logging.getLogger("relay.server")
 
 Fetch = Callable[[Provider, str, "bytes | None"], Awaitable[Any]]  # (provider, url, POST body) -> JSON or None
 
+WINDOWS_KEPT = 1024  # discovered windows kept; past it the oldest go (asked again when needed)
 MIN_OUTPUT = 1024  # below this a reply is not worth asking for: compacting is the better answer
 
 
@@ -56,6 +58,32 @@ def fit_reason(estimate: int, requested: int, fitted: int, window: int | None, m
     if window and fitted == window - estimate:
         reasons.append(f"the room left in the {window}-token window beside ~{estimate} input tokens")
     return " and ".join(reasons) or "the limits"
+
+
+Probe = tuple[str, str, bytes | None]  # (kind for window_from_server, URL, POST body or None for a GET)
+
+
+def server_probes(base_url: str) -> list[Probe]:
+    """What a local server says about itself with no model name in it: asked once per provider."""
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return [("models", base_url + "/models", None), ("props", root + "/props", None)]
+
+
+def model_probes(base_url: str, model: str) -> list[Probe]:
+    """What a server says about one model (LM Studio, Ollama). The name is one encoded path segment, never a path
+    (issue 19: ``../../internal?a=1`` must not reach another endpoint with the provider's key); names no encoding
+    keeps inside its segment (empty, ``.``, ``..``) are not asked about at all."""
+    if model.strip(".") == "":
+        return []
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return [("lmstudio", root + "/api/v0/models/" + quote(model, safe=""), None),
+            ("ollama", root + "/api/show", orjson.dumps({"model": model}))]
+
+
+def listed_ids(doc: Any) -> frozenset[str]:
+    """The model ids of an OpenAI-style ``/models`` listing."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return frozenset(e["id"] for e in data or () if isinstance(e, dict) and isinstance(e.get("id"), str))
 
 
 def window_from_server(kind: str, doc: Any, model: str) -> int | None:
@@ -98,25 +126,17 @@ def window_from_server(kind: str, doc: Any, model: str) -> int | None:
     return None
 
 
-def _probes(provider: Provider, model: str) -> list[tuple[str, str, bytes | None]]:
-    """Where each kind of local server describes itself: vLLM, llama.cpp, LM Studio, Ollama."""
-    base = provider.base_url
-    root = base[: -len("/v1")] if base.endswith("/v1") else base
-    return [
-        ("models", base + "/models", None),
-        ("props", root + "/props", None),
-        ("lmstudio", root + "/api/v0/models/" + model, None),
-        ("ollama", root + "/api/show", orjson.dumps({"model": model})),
-    ]
-
-
 class Limits:
     """The window and output cap of every model relay serves: configured, else learned (a local server's
     window, asked once; an output cap an upstream stated in a refusal). Learned figures last for the process."""
 
-    def __init__(self, fetch: Fetch) -> None:
+    def __init__(self, fetch: Fetch, named: frozenset[tuple[str, str]] = frozenset()) -> None:
+        """``named``: the (provider, model) pairs the config writes down (routing.named_targets), the only names
+        besides those a server lists that relay asks a server about."""
         self._fetch = fetch
-        self._found: dict[tuple[str, str], int | None] = {}
+        self._named = named
+        self._found: dict[tuple[str, str], int | None] = {}  # per named or listed model, bounded (WINDOWS_KEPT)
+        self._described: dict[str, dict[str, Any]] = {}  # provider -> kind -> its answer to server_probes
         self._output_caps: dict[tuple[str, str], int] = {}  # what upstreams said when they refused max_tokens
 
     def window(self, provider: Provider, model: str) -> int | None:
@@ -131,15 +151,27 @@ class Limits:
         return window
 
     async def _discover(self, provider: Provider, model: str) -> int | None:
-        """Ask a local server how large its context is, once per model; the answer (or its absence) is kept."""
+        """Ask a local server how large its context is. Its name-free self-description (``/models``, ``/props``) is
+        asked once per provider; a model is asked about by name only when the config names it or the server lists
+        it, once, and the answer (or its absence) kept, in a bounded table. Any other name a client sends costs no
+        request and no entry (issue 19): it gets what the name-free answers say."""
         key = (provider.name, model)
         if key in self._found:
             return self._found[key]
+        described = self._described.setdefault(provider.name, {})
         window = None
-        for kind, url, body in _probes(provider, model):
-            window = window_from_server(kind, await self._fetch(provider, url, body), model)
-            if window:
+        for kind, url, body in server_probes(provider.base_url):
+            if kind not in described:
+                described[kind] = await self._fetch(provider, url, body)
+            if window := window_from_server(kind, described[kind], model):
                 break
+        if key not in self._named and model not in listed_ids(described.get("models")):
+            return window
+        for kind, url, body in () if window else model_probes(provider.base_url, model):
+            if window := window_from_server(kind, await self._fetch(provider, url, body), model):
+                break
+        if len(self._found) >= WINDOWS_KEPT:
+            del self._found[next(iter(self._found))]
         self._found[key] = window
         if window is None:  # once per model: the answer (none) is kept like a found one
             log.warning("%s/%s: could not learn the context window from %s (asked /models, /props, /api/v0/models, "

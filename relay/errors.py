@@ -205,10 +205,12 @@ def empty_stream(provider: str) -> RelayError:
     return err
 
 
-def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, max_tokens: int | None) -> RelayError:
+def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, max_tokens: int | None,
+                          local: bool = False) -> RelayError:
     """An upstream's context-overflow error in Anthropic's own words, which Claude Code parses to compact or to
     lower max_tokens; the upstream's words go to the log. An empty answer to a prompt near the known window is an
-    overflow too (answered as prompt-too-long: retrying it, or lowering max_tokens, would fail the same way)."""
+    overflow too (answered as prompt-too-long: retrying it, or lowering max_tokens, would fail the same way).
+    ``local``: a server relay asks for its window (discover_context) and could not learn it."""
     log = logging.getLogger("relay.overflow")
     if err.overflow is None and err.empty:
         if window and estimate >= window * EMPTY_NEAR_WINDOW:
@@ -218,10 +220,17 @@ def as_anthropic_overflow(err: RelayError, estimate: int, window: int | None, ma
             out.overflow = Overflow(None, window)
             return out
         if not window:
+            # From a local server (whose window relay asked for and did not learn) an empty 200 is its overflow
+            # and every retry gets the same: a 400, which Claude Code shows at once and stops on, not a 5xx it
+            # retries for minutes (measured with 2.1.331: 403 reads "Failed to authenticate", 404 blames the
+            # model, 413 has a canned text, 409 is retried; 400 and 422 show ours). Elsewhere it may be a glitch
+            # a retry gets past: a 502.
             hint = (" (servers such as llama-cpp-python's do this when the prompt does not fit their context window; "
                     "relay knows no window for this model: set context_window, or RELAY_CONTEXT_WINDOW without a "
-                    "config file, and relay answers such requests as too long)")
-            out = RelayError(err.status, err.message + hint, err.error_type, err.headers)
+                    "config file, and relay answers such requests as too long"
+                    + ("; retrying gets the same answer)" if local else ")"))
+            out = (RelayError(400, err.message + hint, "invalid_request_error") if local
+                   else RelayError(err.status, err.message + hint, err.error_type, err.headers))
             out.empty = True
             return out
     if err.overflow is None:

@@ -104,22 +104,26 @@ def listening(host: str, port: int) -> bool:
         return False
 
 
-def run_claude(config: Config, config_path: str | None, args: list[str]) -> int:
+def run_claude(config: Config, config_path: str | None, args: list[str], port: int | None = None) -> int:
     claude = shutil.which("claude")
     if claude is None:
         print("relay: the `claude` command is not on PATH (npm install -g @anthropic-ai/claude-code)", file=sys.stderr)
         return 127
-    env = {**os.environ, **client_env(config)}
+    env = {**os.environ, **client_env(config, port=port)}
     url = env["ANTHROPIC_BASE_URL"].removeprefix("http://")
-    host, _, port = url.rpartition(":")
+    host, _, listen = url.rpartition(":")
     started: subprocess.Popen[bytes] | None = None
-    if not listening(host, int(port)):
-        cmd = [sys.executable, "-m", "relay", "serve", "--log-level", "warning"]
+    if not listening(host, int(listen)):
+        # Said, because a relay already running elsewhere (`make run ARGS="--port 9000"`, another terminal's
+        # variables) is easy to miss: this one serves from what this shell has.
+        print(f"relay: nothing listens on {host}:{listen}; starting a relay for this session from {config.source} "
+              "(a relay started on another port: relay claude --port N)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "relay", "serve", "--log-level", "warning", "--port", listen]
         if config_path:
             cmd += ["-c", config_path]
         started = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
-        while not listening(host, int(port)):
+        while not listening(host, int(listen)):
             if started.poll() is not None or time.monotonic() > deadline:
                 print("relay: could not start a relay for this session", file=sys.stderr)
                 started.kill()

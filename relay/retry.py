@@ -59,11 +59,11 @@ def next_step(error: RelayError, attempt: int, provider: Provider, health: Provi
     empty answer is tried elsewhere but not again here. Waits
     back off exponentially with jitter unless the upstream said Retry-After; a wait longer than the provider's
     max_retry_wait, or retries used up, falls back to the next target (``last``: there is none, so raise)."""
+    if error.empty:  # a 200 with nothing in it (a 400 or 502 by then): the same request gets the same empty
+        return EXHAUSTED if last else FALL_BACK  # answer, so no retry here, but another target may serve it
     rotated = error.status in KEY_REFUSED and health.has_fresh_key(now)
     if error.status not in RETRYABLE and not rotated:
         return RAISE
-    if error.empty:  # a 200 with nothing in it: the same request gets the same empty answer, so no retry here
-        return EXHAUSTED if last else FALL_BACK
     after = retry_after(error)
     wait = 0.0 if rotated else min(after if after is not None else 0.25 * 2 ** attempt * jitter(0.5, 1.0), 1e9)
     if attempt <= provider.retries and wait <= provider.max_retry_wait:

@@ -97,6 +97,16 @@ def configured_names(config: Config) -> set[str]:
     return names
 
 
+def named_targets(config: Config) -> frozenset[tuple[str, str]]:
+    """Every (provider, upstream model) the config writes down: listed models, per-model limits, alias and route
+    targets (with no config file, RELAY_DEFAULT_MODEL). Only these are worth asking a server about by name."""
+    named = {(p.name, m) for p in config.providers.values() for m in (*p.models, *p.limits)}
+    for spec in (s for specs in (*config.models.values(), *config.routes.values()) for s in specs):
+        provider, _, model = spec.partition("/")
+        named.add((provider, model))
+    return frozenset(named)
+
+
 MODEL_TAG = re.compile(r"^\s*<relay-model>\s*([^<\s]+)\s*</relay-model>\s*")
 
 

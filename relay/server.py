@@ -61,7 +61,7 @@ class Server:
         self.healths = Healths()
         self.sessions = Sessions(config.server.affinity_sessions)
         self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
-        self.known = Limits(self.upstreams.get_json)
+        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
         self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
@@ -134,7 +134,7 @@ class Server:
         self.upstreams = Upstreams(config)
         self.healths = Healths()
         self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
-        self.known = Limits(self.upstreams.get_json)
+        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)

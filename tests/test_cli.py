@@ -137,6 +137,29 @@ def test_relay_claude_starts_a_relay_and_runs_claude(tmp_path: Path) -> None:
     assert out.stdout.split() == [f"http://127.0.0.1:{port}", RELAY_KEY, "-p", "hello", "100000", "200"]
 
 
+def test_relay_claude_port_finds_or_starts_a_relay_there_with_no_config(tmp_path: Path) -> None:
+    """README: `make run ARGS="--port 9000"`, then `relay claude --port 9000`; with no config file relay claude once
+    looked only at 8787 (and started a second relay there)."""
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fake = tmp_path / "bin" / "claude"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport os, sys, urllib.request\n"
+                    "print(os.environ['ANTHROPIC_BASE_URL'], *sys.argv[1:])\n"
+                    "print(urllib.request.urlopen(os.environ['ANTHROPIC_BASE_URL'] + '/health').status)\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "RELAY_", "OPENAI_"))}
+    env.update(PATH=f"{fake.parent}:{os.environ['PATH']}", OPENAI_BASE_URL="http://127.0.0.1:1/v1")
+    out = run_cli("claude", "--port", str(port), "-p", "hello", "--port", "x", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"http://127.0.0.1:{port}", "-p", "hello", "--port", "x", "200"]
+    # it started one (nothing listened there) and said from what
+    assert f"nothing listens on 127.0.0.1:{port}" in out.stderr and "OPENAI_API_KEY NOT SET" in out.stderr
+
+
 def test_refuses_open_relay_on_public_address(tmp_path: Path) -> None:
     cfg = tmp_path / "relay.toml"
     cfg.write_text('[providers.p]\nbase_url = "http://127.0.0.1:1/v1"\n')

@@ -136,8 +136,9 @@ async def test_a_streamed_overflow_is_answered_as_prompt_too_long(nursery: trio.
 
 async def test_a_streamed_overflow_with_no_known_window_says_what_to_set(
         nursery: trio.Nursery, llama_server: LlamaServer, caplog: pytest.LogCaptureFixture) -> None:
-    """Without a window relay cannot tell an overflow from a broken server: a 502 that says what to set, and no
-    retry of a request the server will answer the same empty way."""
+    """Without a window relay cannot tell an overflow from a broken server: a 400 (which Claude Code shows and does
+    not retry, tests/e2e/test_first_hour.py) that says what to set, and no retry of a request the server will answer
+    the same empty way."""
     relay = await start_relay(nursery, config(llama_server, window=False))
     caplog.set_level(logging.INFO, logger="relay")
     client = anthropic.Anthropic(base_url=relay.url, api_key=RELAY_KEY, max_retries=0)
@@ -146,9 +147,9 @@ async def test_a_streamed_overflow_with_no_known_window_says_what_to_set(
         with client.messages.stream(model="m", max_tokens=16, messages=OVERSIZED) as s:
             s.get_final_message()
 
-    with pytest.raises(anthropic.InternalServerError) as info:
+    with pytest.raises(anthropic.BadRequestError) as info:
         await trio.to_thread.run_sync(call)
-    assert info.value.status_code == 502
+    assert info.value.status_code == 400 and info.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "set context_window" in str(info.value) and "ended without any data" in str(info.value)
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
     warned = [r for r in caplog.records if "could not learn the context window" in r.getMessage()]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from relay.config import Provider
-from relay.errors import RelayError, empty_stream
+from relay.errors import RelayError, as_anthropic_overflow, empty_stream
 from relay.health import ProviderHealth
 from relay.retry import EXHAUSTED, FALL_BACK, RAISE, RETRYABLE, Retry, next_step, retry_after
 
@@ -53,6 +53,13 @@ def test_a_refused_key_is_retried_at_once_while_another_key_is_fresh() -> None:
 def test_an_empty_stream_is_tried_elsewhere_not_again() -> None:
     assert next_step(empty_stream("p/m"), 1, P, ProviderHealth(()), 0.0) is FALL_BACK
     assert next_step(empty_stream("p/m"), 1, P, ProviderHealth(()), 0.0, last=True) is EXHAUSTED
+    # from a local server with no window known it is answered as a 400 (which Claude Code does not retry), still
+    # tried elsewhere; from any other upstream it stays a 502
+    assert as_anthropic_overflow(empty_stream("p/m"), 20000, None, None).status == 502
+    answered = as_anthropic_overflow(empty_stream("p/m"), 20000, None, None, local=True)
+    assert answered.status == 400 and "set context_window" in answered.message
+    assert next_step(answered, 1, P, ProviderHealth(()), 0.0) is FALL_BACK
+    assert next_step(answered, 1, P, ProviderHealth(()), 0.0, last=True) is EXHAUSTED
 
 
 def test_no_retries_configured_falls_back_at_once() -> None:

@@ -460,3 +460,71 @@ async def test_a_pipelined_folded_request_is_refused(relay, upstream: MockUpstre
     await stream.send_all(good + folded)
     answer = await read_answer(stream)
     assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in answer and len(upstream.requests) == 1
+
+
+def window_probing_upstream(upstream: MockUpstream) -> None:
+    """A local server (LM Studio's shape) that lists one model and describes it by name; chat answers `ok`."""
+    def handle(r):  # type: ignore[no-untyped-def]
+        if r.path == "/v1/models":
+            return json_reply({"object": "list", "data": [{"id": "listed-model", "object": "model"}]})
+        if r.path == "/api/v0/models/org%2Fnamed%20model":
+            return json_reply({"id": "org/named model", "max_context_length": 40960})
+        if r.path.startswith("/v1/chat/completions"):
+            return OK
+        return json_reply({"error": {"message": "not found"}}, 404)
+    upstream.handler = handle
+
+
+async def test_window_discovery_sends_no_client_chosen_path_and_keeps_no_entry_per_name(
+        nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    """Issue 19 item 7: a model name once became the probe URL's path, sent with the provider's key, and every new
+    name cost four probes and a cache entry forever."""
+    window_probing_upstream(upstream)
+    relay = await start_relay(nursery, f"""
+[server]
+api_keys = ["{RELAY_KEY}"]
+[providers.loc]
+preset = "lmstudio"
+base_url = "{upstream.base_url}"
+api_key = "{UPSTREAM_KEY}"
+auth = "bearer"
+[routes]
+default = "loc/org/named model"
+""")
+    attacks = ["loc/../../internal?a=1", "loc/..", "loc/%2e%2e/%2e%2e/internal", "loc/a#frag", "loc/x/../../../etc",
+               *(f"loc/junk-{i}" for i in range(40))]
+    for name in [*attacks, "loc/listed-model", "claude-sonnet-4-5", "loc/listed-model"]:
+        status, _, _ = split(await exchange(relay.port, post("/v1/messages", messages_body(name), key=RELAY_KEY)))
+        assert status == 200, name
+    paths = [r.path for r in upstream.requests if not r.path.startswith("/v1/chat/completions")]
+    # the name-free description once, then one model named by the config and one the server lists, each once
+    assert sorted(paths) == sorted(["/v1/models", "/props", "/api/v0/models/org%2Fnamed%20model",
+                                    "/api/v0/models/listed-model", "/api/show"]), paths
+    shows = [r.json["model"] for r in upstream.requests if r.path == "/api/show"]
+    assert shows == ["listed-model"]  # the named model was found on LM Studio's path; ollama's is a body, not a path
+    assert not [p for p in paths if "internal" in p or ".." in p or "etc" in p or "junk" in p]
+    for r in upstream.requests:
+        if "/api/" in r.path or r.path in ("/v1/models", "/props"):
+            assert r.headers.get("authorization") == f"Bearer {UPSTREAM_KEY}"  # the key went only to these
+    kept = relay.server.known._found
+    assert set(kept) == {("loc", "org/named model"), ("loc", "listed-model")}, kept
+    assert kept[("loc", "org/named model")] == 40960
+
+
+def test_the_discovered_windows_table_is_bounded() -> None:
+    from relay.config import Config, Provider
+    from relay.context import WINDOWS_KEPT, Limits
+    from relay.routing import named_targets
+
+    provider = Provider("loc", "http://127.0.0.1:9/v1", models=tuple(f"m{i}" for i in range(WINDOWS_KEPT + 50)),
+                        discover_context=True)
+    asked: list[str] = []
+
+    async def fetch(provider: Provider, url: str, body: bytes | None) -> None:
+        asked.append(url)
+
+    limits = Limits(fetch, named_targets(Config(providers={"loc": provider})))
+    for model in provider.models:
+        trio.run(limits.window_of, provider, model)
+    assert len(limits._found) == WINDOWS_KEPT
+    assert asked.count("http://127.0.0.1:9/v1/models") == 1  # the name-free description: once per provider

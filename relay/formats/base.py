@@ -65,7 +65,8 @@ class Options:
 
     def overflow(self, error: RelayError) -> RelayError:
         """Put an upstream's context-overflow error in Anthropic's words (other errors pass unchanged)."""
-        return as_anthropic_overflow(error, self.input_tokens_hint, self.context_window, self.max_tokens)
+        return as_anthropic_overflow(error, self.input_tokens_hint, self.context_window, self.max_tokens,
+                                     local=self.provider.discover_context)
 
 
 def ended_early(provider: str, missing: str) -> RelayError:
