@@ -120,7 +120,8 @@ async def test_the_quickstart_local_line_completes_under_claude_code(claude: Cla
     assert served and all(status == "200" for status, _, _ in served), text  # every answer relay gave was a 200
     assert served[0][1] == CLAUDE_CODE_MODELS[0]
     if result.get("is_error"):  # only ever the model's own long-windedness, never an error relay answered with
-        assert all(int(out) >= BABBLE_CAP * 0.9 for _, _, out in served), run.debug()  # each answer reached the cap
+        # (not judged by the access line's out=: with no usage from the server that is relay's estimate from the
+        # streamed text, 26 for 48 real tokens of this babble, measured in a full run)
         continued = [b for b in run.blocks("text") if str(b.get("text", "")).startswith("Output token limit hit")]
         assert len(continued) == OUTPUT_LIMIT_RETRIES == len(served) - 1, run.debug()
         # Claude Code's own words for four answers cut at max_tokens (it names the max_tokens it asked for)
