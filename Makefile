@@ -31,26 +31,25 @@ test: $(TEST_STAMP) redis-server chromium  ## type-check relay, then run the who
 	$(PY) -m mypy relay
 	$(PY) -m pytest -q $(ARGS)
 
-# The store tests run a real redis-server (Debian's package). Installed here when missing and possible (as root
-# with apt-get, as in CI); otherwise those tests fail and say how to get it.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || \
+# Real parts the tests drive, from Debian's packages: a redis-server for the store tests and a headless Chromium
+# (through Playwright for Python) for the console tests. Installed here when missing and possible (as root with
+# apt-get, as in CI); otherwise the tests that need them fail and say how to get them.
+# $(call debian_package,COMMAND,PACKAGE,WHAT FOR)
+define debian_package
+	@command -v $(1) >/dev/null 2>&1 || [ -x /usr/bin/$(1) ] || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	      echo "make test: installing redis-server (Debian package) for the store tests"; \
-	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
-	      { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
-	      echo "make test: could not install redis-server: the Redis store tests will fail"; \
-	    else echo "make test: redis-server is missing and cannot be installed here (not root, or no apt-get): the Redis store tests will fail"; fi; }
+	      echo "make test: installing $(2) (Debian package) for $(3)"; \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; } || \
+	      echo "make test: could not install $(2): $(3) will fail"; \
+	    else echo "make test: $(1) is missing and cannot be installed here (not root, or no apt-get): $(3) will fail"; fi; }
+endef
 
-# The console tests drive a real headless Chromium (Debian's package) through Playwright for Python; the same way.
+redis-server:
+	$(call debian_package,redis-server,redis-server,the Redis store tests)
+
 chromium:
-	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
-	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	      echo "make test: installing chromium (Debian package) for the console tests"; \
-	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
-	      { apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	      echo "make test: could not install chromium: the console tests will fail"; \
-	    else echo "make test: chromium is missing and cannot be installed here (not root, or no apt-get): the console tests will fail"; fi; }
+	$(call debian_package,chromium,chromium,the console tests)
 
 screenshots: $(STAMP) chromium  ## a PNG of each console page, into docs/
 	$(PY) -m tests.console_screens docs

@@ -3,8 +3,13 @@ one back), the request builders, and the anthropic SDK asking the way most tests
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -171,3 +176,31 @@ def ask(port: int, *, model: str = "mock-model", text: str = "hi", max_tokens: i
             return s.get_final_text()
     msg = sdk(port, key).messages.create(model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": text}])
     return msg.content[0].text  # type: ignore[union-attr]
+
+
+# ---- relay in a process of its own --------------------------------------------------------------------------------
+
+class RelayProcess:
+    """``relay serve -c CONFIG --port 0`` in its own process, logging to ``log``: for what is per process (its log
+    handler, its memory, its open-file limit) or for several instances on one store."""
+
+    def __init__(self, config: Path, log: Path, *args: str, preexec: Callable[[], None] | None = None) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(config), "--port", "0", *args],
+                                         stderr=out, preexec_fn=preexec)
+        self.url = ""
+        self.port = 0
+
+    async def ready(self, timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            while not (m := re.search(rb"listening on (http://127\.0\.0\.1:(\d+))", self.log.read_bytes())):
+                if self.proc.poll() is not None:
+                    raise AssertionError(self.log.read_text())
+                await trio.sleep(0.05)
+        self.url, self.port = m.group(1).decode(), int(m.group(2))
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(20)
+        return self.log.read_text()

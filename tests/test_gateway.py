@@ -4,9 +4,6 @@ the books, the access log and /metrics; then several relay processes sharing one
 from __future__ import annotations
 
 import logging
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import orjson
 import pytest
 import trio
 
+from tests.client import RelayProcess
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Reply, sse, chunk, text_stream
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
@@ -192,32 +190,10 @@ async def test_a_store_that_never_answers_blocks_no_request(nursery: trio.Nurser
 # ---- several relay processes on one redis-server -----------------------------------------------------------------
 
 
-class Instance:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(config), "--port", "0"],
-                                         stderr=out)
-        self.url = ""
-
-    async def ready(self) -> None:
-        with trio.fail_after(30):
-            while not (m := re.search(rb"listening on (http://127\.0\.0\.1:\d+)", self.log.read_bytes())):
-                if self.proc.poll() is not None:
-                    raise AssertionError(self.log.read_text())
-                await trio.sleep(0.05)
-        self.url = m.group(1).decode()
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        self.proc.wait(20)
-        return self.log.read_text()
-
-
 @asynccontextmanager
-async def running(config: Path, *names: str) -> AsyncIterator[list[Instance]]:
+async def running(config: Path, *names: str) -> AsyncIterator[list[RelayProcess]]:
     """relay processes on one config, each logging to NAME.log beside it; stopped (if still running) at the end."""
-    instances = [Instance(config, config.parent / f"{name}.log") for name in names]
+    instances = [RelayProcess(config, config.parent / f"{name}.log") for name in names]
     try:
         for instance in instances:
             await instance.ready()

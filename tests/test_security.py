@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import resource
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ import orjson
 import pytest
 import trio
 
-from tests.client import exchange, get, messages_body, post, split
+from tests.client import RelayProcess, exchange, get, messages_body, post, split
 from tests.conftest import RELAY_KEY, UPSTREAM_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Reply, completion, json_reply, sse, text_stream
 
@@ -28,23 +27,15 @@ METRICS_KEY = "metrics-scraper-key"
 @asynccontextmanager
 async def relay_process(config: str, tmp_path: Path, *args: str,
                         preexec: Callable[[], None] | None = None) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """``relay serve`` in its own process (for what is per process: its log handler, its memory, its limits);
-    yields the process, its port and its log file."""
+    """A ``RelayProcess`` on ``config``; yields the process, its port and its log file."""
     cfg = tmp_path / "relay.toml"
     cfg.write_text(config)
-    log_path = tmp_path / "relay.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(cfg), "--port", "0", *args],
-                                stderr=log_file, preexec_fn=preexec)
+    relay = RelayProcess(cfg, tmp_path / "relay.log", *args, preexec=preexec)
     try:
-        with trio.fail_after(20):
-            while not (m := re.search(rb"listening on http://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
-                assert proc.poll() is None, log_path.read_text()
-                await trio.sleep(0.05)
-        yield proc, int(m.group(1)), log_path
+        await relay.ready(20)
+        yield relay.proc, relay.port, relay.log
     finally:
-        proc.terminate()
-        proc.wait(10)
+        relay.stop()
 
 
 def rss(pid: int) -> int:
