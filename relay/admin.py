@@ -9,22 +9,34 @@ the store's state, as JSON. The console (``/ui``) is built on it and nothing els
     PATCH  /admin/keys/NAME              any of the fields above (null clears a limit)
     DELETE /admin/keys/NAME              revokes it (kept, so its usage stays attributed)
     GET    /admin/usage[?since=DAY]      rows per key, model and day: requests, refused, tokens, cost
+    POST   /admin/providers              {"name", ...a [providers.NAME] table's keys} -> 201: a provider of any
+                                          format, checked as the config file's are, live on every instance
+    PATCH  /admin/providers/NAME         keys to change (null removes one; an absent api_key stays)
+    DELETE /admin/providers/NAME         removes a stored provider (the config file's are read-only)
+
+``GET /admin/providers[/NAME]`` is the console's (``relay.console``): it shows health beside the stored tables.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import orjson
 
+from relay.config import ConfigError, stored_provider
 from relay.errors import RelayError, invalid
 from relay.gateway import Gateway
 from relay.limits import budget_counter
 from relay.pricing import usd
 from relay.store import (KeyExists, NoSuchKey, StoreError, UsageRow, VirtualKey, create_key, key_fields,
                          with_changes)
+
+
+_VAR_ONLY = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")  # a key named by the environment, not held
 
 
 def _body(raw: bytes) -> dict[str, Any]:
@@ -98,6 +110,8 @@ async def handle(gateway: Gateway, method: str, target: str, body: bytes) -> tup
                 raise NoSuchKey(f"no key named {name!r}")
 
             return 200, orjson.dumps(_key_doc(gateway, await view.call(change)))
+        if parts and parts[0] == "providers" and len(parts) <= 2:
+            return await _providers(gateway, method, parts[1:], body)
         if parts == ["usage"]:
             if method != "GET":
                 raise _method(method, "GET")
@@ -119,6 +133,85 @@ async def handle(gateway: Gateway, method: str, target: str, body: bytes) -> tup
     except StoreError as exc:
         raise RelayError(503, str(exc), "api_error") from None
     raise RelayError(404, f"no admin route for {method} {path}", "not_found_error")
+
+
+async def _providers(gateway: Gateway, method: str, name: list[str], body: bytes) -> tuple[int, bytes]:
+    """Writes to the stored providers. Each is one record holding its table, checked by the config file's own
+    parser before it is stored, then live here before the answer leaves (and on the other instances with
+    their next round with the store)."""
+    view = gateway.view
+    assert view is not None
+    if not name:
+        if method != "POST":
+            raise _method(method, "POST (GET is the console's)")
+        table = _body(body)
+        new = table.pop("name", None)
+        if not isinstance(new, str):
+            raise invalid("name: Field required")
+        _writable(gateway, new)
+        _checked(new, table)
+        await view.call(lambda backend: backend.put("providers", new, _record(table), create=True))
+        await view.refreshed()
+        return 201, orjson.dumps({"name": new, "table": shown_table(table)})
+    (target,) = name
+    if method == "DELETE":
+        _writable(gateway, target)
+        await view.call(lambda backend: backend.put("providers", target, None, create=False))
+        await view.refreshed()
+        return 200, orjson.dumps({"name": target, "deleted": True})
+    if method != "PATCH":
+        raise _method(method, "PATCH or DELETE (GET is the console's)")
+    _writable(gateway, target)
+    changes = _body(body)
+    if "name" in changes and changes["name"] != target:
+        raise invalid("name: a provider cannot be renamed; add it under the new name and delete this one")
+    changes.pop("name", None)
+
+    async def change(backend: Any) -> dict[str, Any]:
+        found = (await backend.load("providers")).get(target)
+        if found is None:
+            raise NoSuchKey(f"no provider named {target!r}")
+        table = orjson.loads(found)["table"]
+        for key, value in changes.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        _checked(target, table)
+        await backend.put("providers", target, _record(table), create=False)
+        return dict(table)
+
+    table = await view.call(change)
+    await view.refreshed()
+    return 200, orjson.dumps({"name": target, "table": shown_table(table)})
+
+
+def _writable(gateway: Gateway, name: str) -> None:
+    if name in gateway.config.providers and name not in gateway.config.stored:
+        raise RelayError(409, f"{name!r} is a provider of the config file ({gateway.config.source}); edit it there",
+                         "invalid_request_error")
+
+
+def _checked(name: str, table: dict[str, Any]) -> None:
+    try:
+        stored_provider(name, table, dict(os.environ))
+    except ConfigError as exc:
+        raise invalid(str(exc)) from None
+
+
+def _record(table: dict[str, Any]) -> bytes:
+    return orjson.dumps({"table": table, "updated": time.time()})
+
+
+def shown_table(table: dict[str, Any]) -> dict[str, Any]:
+    """A stored table as the API shows it: an api_key only as a ``${VAR}`` it names, header values masked."""
+    shown = dict(table)
+    if "api_key" in shown:
+        keys = shown["api_key"] if isinstance(shown["api_key"], list) else [shown["api_key"]]
+        shown["api_key"] = [k if isinstance(k, str) and _VAR_ONLY.match(k) else "(set)" for k in keys]
+    if isinstance(shown.get("headers"), dict):
+        shown["headers"] = {k: "(set)" for k in shown["headers"]}
+    return shown
 
 
 def _method(method: str, allowed: str) -> RelayError:

@@ -10,7 +10,7 @@ import os
 import re
 import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -162,6 +162,7 @@ class Config:
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     long_context_threshold: int = 60000  # estimated input tokens above which `long_context` serves Claude ids
     source: str = "<defaults>"
+    stored: frozenset[str] = frozenset()  # providers added at run time, through the store (see with_stored)
 
 
 ROUTE_NAMES = ("default", "haiku", "sonnet", "opus", "background", "think", "long_context", "web_search")
@@ -349,48 +350,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
 
     providers: dict[str, Provider] = {}
     for name, raw in data.get("providers", {}).items():
-        table = f"providers.{name}"
-        if not isinstance(raw, dict):
-            raise src.error("providers", name, "expected a table")
-        _check_keys(raw, _PROVIDER_KEYS, src, table)
-        if raw.get("keepalive_start", 0) < 0:
-            raise src.error(table, "keepalive_start", "must be >= 0 seconds")
-        raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
-        explicit = frozenset(raw)
-        preset = raw.pop("preset", None)
-        raw = presets.apply(preset, raw) if preset else presets.format_defaults(raw)
-        if "base_url" not in raw:
-            needs = presets.PRESETS[preset].needs if preset else ""
-            raise src.error(table, None, "base_url is required" + (f" with preset {preset!r}: {needs}" if needs else ""))
-        query = tuple((str(k), str(v)) for k, v in raw.pop("query", {}).items())
-        api_key = raw.pop("api_key", ())
-        api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
-        headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
-        served = tuple(str(m) for m in raw.pop("models", []))
-        raw["base_url"] = raw["base_url"].rstrip("/")
-        if problem := _url_problem(raw["base_url"]):
-            raise src.error(table, "base_url", problem)
-        limits: dict[str, ModelLimits] = {}
-        for model_name, entry in raw.pop("limits", {}).items():
-            if not isinstance(entry, dict):
-                raise src.error(table, "limits", f"{model_name!r}: expected {{ context_window = N, max_output = N }}")
-            _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
-            limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
-        raw["limits"] = limits
-        prices: dict[str, pricing.Price] = {}
-        for model_name, entry in raw.pop("prices", {}).items():
-            try:
-                if not isinstance(entry, dict):
-                    raise ValueError("expected { input = USD, output = USD, cache_read = USD, cache_write = USD }"
-                                     " per million tokens")
-                prices[model_name] = pricing.parse(entry)
-            except ValueError as exc:
-                raise src.error(table, "prices", f"{model_name!r}: {exc}") from None
-        raw["prices"] = prices
-        if "ca_file" in raw:
-            raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
-        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
-                                   query=query, explicit=explicit, **raw)
+        providers[name] = _provider(name, raw, src, env)
 
     def check_target(target: str, table: str, key: str) -> None:
         provider, sep, model = target.partition("/")
@@ -435,6 +395,90 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
     return Config(server=server, store=_store(data.get("store", {}), server, src, env), keys=tuple(client_keys),
                   providers=providers, models=models, routes=routes, long_context_threshold=threshold, source=path)
 
+
+
+def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provider:
+    """One ``[providers.NAME]`` table, checked: from the config file, or stored at run time (``stored_provider``)."""
+    table = f"providers.{name}"
+    if not isinstance(raw, dict):
+        raise src.error("providers", name, "expected a table")
+    _check_keys(raw, _PROVIDER_KEYS, src, table)
+    if raw.get("keepalive_start", 0) < 0:
+        raise src.error(table, "keepalive_start", "must be >= 0 seconds")
+    raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
+    explicit = frozenset(raw)
+    preset = raw.pop("preset", None)
+    raw = presets.apply(preset, raw) if preset else presets.format_defaults(raw)
+    if "base_url" not in raw:
+        needs = presets.PRESETS[preset].needs if preset else ""
+        raise src.error(table, None, "base_url is required" + (f" with preset {preset!r}: {needs}" if needs else ""))
+    query = tuple((str(k), str(v)) for k, v in raw.pop("query", {}).items())
+    api_key = raw.pop("api_key", ())
+    api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
+    headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
+    served = tuple(str(m) for m in raw.pop("models", []))
+    raw["base_url"] = raw["base_url"].rstrip("/")
+    if problem := _url_problem(raw["base_url"]):
+        raise src.error(table, "base_url", problem)
+    limits: dict[str, ModelLimits] = {}
+    for model_name, entry in raw.pop("limits", {}).items():
+        if not isinstance(entry, dict):
+            raise src.error(table, "limits", f"{model_name!r}: expected {{ context_window = N, max_output = N }}")
+        _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
+        limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
+    raw["limits"] = limits
+    prices: dict[str, pricing.Price] = {}
+    for model_name, entry in raw.pop("prices", {}).items():
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("expected { input = USD, output = USD, cache_read = USD, cache_write = USD }"
+                                 " per million tokens")
+            prices[model_name] = pricing.parse(entry)
+        except ValueError as exc:
+            raise src.error(table, "prices", f"{model_name!r}: {exc}") from None
+    raw["prices"] = prices
+    if "ca_file" in raw:
+        raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
+    return Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
+                    query=query, explicit=explicit, **raw)
+
+
+PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STORED_ONLY_FILE = ("ca_file",)  # a path on one machine means nothing to the other instances sharing the store
+
+
+def stored_provider(name: str, table: Any, env: dict[str, str]) -> Provider:
+    """A provider added at run time (the admin API, the console), checked exactly as a ``[providers.NAME]`` table of
+    the config file is. ``${VAR}`` is filled in from each instance's own environment, so a stored provider can name
+    its key without the store holding it."""
+    src = _Source(f"<store: provider {name!r}>", "")
+    if not isinstance(name, str) or not PROVIDER_NAME.match(name):
+        raise ConfigError(f"provider name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter"
+                          " or digit ('/' separates a provider from its model)")
+    if isinstance(table, dict):
+        for key in STORED_ONLY_FILE:
+            if key in table:
+                raise src.error(f"providers.{name}", key, "only a config file's providers may name a local file")
+    return _provider(name, table, src, env)
+
+
+def with_stored(config: Config, tables: dict[str, Any], env: dict[str, str]) -> tuple[Config, dict[str, str]]:
+    """``config`` (the file's, nothing stored in it yet) plus the providers stored at run time, and why any stored one was left out (a name
+    the file already uses, or a table this instance cannot use, e.g. its ``${VAR}`` unset here)."""
+    providers = dict(config.providers)
+    stored: list[str] = []
+    problems: dict[str, str] = {}
+    for name in sorted(tables):
+        if name in config.providers:
+            problems[name] = f"the config file has a provider named {name!r}; it wins"
+            continue
+        try:
+            providers[name] = stored_provider(name, tables[name], env)
+        except ConfigError as exc:
+            problems[name] = str(exc)
+            continue
+        stored.append(name)
+    return replace(config, providers=providers, stored=frozenset(stored)), problems
 
 def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) -> StoreConfig:
     """``[store]``, checked now, so a bad url stops `relay check` and startup rather than the first request.

@@ -8,6 +8,7 @@ happens here beyond choosing the translator: bodies are parsed once and handed t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import trio
 from relay import admin, console, routing, tokens, transport
 from relay.affinity import Place, Route, Sessions
 from relay.auth import OPEN, Keys, may_call, permitted
-from relay.config import ClientKey, Config, Provider, ServerConfig
+from relay.config import ClientKey, Config, Provider, ServerConfig, with_stored
 from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
@@ -66,6 +67,10 @@ class Server:
         self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
         self.gateway = Gateway(config, self.metrics)
+        self.file_config = config  # what the file says; ``config`` adds the providers stored at run time
+        self.left_out: dict[str, str] = {}  # stored providers this instance cannot use, and why
+        if self.gateway.view is not None:
+            self.gateway.view.on_providers = self._stored_changed
         self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
@@ -124,11 +129,32 @@ class Server:
         log.info("draining: no new connections; open requests have %gs to finish", grace)
 
     def reload(self, config: Config) -> None:
-        """New config for new requests; requests in flight keep the upstream pools they started with."""
+        """The config file read again (SIGHUP), for new requests; the providers stored at run time stay."""
         if (config.server.host, config.server.port) != (self.config.server.host, self.config.server.port):
             log.warning("reload: host/port changes take effect on restart only")
         if config.store != self.config.store:
             log.warning("reload: [store] changes take effect on restart only")
+        self.file_config = config
+        self._use(self._with_stored(config))
+        log.info("reloaded config from %s", config.source)
+
+    def _stored_changed(self, tables: dict[str, Any]) -> None:
+        """The store's providers changed (the admin API, on this instance or another): live from the next request."""
+        self._use(self._with_stored(self.file_config))
+        log.info("providers stored at run time: %s", ", ".join(sorted(self.config.stored)) or "none")
+
+    def _with_stored(self, config: Config) -> Config:
+        view = self.gateway.view
+        if view is None or not view.providers:
+            self.left_out = {}
+            return config
+        merged, self.left_out = with_stored(config, view.providers, dict(os.environ))
+        for name, problem in self.left_out.items():
+            log.warning("stored provider %r left out: %s", name, problem)
+        return merged
+
+    def _use(self, config: Config) -> None:
+        """New config for new requests; requests in flight keep the upstream pools they started with."""
         self._retired.append(self.upstreams)
         self.config = config
         self.upstreams = Upstreams(config)
@@ -139,7 +165,6 @@ class Server:
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
         self.metrics.configured = frozenset(routing.configured_names(config))
-        log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         if self._open >= self.max_open:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import orjson
 import trio
 
 from relay import pricing, routing
+from relay.admin import shown_table
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options
 from relay.config import Provider
@@ -57,14 +58,28 @@ def asset(path: str) -> tuple[bytes, bytes]:
     return found
 
 
-ROUTES = ("live", "providers", "resolve", "try")
+ROUTES = ("live", "resolve", "try")
 TRY_PROMPT = "Say hello in five words."
 
 
 async def answer(server: Server, method: str, path: str, query: str, body: bytes) -> bytes | None:
-    """The console's own admin routes (``GET /admin/live|providers|resolve``, ``POST /admin/try``); None for any
-    other path."""
+    """The console's own admin routes (``GET /admin/live|providers[/NAME]|resolve``, ``POST /admin/try``); None
+    for any other path (writes to the stored providers are ``relay.admin``'s)."""
     name = path[len("/admin/"):]
+    if name.startswith("providers"):
+        if method != "GET" or name.count("/") > 1:
+            return None
+        wanted = unquote(name.partition("/")[2])
+        shown = [_provider(server, p) for p in server.config.providers.values() if not wanted or p.name == wanted]
+        view = server.gateway.view
+        if view is not None:  # stored ones this instance left out, so the page can say why
+            shown += [{"name": n, "source": "store", "error": why, "table": shown_table(view.providers.get(n, {}))}
+                      for n, why in server.left_out.items() if not wanted or n == wanted]
+        if not wanted:
+            return orjson.dumps({"data": shown})
+        if not shown:
+            raise RelayError(404, f"no provider named {wanted!r}", "not_found_error")
+        return orjson.dumps(shown[0])
     if name not in ROUTES:
         return None
     if name == "try":
@@ -82,8 +97,6 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
             raise RelayError(400, "after: expected an integer", "invalid_request_error") from None
         server.live.streams(now, server.metrics.open_streams)
         return orjson.dumps(server.live.snapshot(now, after) | {"streams_open": server.metrics.open_streams})
-    if name == "providers":
-        return orjson.dumps({"data": [_provider(server, p) for p in server.config.providers.values()]})
     model = args.get("model", [""])[0]
     if model:
         return orjson.dumps(_resolved(server, model))
@@ -151,13 +164,17 @@ def _shown_url(url: str) -> str:
 
 
 def _provider(server: Server, p: Provider) -> dict[str, Any]:
-    """A provider as the page shows it: never a key, only how many there are and how many rest."""
-    return {"name": p.name, "format": p.format, "base_url": _shown_url(p.base_url), "preset": p.preset, "keys": len(p.api_keys),
-            "passthrough_models": p.passthrough_models, "source": "config",
-            "health": server.healths.of(p).state(trio.current_time()),
-            "ttfb_p50_ms": _p50(server, p.name),
-            "models": [{"id": m, "context_window": p.limits_for(m).context_window,
-                        "max_output": p.limits_for(m).max_output, "price": _price(p, m)} for m in p.models]}
+    """A provider as the page shows it: never a key, only how many there are and how many rest; a stored one
+    with its table (keys masked), for the custom models page to edit."""
+    doc = {"name": p.name, "format": p.format, "base_url": _shown_url(p.base_url), "preset": p.preset,
+           "keys": len(p.api_keys), "passthrough_models": p.passthrough_models, "source": "config",
+           "health": server.healths.of(p).state(trio.current_time()), "ttfb_p50_ms": _p50(server, p.name),
+           "models": [{"id": m, "context_window": p.limits_for(m).context_window,
+                       "max_output": p.limits_for(m).max_output, "price": _price(p, m)} for m in p.models]}
+    view = server.gateway.view
+    if p.name in server.config.stored and view is not None:
+        doc |= {"source": "store", "table": shown_table(view.providers[p.name])}
+    return doc
 
 
 def _price(p: Provider, model: str) -> dict[str, Any] | None:

@@ -155,6 +155,9 @@ class Synced:
     instances: int  # instances seen (this one included)
 
 
+RECORDS = {"keys": "key", "providers": "provider"}  # what the store keeps by name (kind -> what one is called)
+
+
 class Backend(Protocol):
     """One store. Every method may raise StoreError (or the client's own errors: the View treats any
     exception from a backend as an outage)."""
@@ -164,6 +167,9 @@ class Backend(Protocol):
     async def __aenter__(self) -> "Backend": ...
     async def __aexit__(self, *exc: object) -> None: ...
     async def ping(self) -> None: ...
+    async def version(self, kind: str) -> int: ...
+    async def load(self, kind: str) -> dict[str, bytes]: ...
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None: ...
     async def keys_version(self) -> int: ...
     async def load_keys(self) -> list[VirtualKey]: ...
     async def put_key(self, key: VirtualKey, *, create: bool) -> None: ...
@@ -171,6 +177,38 @@ class Backend(Protocol):
     async def sync(self, instance: str, reads: Mapping[str, list[str]], streams: Mapping[str, int],
                    now: float) -> Synced: ...
     async def usage(self, since: str | None = None) -> list[UsageRow]: ...
+
+
+class Records:
+    """Named records (``RECORDS``) on top of a backend's three record calls: each kind has a version that every
+    change bumps, so an instance re-reads a kind only when it changed. ``put`` with ``doc`` None deletes;
+    ``create`` refuses a name in use (KeyExists), otherwise the name must exist (NoSuchKey)."""
+
+    async def version(self, kind: str) -> int:
+        raise NotImplementedError
+
+    async def load(self, kind: str) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None:
+        raise NotImplementedError
+
+    async def keys_version(self) -> int:
+        return await self.version("keys")
+
+    async def load_keys(self) -> list[VirtualKey]:
+        return [VirtualKey.from_json(doc) for _, doc in sorted((await self.load("keys")).items())]
+
+    async def put_key(self, key: VirtualKey, *, create: bool) -> None:
+        await self.put("keys", key.name, key.to_json(), create=create)
+
+
+def exists(kind: str, name: str) -> KeyExists:
+    return KeyExists(f"a {RECORDS[kind]} named {name!r} exists")
+
+
+def missing(kind: str, name: str) -> NoSuchKey:
+    return NoSuchKey(f"no {RECORDS[kind]} named {name!r}")
 
 
 def masked(url: str) -> str:
@@ -288,6 +326,9 @@ class View:
         self._rows: dict[tuple[str, str, str], list[int]] = {}
         self._batch: Batch | None = None
         self._version = -1
+        self._providers_version = -1
+        self.providers: dict[str, Any] = {}  # name -> provider table stored at run time (see config.with_stored)
+        self.on_providers: Any = None  # called with ``providers`` each time they change (the server rebuilds)
         self.up = False
         self.loaded = False  # keys have been read at least once
         self.last_error = ""
@@ -297,6 +338,7 @@ class View:
         self._running = False
         self._stopped = trio.Event()
         self._cycled = trio.Event()  # set after each round that reached the store
+        self._rounds = self._rounds_done = 0  # rounds begun, and the last one that reached the store
 
     @classmethod
     def open(cls, url: str, settings: StoreConfig, clock: Any = time.time) -> "View":
@@ -445,7 +487,7 @@ class View:
                 result = await work(self.backend)
         except trio.TooSlowError:
             raise StoreError(f"store {self.backend.url} did not answer within {self.settings.timeout:g}s") from None
-        except StoreError:
+        except (StoreError, RelayError):  # RelayError: the work refused the change itself (a 4xx for the caller)
             raise
         except Exception as exc:
             raise StoreError(f"store {self.backend.url}: {_describe(exc)}") from None
@@ -472,15 +514,22 @@ class View:
 
     async def cycle(self) -> None:
         """One round with the store: keys if they changed, the held batch, counters and streams."""
+        self._rounds += 1
+        round_ = self._rounds
         version = await self.backend.keys_version()
         if version != self._version:
             self._load(await self.backend.load_keys())
             self._version = version
+        version = await self.backend.version("providers")
+        if version != self._providers_version:
+            self._load_providers(await self.backend.load("providers"))
+            self._providers_version = version
         await self._write()
         now = self.clock()
         synced = await self.backend.sync(self.instance, self._reads(now), self.in_flight, now)
         self.meter.settle(synced.totals, now)
         self.elsewhere, self.instances = synced.streams, synced.instances
+        self._rounds_done = round_
         self._cycled.set()
         self._cycled = trio.Event()
         if not self.up:
@@ -517,6 +566,27 @@ class View:
         self.by_name = {k.name: k for k in keys}
         self.keys = {k.digest: k for k in keys}
         self.loaded = True
+
+    def _load_providers(self, docs: dict[str, bytes]) -> None:
+        tables: dict[str, Any] = {}
+        for name, doc in docs.items():
+            try:
+                tables[name] = orjson.loads(doc)["table"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.error("store %s: provider %r is not a provider record; left out", self.backend.url, name)
+        if tables != self.providers:
+            self.providers = tables
+            if self.on_providers is not None:
+                self.on_providers(tables)
+
+    async def refreshed(self) -> None:
+        """Wait (up to the store's timeout) for a round that started after now: an admin change is then live
+        here before its answer leaves."""
+        wanted = self._rounds + 1  # a round in progress may have read before the change: the next one has not
+        with trio.move_on_after(self.settings.timeout + self.settings.refresh):
+            self.poke()
+            while self._rounds_done < wanted:
+                await self._cycled.wait()
 
     def _down(self, exc: BaseException) -> None:
         message = _describe(exc) if not isinstance(exc, trio.TooSlowError) else \

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 import trio
 
-from relay.store import METRICS, Batch, KeyExists, NoSuchKey, StoreError, Synced, UsageRow, VirtualKey, STREAMS_TTL
+from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Records, StoreError, Synced, UsageRow, exists,
+                         missing)
 
 T = TypeVar("T")
 LEGACY_NAME = "usage.sqlite3"  # the usage book's default file before the store
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (key, model, day)
 );
 CREATE TABLE IF NOT EXISTS keys (name TEXT PRIMARY KEY, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS providers (name TEXT PRIMARY KEY, doc BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (
     key TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, name)
@@ -87,7 +89,7 @@ def read_files(paths: list[str], since: str | None) -> list[UsageRow]:
     return rows
 
 
-class SQLiteBackend:
+class SQLiteBackend(Records):
     def __init__(self, path: str) -> None:
         self.path = path
         self.url = f"sqlite://{path}"
@@ -143,24 +145,32 @@ class SQLiteBackend:
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
-    async def keys_version(self) -> int:
-        row = await self._run(lambda db: db.execute("SELECT value FROM meta WHERE name = 'keys_version'").fetchone())
+    async def version(self, kind: str) -> int:
+        assert kind in RECORDS  # the table's name comes from this list only
+        row = await self._run(lambda db: db.execute("SELECT value FROM meta WHERE name = ?",
+                                                    (f"{kind}_version",)).fetchone())
         return int(row[0]) if row else 0
 
-    async def load_keys(self) -> list[VirtualKey]:
-        rows = await self._run(lambda db: db.execute("SELECT doc FROM keys ORDER BY name").fetchall())
-        return [VirtualKey.from_json(doc) for (doc,) in rows]
+    async def load(self, kind: str) -> dict[str, bytes]:
+        assert kind in RECORDS
+        rows = await self._run(lambda db: db.execute(f"SELECT name, doc FROM {kind}").fetchall())
+        return {name: bytes(doc) if not isinstance(doc, bytes) else doc for name, doc in rows}
 
-    async def put_key(self, key: VirtualKey, *, create: bool) -> None:
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None:
+        assert kind in RECORDS
+
         def work(db: sqlite3.Connection) -> None:
-            exists = db.execute("SELECT 1 FROM keys WHERE name = ?", (key.name,)).fetchone()
-            if create and exists:
-                raise KeyExists(f"a key named {key.name!r} exists")
-            if not create and not exists:
-                raise NoSuchKey(f"no key named {key.name!r}")
-            db.execute("INSERT OR REPLACE INTO keys (name, doc) VALUES (?, ?)", (key.name, key.to_json()))
-            db.execute("INSERT INTO meta (name, value) VALUES ('keys_version', 1) "
-                       "ON CONFLICT (name) DO UPDATE SET value = value + 1")
+            found = db.execute(f"SELECT 1 FROM {kind} WHERE name = ?", (name,)).fetchone()
+            if create and found:
+                raise exists(kind, name)
+            if not create and not found:
+                raise missing(kind, name)
+            if doc is None:
+                db.execute(f"DELETE FROM {kind} WHERE name = ?", (name,))
+            else:
+                db.execute(f"INSERT OR REPLACE INTO {kind} (name, doc) VALUES (?, ?)", (name, doc))
+            db.execute("INSERT INTO meta (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1",
+                       (f"{kind}_version",))
 
         await self._run(work)
 
