@@ -307,6 +307,11 @@ def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, tab
             raise src.error(table, key, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
+def provider_choices() -> dict[str, tuple[str, ...]]:
+    """Every provider key that takes one of a few values, with them (the console's selects)."""
+    return {key: _choices(key) or () for key in ("format", *_CHOICES)}
+
+
 def _choices(key: str) -> tuple[str, ...] | None:
     if key == "format":  # the registry is the one list of formats; imported late, as the formats import config
         from relay.formats.registry import FORMATS

@@ -9,7 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from relay.config import Config
+import orjson
+
+from relay.config import Config, with_stored
 from relay.log import printable
 
 T = TypeVar("T")
@@ -101,15 +103,20 @@ def check_store(config: Config) -> tuple[str, bool]:
     if url.startswith("sqlite://") and not os.path.exists(os.path.expanduser(url[len("sqlite://"):])):
         return f"store: {url} (created on first start)", True
 
-    async def ping(backend: Any) -> int:
+    async def ping(backend: Any) -> tuple[int, dict[str, bytes]]:
         await backend.ping()
-        return len(await backend.load_keys())
+        return len(await backend.load_keys()), await backend.load("providers")
 
     try:
-        count = _run(config, ping)
+        count, stored = _run(config, ping)
     except StoreError as exc:
         return f"store: {masked(url)}: unreachable: {exc}", False
-    return f"store: {masked(url)} ok ({count} virtual key(s))", True
+    tables = {name: orjson.loads(doc)["table"] for name, doc in stored.items()}
+    _, problems = with_stored(config, tables, dict(os.environ))  # as the server will merge them, here
+    lines = [f"store: {masked(url)} ok ({count} virtual key(s), {len(tables)} stored provider(s): "
+             f"{', '.join(sorted(tables)) or 'none'})"]
+    lines += [f"  stored provider {name} left out here: {why}" for name, why in problems.items()]
+    return "\n".join(lines), not problems
 
 
 def keys_command(config: Config, args: argparse.Namespace) -> int:

@@ -64,13 +64,15 @@ class Server:
         self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
-        self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
         self.gateway = Gateway(config, self.metrics)
+        self.live = Live(self.gateway.view.instance if self.gateway.view else "local")  # the console's hour
         self.file_config = config  # what the file says; ``config`` adds the providers stored at run time
         self.left_out: dict[str, str] = {}  # stored providers this instance cannot use, and why
         if self.gateway.view is not None:
             self.gateway.view.on_providers = self._stored_changed
+            self.gateway.view.live_export = lambda: orjson.dumps(
+                self.live.export(time.time(), self.metrics.open_streams))
         self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
@@ -155,9 +157,11 @@ class Server:
 
     def _use(self, config: Config) -> None:
         """New config for new requests; requests in flight keep the upstream pools they started with."""
-        self._retired.append(self.upstreams)
+        old, self.upstreams = self.upstreams, Upstreams(config)
+        self.upstreams.inherit(old)
+        if not old.empty:
+            self._retired.append(old)  # closed at exit: requests in flight may still use its pools
         self.config = config
-        self.upstreams = Upstreams(config)
         self.healths = Healths()
         self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))

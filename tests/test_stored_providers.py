@@ -65,6 +65,8 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     assert bad.status_code == 400 and "format: must be one of" in bad.json()["error"]["message"]
     taken = await run(call, url, "POST", "/admin/providers", ADMIN, {**table, "name": "mock"})
     assert taken.status_code == 409 and "config file" in taken.json()["error"]["message"]
+    assert await run(ask, url, RELAY_KEY, "mock-model") == "from mock"
+    warm = upstream.accepted
     made = await run(call, url, "POST", "/admin/providers", ADMIN, table)
     assert made.status_code == 201, made.text
     assert SECRET not in made.text and made.json()["table"]["api_key"] == ["(set)"]
@@ -74,7 +76,8 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     assert await run(ask, url, RELAY_KEY, "custom-model") == "from custom"
     assert custom.requests[-1].headers["authorization"] == f"Bearer {SECRET}"
     assert custom.requests[-1].json["model"] == "custom-model"
-    assert await run(ask, url, RELAY_KEY, "mock-model") == "from mock"  # the file's providers are untouched
+    assert await run(ask, url, RELAY_KEY, "mock-model") == "from mock"  # the file's providers are untouched,
+    assert upstream.accepted == warm  # and keep their warm connections through the change
     # the console's list: the stored one with its (masked) table beside the file's, read-only
     listed = (await run(call, url, "GET", "/admin/providers")).json()["data"]
     sources = {p["name"]: p["source"] for p in listed}

@@ -20,9 +20,9 @@ from relay import pricing, routing
 from relay.admin import shown_table
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options
-from relay.config import Provider
+from relay.config import Provider, provider_choices
 from relay.errors import RelayError
-from relay.live import quantile_bucket
+from relay.live import merged, quantile_bucket
 from relay.metrics import BUCKETS
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
             shown += [{"name": n, "source": "store", "error": why, "table": shown_table(view.providers.get(n, {}))}
                       for n, why in server.left_out.items() if not wanted or n == wanted]
         if not wanted:
-            return orjson.dumps({"data": shown})
+            return orjson.dumps({"data": shown, "choices": provider_choices()})
         if not shown:
             raise RelayError(404, f"no provider named {wanted!r}", "not_found_error")
         return orjson.dumps(shown[0])
@@ -91,12 +91,7 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
     args = parse_qs(query)
     now = time.time()
     if name == "live":
-        try:
-            after = int(args.get("after", ["0"])[0])
-        except ValueError:
-            raise RelayError(400, "after: expected an integer", "invalid_request_error") from None
-        server.live.streams(now, server.metrics.open_streams)
-        return orjson.dumps(server.live.snapshot(now, after) | {"streams_open": server.metrics.open_streams})
+        return orjson.dumps(await _live(server, now))
     model = args.get("model", [""])[0]
     if model:
         return orjson.dumps(_resolved(server, model))
@@ -105,6 +100,24 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
     return orjson.dumps({"tiers": [_resolved(server, m) for m in CLAUDE_CODE_MODELS],
                          "aliases": {a: list(t) for a, t in server.config.models.items()},
                          "routes": {r: list(t) for r, t in server.config.routes.items()}})
+
+
+async def _live(server: Server, now: float) -> dict[str, Any]:
+    """The overview's figures for the whole gateway: this process's own, fresh, plus what the other instances
+    (workers included) published through the store in the last seconds."""
+    server.live.streams(now, server.metrics.open_streams)
+    view = server.gateway.view
+    others = [] if view is None else await view.others_live()
+    mine = server.live.export(now, server.metrics.open_streams)
+    exports = [mine]
+    for doc in others:
+        try:
+            exports.append(orjson.loads(doc))
+        except orjson.JSONDecodeError:
+            continue
+    whole, streams_open = merged(now, exports)
+    return whole.snapshot(now) | {"streams_open": streams_open, "instances": len(exports),
+                                  "store": None if view is None else ("up" if view.up else "down")}
 
 
 def _resolved(server: Server, model: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 METRICS = ("requests", "refused", "input_tokens", "output_tokens", "estimated_input_tokens",
            "estimated_output_tokens", "cache_read", "cache_write", "cost_micros")
 STREAMS_TTL = 10.0  # an instance that stopped reporting its open streams this long ago is gone
+LIVE_EVERY = 2.0  # seconds between two publications of an instance's live figures (the console's whole-gateway view)
 
 
 class StoreError(Exception):
@@ -177,6 +178,8 @@ class Backend(Protocol):
     async def sync(self, instance: str, reads: Mapping[str, list[str]], streams: Mapping[str, int],
                    now: float) -> Synced: ...
     async def usage(self, since: str | None = None) -> list[UsageRow]: ...
+    async def publish(self, instance: str, doc: bytes, now: float) -> None: ...
+    async def published(self, now: float) -> dict[str, bytes]: ...
 
 
 class Records:
@@ -329,6 +332,8 @@ class View:
         self._providers_version = -1
         self.providers: dict[str, Any] = {}  # name -> provider table stored at run time (see config.with_stored)
         self.on_providers: Any = None  # called with ``providers`` each time they change (the server rebuilds)
+        self.live_export: Any = None  # () -> bytes: this instance's live figures, published every LIVE_EVERY
+        self._published = 0.0
         self.up = False
         self.loaded = False  # keys have been read at least once
         self.last_error = ""
@@ -529,6 +534,9 @@ class View:
         synced = await self.backend.sync(self.instance, self._reads(now), self.in_flight, now)
         self.meter.settle(synced.totals, now)
         self.elsewhere, self.instances = synced.streams, synced.instances
+        if self.live_export is not None and now - self._published >= LIVE_EVERY:
+            await self.backend.publish(self.instance, self.live_export(), now)
+            self._published = now
         self._rounds_done = round_
         self._cycled.set()
         self._cycled = trio.Event()
@@ -578,6 +586,20 @@ class View:
             self.providers = tables
             if self.on_providers is not None:
                 self.on_providers(tables)
+
+    async def others_live(self) -> list[bytes]:
+        """The live figures the other instances published (none while the store is away, or slower than its
+        timeout: the console then shows this instance alone and says so)."""
+        if not self.up:
+            return []
+        now = self.clock()
+        with trio.move_on_after(self.settings.timeout):
+            try:
+                docs = await self.backend.published(now)
+            except Exception:
+                return []
+            return [doc for instance, doc in docs.items() if instance != self.instance]
+        return []
 
     async def refreshed(self) -> None:
         """Wait (up to the store's timeout) for a round that started after now: an admin change is then live

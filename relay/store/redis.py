@@ -9,7 +9,7 @@ Layout (all under ``relay:``): ``keys`` and ``providers`` (hashes: name -> JSON)
 (bumped by every change);
 ``usage:days`` (set) and ``usage:<day>`` (hash: ``key\\tmodel\\tmetric`` -> count); ``c:<key>:<counter>``
 (limit counters, expiring with their window); ``streams:<instance>`` (hash: key -> requests in flight) and
-``instances`` (sorted set by last report).
+``instances`` (sorted set by last report); ``live:<instance>`` (the console's figures of one instance, expiring).
 """
 
 from __future__ import annotations
@@ -155,3 +155,13 @@ class RedisBackend(Records):
                 row = rows.setdefault((key, model, day), UsageRow(key, model, day))
                 setattr(row, metric, int(value))
         return list(rows.values())
+
+    async def publish(self, instance: str, doc: bytes, now: float) -> None:
+        await self._client.set(P + "live:" + instance, doc, ex=int(STREAMS_TTL))
+
+    async def published(self, now: float) -> dict[str, bytes]:
+        instances = [i.decode() for i in await self._client.zrangebyscore(P + "instances", now - STREAMS_TTL, "+inf")]
+        if not instances:
+            return {}
+        docs = await self._client.mget([P + "live:" + i for i in instances])
+        return {i: doc for i, doc in zip(instances, docs) if doc is not None}

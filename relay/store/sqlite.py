@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS streams (
 );
 CREATE TABLE IF NOT EXISTS instances (instance TEXT PRIMARY KEY, seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS live (instance TEXT PRIMARY KEY, doc BLOB NOT NULL, seen REAL NOT NULL);
 """
 ADDED = ("refused", "estimated_input_tokens", "estimated_output_tokens", "cache_read", "cache_write", "cost_micros")  # usage columns newer than the usage book
 
@@ -214,3 +215,15 @@ class SQLiteBackend(Records):
 
     async def usage(self, since: str | None = None) -> list[UsageRow]:
         return await self._run(lambda db: read_usage(db, since))
+
+    async def publish(self, instance: str, doc: bytes, now: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO live (instance, doc, seen) VALUES (?, ?, ?)", (instance, doc, now))
+            db.execute("DELETE FROM live WHERE seen < ?", (now - STREAMS_TTL,))
+
+        await self._run(work)
+
+    async def published(self, now: float) -> dict[str, bytes]:
+        rows = await self._run(lambda db: db.execute("SELECT instance, doc FROM live WHERE seen >= ?",
+                                                     (now - STREAMS_TTL,)).fetchall())
+        return {instance: bytes(doc) for instance, doc in rows}
