@@ -123,6 +123,9 @@ def browse_providers_routes_usage(url: str) -> None:
         assert "mock/small-model" in page.inner_text("#page")  # the haiku tier
         page.click("nav a[data-page=usage]")
         page.wait_for_selector("#page[data-page=usage] #csv")
+        assert page.inner_text("#usage-keys tbody tr").split() == ["key1", "1", "0", "15", "$0.0200"]
+        assert len(page.query_selector_all("#chart-spend rect")) == 1  # one day so far
+        assert page.text_content("#chart-spend rect title").endswith(": $0.0200")
         with page.expect_download() as download:
             page.click("#csv")
         csv = Path(download.value.path()).read_text()

@@ -67,6 +67,24 @@ function spark(values) {
   return box;
 }
 
+function bars(values, labels, format) {
+  // One bar per value, each with its label and value as a tooltip (a text node, like every string here).
+  const w = 300;
+  const h = 80;
+  const box = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img" });
+  const top = Math.max(...values, 1e-9);
+  const step = w / Math.max(values.length, 1);
+  values.forEach((v, i) => {
+    const bar = svg("rect", { class: "bar", x: (i * step + step * 0.1).toFixed(1), width: (step * 0.8).toFixed(1),
+      y: (h - (v / top) * (h - 2)).toFixed(1), height: ((v / top) * (h - 2)).toFixed(1) });
+    const tip = svg("title", {});
+    tip.textContent = `${labels[i]}: ${format(v)}`;
+    bar.append(tip);
+    box.append(bar);
+  });
+  return box;
+}
+
 function card(label, value, values, title) {
   return el("div", { class: "card", title: title || "" }, el("div", { class: "label" }, label),
     el("div", { class: "value", "data-metric": label }, value), values ? spark(values) : null,
@@ -359,7 +377,30 @@ const pages = {
       return /[",\n]/.test(v) || /^[=+\-@]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v;
     }).join(","))).join("\n");
     const link = el("a", { href: URL.createObjectURL(new Blob([csv + "\n"], { type: "text/csv" })), download: `relay-usage-${today()}.csv`, id: "csv" }, "Download CSV");
+    const sum = (by) => {
+      const out = new Map();
+      for (const r of rows) {
+        const t = out.get(by(r)) || { requests: 0, refused: 0, tokens: 0, cost: 0 };
+        t.requests += r.requests; t.refused += r.refused; t.tokens += r.input_tokens + r.output_tokens; t.cost += r.cost_usd;
+        out.set(by(r), t);
+      }
+      return out;
+    };
+    const days = [...sum((r) => r.day).entries()].sort(([a], [b]) => (a < b ? -1 : 1)).slice(-31);
+    const keys = [...sum((r) => r.key).entries()].sort(([, a], [, b]) => b.cost - a.cost || b.tokens - a.tokens);
+    const chart = (label, id, pairs, pick, format) => el("div", { class: "card", id },
+      el("div", { class: "label" }, label), bars(pairs.map(([, t]) => pick(t)), pairs.map(([k]) => k), format),
+      el("div", { class: "axis" }, el("span", {}, pairs.length ? pairs[0][0] : ""), el("span", {}, pairs.length ? pairs[pairs.length - 1][0] : "")));
     root.append(el("h1", {}, "Usage"), el("p", { class: "muted" }, "Per key, model and day (UTC), from the store: every instance. ", link),
+      el("div", { class: "cards wide" },
+        chart("spend per day", "chart-spend", days, (t) => t.cost, usd),
+        chart("tokens per day (in + out)", "chart-tokens", days, (t) => t.tokens, (v) => num(v)),
+        chart("spend per key", "chart-keys", keys, (t) => t.cost, usd)),
+      el("h2", {}, "Per key"),
+      el("table", { id: "usage-keys" }, el("thead", {}, el("tr", {}, ["key", "requests", "refused", "tokens", "cost"].map((c) => el("th", {}, c)))),
+        el("tbody", {}, keys.map(([k, t]) => el("tr", {}, el("td", {}, k), el("td", {}, num(t.requests)), el("td", {}, num(t.refused)),
+          el("td", {}, num(t.tokens)), el("td", {}, usd(t.cost)))))),
+      el("h2", {}, "Per key, model and day"),
       el("table", {}, el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c.replace(/_/g, " "))))),
         el("tbody", {}, rows.slice().reverse().map((r) => el("tr", {}, cols.map((c) => el("td", {}, c === "cost_usd" ? usd(r[c]) : r[c])))))));
     return null;
