@@ -126,6 +126,7 @@ def browse_providers_routes_usage(url: str) -> None:
         assert page.inner_text("#usage-keys tbody tr").split() == ["key1", "1", "0", "15", "$0.0200"]
         assert len(page.query_selector_all("#chart-spend rect")) == 1  # one day so far
         assert page.text_content("#chart-spend rect title").endswith(": $0.0200")
+        assert page.query_selector("#chart-spend rect").bounding_box()["height"] > 40  # the day's bar is full height
         with page.expect_download() as download:
             page.click("#csv")
         csv = Path(download.value.path()).read_text()

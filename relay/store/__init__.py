@@ -585,7 +585,10 @@ class View:
         if tables != self.providers:
             self.providers = tables
             if self.on_providers is not None:
-                self.on_providers(tables)
+                try:
+                    self.on_providers(tables)
+                except Exception:  # the server's own fault, not the store's: say so, keep the rounds going
+                    log.exception("applying the stored providers failed; serving the previous ones")
 
     async def others_live(self) -> list[bytes]:
         """The live figures the other instances published (none while the store is away, or slower than its

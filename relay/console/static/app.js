@@ -75,7 +75,7 @@ function bars(values, labels, format) {
   const top = Math.max(...values, 1e-9);
   const step = w / Math.max(values.length, 1);
   values.forEach((v, i) => {
-    const bar = svg("rect", { class: "bar", x: (i * step + step * 0.1).toFixed(1), width: (step * 0.8).toFixed(1),
+    const bar = svg("rect", { class: "col", x: (i * step + step * 0.1).toFixed(1), width: (step * 0.8).toFixed(1),
       y: (h - (v / top) * (h - 2)).toFixed(1), height: ((v / top) * (h - 2)).toFixed(1) });
     const tip = svg("title", {});
     tip.textContent = `${labels[i]}: ${format(v)}`;
