@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 
@@ -107,6 +108,15 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     assert await run(ask, url, RELAY_KEY, "custom/renamed") == "from mock"  # no such provider now: the default route
     assert len(custom.requests) == seen
     assert [p["name"] for p in (await run(call, url, "GET", "/admin/providers")).json()["data"]] == ["mock"]
+    # one another instance stored with a ${VAR} this one lacks: left out here, and the list says why
+    view = relay.server.gateway.view
+    doc = orjson.dumps({"table": {"base_url": custom.base_url, "api_key": "${ONLY_ON_THE_OTHER_HOST}"}})
+    await view.call(lambda backend: backend.put("providers", "elsewhere", doc, create=True))
+    await view.refreshed()
+    (left,) = [p for p in (await run(call, url, "GET", "/admin/providers")).json()["data"] if p["name"] == "elsewhere"]
+    assert left["source"] == "store" and "ONLY_ON_THE_OTHER_HOST is not set" in left["error"]
+    assert left["table"]["api_key"] == ["${ONLY_ON_THE_OTHER_HOST}"]  # a name, not a secret: shown
+    assert (await run(call, url, "GET", "/admin/providersx")).status_code == 404
 
 
 async def test_a_provider_added_on_one_instance_serves_on_the_others(nursery: trio.Nursery, upstream: MockUpstream,

@@ -66,20 +66,10 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
     """The console's own admin routes (``GET /admin/live|providers[/NAME]|resolve``, ``POST /admin/try``); None
     for any other path (writes to the stored providers are ``relay.admin``'s)."""
     name = path[len("/admin/"):]
-    if name.startswith("providers"):
+    if name == "providers" or name.startswith("providers/"):
         if method != "GET" or name.count("/") > 1:
             return None
-        wanted = unquote(name.partition("/")[2])
-        shown = [_provider(server, p) for p in server.config.providers.values() if not wanted or p.name == wanted]
-        view = server.gateway.view
-        if view is not None:  # stored ones this instance left out, so the page can say why
-            shown += [{"name": n, "source": "store", "error": why, "table": shown_table(view.providers.get(n, {}))}
-                      for n, why in server.left_out.items() if not wanted or n == wanted]
-        if not wanted:
-            return orjson.dumps({"data": shown, "choices": provider_choices()})
-        if not shown:
-            raise RelayError(404, f"no provider named {wanted!r}", "not_found_error")
-        return orjson.dumps(shown[0])
+        return _providers(server, unquote(name.partition("/")[2]))
     if name not in ROUTES:
         return None
     if name == "try":
@@ -100,6 +90,21 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
     return orjson.dumps({"tiers": [_resolved(server, m) for m in CLAUDE_CODE_MODELS],
                          "aliases": {a: list(t) for a, t in server.config.models.items()},
                          "routes": {r: list(t) for r, t in server.config.routes.items()}})
+
+
+def _providers(server: Server, wanted: str) -> bytes:
+    """Every provider (or the one named ``wanted``): the config file's and the stored ones, and the stored ones
+    this instance left out, with why."""
+    shown = [_provider(server, p) for p in server.config.providers.values() if not wanted or p.name == wanted]
+    view = server.gateway.view
+    if view is not None:
+        shown += [{"name": n, "source": "store", "error": why, "table": shown_table(view.providers.get(n, {}))}
+                  for n, why in server.left_out.items() if not wanted or n == wanted]
+    if not wanted:
+        return orjson.dumps({"data": shown, "choices": provider_choices()})
+    if not shown:
+        raise RelayError(404, f"no provider named {wanted!r}", "not_found_error")
+    return orjson.dumps(shown[0])
 
 
 async def _live(server: Server, now: float) -> dict[str, Any]:
