@@ -6,6 +6,7 @@ silently ignored, so a typo cannot quietly change behaviour.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -233,6 +234,28 @@ _STORE_KEYS: dict[str, Any] = {
     "month_window": (int, float),
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
+# The least each number of a provider (and of its limits entries) may be, and whether that least itself is allowed:
+# a number past it would fail every request later (a negative timeout, no connection allowed), so it is refused
+# at load, naming the key.
+_AT_LEAST: dict[str, tuple[int, bool]] = {
+    "connect_timeout": (0, False),
+    "read_timeout": (0, False),
+    "first_byte_timeout": (0, False),
+    "max_retry_wait": (0, True),
+    "cooldown": (0, True),
+    "keepalive_start": (0, True),
+    "max_connections": (1, True),
+    "retries": (0, True),
+    "failure_threshold": (1, True),
+    "context_window": (1, True),
+    "max_tokens_cap": (1, True),
+    "max_output": (1, True),
+}
+# An HTTP header's name (RFC 9110's token), and what its value may not hold: a line break or NUL would end the
+# header early (h11 refuses to send it, so every request to the provider would fail).
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HOST = re.compile(r"[A-Za-z0-9_.-]+")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "preset": tuple(presets.PRESETS),
     "system_turns": SYSTEM_TURNS,
@@ -294,7 +317,10 @@ def _expand(value: Any, src: _Source, table: str, key: str, env: dict[str, str])
     return value
 
 
-def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, table: str) -> None:
+def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, table: str,
+                at_least: dict[str, tuple[int, bool]] | None = None) -> None:
+    """Each key known and of its type; every list one of strings (each list of the format is: keys, model names);
+    a number at least what ``at_least`` says. Messages name the key, never a list's items (they may be secrets)."""
     for key, value in data.items():
         if key not in allowed:
             raise src.error(table, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -302,6 +328,14 @@ def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, tab
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise src.error(table, key, f"expected {names}, got {type(value).__name__}")
+        if isinstance(value, list):
+            for n, item in enumerate(value, 1):
+                if not isinstance(item, str):
+                    raise src.error(table, key, f"expected a list of strings, item {n} is {type(item).__name__}")
+        if at_least is not None and key in at_least and not isinstance(value, bool):
+            least, allowed_itself = at_least[key]
+            if not (value >= least if allowed_itself else value > least):  # (nan fails both)
+                raise src.error(table, key, f"must be {'>=' if allowed_itself else '>'} {least}, got {value!r}")
         choices = _choices(key)
         if choices is not None and value not in choices:
             raise src.error(table, key, f"must be one of {', '.join(choices)}, got {value!r}")
@@ -407,9 +441,7 @@ def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provide
     table = f"providers.{name}"
     if not isinstance(raw, dict):
         raise src.error("providers", name, "expected a table")
-    _check_keys(raw, _PROVIDER_KEYS, src, table)
-    if raw.get("keepalive_start", 0) < 0:
-        raise src.error(table, "keepalive_start", "must be >= 0 seconds")
+    _check_keys(raw, _PROVIDER_KEYS, src, table, _AT_LEAST)
     raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
     explicit = frozenset(raw)
     preset = raw.pop("preset", None)
@@ -417,10 +449,18 @@ def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provide
     if "base_url" not in raw:
         needs = presets.PRESETS[preset].needs if preset else ""
         raise src.error(table, None, "base_url is required" + (f" with preset {preset!r}: {needs}" if needs else ""))
-    query = tuple((str(k), str(v)) for k, v in raw.pop("query", {}).items())
+    query = _scalars(raw.pop("query", {}), src, table, "query")
     api_key = raw.pop("api_key", ())
     api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
-    headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
+    if any(_header_value_problem(k) for k in api_keys):  # it is sent in a header; the key itself is never shown
+        raise src.error(table, "api_key", "a key " + next(p for k in api_keys if (p := _header_value_problem(k))))
+    headers = _scalars(raw.pop("headers", {}), src, table, "headers")
+    for header, value in headers:
+        if not _TOKEN.fullmatch(header):
+            raise src.error(table, "headers", f"{header[:64]!r} is not an HTTP header name (letters, digits and"
+                                              " !#$%&'*+-.^_`|~ only)")
+        if problem := _header_value_problem(value):  # the value is not shown: it may be a key (Authorization)
+            raise src.error(table, "headers", f"the value of {header!r} {problem}")
     served = tuple(str(m) for m in raw.pop("models", []))
     raw["base_url"] = raw["base_url"].rstrip("/")
     if problem := _url_problem(raw["base_url"]):
@@ -429,7 +469,7 @@ def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provide
     for model_name, entry in raw.pop("limits", {}).items():
         if not isinstance(entry, dict):
             raise src.error(table, "limits", f"{model_name!r}: expected {{ context_window = N, max_output = N }}")
-        _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
+        _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}", _AT_LEAST)
         limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
     raw["limits"] = limits
     prices: dict[str, pricing.Price] = {}
@@ -446,6 +486,28 @@ def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provide
         raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
     return Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
                     query=query, explicit=explicit, **raw)
+
+
+def _scalars(value: dict[str, Any], src: _Source, table: str, key: str) -> tuple[tuple[str, str], ...]:
+    """``query`` and ``headers``: names to strings, numbers or booleans (written as TOML does: true/false)."""
+    pairs = []
+    for name, item in value.items():
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        elif not isinstance(item, (str, int, float)):
+            raise src.error(table, key, f"{name[:64]!r}: expected a string, number or boolean, got"
+                                        f" {type(item).__name__}")
+        pairs.append((name, str(item)))
+    return tuple(pairs)
+
+
+def _header_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as an HTTP header value, worded without showing it."""
+    if _CONTROL.search(value):
+        return "holds a line break, NUL or other control character"
+    if value != value.strip(" \t"):
+        return "starts or ends with a space"
+    return None
 
 
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -576,10 +638,29 @@ def _env_int(env: dict[str, str], name: str) -> int | None:
 
 def _url_problem(url: str) -> str | None:
     """Why a base_url cannot work, caught at load so `relay check` says it instead of every request failing."""
-    parts = urlsplit(url)
+    shown = repr(url[:200]) + ("..." if len(url) > 200 else "")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return f"{shown} holds a space or a control character"
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. a bracketed host that is not an IPv6 address
+        return f"{shown}: {exc}"
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         hint = f" (e.g. http://{url})" if "://" not in url else ""
-        return f"{url!r} needs to start with http:// or https://{hint}"
+        return f"{shown} needs to start with http:// or https://{hint}"
+    host = parts.hostname or ""
+    if host.startswith("[") or ":" in host:  # an IPv6 address (urlsplit drops the brackets)
+        try:
+            ipaddress.IPv6Address(host.strip("[]").split("%", 1)[0])
+        except ValueError:
+            return f"{shown}: {host!r} is not an IPv6 address"
+    elif not _HOST.fullmatch(host):
+        return (f"{shown}: the host {host!r} is not a host name (letters, digits, '.', '-', '_'; an international"
+                " name in its xn-- form)" if host else f"{shown} has no host")
+    try:
+        parts.port
+    except ValueError:
+        return f"{shown}: the port is not a number 0..65535"
     return None
 
 
