@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,9 +299,6 @@ class Server:
                 await send_body(conn, ex, 200, orjson.dumps(await self._model_entry(wanted, ex.client)))
         except RelayError as err:
             await send_error(conn, ex, err, head_only=method == "HEAD")
-        except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 255
-            if ex.status == 0:
-                await send_error(conn, ex, invalid("request JSON nests too deeply (at most 255 levels)"))
 
     def _entry(self, mid: str, target: routing.Target, window: int | None) -> dict[str, Any]:
         entry: dict[str, Any] = {"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
@@ -343,7 +342,8 @@ class Server:
             target = permitted(client, model, targets)[0] if targets else None
         counter = getattr(registry.get(target.provider.format), "count_tokens", None) if target else None
         if target is not None and counter is not None:
-            call = counter(req, target.provider, target.model, incoming)
+            with _reencoding_request():
+                call = counter(req, target.provider, target.model, incoming)
             try:
                 async with self.upstreams.request(target.provider, call.path, call.body, stream=False,
                                                   extra_headers=call.headers, model=target.model) as upstream:
@@ -464,8 +464,9 @@ class Server:
         fmt = registry.get(provider.format)
         stream = asked.stream
         try:
-            req, window = await self.known.fit(asked.req, provider, target.model, asked.estimate, ex.request_id)
-            call = fmt.build(req, provider, target.model, stream, asked.incoming)
+            with _reencoding_request():
+                req, window = await self.known.fit(asked.req, provider, target.model, asked.estimate, ex.request_id)
+                call = fmt.build(req, provider, target.model, stream, asked.incoming)
         except RelayError as err:
             err.refusal = True  # relay's own answer: the upstream never saw this request
             raise
@@ -529,6 +530,19 @@ class Server:
 def _require(method: str, allowed: str, path: str) -> None:
     if method != allowed:
         raise RelayError(405, f"{method} is not allowed on {path}; use {allowed}", "invalid_request_error")
+
+
+@contextmanager
+def _reencoding_request() -> Iterator[None]:
+    """Around relay writing the client's request again (for an upstream): orjson reads 1024 levels of nesting
+    but writes only 255, so a deeper request fails here, and that is the client's to fix. Any other encode error,
+    here or anywhere, is relay's own bug and is not reported as the client's."""
+    try:
+        yield
+    except orjson.JSONEncodeError as exc:
+        if "recursion" not in str(exc).lower():
+            raise
+        raise invalid("request JSON nests too deeply (at most 255 levels)") from None
 
 
 def _parse(body: bytes) -> dict[str, Any]:
