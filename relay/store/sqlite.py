@@ -125,6 +125,12 @@ class SQLiteBackend(Records):
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"{self.url}: cannot create its folder ({exc.strerror})") from None
+            try:  # it holds stored upstream keys: created readable by its owner only (sqlite gives -wal and
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # -shm the file's mode)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"{self.url}: cannot create it ({exc.strerror})") from None
             await self._run(self._migrate)
             self._ready = True
         return self
