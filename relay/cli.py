@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from relay import __version__
@@ -62,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(usage)
     usage.add_argument("--db", action="append",
                        help="SQLite file(s) to add up instead of the store (old usage books read too)")
-    usage.add_argument("--since", help="only days from YYYY-MM-DD on")
+    from relay.gateway_cli import add_commands, day
+
+    usage.add_argument("--since", type=day, help="only days from YYYY-MM-DD on")
     settings = sub.add_parser("claude-settings", help="print the ~/.claude/settings.json block for this relay")
     _add_config(settings)
     sub.add_parser("presets", help="list the provider presets (preset = \"name\" in a provider block)")
-    from relay.gateway_cli import add_commands
 
     add_commands(sub, _add_config)
     return parser
@@ -89,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("serve", "claude"):  # servers: a closed socket must stay an error they handle
+        return _command(args)
+    try:  # a command that prints: `relay keys list | head` ends when the reader has what it wants, quietly
+        code = _command(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
+        return 128 + signal.SIGPIPE  # what the shell reports for a command that SIGPIPE ended
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "presets":
         from relay.presets import listing
 
@@ -202,6 +216,7 @@ def check(config: Config, models: list[str]) -> int:
     from relay.errors import RelayError
     from relay.gateway_cli import check_store
     from relay.launcher import CLAUDE_CODE_MODELS
+    from relay.log import printable
     from relay.routing import resolve
 
     print(f"config: {config.source}")
@@ -234,8 +249,8 @@ def check(config: Config, models: list[str]) -> int:
             resolved = resolve(config, model, {}, 0)  # an empty request: scenario routes that depend on it stay off
             window = resolved[0].provider.limits_for(resolved[0].model).context_window
             extra = f"  (context window {window})" if window else ""
-            print(f"resolve {model} -> {', '.join(t.label for t in resolved)}{extra}")
+            print(f"resolve {printable(model, 100)} -> {', '.join(t.label for t in resolved)}{extra}")
         except RelayError as exc:
-            print(f"resolve {model} -> error: {exc.message}")
+            print(f"resolve {printable(model, 100)} -> error: {printable(exc.message, 200)}")
             status = 1 if models else status
     return status

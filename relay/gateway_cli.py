@@ -17,13 +17,23 @@ from relay.log import printable
 T = TypeVar("T")
 
 
+def shown(value: str) -> str:
+    """Input echoed in a message: quoted, made printable, and cut (a name of 5000 characters is not repeated)."""
+    return repr(printable(value, 64))
+
+
+def _cut(message: str, value: str) -> str:
+    """A message (the store's own) with ``value`` in it shown as ``shown`` does."""
+    return message.replace(repr(value), shown(value))
+
+
 def _limit(value: str) -> int | None:
     if value.lower() in ("none", "off"):
         return None
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', not {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', not {shown(value)}") from None
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1 (or 'none' for no limit)")
     return number
@@ -35,24 +45,36 @@ def _budget(value: str) -> float | None:
     try:
         number = float(value.lstrip("$"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected USD (e.g. 25 or 2.50) or 'none', not {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected USD (e.g. 25 or 2.50) or 'none', not {shown(value)}") from None
     if number < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
     return number
 
 
-def _date(value: str) -> str | None:
+def day(value: str) -> str:
+    """A calendar day, YYYY-MM-DD (``relay usage --since``, ``--expires``), written back in that form."""
+    try:
+        return time.strftime("%Y-%m-%d", time.strptime(value, "%Y-%m-%d"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, not {shown(value)}") from None
+
+
+def _expiry(value: str) -> str | None:
+    """The last day a key works (UTC): today or later; a day gone by would make a key that never works."""
     if value.lower() in ("none", "never"):
         return None
-    try:
-        time.strptime(value, "%Y-%m-%d")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, not {value!r}") from None
-    return value
+    date = day(value)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    if date < today:
+        raise argparse.ArgumentTypeError(f"{date} is in the past (today is {today}, UTC); to stop a key, revoke it")
+    return date
 
 
 def _models(value: str) -> list[str]:
-    return [m.strip() for m in value.split(",") if m.strip()]
+    models = [m.strip() for m in value.split(",") if m.strip()]
+    if not models:  # the store reads no models as all of them: a typo must not widen a key
+        raise argparse.ArgumentTypeError("names no model; write '*' for every model")
+    return models
 
 
 def add_commands(sub: Any, add_config: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -62,13 +84,13 @@ def add_commands(sub: Any, add_config: Callable[[argparse.ArgumentParser], None]
                           ("set", "change a key's models, limits, budget or expiry ('none' clears one)")):
         p = actions.add_parser(action, help=help_)
         p.add_argument("name")
-        p.add_argument("--models", type=_models, default=argparse.SUPPRESS, help="comma-separated model names or globs the key may use")
+        p.add_argument("--models", type=_models, default=argparse.SUPPRESS, help="comma-separated model names or globs the key may use ('*': all)")
         p.add_argument("--rpm", type=_limit, default=argparse.SUPPRESS, help="requests per minute")
         p.add_argument("--tpm", type=_limit, default=argparse.SUPPRESS, help="tokens (input + output) per minute")
         p.add_argument("--max-streams", type=_limit, default=argparse.SUPPRESS, help="requests in flight at once")
         p.add_argument("--budget", type=_budget, default=argparse.SUPPRESS, help="USD per budget period")
         p.add_argument("--budget-period", choices=("day", "month"), default=argparse.SUPPRESS)
-        p.add_argument("--expires", type=_date, default=argparse.SUPPRESS, help="last day the key works (UTC)")
+        p.add_argument("--expires", type=_expiry, default=argparse.SUPPRESS, help="last day the key works (UTC)")
         add_config(p)
     p = actions.add_parser("list", help="list the keys (never their secrets)")
     add_config(p)
@@ -126,7 +148,7 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             if any(k.name == args.name for k in config.keys):
-                print(f"relay: {args.name!r} names a key in the config file; choose another name", file=sys.stderr)
+                print(f"relay: {shown(args.name)} names a key in the config file; choose another name", file=sys.stderr)
                 return 2
             key, secret = create_key(args.name, fields, time.time())
 
@@ -143,7 +165,7 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
                   f"{'budget':>14} {'expires':<10}")
             now = time.time()
             for k in keys:
-                state = "revoked" if k.revoked else "expired" if k.expired(now) else "active"
+                state = _state(k, now)
                 lim = k.limits
                 budget = f"${lim.budget:g}/{lim.budget_period}" if lim.budget is not None else "-"
                 print(f"{k.name:<20} {k.hint:<10} {state:<8} {printable(','.join(k.models) or '*', 60):<24} "
@@ -157,16 +179,20 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
                     changed = with_changes(k, **changes)
                     await backend.put_key(changed, create=False)
                     return changed
-            raise NoSuchKey(f"no key named {args.name!r}")
+            raise NoSuchKey(f"no key named {shown(args.name)}")
 
         _describe(_run(config, change))
         return 0
     except StoreError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        print(f"relay: {_cut(str(exc), args.name) if 'name' in args else exc}", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        print(f"relay: {_cut(str(exc), args.name) if 'name' in args else exc}", file=sys.stderr)
         return 2
+
+
+def _state(key: Any, now: float) -> str:
+    return "revoked" if key.revoked else "expired" if key.expired(now) else "active"
 
 
 def _n(value: int | None) -> str:
@@ -179,8 +205,7 @@ def _describe(key: Any) -> None:
              f"max_streams={_n(lim.max_streams)}",
              f"budget={'-' if lim.budget is None else f'${lim.budget:g}/{lim.budget_period}'}",
              f"expires={key.expires or '-'}"]
-    state = "revoked" if key.revoked else "active"
-    print(f"key {key.name} ({key.hint}, {state}): {' '.join(parts)}")
+    print(f"key {key.name} ({key.hint}, {_state(key, time.time())}): {' '.join(parts)}")
 
 
 def usage_command(config: Config, paths: list[str] | None, since: str | None) -> int:
@@ -199,14 +224,10 @@ def usage_command(config: Config, paths: list[str] | None, since: str | None) ->
     except StoreError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
-    try:
-        print(f"{'key':<16} {'model':<40} {'requests':>9} {'refused':>8} {'input':>12} {'output':>12} "
-              f"{'est. input':>12} {'est. output':>12} {'cost USD':>12}")
-        for r in summarize(rows):
-            print(f"{printable(r.key, 40):<16} {printable(r.model, 80) or '-':<40} {r.requests:>9} {r.refused:>8} "
-                  f"{r.input_tokens:>12} {r.output_tokens:>12} {r.estimated_input_tokens:>12} "
-                  f"{r.estimated_output_tokens:>12} {usd(r.cost_micros):>12.4f}")
-        sys.stdout.flush()
-    except BrokenPipeError:  # `relay usage | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush fails quietly
+    print(f"{'key':<16} {'model':<40} {'requests':>9} {'refused':>8} {'input':>12} {'output':>12} "
+          f"{'est. input':>12} {'est. output':>12} {'cost USD':>12}")
+    for r in summarize(rows):
+        print(f"{printable(r.key, 40):<16} {printable(r.model, 80) or '-':<40} {r.requests:>9} {r.refused:>8} "
+              f"{r.input_tokens:>12} {r.output_tokens:>12} {r.estimated_input_tokens:>12} "
+              f"{r.estimated_output_tokens:>12} {usd(r.cost_micros):>12.4f}")
     return 0
