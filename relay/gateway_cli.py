@@ -120,7 +120,7 @@ def check_store(config: Config) -> tuple[str, bool]:
 
 
 def keys_command(config: Config, args: argparse.Namespace) -> int:
-    from relay.store import FIELDS, NoSuchKey, StoreError, create_key, key_fields, with_changes
+    from relay.store import FIELDS, StoreError, change_key, create_key, key_fields
 
     fields = {k: v for k, v in vars(args).items() if k in FIELDS}
     try:
@@ -151,15 +151,7 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
             return 0
         changes = {"revoked": True} if args.action == "revoke" else key_fields(fields)
 
-        async def change(backend: Any) -> Any:
-            for k in await backend.load_keys():
-                if k.name == args.name:
-                    changed = with_changes(k, **changes)
-                    await backend.put_key(changed, create=False)
-                    return changed
-            raise NoSuchKey(f"no key named {args.name!r}")
-
-        _describe(_run(config, change))
+        _describe(_run(config, lambda backend: change_key(backend, args.name, changes)))
         return 0
     except StoreError as exc:
         print(f"relay: {exc}", file=sys.stderr)

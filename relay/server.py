@@ -68,7 +68,6 @@ class Server:
         self.gateway = Gateway(config, self.metrics)
         self.live = Live(self.gateway.view.instance if self.gateway.view else "local")  # the console's hour
         self.file_config = config  # what the file says; ``config`` adds the providers stored at run time
-        self.left_out: dict[str, str] = {}  # stored providers this instance cannot use, and why
         if self.gateway.view is not None:
             self.gateway.view.on_providers = self._stored_changed
             self.gateway.view.live_export = lambda: orjson.dumps(
@@ -148,10 +147,10 @@ class Server:
     def _with_stored(self, config: Config) -> Config:
         view = self.gateway.view
         if view is None or not view.providers:
-            self.left_out = {}
+            self.gateway.left_out = {}
             return config
-        merged, self.left_out = with_stored(config, view.providers, dict(os.environ))
-        for name, problem in self.left_out.items():
+        merged, self.gateway.left_out = with_stored(config, view.providers, dict(os.environ))
+        for name, problem in self.gateway.left_out.items():
             log.warning("stored provider %r left out: %s", name, problem)
         return merged
 

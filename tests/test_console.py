@@ -309,7 +309,7 @@ def test_live_figures_of_several_processes_merge() -> None:
 
 
 def test_provider_urls_are_shown_without_secrets() -> None:
-    from relay.console import _shown_url
+    from relay.admin import shown_url as _shown_url
 
     assert _shown_url("https://user:pw@llm.internal:8443/v1?key=abc") == "https://llm.internal:8443/v1"
     assert _shown_url("http://[::1]:8080/v1") == "http://[::1]:8080/v1"
