@@ -65,6 +65,7 @@ class Server:
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
+        self._retiring = trio.Event()
         self.gateway = Gateway(config, self.metrics)
         self.live = Live(self.gateway.view.instance if self.gateway.view else "local")  # the console's hour
         self.file_config = config  # what the file says; ``config`` adds the providers stored at run time
@@ -98,6 +99,7 @@ class Server:
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
             await background.start(self.heads.run)
+            background.start_soon(self._close_retired)
             if self.board is not None:
                 background.start_soon(self.board.run)
             try:
@@ -114,6 +116,15 @@ class Server:
                     background.cancel_scope.cancel()
                     for upstreams in (self.upstreams, *self._retired):
                         await upstreams.aclose()
+
+    async def _close_retired(self) -> None:
+        """The pools a reload left behind: their idle connections close at once, the busy ones when their request
+        ends (a provider changed or deleted at run time keeps no socket open)."""
+        while True:
+            await self._retiring.wait()
+            self._retiring = trio.Event()
+            while self._retired:
+                await self._retired.pop().aclose()
 
     async def flush_usage(self) -> None:
         """Wait until what this instance booked so far is in the store (tests, the admin API)."""
@@ -158,12 +169,16 @@ class Server:
         """New config for new requests; requests in flight keep the upstream pools they started with."""
         old, self.upstreams = self.upstreams, Upstreams(config)
         self.upstreams.inherit(old)
-        if not old.empty:
-            self._retired.append(old)  # closed at exit: requests in flight may still use its pools
+        if not old.empty:  # pools of providers removed or changed: closed now, their busy connections as they end
+            self._retired.append(old)
+            self._retiring.set()
+        unchanged = {name for name, p in config.providers.items() if self.config.providers.get(name) == p}
+        self.healths.keep(unchanged)  # circuits, cool-downs and learned limits of the others stay
+        known = Limits(self.upstreams.get_json, routing.named_targets(config))
+        known.carry(self.known, unchanged)
+        self.known = known
         self.config = config
-        self.healths = Healths()
         self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
-        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)

@@ -80,6 +80,9 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     assert taken.status_code == 409 and "config file" in taken.json()["error"]["message"]
     assert await run(ask, url, RELAY_KEY, "mock-model") == "from mock"
     warm = upstream.accepted
+    server = relay.server
+    health = server.healths.of(server.config.providers["mock"])
+    server.known._output_caps[("mock", "mock-model")] = 4096  # as if the upstream had stated its cap
     made = await run(call, url, "POST", "/admin/providers", ADMIN, table)
     assert made.status_code == 201, made.text
     assert SECRET not in made.text and made.json()["table"]["api_key"] == ["(set)"]
@@ -90,7 +93,9 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     assert custom.requests[-1].headers["authorization"] == f"Bearer {SECRET}"
     assert custom.requests[-1].json["model"] == "custom-model"
     assert await run(ask, url, RELAY_KEY, "mock-model") == "from mock"  # the file's providers are untouched,
-    assert upstream.accepted == warm  # and keep their warm connections through the change
+    assert upstream.accepted == warm  # and keep their warm connections through the change,
+    assert server.healths.of(server.config.providers["mock"]) is health  # their circuit and cool-downs,
+    assert server.known._output_caps[("mock", "mock-model")] == 4096  # and what relay learned of them
     # the console's list: the stored one with its (masked) table beside the file's, read-only
     listed = (await run(call, url, "GET", "/admin/providers")).json()["data"]
     sources = {p["name"]: p["source"] for p in listed}
@@ -114,7 +119,11 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     assert (await run(call, url, "PATCH", "/admin/providers/mock", ADMIN, {"retries": 2})).status_code == 409
     assert (await run(call, url, "DELETE", "/admin/providers/mock")).status_code == 409
     # deleted: gone from routing and from the list
+    assert custom.open_connections >= 1  # relay keeps a warm connection to it...
     assert (await run(call, url, "DELETE", "/admin/providers/custom")).status_code == 200
+    with trio.fail_after(5):  # ...and closes it once the provider is gone
+        while custom.open_connections:
+            await trio.sleep(0.02)
     assert (await run(call, url, "DELETE", "/admin/providers/custom")).status_code == 404
     seen = len(custom.requests)
     assert await run(ask, url, RELAY_KEY, "custom/renamed") == "from mock"  # no such provider now: the default route
