@@ -286,3 +286,18 @@ async def _works(url: str, key: str) -> bool:
 
 async def _refused(url: str, key: str) -> bool:
     return await run(_status, url, key) == 401
+
+
+async def test_refused_requests_add_no_row_per_invented_model_name(nursery: trio.Nursery, upstream: MockUpstream,
+                                                                    tmp_path: Path) -> None:
+    """A key over its limit asking for ever new model names is booked under "other", not one row per name."""
+    upstream.handler = lambda r: text_stream("ok", usage=(1, 1))
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    secret = (await run(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": "tight", "rpm": 1})).json()["secret"]
+    assert await run(ask, relay.url, secret) == "ok"
+    for n in range(5):
+        with pytest.raises(anthropic.RateLimitError):
+            await run(ask, relay.url, secret, f"invented-{n}")
+    await relay.server.flush_usage()
+    rows = [r for r in (await run(call, relay.url, "GET", "/admin/usage")).json()["data"] if r["key"] == "tight"]
+    assert sorted((r["model"], r["requests"], r["refused"]) for r in rows) == [("mock-model", 1, 0), ("other", 0, 5)]
