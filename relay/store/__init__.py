@@ -117,7 +117,7 @@ class VirtualKey(ClientKey):
 
 def check_name(name: str) -> str:
     if not KEY_NAME.match(name):
-        raise ValueError(f"key name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a"
+        raise ValueError(f"key name {name[:80]!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a"
                          " letter or digit")
     return name
 
@@ -185,6 +185,7 @@ class Backend(Protocol):
     async def usage(self, since: str | None = None) -> list[UsageRow]: ...
     async def publish(self, instance: str, doc: bytes, now: float) -> None: ...
     async def published(self, now: float) -> dict[str, bytes]: ...
+    async def leave(self, instance: str) -> None: ...
 
 
 class Records:
@@ -469,6 +470,8 @@ class View:
                                 announce.started()
                                 announce = None
                             if self._closing:
+                                with trio.move_on_after(self.settings.timeout):
+                                    await self.backend.leave(self.instance)  # the others stop counting it now
                                 return
                             await self._pause()
                     except Exception as exc:
