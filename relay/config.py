@@ -6,6 +6,7 @@ silently ignored, so a typo cannot quietly change behaviour.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -142,6 +143,9 @@ class StoreConfig:
     day_window: float | None = None  # a budget "day" in seconds; unset = the UTC calendar day
     month_window: float | None = None  # a budget "month" in seconds; unset = the UTC calendar month
     enabled: bool = True  # False when [server] usage_db = "" (no book, no virtual keys)
+    # Environment variables a provider stored at run time may name in its api_key (glob patterns; none by default):
+    # an admin may point a provider at a key kept in the environment, never read the rest of it.
+    provider_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,7 @@ _STORE_KEYS: dict[str, Any] = {
     "rate_window": (int, float),
     "day_window": (int, float),
     "month_window": (int, float),
+    "provider_env": list,
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
 # The least each number of a provider (and of its limits entries) may be, and whether that least itself is allowed:
@@ -514,19 +519,45 @@ PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 STORED_ONLY_FILE = ("ca_file",)  # a path on one machine means nothing to the other instances sharing the store
 
 
-def stored_provider(name: str, table: Any, env: dict[str, str]) -> Provider:
+def stored_provider(name: str, table: Any, env: dict[str, str], allowed: tuple[str, ...] = (),
+                    unset_ok: bool = False) -> Provider:
     """A provider added at run time (the admin API, the console), checked exactly as a ``[providers.NAME]`` table of
-    the config file is. ``${VAR}`` is filled in from each instance's own environment, so a stored provider can name
-    its key without the store holding it."""
+    the config file is. Only its ``api_key`` may name environment variables, and only those ``[store]
+    provider_env`` allows, filled in from each instance's own environment: a stored provider can use a key the
+    store never holds, and an admin cannot make relay send (or echo in an error) anything else it was started
+    with. ``unset_ok``: an allowed variable unset on this instance still passes (another may have it)."""
     src = _Source(f"<store: provider {name!r}>", "")
     if not isinstance(name, str) or not PROVIDER_NAME.match(name):
-        raise ConfigError(f"provider name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter"
-                          " or digit ('/' separates a provider from its model)")
+        raise ConfigError(f"provider name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit ('/' separates a provider from its model)")
+    table_name = f"providers.{name}"
     if isinstance(table, dict):
         for key in STORED_ONLY_FILE:
             if key in table:
-                raise src.error(f"providers.{name}", key, "only a config file's providers may name a local file")
-    return _provider(name, table, src, env)
+                raise src.error(table_name, key, "only a config file's providers may name a local file")
+        for key, value in table.items():
+            names = _variables(value)
+            if names and key != "api_key":
+                raise src.error(table_name, key, "only api_key may name an environment variable in a stored provider")
+            for var in names:
+                if not any(fnmatch.fnmatchcase(var, pattern) for pattern in allowed):
+                    raise src.error(table_name, key, f"${{{var}}}: a stored provider may read only the variables "
+                                    f"[store] provider_env allows ({', '.join(allowed) or 'none'})")
+    usable = {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in allowed)}
+    if unset_ok and isinstance(table, dict):
+        usable |= {var: "" for var in _variables(table.get("api_key")) if var not in usable}
+    return _provider(name, table, src, usable)
+
+
+def _variables(value: Any) -> list[str]:
+    """The ``${VAR}`` names anywhere in a value (strings in lists and tables included)."""
+    if isinstance(value, str):
+        return [m.group(1) for m in _VAR.finditer(value)]
+    if isinstance(value, list):
+        return [n for v in value for n in _variables(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _variables(v)]
+    return []
 
 
 def with_stored(config: Config, tables: dict[str, Any], env: dict[str, str]) -> tuple[Config, dict[str, str]]:
@@ -540,7 +571,7 @@ def with_stored(config: Config, tables: dict[str, Any], env: dict[str, str]) -> 
             problems[name] = f"the config file has a provider named {name!r}; it wins"
             continue
         try:
-            providers[name] = stored_provider(name, tables[name], env)
+            providers[name] = stored_provider(name, tables[name], env, config.store.provider_env)
         except ConfigError as exc:
             problems[name] = str(exc)
             continue
@@ -554,6 +585,10 @@ def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) ->
         raise src.error("store", None, "expected a table")
     _check_keys(raw, _STORE_KEYS, src, "store")
     raw = {k: _expand(v, src, "store", k, env) for k, v in raw.items()}
+    if "provider_env" in raw:
+        if not all(isinstance(p, str) and p for p in raw["provider_env"]):
+            raise src.error("store", "provider_env", "expected a list of variable names or glob patterns")
+        raw["provider_env"] = tuple(raw["provider_env"])
     url = raw.get("url", "")
     if not url and server.usage_db is not None:
         if server.usage_db == "":

@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from relay import pricing, routing
-from relay.admin import shown_table
+from relay.admin import shown_table, shown_url
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options
 from relay.config import Provider, provider_choices
@@ -99,7 +99,7 @@ def _providers(server: Server, wanted: str) -> bytes:
     view = server.gateway.view
     if view is not None:
         shown += [{"name": n, "source": "store", "error": why, "table": shown_table(view.providers.get(n, {}))}
-                  for n, why in server.left_out.items() if not wanted or n == wanted]
+                  for n, why in server.gateway.left_out.items() if not wanted or n == wanted]
     if not wanted:
         return orjson.dumps({"data": shown, "choices": provider_choices()})
     if not shown:
@@ -114,14 +114,15 @@ async def _live(server: Server, now: float) -> dict[str, Any]:
     view = server.gateway.view
     others = [] if view is None else await view.others_live()
     mine = server.live.export(now, server.metrics.open_streams)
-    exports = [mine]
+    exports: list[Any] = [mine]
     for doc in others:
         try:
             exports.append(orjson.loads(doc))
         except orjson.JSONDecodeError:
-            continue
-    whole, streams_open = merged(now, exports)
-    return whole.snapshot(now) | {"streams_open": streams_open, "instances": len(exports),
+            exports.append(None)  # counted as unreadable
+    whole, streams_open, unreadable = merged(now, exports)
+    return whole.snapshot(now) | {"streams_open": streams_open, "instances": len(exports) - unreadable,
+                                  "unreadable": unreadable,
                                   "store": None if view is None else ("up" if view.up else "down")}
 
 
@@ -175,16 +176,10 @@ def _p50(server: Server, provider: str) -> float | None:
     return None if i is None or i >= len(BUCKETS) else BUCKETS[i] * 1000
 
 
-def _shown_url(url: str) -> str:
-    """A base URL without what may hold a secret (user:password@, a query string)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 def _provider(server: Server, p: Provider) -> dict[str, Any]:
     """A provider as the page shows it: never a key, only how many there are and how many rest; a stored one
     with its table (keys masked), for the custom models page to edit."""
-    doc = {"name": p.name, "format": p.format, "base_url": _shown_url(p.base_url), "preset": p.preset,
+    doc = {"name": p.name, "format": p.format, "base_url": shown_url(p.base_url), "preset": p.preset,
            "keys": len(p.api_keys), "passthrough_models": p.passthrough_models, "source": "config",
            "health": server.healths.of(p).state(trio.current_time()), "ttfb_p50_ms": _p50(server, p.name),
            "models": [{"id": m, "context_window": p.limits_for(m).context_window,

@@ -61,6 +61,10 @@ class NoSuchKey(StoreError):
     pass
 
 
+class Changed(StoreError):
+    """A record changed between reading and writing it (another admin's change at the same moment)."""
+
+
 # ---- what is stored ------------------------------------------------------------------------------------
 
 
@@ -113,7 +117,7 @@ class VirtualKey(ClientKey):
 
 def check_name(name: str) -> str:
     if not KEY_NAME.match(name):
-        raise ValueError(f"key name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a"
+        raise ValueError(f"key name {name[:80]!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a"
                          " letter or digit")
     return name
 
@@ -170,7 +174,8 @@ class Backend(Protocol):
     async def ping(self) -> None: ...
     async def version(self, kind: str) -> int: ...
     async def load(self, kind: str) -> dict[str, bytes]: ...
-    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None: ...
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None: ...
     async def keys_version(self) -> int: ...
     async def load_keys(self) -> list[VirtualKey]: ...
     async def put_key(self, key: VirtualKey, *, create: bool) -> None: ...
@@ -180,12 +185,14 @@ class Backend(Protocol):
     async def usage(self, since: str | None = None) -> list[UsageRow]: ...
     async def publish(self, instance: str, doc: bytes, now: float) -> None: ...
     async def published(self, now: float) -> dict[str, bytes]: ...
+    async def leave(self, instance: str) -> None: ...
 
 
 class Records:
     """Named records (``RECORDS``) on top of a backend's three record calls: each kind has a version that every
     change bumps, so an instance re-reads a kind only when it changed. ``put`` with ``doc`` None deletes;
-    ``create`` refuses a name in use (KeyExists), otherwise the name must exist (NoSuchKey)."""
+    ``create`` refuses a name in use (KeyExists), otherwise the name must exist (NoSuchKey); ``expect``: only if
+    the record still holds exactly these bytes (Changed otherwise), atomically."""
 
     async def version(self, kind: str) -> int:
         raise NotImplementedError
@@ -193,7 +200,8 @@ class Records:
     async def load(self, kind: str) -> dict[str, bytes]:
         raise NotImplementedError
 
-    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None:
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None:
         raise NotImplementedError
 
     async def keys_version(self) -> int:
@@ -204,6 +212,30 @@ class Records:
 
     async def put_key(self, key: VirtualKey, *, create: bool) -> None:
         await self.put("keys", key.name, key.to_json(), create=create)
+
+
+async def update(backend: Backend, kind: str, name: str, change: Any, tries: int = 8) -> bytes | None:
+    """Read, change and write one record as one step against any other writer: ``change(old bytes)`` gives the
+    new bytes (None deletes), written only if nobody wrote the record in between, else read again. Two admins
+    changing one key at the same moment both land (a revocation is never undone by a concurrent edit)."""
+    for _ in range(tries):
+        found = (await backend.load(kind)).get(name)
+        if found is None:
+            raise missing(kind, name)
+        new = change(found)
+        try:
+            await backend.put(kind, name, new, create=False, expect=found)
+        except Changed:
+            continue
+        return new  # type: ignore[no-any-return]
+    raise StoreError(f"{RECORDS[kind]} {name!r} kept changing under {tries} attempts; try again")
+
+
+async def change_key(backend: Backend, name: str, changes: Mapping[str, Any]) -> VirtualKey:
+    """A key with some fields replaced (``revoked`` too), through ``update``: the CLI's and the admin API's."""
+    doc = await update(backend, "keys", name, lambda raw: with_changes(VirtualKey.from_json(raw), **changes).to_json())
+    assert doc is not None  # a change, never a deletion
+    return VirtualKey.from_json(doc)
 
 
 def exists(kind: str, name: str) -> KeyExists:
@@ -438,6 +470,8 @@ class View:
                                 announce.started()
                                 announce = None
                             if self._closing:
+                                with trio.move_on_after(self.settings.timeout):
+                                    await self.backend.leave(self.instance)  # the others stop counting it now
                                 return
                             await self._pause()
                     except Exception as exc:

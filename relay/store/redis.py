@@ -22,8 +22,8 @@ import coredis
 import orjson
 import trio
 
-from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Records, StoreError, Synced, UsageRow, exists, masked,
-                         missing)
+from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Changed, Records, StoreError, Synced, UsageRow, exists,
+                         masked, missing)
 
 logging.getLogger("coredis").setLevel(logging.CRITICAL)  # relay says once, itself, that the store is away
 P = "relay:"
@@ -50,6 +50,7 @@ PUT = """
 local exists = redis.call('HEXISTS', KEYS[1], ARGV[1])
 if ARGV[3] == '1' and exists == 1 then return 'exists' end
 if ARGV[3] == '0' and exists == 0 then return 'missing' end
+if ARGV[5] == '1' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[6] then return 'changed' end
 if ARGV[4] == '1' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 redis.call('INCR', KEYS[1] .. ':version')
 return 'ok'
@@ -95,14 +96,18 @@ class RedisBackend(Records):
         assert kind in RECORDS
         return {name.decode(): doc for name, doc in (await self._client.hgetall(P + kind)).items()}
 
-    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None:
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None:
         assert kind in RECORDS
         answer: Any = await self._put(keys=[P + kind], args=[name, doc or b"", "1" if create else "0",
-                                                             "1" if doc is None else "0"])
+                                                             "1" if doc is None else "0",
+                                                             "0" if expect is None else "1", expect or b""])
         if answer == b"exists":
             raise exists(kind, name)
         if answer == b"missing":
             raise missing(kind, name)
+        if answer == b"changed":
+            raise Changed(f"{RECORDS[kind]} {name!r} changed meanwhile")
 
     async def apply(self, batch: Batch) -> None:
         payload = orjson.dumps({
@@ -165,3 +170,7 @@ class RedisBackend(Records):
             return {}
         docs = await self._client.mget([P + "live:" + i for i in instances])
         return {i: doc for i, doc in zip(instances, docs) if doc is not None}
+
+    async def leave(self, instance: str) -> None:
+        await self._client.delete([P + "live:" + instance, P + "streams:" + instance])
+        await self._client.zrem(P + "instances", [instance])

@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import trio
 
-from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Records, StoreError, Synced, UsageRow, exists,
-                         missing)
+from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Changed, Records, StoreError, Synced, UsageRow,
+                         exists, missing)
 
 T = TypeVar("T")
 LEGACY_NAME = "usage.sqlite3"  # the usage book's default file before the store
@@ -163,15 +163,18 @@ class SQLiteBackend(Records):
         rows = await self._run(lambda db: db.execute(f"SELECT name, doc FROM {kind}").fetchall())
         return {name: bytes(doc) if not isinstance(doc, bytes) else doc for name, doc in rows}
 
-    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool) -> None:
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None:
         assert kind in RECORDS
 
-        def work(db: sqlite3.Connection) -> None:
-            found = db.execute(f"SELECT 1 FROM {kind} WHERE name = ?", (name,)).fetchone()
+        def work(db: sqlite3.Connection) -> None:  # in one BEGIN IMMEDIATE transaction: the check and the write
+            found = db.execute(f"SELECT doc FROM {kind} WHERE name = ?", (name,)).fetchone()
             if create and found:
                 raise exists(kind, name)
             if not create and not found:
                 raise missing(kind, name)
+            if expect is not None and bytes(found[0]) != expect:
+                raise Changed(f"{RECORDS[kind]} {name!r} changed meanwhile")
             if doc is None:
                 db.execute(f"DELETE FROM {kind} WHERE name = ?", (name,))
             else:
@@ -233,3 +236,10 @@ class SQLiteBackend(Records):
         rows = await self._run(lambda db: db.execute("SELECT instance, doc FROM live WHERE seen >= ?",
                                                      (now - STREAMS_TTL,)).fetchall())
         return {instance: bytes(doc) for instance, doc in rows}
+
+    async def leave(self, instance: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            for table in ("live", "streams", "instances"):
+                db.execute(f"DELETE FROM {table} WHERE instance = ?", (instance,))
+
+        await self._run(work)
