@@ -660,7 +660,7 @@ class View:
 FIELDS = ("models", "rpm", "tpm", "max_streams", "budget", "budget_period", "expires")
 
 
-def key_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
+def key_fields(doc: Mapping[str, Any], now: float | None = None) -> dict[str, Any]:
     """The settable fields of a key (from the CLI or the admin API's JSON), checked; ValueError names the
     first wrong one. None clears a limit."""
     out: dict[str, Any] = {}
@@ -688,9 +688,13 @@ def key_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
         elif name == "expires":
             if value is not None:
                 try:
-                    time.strptime(value, "%Y-%m-%d")
+                    day = time.strftime("%Y-%m-%d", time.strptime(value, "%Y-%m-%d"))
                 except (TypeError, ValueError):
                     raise ValueError("expires: expected a date YYYY-MM-DD (or null)") from None
+                if day < today(time.time() if now is None else now):
+                    raise ValueError(f"expires: {day} has passed (the key works through its expiry day, UTC); "
+                                     "to stop a key now, revoke it")
+                value = day
             out[name] = value
     return out
 
@@ -701,7 +705,7 @@ def create_key(name: str, fields: Mapping[str, Any], now: float) -> tuple[Virtua
     secret = new_secret()
     key = VirtualKey(key="", name=name, digest=digest(secret), hint=secret[:len(SECRET_PREFIX) + 4] + "…",
                      created=now)
-    return with_changes(key, **key_fields(fields)), secret
+    return with_changes(key, **key_fields(fields, now)), secret
 
 
 def with_changes(key: VirtualKey, **changes: Any) -> VirtualKey:

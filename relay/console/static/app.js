@@ -332,9 +332,10 @@ const pages = {
           for (const k of Object.keys(table)) if (table[k] === null || (Array.isArray(table[k]) && !table[k].length)) delete table[k];
           answer = await api("POST", "/admin/providers", { name: f.name.value, ...table });
         }
-        const saved = answer.left_out
+        const saved = (answer.left_out
           ? `Saved ${f.name.value}, but this relay process leaves it out: ${answer.left_out}`
-          : `Saved ${f.name.value}: served here now, by the other instances within a second.`;
+          : `Saved ${f.name.value}: served here now, by the other instances within a second.`) +
+          (answer.note ? ` Note: it ${answer.note}.` : "");
         await load();
         edit(null);
         done.textContent = saved;
