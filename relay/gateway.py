@@ -28,6 +28,7 @@ class Gateway:
         self.metrics = metrics
         url = url_for(config.store)
         self.view = View.open(url, config.store) if url else None
+        self.left_out: dict[str, str] = {}  # stored providers this instance cannot serve, and why (the server's merge)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.view is None:
@@ -63,8 +64,8 @@ class Gateway:
         calls ``finish`` once it has answered, whatever happened."""
         if not isinstance(client, VirtualKey) or self.view is None:
             return
-        try:
-            self.view.admit(client, printable(model))
+        try:  # a refused request is booked under a name /metrics knows, or "other": random names add no rows
+            self.view.admit(client, self.metrics.model_label(model, served=False))
         except Exception as exc:
             status = getattr(exc, "status", 0)
             self.metrics.refused[(REFUSALS.get(status, "other"),)] += 1

@@ -9,7 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from relay.config import Config
+import orjson
+
+from relay.config import Config, with_stored
 from relay.log import printable
 
 T = TypeVar("T")
@@ -91,29 +93,36 @@ def _run(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
     return trio.run(main)
 
 
-def check_store(config: Config) -> tuple[str, bool]:
-    """`relay check`'s store line, after a ping; False when the store does not answer."""
+def check_store(config: Config) -> tuple[str, bool, Config]:
+    """`relay check`'s store lines, after a ping (False when the store does not answer), and the config with the
+    providers stored at run time merged in, as the server will serve it here. A stored provider this machine
+    must leave out (its ``${VAR}`` unset here) is a warning, not a failure: another instance may serve it."""
     from relay.store import StoreError, masked, url_for
 
     url = url_for(config.store)
     if url is None:
-        return "store: off ([server] usage_db = \"\": no usage book, no virtual keys)", True
+        return "store: off ([server] usage_db = \"\": no usage book, no virtual keys)", True, config
     if url.startswith("sqlite://") and not os.path.exists(os.path.expanduser(url[len("sqlite://"):])):
-        return f"store: {url} (created on first start)", True
+        return f"store: {url} (created on first start)", True, config
 
-    async def ping(backend: Any) -> int:
+    async def ping(backend: Any) -> tuple[int, dict[str, bytes]]:
         await backend.ping()
-        return len(await backend.load_keys())
+        return len(await backend.load_keys()), await backend.load("providers")
 
     try:
-        count = _run(config, ping)
+        count, stored = _run(config, ping)
     except StoreError as exc:
-        return f"store: {masked(url)}: unreachable: {exc}", False
-    return f"store: {masked(url)} ok ({count} virtual key(s))", True
+        return f"store: {masked(url)}: unreachable: {exc}", False, config
+    tables = {name: orjson.loads(doc)["table"] for name, doc in stored.items()}
+    merged, problems = with_stored(config, tables, dict(os.environ))
+    lines = [f"store: {masked(url)} ok ({count} virtual key(s), {len(tables)} stored provider(s): "
+             f"{', '.join(sorted(tables)) or 'none'})"]
+    lines += [f"  warning: stored provider {name} left out here: {why}" for name, why in problems.items()]
+    return "\n".join(lines), True, merged
 
 
 def keys_command(config: Config, args: argparse.Namespace) -> int:
-    from relay.store import FIELDS, NoSuchKey, StoreError, create_key, key_fields, with_changes
+    from relay.store import FIELDS, StoreError, change_key, create_key, key_fields
 
     fields = {k: v for k, v in vars(args).items() if k in FIELDS}
     try:
@@ -144,15 +153,7 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
             return 0
         changes = {"revoked": True} if args.action == "revoke" else key_fields(fields)
 
-        async def change(backend: Any) -> Any:
-            for k in await backend.load_keys():
-                if k.name == args.name:
-                    changed = with_changes(k, **changes)
-                    await backend.put_key(changed, create=False)
-                    return changed
-            raise NoSuchKey(f"no key named {args.name!r}")
-
-        _describe(_run(config, change))
+        _describe(_run(config, lambda backend: change_key(backend, args.name, changes)))
         return 0
     except StoreError as exc:
         print(f"relay: {exc}", file=sys.stderr)

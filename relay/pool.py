@@ -119,6 +119,7 @@ class ConnectionPool:
         self._limit = max_connections
         self._slots: trio.Semaphore | None = None  # made on first use, inside trio
         self._idle: dict[OriginKey, list[HTTP11Connection]] = {}
+        self._closed = False  # closed by a reload: requests still running close their connection when they end
 
     @asynccontextmanager
     async def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
@@ -155,7 +156,7 @@ class ConnectionPool:
             try:
                 yield response
             finally:
-                if response.reusable:
+                if response.reusable and not self._closed:
                     connection.reuse()
                     self._idle.setdefault(key, []).append(connection)
                 else:
@@ -182,6 +183,7 @@ class ConnectionPool:
         return HTTP11Connection(origin, stream, self._keepalive)
 
     async def aclose(self) -> None:
+        self._closed = True
         for stack in self._idle.values():
             for connection in stack:
                 await connection.aclose()
