@@ -78,8 +78,8 @@ def server_argv(target: str, upstream_port: int, port: int, config: Path) -> lis
 SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "delay": 0.02}}
 
 
-def measure(target: str, requests: int, warmup: int, shape: str = "burst") -> int:
-    upstream, upstream_port = start_upstream({"default": SHAPES[shape]})
+def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunks: int = 0) -> int:
+    upstream, upstream_port = start_upstream({"default": {**SHAPES[shape], **({"chunks": chunks} if chunks else {})}})
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     port = free_port()
     out = workdir / "callgrind.out"
@@ -116,9 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--shape", default="burst", choices=list(SHAPES))
+    parser.add_argument("--chunks", type=int, default=0,
+                        help="chunks per answer instead of the shape's (two counts give the cost per chunk)")
     args = parser.parse_args(argv)
-    per = measure(args.target, args.requests, args.warmup, args.shape)
-    print(f"{args.target}: {per:,} instructions per {args.shape} request ({SHAPES[args.shape]['chunks']} chunks; "
+    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks)
+    print(f"{args.target}: {per:,} instructions per {args.shape} request ({args.chunks or SHAPES[args.shape]['chunks']} chunks; "
           f"{args.requests} requests after {args.warmup} warm-up)")
 
 

@@ -186,15 +186,22 @@ class EventStream:
         """Send events; the first call sends the head with them."""
         if not data:
             return
-        if self.ex.status == 0:
-            await self.conn.send(self._head(), h11.Data(data=data))
-        elif self.chunked:
-            try:
-                await transport.send_all(self.conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
-            except OSError as exc:
-                raise ClientGone() from exc
-        else:
-            await self.conn.send(h11.Data(data=data))
+        rest = self.write_now(data)
+        if rest:
+            await self.conn.send_bytes(rest)
+        elif rest is None:
+            await self.conn.send(*((self._head(),) if self.ex.status == 0 else ()), h11.Data(data=data))
+
+    def write_now(self, data: bytes) -> bytes | None:
+        """The per-chunk step of every stream, made without a coroutine or a wait: one chunk frame, one write.
+        Returns what the socket's buffer did not take (b"": all of it, nearly always; the rest goes out with
+        ``write``'s wait), or None when the head is not out yet or the framing is not chunked (``write`` then)."""
+        if not self.chunked:
+            return None
+        try:
+            return transport.send_now(self.conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
+        except OSError as exc:
+            raise ClientGone() from exc
 
     async def end(self) -> None:
         await self.conn.send(h11.EndOfMessage())

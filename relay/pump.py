@@ -63,16 +63,26 @@ class Pump:
         self._head_done: trio.Event | None = None
 
     async def flush(self) -> None:
+        """Write what is pending. Called right after an upstream read (or the head) set ``deadlines.last_read``:
+        a write the socket takes at once (nearly every one) ends at that time as far as the stream's timers can
+        tell, so it costs no coroutine and no clock read; one that has to wait moves both clocks past it (the idle
+        timer counts upstream silence, not a slow client)."""
         pending = self.pending
         if pending:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             while self.aside is not None:  # a ping is being written: the stream's bytes follow it, never inside it
                 await self.aside.wait()
+            rest = self.out.write_now(data)
+            if rest == b"":
+                self.last_write = self.deadlines.last_read
+                return
             self.flushing = True
-            await self.out.write(data)
+            if rest is None:
+                await self.out.write(data)
+            else:
+                await self.out.conn.send_bytes(rest)
             self.flushing = False
-            # the idle timer counts upstream silence, not a slow client
             self.last_write = self.deadlines.last_read = trio.current_time()
 
     async def end_head_watch(self) -> None:
@@ -345,7 +355,8 @@ class Pump:
         try:
             with reading:
                 while True:
-                    await self.flush()
+                    if self.pending:
+                        await self.flush()
                     got = await read()
                     self.deadlines.heard()
                     if self._take(got, feed, upstream, translator):

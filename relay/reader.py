@@ -91,6 +91,16 @@ class BodyReader:
         """The events this read completed; at the body's end also a last event that had no blank line after it.
         Raises SSEError for an event over the parser's limit."""
         parser = self.sse
+        if self._state == _SIZE and self._kind == CHUNKED and not self._line and self.error is None:
+            # what a paced upstream's every read holds: exactly one whole chunk (no state machine, no lists)
+            line = _BARE_SIZE_LINE.match(data)
+            if line is not None:
+                start = line.end()
+                end = start + int(line.group(1), 16)
+                if end + 2 == len(data) and end > start and data[end] == 13 and data[end + 1] == 10:
+                    piece = data[start:end]
+                    payload = parser.single(piece)
+                    return [(None, payload)] if payload is not None else parser.feed(piece)
         single = parser.single
         out: list[Event] = []
         for piece in self._pieces(data):

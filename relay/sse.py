@@ -3,6 +3,9 @@
 It holds back only the bytes of an event that has not been terminated yet (which cannot be acted on),
 never a complete event. Handles CRLF/CR/LF line ends split anywhere, ``data:`` with or without the space,
 comment (keep-alive) lines, multi-line data, and a final event that ends without a blank line.
+
+Byte searches are ``find``, never ``in``: ``bytes.__contains__`` first tries its needle as an integer, and the
+TypeError it makes and drops costs ~4x the search itself (~0.3 us, per chunk).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class SSEParser:
             self._skip_lf = False
             if data[:1] == b"\n":
                 data = data[1:]
-        if b"\r" in data:
+        if data.find(b"\r") >= 0:
             if data[-1:] == b"\r":
                 self._skip_lf = True
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -42,7 +45,7 @@ class SSEParser:
             self._buf = rest
             out: list[Event] = []
             for block in parts:
-                if block[:6] == b"data: " and b"\n" not in block:
+                if block[:6] == b"data: " and block.find(b"\n") < 0:
                     out.append((None, block[6:]))
                 elif block:
                     event = _parse_block(block)
@@ -69,12 +72,18 @@ class SSEParser:
         return events
 
     def single(self, data: bytes) -> bytes | None:
-        """The payload when ``data`` is exactly one whole one-line ``data:`` event and nothing is pending (what
-        a paced upstream's every read holds): the caller skips the general parse. None otherwise."""
-        if self._buf or self._skip_lf or data[:6] != b"data: " or data.find(b"\n") != len(data) - 2 \
-                or data[-1:] != b"\n" or b"\r" in data:
+        """The payload when ``data`` is exactly one whole one-line ``data:`` event, LF or CRLF framed (Gemini
+        frames with CRLF), and nothing is pending (what a paced upstream's every read holds): the caller skips the
+        general parse. None otherwise."""
+        if self._buf or self._skip_lf or data[:6] != b"data: ":
             return None
-        return data[6:-2]
+        end = len(data) - 2
+        lf = data.find(b"\n")
+        if lf == end and data[-1:] == b"\n" and data.find(b"\r") < 0:
+            return data[6:-2]
+        if lf == end - 1 and data[-4:] == b"\r\n\r\n" and data.find(b"\r") == end - 2:
+            return data[6:-4]
+        return None
 
     def close(self) -> list[Event]:
         """End of stream: a last event that was not followed by a blank line still counts."""
@@ -87,9 +96,13 @@ class SSEParser:
 
 
 def _parse_block(block: bytes) -> Event | None:
-    if block[:5] == b"data:" and b"\n" not in block:  # the common case: one data line
+    if block[:5] == b"data:" and block.find(b"\n") < 0:  # the common case: one data line
         value = block[5:]
         return (None, value[1:] if value[:1] == b" " else value)
+    if block[:7] == b"event: ":  # the typed formats' (Responses, Anthropic): one event line, one data line
+        eol = block.find(b"\n")
+        if block[eol + 1:eol + 7] == b"data: " and block.find(b"\n", eol + 1) < 0:
+            return (block[7:eol], block[eol + 7:])
     name: bytes | None = None
     data: list[bytes] = []
     for line in block.split(b"\n"):

@@ -12,11 +12,13 @@ from typing import Any
 import orjson
 
 _ALPHABET = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_TO_BASE62 = bytes(_ALPHABET[b % 62] for b in range(256))  # byte -> its letter, for bytes.translate
 
 
 def _base62(nbytes: int, length: int) -> str:
-    raw = os.urandom(nbytes)
-    return bytes(_ALPHABET[b % 62] for b in raw)[:length].decode()
+    """Random letters, one per random byte (modulo 62): a table lookup in C, not a generator (5 us -> 0.5 us:
+    every request and every stream makes ids)."""
+    return os.urandom(nbytes)[:length].translate(_TO_BASE62).decode()
 
 
 def message_id() -> str:
@@ -84,22 +86,32 @@ def tool_block_start(index: int, tool_id: str, name: str) -> bytes:
     )
 
 
+# A delta event is its block's head (made once per block: ``BlockWriter`` keeps the open block's) + the JSON string
+# + DELTA_END; per chunk that is one concatenation, no formatting.
+DELTA_END = b"}}\n\n"
+
+
+def text_delta_head(index: int) -> bytes:
+    return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+            b'"delta":{"type":"text_delta","text":' % index)
+
+
+def thinking_delta_head(index: int) -> bytes:
+    return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+            b'"delta":{"type":"thinking_delta","thinking":' % index)
+
+
+def input_json_delta_head(index: int) -> bytes:
+    return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+            b'"delta":{"type":"input_json_delta","partial_json":' % index)
+
+
 def text_delta(index: int, text: str) -> bytes:
-    return (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-        b'"delta":{"type":"text_delta","text":' % index
-        + orjson.dumps(text)
-        + b"}}\n\n"
-    )
+    return text_delta_head(index) + orjson.dumps(text) + DELTA_END
 
 
 def thinking_delta(index: int, text: str) -> bytes:
-    return (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-        b'"delta":{"type":"thinking_delta","thinking":' % index
-        + orjson.dumps(text)
-        + b"}}\n\n"
-    )
+    return thinking_delta_head(index) + orjson.dumps(text) + DELTA_END
 
 
 def signature_delta(index: int, signature: str) -> bytes:
@@ -107,17 +119,12 @@ def signature_delta(index: int, signature: str) -> bytes:
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
         b'"delta":{"type":"signature_delta","signature":' % index
         + orjson.dumps(signature)
-        + b"}}\n\n"
+        + DELTA_END
     )
 
 
 def input_json_delta(index: int, partial: str) -> bytes:
-    return (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-        b'"delta":{"type":"input_json_delta","partial_json":' % index
-        + orjson.dumps(partial)
-        + b"}}\n\n"
-    )
+    return input_json_delta_head(index) + orjson.dumps(partial) + DELTA_END
 
 
 def block_stop(index: int) -> bytes:

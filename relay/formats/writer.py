@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from orjson import dumps
+
 from relay.errors import RelayError, empty_stream
 from relay.formats import anthropic as A
+from relay.formats.anthropic import DELTA_END
 from relay.formats.base import ended_early
 from relay.sse import Event, SSEError, SSEParser
 from relay.tokens import OutputCount
@@ -45,6 +48,7 @@ class BlockWriter:
         self._out: list[bytes] = []
         self._block = NONE
         self._index = -1
+        self._head = b""  # the open block's delta head (``A.*_delta_head``): a delta is head + JSON string + end
         self._signature = ""  # the open (or next closed) thinking block's signature, once known
 
     # ---- the Translator protocol ------------------------------------------------------------
@@ -123,12 +127,8 @@ class BlockWriter:
             self._out.append(A.message_start(self.message_id, self.model, self._hint))
 
     def text(self, text: str) -> None:
-        if not text:
-            return
-        if self._block != TEXT:
-            self._open(TEXT)
-        self._streamed.add(text)
-        self._out.append(A.text_delta(self._index, text))
+        if text:
+            self.delta(TEXT, text)
 
     def thinking(self, text: str, signature: str | None = None) -> None:
         """Thinking text into the open thinking block (opening one if needed); a signature, when given, is
@@ -136,10 +136,22 @@ class BlockWriter:
         if self._block != THINKING:
             self._open(THINKING)
         if text:
-            self._streamed.add(text)
-            self._out.append(A.thinking_delta(self._index, text))
+            self.delta(THINKING, text)
         if signature:
             self._signature = signature
+
+    def delta(self, kind: int, text: str) -> None:
+        """Non-empty ``text`` into the open block of ``kind``: TEXT or THINKING opens one when another is open;
+        TOOL is only for the open tool block. The step every chunk of every stream takes, so it is kept to one
+        template concatenation (and ``OutputCount.add``'s ASCII case inline)."""
+        if self._block != kind:
+            self._open(kind)
+        count = self._streamed
+        if text.isascii():
+            count.chars += len(text)
+        else:
+            count.add(text)
+        self._out.append(self._head + dumps(text) + DELTA_END)
 
     @property
     def in_thinking(self) -> bool:
@@ -155,11 +167,11 @@ class BlockWriter:
         self.saw_tool = True
         self._streamed.add(name)
         self._out.append(A.tool_block_start(self._index, tool_id, name))
+        self._head = A.input_json_delta_head(self._index)
 
     def tool_args(self, partial: str) -> None:
         if partial and self._block == TOOL:
-            self._streamed.add(partial)
-            self._out.append(A.input_json_delta(self._index, partial))
+            self.delta(TOOL, partial)
 
     def close_block(self) -> None:
         if self._block == NONE:
@@ -208,5 +220,7 @@ class BlockWriter:
         self._block = kind
         if kind == TEXT:
             self._out.append(A.text_block_start(self._index))
+            self._head = A.text_delta_head(self._index)
         elif kind == THINKING:
             self._out.append(A.thinking_block_start(self._index))
+            self._head = A.thinking_delta_head(self._index)

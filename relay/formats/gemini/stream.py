@@ -13,7 +13,7 @@ import orjson
 
 from relay.formats.gemini.common import blocked, part_ops, stop_reason, usage_numbers
 from relay.formats.gemini.response import candidate_of, error_of
-from relay.formats.writer import BlockWriter
+from relay.formats.writer import TEXT, BlockWriter
 
 
 class GeminiStreamTranslator(BlockWriter):
@@ -30,6 +30,8 @@ class GeminiStreamTranslator(BlockWriter):
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
+            return
+        if type(doc) is dict and self.started and self._one_text(doc):
             return
         if isinstance(doc, list) and doc and isinstance(doc[0], dict):
             doc = doc[0]
@@ -53,6 +55,38 @@ class GeminiStreamTranslator(BlockWriter):
         if candidate.get("finishReason"):
             self._finish = candidate["finishReason"]
             self.close_block()
+
+    def _one_text(self, doc: dict[str, Any]) -> bool:
+        """The hot path: a mid-stream chunk whose one candidate carries one plain text or thought part (no
+        signature, no call, no finish, no error) and perhaps the running usage. Handles it as
+        ``part_ops`` + ``_apply`` would and says True; anything else is left to the general path."""
+        try:
+            candidates = doc["candidates"]
+            if type(candidates) is not list or len(candidates) != 1 or "error" in doc \
+                    or (not self._response_id and "responseId" in doc):  # (the general path keeps it)
+                return False
+            candidate = candidates[0]
+            if type(candidate) is not dict or candidate.get("finishReason") \
+                    or ("index" in candidate and candidate["index"] != 0):
+                return False
+            parts = candidate["content"]["parts"]
+            if type(parts) is not list or len(parts) != 1:
+                return False
+            part = parts[0]
+            text = part["text"]
+            if type(text) is not str or "functionCall" in part or "thoughtSignature" in part:
+                return False
+        except (KeyError, TypeError):
+            return False
+        if "usageMetadata" in doc:
+            self.usage(*usage_numbers(doc["usageMetadata"]))
+        if part.get("thought") is True:
+            if self.signed:  # that block's signature is set: this is a new thought
+                self.close_block()
+            self.thinking(text)
+        elif text:
+            self.delta(TEXT, text)
+        return True
 
     def _apply(self, op: tuple[Any, ...]) -> None:
         kind = op[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from orjson import JSONDecodeError, dumps, loads
 
 from relay.errors import RelayError, from_stream_error
 from relay.formats import anthropic as A
@@ -62,6 +63,9 @@ class _Call:
             return False
 
 
+TRIES = 8  # shapes learnt in a row without one being used, before a stream stops learning them (``_learn``)
+
+
 class StreamTranslator(BlockWriter):
     ENDED_WITHOUT = "no finish_reason and no [DONE]"
 
@@ -75,6 +79,8 @@ class StreamTranslator(BlockWriter):
         self._closed: list[_Call] = []  # calls whose block has closed
         self._finish: str | None = None
         self._matched: str | None = None
+        self._like: tuple[bytes, bytes, int, _Call | None] | None = None  # see _learn
+        self._tries = TRIES
 
     # ---- BlockWriter hooks ------------------------------------------------------------------
 
@@ -105,14 +111,28 @@ class StreamTranslator(BlockWriter):
     # ---- the upstream's events --------------------------------------------------------------
 
     def _on_event(self, name: bytes | None, payload: bytes) -> None:
-        if payload[:6] == b"[DONE]":
-            self._close_message()
-            return
+        like = self._like
+        if like is not None and name is None and payload.startswith(like[0]) and payload.endswith(like[1]):
+            # shaped like the last hot chunk (``_learn``): only its one string is new
+            try:
+                text = loads(payload[len(like[0]):len(payload) - len(like[1])])
+            except JSONDecodeError:
+                text = None
+            kind, call = like[2], like[3]
+            if type(text) is str and (call is None or (call is self._call and self._block == TOOL and not self._held)):
+                self._tries = TRIES
+                if text:
+                    if call is not None:
+                        call.args.append(text)
+                    self.delta(kind, text)
+                return
         try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return  # not a chunk (a provider's stray keep-alive text): nothing to translate
-        if name is None and self.started and type(chunk) is dict and self._delta_only(chunk):
+            chunk = loads(payload)
+        except JSONDecodeError:
+            if payload[:6] == b"[DONE]":
+                self._close_message()
+            return  # else not a chunk (a provider's stray keep-alive text): nothing to translate
+        if name is None and type(chunk) is dict and self.started and self._delta_only(chunk, payload):
             return
         if not isinstance(chunk, dict):
             if isinstance(chunk, list) and chunk and isinstance(chunk[0], dict) and "error" in chunk[0]:
@@ -147,43 +167,91 @@ class StreamTranslator(BlockWriter):
             self._flush_splitter()
             self._release_held()
 
-    def _delta_only(self, chunk: dict[str, Any]) -> bool:
+    def _delta_only(self, chunk: dict[str, Any], payload: bytes) -> bool:
         """The hot path: a mid-stream chunk carrying one plain delta (text, reasoning text or the next argument
         fragment of the open tool call) and nothing else: no finish, usage, error or second choice. Handles it
-        and says True; anything else is left to the general path."""
-        choices = chunk.get("choices")
-        if type(choices) is not list or len(choices) != 1 or chunk.get("usage") is not None or "error" in chunk \
-                or "x_groq" in chunk:
+        and says True; anything else is left to the general path.
+
+        Written for the interpreter, as it runs for nearly every chunk of every stream: one function (a call
+        costs as much as several dict lookups) that ends in the writer's ``delta``, subscripts and ``in`` rather
+        than ``.get`` (a method call) for keys the usual chunk has or lacks."""
+        try:
+            choices = chunk["choices"]
+            if type(choices) is not list or len(choices) != 1 or "error" in chunk or "x_groq" in chunk \
+                    or ("usage" in chunk and chunk["usage"] is not None):
+                return False
+            choice = choices[0]
+            if type(choice) is not dict or "usage" in choice or choice.get("finish_reason") is not None \
+                    or ("index" in choice and choice["index"] != 0) or self._splitter is not None:
+                return False
+            delta = choice["delta"]
+            if type(delta) is not dict:
+                return False
+            size = len(delta) - ("role" in delta)
+            if "content" in delta and delta["content"] is not None:
+                box, key, open_call = delta, "content", None
+                text = delta[key]
+                if size != 1 or type(text) is not str:
+                    return False
+                kind = TEXT
+            else:
+                size -= "content" in delta  # DeepSeek's reasoning chunks carry "content": null
+                if size != 1:
+                    return False
+                if "tool_calls" in delta:
+                    # the next argument fragment of the open call: no id, no name, the same index
+                    calls, open_call = delta["tool_calls"], self._call
+                    if type(calls) is not list or len(calls) != 1 or open_call is None or self._held \
+                            or self._block != TOOL:
+                        return False
+                    call = calls[0]
+                    if type(call) is not dict or call.get("id") or call.get("index") != open_call.index:
+                        return False
+                    function = call["function"]
+                    if type(function) is not dict or function.get("name"):
+                        return False
+                    box, key = function, "arguments"
+                    text = function[key]
+                    if type(text) is not str:
+                        return False
+                    open_call.args.append(text)
+                    kind = TOOL
+                else:
+                    box, key, open_call = delta, "reasoning_content" if "reasoning_content" in delta else "reasoning", None
+                    text = delta[key]
+                    if type(text) is not str:
+                        return False
+                    kind = THINKING
+        except KeyError:
             return False
-        choice = choices[0]
-        if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("index", 0) != 0 \
-                or "usage" in choice:
-            return False
-        delta = choice.get("delta")
-        if type(delta) is not dict or self._splitter is not None:
-            return False
-        size = len(delta) - ("role" in delta)
-        content = delta.get("content")
-        if type(content) is str:
-            if size == 1:
-                self.text(content)
-                return True
-            return False
-        if content is not None:
-            return False
-        size -= "content" in delta  # DeepSeek's reasoning chunks carry "content": null
-        if size == 1:
-            calls = delta.get("tool_calls")
-            if calls is not None:
-                return self._block == TOOL and self._more_arguments(calls)
-            text = delta.get("reasoning_content")
-            if text is None:
-                text = delta.get("reasoning")
-            if type(text) is str:
-                if text:
-                    self.thinking(text)
-                return True
-        return False
+        if text:
+            self.delta(kind, text)
+            if self._tries:
+                self._learn(payload, chunk, box, key, text, kind, open_call)
+        return True
+
+    def _learn(self, payload: bytes, chunk: dict[str, Any], box: dict[str, Any], key: str, text: str, kind: int,
+               call: _Call | None) -> None:
+        """Keep this hot chunk's bytes around its one varying string as the shape of the next (``_like``), if
+        they provably are: the string's literal is found in the payload, and the payload with an empty string in
+        its place parses to this chunk with that one field emptied. Any payload made of the same bytes around
+        another string literal then parses to this chunk with that field changed, so ``_on_event`` reads only
+        the literal. Upstreams whose chunks differ elsewhere (OpenAI's per-chunk ``obfuscation``) never match:
+        after a few tries without a match in between, it stops trying for the stream."""
+        self._tries -= 1
+        self._like = None
+        literal = dumps(text)
+        at = payload.rfind(literal)
+        if at < 0:
+            return
+        before, after = payload[:at], payload[at + len(literal):]
+        box[key] = ""
+        try:
+            same = loads(before + b'""' + after) == chunk
+        except JSONDecodeError:
+            return
+        if same:
+            self._like = (before, after, kind, call)
 
     def _on_delta(self, delta: dict[str, Any]) -> None:
         if "reasoning_content" in delta or "reasoning" in delta or "reasoning_details" in delta:
@@ -222,28 +290,6 @@ class StreamTranslator(BlockWriter):
             self._emit(self._splitter.flush())
 
     # ---- tool calls -------------------------------------------------------------------------
-
-    def _more_arguments(self, calls: Any) -> bool:
-        """The other hot path: the next argument fragment of the tool call already open (no id, no name, same
-        index). Anything else goes the general way."""
-        if type(calls) is not list or len(calls) != 1:
-            return False
-        call = calls[0]
-        open_call = self._call
-        if type(call) is not dict or call.get("id") or open_call is None or call.get("index") != open_call.index \
-                or self._held:
-            return False
-        function = call.get("function")
-        if type(function) is not dict or function.get("name"):
-            return False
-        args = function.get("arguments")
-        if type(args) is not str:
-            return False
-        if args:
-            open_call.args.append(args)
-            self._streamed.add(args)
-            self._out.append(A.input_json_delta(self._index, args))
-        return True
 
     def _on_tool_delta(self, call: dict[str, Any]) -> None:
         """One tool-call fragment into its own call's block.

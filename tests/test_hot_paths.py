@@ -1,0 +1,174 @@
+"""The stream translators' hot paths (issue 17) say exactly what their general paths say.
+
+``StreamTranslator._delta_only`` (OpenAI Chat) and ``GeminiStreamTranslator._one_text`` take the chunks nearly
+every read carries by a shorter road than the general ``_on_event``; each must either decline a chunk or do with
+it precisely what the general path would. Checked by difference: any sequence of chunks drawn from the shapes
+real servers send (and near misses of the hot shape), translated once as relay does and once with the hot path
+switched off, gives the same bytes, event for event. The OpenAI hot path has a shorter road still (a chunk made of
+the same bytes as the last one around a new string: ``_learn``), so the chunks share their bytes, and some put a
+literal there that is no good JSON string.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.formats.gemini.stream import GeminiStreamTranslator
+from relay.formats.openai_chat.stream import StreamTranslator
+from relay.formats.writer import BlockWriter
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ids and signatures relay makes up are random: the two runs are compared with them masked
+_MADE_UP = re.compile(rb'"(toolu_01|relay-)[A-Za-z0-9]{22,43}"')
+
+texts = st.sampled_from(["", "Hi", "two words", " ", "é", "日本語", "emoji \U0001f600", 'quote " and \\ and \n'])
+
+
+def translate(cls: type[BlockWriter], events: list[bytes], hot: bool, finish: bool) -> bytes:
+    translator = cls("claude-x", message_id="msg_fixed")
+    if not hot:  # the general path alone
+        if cls is StreamTranslator:
+            translator._delta_only = lambda chunk, payload: False  # type: ignore[attr-defined]
+        else:
+            translator._one_text = lambda doc: False  # type: ignore[attr-defined]
+    out = b"".join(translator.feed(e) for e in events)
+    if finish:
+        out += translator.finish()
+    return _MADE_UP.sub(rb'"\1<made-up>"', out)
+
+
+def assert_same(cls: type[BlockWriter], events: list[bytes], finish: bool) -> None:
+    hot = translate(cls, events, True, finish)
+    general = translate(cls, events, False, finish)
+    assert hot.split(b"\n\n") == general.split(b"\n\n")
+
+
+# ---- OpenAI Chat ------------------------------------------------------------------------------------------
+
+def openai_chunk(delta: Any, *, finish: Any = None, extra: dict[str, Any] | None = None,
+                 choice_extra: dict[str, Any] | None = None, drop_finish: bool = False) -> bytes:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, **(choice_extra or {})}
+    if not drop_finish:
+        choice["finish_reason"] = finish
+    doc = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice],
+           **(extra or {})}
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+indexes = st.sampled_from([0, 1, None])
+call_ids = st.sampled_from(["call_a", "call_b", "", None])
+args = st.sampled_from(["", "{", '{"city": ', '"Paris"}', "}", '{"a": 1}', " "])
+
+
+@st.composite
+def openai_deltas(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 17))
+    text = draw(texts)
+    if kind >= 16:  # the usual chunk's bytes around a literal that is not one good JSON string
+        literal = draw(st.sampled_from([b'"a\x01"', b'"\xff"', b'"a", "b"', b"1", b'"\\ud800"', b'"x"}, "y": {"z"',
+                                        b'"unterminated', b'""', b'"\\u00e9t\\u00e9"', b'"a\\/b"']))
+        template = draw(st.sampled_from([{"content": "@@"}, {"reasoning_content": "@@"},
+                                         {"tool_calls": [{"index": 0, "function": {"arguments": "@@"}}]}]))
+        return openai_chunk(template).replace(b'"@@"', literal)
+    if kind == 0:
+        return openai_chunk({"content": text})
+    if kind == 1:
+        return openai_chunk({"role": "assistant", "content": text})
+    if kind == 2:
+        return openai_chunk({"content": None, "reasoning_content": text})
+    if kind == 3:
+        return openai_chunk({"reasoning": text})
+    if kind == 4:
+        return openai_chunk({"reasoning_content": draw(st.sampled_from([None, 3, text]))})
+    if kind == 5:  # a call's first fragment: id and name
+        call: dict[str, Any] = {"index": draw(indexes), "id": draw(call_ids), "type": "function",
+                                "function": {"name": draw(st.sampled_from(["get_weather", "Bash", ""])),
+                                             "arguments": draw(args)}}
+        return openai_chunk({"tool_calls": [call]})
+    if kind in (6, 7, 8):  # the next fragment of a call (the hot shape), or a near miss of it
+        fragment: dict[str, Any] = {"index": draw(indexes), "function": {"arguments": draw(args)}}
+        if kind == 7:
+            fragment[draw(st.sampled_from(["id", "type"]))] = draw(call_ids)
+        if kind == 8:
+            fragment["function"] = draw(st.sampled_from([{"arguments": None}, {"name": "x", "arguments": "{}"}, {},
+                                                         "text", {"arguments": {"a": 1}}]))
+        delta: dict[str, Any] = {"tool_calls": [fragment]}
+        if draw(st.booleans()):
+            delta["content"] = draw(st.sampled_from([None, "", "x"]))
+        return openai_chunk(delta)
+    if kind == 9:
+        return openai_chunk({"tool_calls": draw(st.sampled_from([None, [], "x", [1]]))})
+    if kind == 10:
+        return openai_chunk({"content": draw(st.sampled_from([[{"type": "text", "text": "part"}], 5, {"a": 1}]))})
+    if kind == 11:
+        return openai_chunk({"refusal": text, **draw(st.sampled_from([{}, {"content": None}]))})
+    if kind == 12:  # the hot shape inside a chunk that carries something more
+        extra = draw(st.sampled_from([{"usage": None}, {"usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+                                      {"x_groq": {"id": "q"}}, {"system_fingerprint": "fp"}, {"error": None}]))
+        return openai_chunk({"content": text}, extra=extra)
+    if kind == 13:
+        choice_extra = draw(st.sampled_from([{"index": 1}, {"logprobs": None}, {"usage": {"completion_tokens": 1}}]))
+        return openai_chunk({"content": text}, choice_extra=choice_extra, drop_finish=draw(st.booleans()))
+    if kind == 14:
+        return openai_chunk(draw(st.sampled_from([{}, None, "text", []])))
+    return b'data: {"id":"c","choices":' + draw(st.sampled_from([b"[]", b"null", b"[1]", b"[{},{}]", b"{}"])) + b"}\n\n"
+
+
+@SETTINGS
+@given(st.lists(openai_deltas(), max_size=30), st.sampled_from(["end", "finish", "none"]))
+def test_openai_hot_path_matches_the_general_path(deltas: list[bytes], end: str) -> None:
+    events = [openai_chunk({"role": "assistant", "content": ""}), *deltas]
+    if end == "end":
+        events += [openai_chunk({}, finish="stop"), b"data: [DONE]\n\n"]
+    assert_same(StreamTranslator, events, finish=end != "none")
+
+
+# ---- Gemini ----------------------------------------------------------------------------------------------
+
+@st.composite
+def gemini_chunks(draw: st.DrawFn) -> bytes:
+    part: dict[str, Any] = {"text": draw(texts)}
+    kind = draw(st.integers(0, 7))
+    if kind == 1:
+        part["thought"] = True
+    elif kind == 2:
+        part["thought"] = draw(st.sampled_from([False, "yes", None]))
+    elif kind == 3:
+        part["thoughtSignature"] = draw(st.sampled_from(["SIG", ""]))
+        if draw(st.booleans()):
+            part["thought"] = True
+    elif kind == 4:
+        part = {"functionCall": {"name": "f", "args": {"a": 1}}}
+    elif kind == 5:
+        part = draw(st.sampled_from([{"text": 3}, {}, {"inlineData": {}}]))
+    parts: Any = [part]
+    if kind == 6:
+        parts = draw(st.sampled_from([[part, {"text": "more"}], [], None, "x", [1]]))
+    candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}}
+    if draw(st.booleans()):
+        candidate["index"] = draw(st.sampled_from([0, 0, 1]))
+    if kind == 7:
+        candidate["content"] = draw(st.sampled_from([None, "x", [], {"role": "model"}]))
+    if draw(st.integers(0, 9)) == 0:
+        candidate["finishReason"] = draw(st.sampled_from(["STOP", "", "MAX_TOKENS"]))
+    doc: dict[str, Any] = {"candidates": [candidate], "modelVersion": "g"}
+    if draw(st.booleans()):
+        doc["responseId"] = draw(st.sampled_from(["r1", "r2", 7]))
+    if draw(st.booleans()):
+        doc["usageMetadata"] = {"promptTokenCount": 9, "candidatesTokenCount": draw(st.integers(0, 50))}
+    if draw(st.integers(0, 9)) == 0:
+        doc = draw(st.sampled_from([{**doc, "candidates": [candidate, candidate]}, {**doc, "candidates": []},
+                                    {**doc, "error": {"code": 500, "message": "boom"}}]))
+    return b"data: " + orjson.dumps(doc) + draw(st.sampled_from([b"\r\n\r\n", b"\n\n"]))
+
+
+@SETTINGS
+@given(st.lists(gemini_chunks(), min_size=1, max_size=30), st.booleans())
+def test_gemini_hot_path_matches_the_general_path(chunks: list[bytes], finish: bool) -> None:
+    assert_same(GeminiStreamTranslator, chunks, finish=finish)
