@@ -270,7 +270,7 @@ def redis_url_problem(url: str) -> str | None:
     if db and not db.isdigit():
         return f"the database must be a number, not {db!r}"
     if importlib.util.find_spec("coredis") is None:
-        return "the Redis store needs coredis: pip install 'relay[redis]'"
+        return "the Redis store needs coredis: pip install '.[redis]' in relay's checkout (make install has it)"
     return None
 
 
