@@ -58,10 +58,11 @@ def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, by
 
 
 def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]], content_length: int | None,
-                  *, http11: bool = True, close: bool = False) -> bytes:
-    """A response head as h11 frames it: ``content_length`` None means a body of unknown length (chunked for an
-    HTTP/1.1 client; for HTTP/1.0 one unframed, ended by closing the connection, so ``close`` follows).
-    ``close``: the connection closes after this answer (``Connection: close`` is added, as h11 adds it)."""
+                  *, http11: bool = True, keep_alive: bool = True, close: bool = False) -> bytes:
+    """A response head as h11 frames it. ``content_length`` None: a body of unknown length (chunked for an HTTP/1.1
+    client; for HTTP/1.0 unframed, ended by closing the connection). ``keep_alive``: the request allows the
+    connection to stay open (h11's rule: HTTP/1.1 without ``Connection: close``); when it does not, h11 adds its
+    ``Connection: close``. ``close``: relay's own wish to close (its ``connection: close``, where relay put it)."""
     if not 200 <= status <= 999:
         raise HeadError(f"status {status} is not a final answer's")
     lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
@@ -71,9 +72,11 @@ def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, byt
         lines.append(b"%b: %b\r\n" % (name, value))
     if content_length is not None:
         lines.append(b"content-length: %d\r\n" % content_length)
-    elif http11:
+    if close and keep_alive:
+        lines.append(b"connection: close\r\n")
+    if content_length is None and http11:
         lines.append(b"Transfer-Encoding: chunked\r\n")
-    if close or not http11:  # h11 keeps no HTTP/1.0 connection open
+    if not keep_alive or not http11:  # h11 keeps no HTTP/1.0 connection open
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
     head = b"".join(lines)

@@ -1,9 +1,13 @@
 """HTTP/1.1 towards clients: the connection loop, request bodies, answers, and the event-stream writer.
 
-h11 parses requests and frames heads; relay's own socket calls (``transport.ClientSocket``) move the bytes.
-One reader feeds h11 (``Connection.receive``), whether it is waiting for a request or watching for a hang-up
-while a stream is out. One writer owns a streamed response (``EventStream``): its head, every chunk frame and
-the terminator. Nothing here knows a wire format or a route: the host (``server.Server``) answers requests.
+h11 parses requests; relay writes its answers itself (``relay.heads``: the bytes h11 would write) and keeps the
+connection's state: whether it stays open (h11's rule: an HTTP/1.1 request without ``Connection: close``, and
+relay's own wish), whether the answer went out whole. After each answer h11 starts over as a fresh parser, fed
+what the client had already sent (a pipelined request), as the upstream pool does with its connections. relay's
+own socket calls (``transport.ClientSocket``) move the bytes. One reader feeds h11 (``Connection.receive``),
+whether it is waiting for a request or watching for a hang-up while a stream is out. One writer owns a streamed
+response (``EventStream``): its head, every chunk frame and the terminator. Nothing here knows a wire format or a
+route: the host (``server.Server``) answers requests.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from relay.auth import is_loopback
 from relay.config import ServerConfig
 from relay.errors import RelayError
 from relay.formats.anthropic import request_id as new_request_id
+from relay.heads import response_head
 from relay.log import Exchange
 
 log = logging.getLogger("relay.server")
@@ -49,6 +54,11 @@ class Connection:
         except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
             self.peer_loopback = False
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.http11 = True  # the request being answered is HTTP/1.1 (an HTTP/1.0 client gets no chunked framing)
+        self.client_keeps = True  # the request lets the connection stay open (HTTP/1.1, no Connection: close)
+        self.keep_alive = True  # ... and relay does too: the connection may carry another request after this answer
+        self.responded = False  # an answer's head went out (a second one would be a bug)
+        self.answered = False  # the answer went out whole: the connection may carry another request
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
         self.head_timeout = 0.0
 
@@ -83,14 +93,38 @@ class Connection:
             self.folded = True
         self._tail = window[-3:] if end < 0 else b""
 
+    def begin(self, request: h11.Request) -> None:
+        """A request has come: whether its answer may keep the connection open is h11's rule (HTTP/1.1, and no
+        ``Connection: close``), which relay, writing the answer itself, now applies."""
+        self.http11 = request.http_version == b"1.1"
+        self.keep_alive = self.client_keeps = self.http11 and not any(
+            name == b"connection" and b"close" in (v.strip() for v in value.lower().split(b","))
+            for name, value in request.headers)
+        self.responded = self.answered = False
+
+    def head(self, status: int, headers: Headers, content_length: int | None, close: bool = False) -> bytes:
+        """The answer's head (``content_length`` None: a stream); ``close``: relay closes the connection after it."""
+        if self.responded:
+            raise RuntimeError("a second answer to one request")
+        self.responded = True
+        if close:
+            self.keep_alive = False
+        return response_head(status, reason(status).encode(), headers, content_length, http11=self.http11,
+                             keep_alive=self.client_keeps, close=close)
+
     def next_cycle(self) -> bool:
-        """Ready for the next request on this connection; True when a pipelined one is already here (it is
-        scanned now, as it was received before this cycle began)."""
-        self.h11.start_next_cycle()
+        """Ready for the next request on this connection (the last answer went out whole, and the connection stays
+        open); True when a pipelined one is already here (it is scanned now, as it was received before this cycle
+        began). h11 starts over as a fresh parser, given what the client sent after its last request."""
+        pipelined, closed = self.h11.trailing_data
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        if pipelined:
+            self.h11.receive_data(pipelined)
+        if closed:
+            self.h11.receive_data(b"")
         self.held = 0
         self.folded = False
         self._tail = b""
-        pipelined = self.h11.trailing_data[0]
         if pipelined:
             self._scan_head(pipelined)
         return bool(pipelined)
@@ -128,15 +162,9 @@ async def send_body(conn: Connection, ex: Exchange, status: int, body: bytes, *,
                     head_only: bool = False, extra: Headers | None = None, close: bool = False) -> None:
     """A whole answer with a content-length (HEAD gets the head alone)."""
     ex.status = status
-    headers = response_headers(content_type, ex.request_id, extra)
-    headers.append((b"content-length", str(len(body)).encode()))
-    if close:
-        headers.append((b"connection", b"close"))
-    events: list[Any] = [h11.Response(status_code=status, headers=headers, reason=reason(status).encode())]
-    if not head_only and ex.method != "HEAD":
-        events.append(h11.Data(data=body))
-    events.append(h11.EndOfMessage())
-    await conn.send(*events)
+    head = conn.head(status, response_headers(content_type, ex.request_id, extra), len(body), close)
+    await conn.send_bytes(head if head_only or ex.method == "HEAD" else head + body)
+    conn.answered = True
 
 
 async def send_error(conn: Connection, ex: Exchange, err: RelayError, *, close: bool = False,
@@ -149,55 +177,63 @@ async def send_error(conn: Connection, ex: Exchange, err: RelayError, *, close: 
 
 class EventStream:
     """The writer of one ``text/event-stream`` response: it alone sends the head, the chunk frames and the
-    terminator. The head and the terminator go through h11 (which keeps the connection's state); the chunks
-    between are framed here, one write each, with no h11 bookkeeping: the hot path of every stream. An
-    HTTP/1.0 client gets its body unframed, through h11, which then closes the connection."""
+    terminator, each framed here (chunked; an HTTP/1.0 client gets its body unframed, and the connection closes
+    after it): the hot path of every stream."""
 
     __slots__ = ("conn", "ex", "chunked")
 
     def __init__(self, conn: Connection, ex: Exchange) -> None:
         self.conn = conn
         self.ex = ex
-        self.chunked = False
+        self.chunked = conn.http11
 
     @property
     def started(self) -> bool:
         return self.ex.status != 0
 
-    def _head(self) -> h11.Response:
+    def _head(self) -> bytes:
         ex = self.ex
         ex.status = 200
         ex.ttfb = ex.ttfb or time.perf_counter()
         headers = response_headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
-        self.chunked = self.conn.h11.their_http_version == b"1.1"  # h11 chooses chunked framing
-        return h11.Response(status_code=200, headers=headers, reason=b"OK")
+        return self.conn.head(200, headers, None)
+
+    def _frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked and data else data
 
     def finish_now(self, data: bytes) -> bytes:
         """A whole answer known before anything was written: head, events and terminator in one write, made
-        without waiting. Returns what the socket did not take at once (the caller sends it, watched)."""
-        h = self.conn.h11
-        whole = b"".join(h.send(e) or b"" for e in (self._head(), h11.Data(data=data), h11.EndOfMessage()))
+        without waiting. Returns what the socket did not take at once (the caller sends it, watched:
+        ``send_rest``)."""
+        whole = self._head() + self._frame(data) + (b"0\r\n\r\n" if self.chunked else b"")
         try:
-            return transport.send_now(self.conn.stream.socket, whole)
+            rest = transport.send_now(self.conn.stream.socket, whole)
         except OSError as exc:
             raise ClientGone() from exc
+        self.conn.answered = not rest
+        return rest
+
+    async def send_rest(self, rest: bytes) -> None:
+        """What ``finish_now`` could not write at once."""
+        await self.conn.send_bytes(rest)
+        self.conn.answered = True
 
     async def write(self, data: bytes) -> None:
         """Send events; the first call sends the head with them."""
         if not data:
             return
         if self.ex.status == 0:
-            await self.conn.send(self._head(), h11.Data(data=data))
-        elif self.chunked:
-            try:
-                await transport.send_all(self.conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
-            except OSError as exc:
-                raise ClientGone() from exc
-        else:
-            await self.conn.send(h11.Data(data=data))
+            await self.conn.send_bytes(self._head() + self._frame(data))
+            return
+        try:
+            await transport.send_all(self.conn.stream.socket, self._frame(data))
+        except OSError as exc:
+            raise ClientGone() from exc
 
     async def end(self) -> None:
-        await self.conn.send(h11.EndOfMessage())
+        if self.chunked:
+            await self.conn.send_bytes(b"0\r\n\r\n")
+        self.conn.answered = True
 
 
 class BodyBudget:
@@ -372,6 +408,7 @@ async def serve_connection(conn: Connection, host: Host) -> None:
         if refused:
             await send_raw(conn.stream, RelayError(400, refused, "invalid_request_error"))
             return
+        conn.begin(request)
         ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
         refusal: RelayError | None = None
         try:
@@ -406,13 +443,9 @@ async def serve_connection(conn: Connection, host: Host) -> None:
         finally:
             host.bodies.give(len(body))
         host.done(ex)
-        if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
+        if not (conn.answered and conn.keep_alive):
             return
-        try:
-            pipelined = conn.next_cycle()
-        except h11.LocalProtocolError:
-            return
-        if pipelined:  # answered without a read, so let other connections run first
+        if conn.next_cycle():  # answered without a read, so let other connections run first
             await trio.lowlevel.checkpoint()
 
 

@@ -108,9 +108,7 @@ def test_a_response_head_is_h11s_or_refused_as_h11_refuses_it(status: int, reaso
                                                               http11: bool, client_close: bool, relay_close: bool,
                                                               method: bytes) -> None:
     """h11 as the server that read a request (HTTP/1.1 or 1.0, with or without ``Connection: close``) and answers
-    with these headers, a Content-Length or a body of unknown length, and relay's own ``Connection: close``
-    (relay asks for it only on answers of known length)."""
-    relay_close = relay_close and length is not None
+    with these headers, a Content-Length or a body of unknown length, and relay's own ``connection: close``."""
     server = h11.Connection(h11.SERVER)
     server.receive_data(b"%b / HTTP/%b\r\nhost: x\r\n%b\r\n" % (method, b"1.1" if http11 else b"1.0",
                                                               b"connection: close\r\n" if client_close else b""))
@@ -118,11 +116,12 @@ def test_a_response_head_is_h11s_or_refused_as_h11_refuses_it(status: int, reaso
     framing = [] if length is None else [(b"content-length", b"%d" % length)]
 
     def h11_writes() -> bytes:
-        extra = [(b"Connection", b"close")] if relay_close else []
+        extra = [(b"connection", b"close")] if relay_close else []
         return server.send(h11.Response(status_code=status, reason=reason, headers=hs + framing + extra)) or b""
 
     expected = _h11(h11_writes)
-    written = _ours(lambda: response_head(status, reason, hs, length, http11=http11, close=relay_close or client_close))
+    written = _ours(lambda: response_head(status, reason, hs, length, http11=http11,
+                                          keep_alive=http11 and not client_close, close=relay_close))
     assert written == expected
     if written is not None:
         client = h11.Connection(h11.CLIENT)
