@@ -298,29 +298,44 @@ def has_body(request: h11.Request) -> bool:
     return False
 
 
-async def read_body(conn: Connection, request: h11.Request, limit: int, budget: BodyBudget) -> bytes:
-    """The whole body, counted against the request's limit and the global budget as it arrives (the
-    budget is given back by the caller once the request is answered, or here if reading fails)."""
+async def read_body(conn: Connection, request: h11.Request, limit: int, budget: BodyBudget, timeout: float) -> bytes:
+    """The whole body, counted against the request's limit and the global budget as it arrives (the budget is
+    given back by the caller once the request is answered, or here if reading fails). A body already received
+    with its head (the usual small request) is taken without a timer; one still coming must arrive within
+    ``timeout`` (trio.TooSlowError)."""
     for name, value in request.headers:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
-    if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send the body
-        await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+    deadline = trio.current_time() + timeout
     parts: list[bytes] = []
     size = 0
+
+    def ended(event: Any) -> bool:
+        nonlocal size
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+            budget.take(len(event.data))
+            parts.append(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return True
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ClientGone()
+        return False
+
     try:
-        while True:
-            event = await conn.next_event()
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-                budget.take(len(event.data))
-                parts.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+        event = conn.h11.next_event()
+        while event is not h11.NEED_DATA:
+            if ended(event):
                 return b"".join(parts)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ClientGone()
+            event = conn.h11.next_event()
+        with trio.fail_at(deadline):  # the rest is still to come
+            if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send it
+                await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            while not ended(await conn.next_event()):
+                pass
+        return b"".join(parts)
     except BaseException:
         budget.give(sum(len(p) for p in parts))
         raise
@@ -421,8 +436,7 @@ async def serve_connection(conn: Connection, host: Host) -> None:
                 return
             refusal = err  # answered once the (empty) body is read, keeping the connection
         try:
-            with trio.fail_after(limits.header_timeout):
-                body = await read_body(conn, request, limits.body_limit, host.bodies)
+            body = await read_body(conn, request, limits.body_limit, host.bodies, limits.header_timeout)
         except trio.TooSlowError:
             await send_error(conn, ex, RelayError(408, f"request not received within {limits.header_timeout:g}s",
                                                   "invalid_request_error"), close=True)
