@@ -113,10 +113,13 @@ def _str(value: Any) -> str:
 
 
 def _json_tokens(value: Any) -> int:
+    """The tokens of a value's JSON text, counted on orjson's bytes (decoded only when they are not ASCII: a
+    tool's schema, on every request, usually is)."""
     try:
-        return text_tokens(orjson.dumps(value).decode())
+        data = orjson.dumps(value)
     except (orjson.JSONEncodeError, TypeError):  # deeper than orjson writes: validation will refuse it
         return 0
+    return (len(data) + 3) // 4 if data.isascii() else text_tokens(data.decode())
 
 
 def estimate(req: dict[str, Any]) -> int:
