@@ -93,13 +93,14 @@ class Connection:
             self.folded = True
         self._tail = window[-3:] if end < 0 else b""
 
-    def begin(self, request: h11.Request) -> None:
-        """A request has come: whether its answer may keep the connection open is h11's rule (HTTP/1.1, and no
-        ``Connection: close``), which relay, writing the answer itself, now applies."""
+    def begin(self, request: h11.Request, headers: Headers) -> None:
+        """A request has come (``headers``: its headers, as a list): whether its answer may keep the connection
+        open is h11's rule (HTTP/1.1, and no ``Connection: close``), which relay, writing the answer itself, now
+        applies."""
         self.http11 = request.http_version == b"1.1"
         self.keep_alive = self.client_keeps = self.http11 and not any(
             name == b"connection" and b"close" in (v.strip() for v in value.lower().split(b","))
-            for name, value in request.headers)
+            for name, value in headers)
         self.responded = self.answered = False
 
     def head(self, status: int, headers: Headers, content_length: int | None, close: bool = False) -> bytes:
@@ -282,28 +283,28 @@ def trim_heap() -> None:
         _malloc_trim(0)
 
 
-def framing_error(request: h11.Request) -> str | None:
+def framing_error(headers: Headers) -> str | None:
     """What is wrong with how a request says its body is framed, if anything. Both Content-Length and
     Transfer-Encoding (RFC 9112 6.1) mean a proxy in front may have framed it otherwise: refused."""
-    names = {name for name, _ in request.headers}
+    names = {name for name, _ in headers}
     if b"transfer-encoding" in names and b"content-length" in names:
         return "a request may not carry both Content-Length and Transfer-Encoding"
     return None
 
 
-def has_body(request: h11.Request) -> bool:
-    for name, value in request.headers:
+def has_body(headers: Headers) -> bool:
+    for name, value in headers:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
             return True
     return False
 
 
-async def read_body(conn: Connection, request: h11.Request, limit: int, budget: BodyBudget, timeout: float) -> bytes:
+async def read_body(conn: Connection, headers: Headers, limit: int, budget: BodyBudget, timeout: float) -> bytes:
     """The whole body, counted against the request's limit and the global budget as it arrives (the budget is
     given back by the caller once the request is answered, or here if reading fails). A body already received
     with its head (the usual small request) is taken without a timer; one still coming must arrive within
     ``timeout`` (trio.TooSlowError)."""
-    for name, value in request.headers:
+    for name, value in headers:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
     deadline = trio.current_time() + timeout
@@ -365,9 +366,9 @@ def protocol_error(exc: h11.RemoteProtocolError, max_header_bytes: int) -> Relay
     return RelayError(status, message, "request_too_large" if status == 413 else "invalid_request_error")
 
 
-def head_size(request: h11.Request) -> int:
+def head_size(request: h11.Request, headers: Headers) -> int:
     """The request head's size as sent, near enough: line, headers, line ends."""
-    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in request.headers)
+    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 class Host(Protocol):
@@ -415,28 +416,29 @@ async def serve_connection(conn: Connection, host: Host) -> None:
         if not isinstance(event, h11.Request):
             return
         request = event
-        if head_size(request) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
+        headers = list(request.headers)  # once: h11's Headers is iterated item by item, in Python
+        if head_size(request, headers) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
             await send_raw(conn.stream, RelayError(431, f"request head larger than {limits.max_header_bytes} bytes",
                                                    "invalid_request_error"))
             return
-        refused = "obsolete line folding in the request head" if conn.folded else framing_error(request)
+        refused = "obsolete line folding in the request head" if conn.folded else framing_error(headers)
         if refused:
             await send_raw(conn.stream, RelayError(400, refused, "invalid_request_error"))
             return
-        conn.begin(request)
+        conn.begin(request, headers)
         ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
         refusal: RelayError | None = None
         try:
             host.admit(conn, ex, request)
         except RelayError as err:  # refused on its head: a body is never read (nor held), so the connection closes
-            if has_body(request):
+            if has_body(headers):
                 await send_error(conn, ex, err, close=True, head_only=ex.method == "HEAD")
                 host.done(ex)
                 await conn.stream.linger()
                 return
             refusal = err  # answered once the (empty) body is read, keeping the connection
         try:
-            body = await read_body(conn, request, limits.body_limit, host.bodies, limits.header_timeout)
+            body = await read_body(conn, headers, limits.body_limit, host.bodies, limits.header_timeout)
         except trio.TooSlowError:
             await send_error(conn, ex, RelayError(408, f"request not received within {limits.header_timeout:g}s",
                                                   "invalid_request_error"), close=True)
