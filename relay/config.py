@@ -6,11 +6,12 @@ silently ignored, so a typo cannot quietly change behaviour.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -141,6 +142,9 @@ class StoreConfig:
     day_window: float | None = None  # a budget "day" in seconds; unset = the UTC calendar day
     month_window: float | None = None  # a budget "month" in seconds; unset = the UTC calendar month
     enabled: bool = True  # False when [server] usage_db = "" (no book, no virtual keys)
+    # Environment variables a provider stored at run time may name in its api_key (glob patterns; none by default):
+    # an admin may point a provider at a key kept in the environment, never read the rest of it.
+    provider_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class Config:
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     long_context_threshold: int = 60000  # estimated input tokens above which `long_context` serves Claude ids
     source: str = "<defaults>"
+    stored: frozenset[str] = frozenset()  # providers added at run time, through the store (see with_stored)
 
 
 ROUTE_NAMES = ("default", "haiku", "sonnet", "opus", "background", "think", "long_context", "web_search")
@@ -230,6 +235,7 @@ _STORE_KEYS: dict[str, Any] = {
     "rate_window": (int, float),
     "day_window": (int, float),
     "month_window": (int, float),
+    "provider_env": list,
 }
 _LIMIT_KEYS: dict[str, Any] = {"context_window": int, "max_output": int}
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -306,6 +312,11 @@ def _check_keys(data: dict[str, Any], allowed: dict[str, Any], src: _Source, tab
             raise src.error(table, key, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
+def provider_choices() -> dict[str, tuple[str, ...]]:
+    """Every provider key that takes one of a few values, with them (the console's selects)."""
+    return {key: _choices(key) or () for key in ("format", *_CHOICES)}
+
+
 def _choices(key: str) -> tuple[str, ...] | None:
     if key == "format":  # the registry is the one list of formats; imported late, as the formats import config
         from relay.formats.registry import FORMATS
@@ -349,48 +360,7 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
 
     providers: dict[str, Provider] = {}
     for name, raw in data.get("providers", {}).items():
-        table = f"providers.{name}"
-        if not isinstance(raw, dict):
-            raise src.error("providers", name, "expected a table")
-        _check_keys(raw, _PROVIDER_KEYS, src, table)
-        if raw.get("keepalive_start", 0) < 0:
-            raise src.error(table, "keepalive_start", "must be >= 0 seconds")
-        raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
-        explicit = frozenset(raw)
-        preset = raw.pop("preset", None)
-        raw = presets.apply(preset, raw) if preset else presets.format_defaults(raw)
-        if "base_url" not in raw:
-            needs = presets.PRESETS[preset].needs if preset else ""
-            raise src.error(table, None, "base_url is required" + (f" with preset {preset!r}: {needs}" if needs else ""))
-        query = tuple((str(k), str(v)) for k, v in raw.pop("query", {}).items())
-        api_key = raw.pop("api_key", ())
-        api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
-        headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
-        served = tuple(str(m) for m in raw.pop("models", []))
-        raw["base_url"] = raw["base_url"].rstrip("/")
-        if problem := _url_problem(raw["base_url"]):
-            raise src.error(table, "base_url", problem)
-        limits: dict[str, ModelLimits] = {}
-        for model_name, entry in raw.pop("limits", {}).items():
-            if not isinstance(entry, dict):
-                raise src.error(table, "limits", f"{model_name!r}: expected {{ context_window = N, max_output = N }}")
-            _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
-            limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
-        raw["limits"] = limits
-        prices: dict[str, pricing.Price] = {}
-        for model_name, entry in raw.pop("prices", {}).items():
-            try:
-                if not isinstance(entry, dict):
-                    raise ValueError("expected { input = USD, output = USD, cache_read = USD, cache_write = USD }"
-                                     " per million tokens")
-                prices[model_name] = pricing.parse(entry)
-            except ValueError as exc:
-                raise src.error(table, "prices", f"{model_name!r}: {exc}") from None
-        raw["prices"] = prices
-        if "ca_file" in raw:
-            raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
-        providers[name] = Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
-                                   query=query, explicit=explicit, **raw)
+        providers[name] = _provider(name, raw, src, env)
 
     def check_target(target: str, table: str, key: str) -> None:
         provider, sep, model = target.partition("/")
@@ -436,6 +406,116 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
                   providers=providers, models=models, routes=routes, long_context_threshold=threshold, source=path)
 
 
+
+def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provider:
+    """One ``[providers.NAME]`` table, checked: from the config file, or stored at run time (``stored_provider``)."""
+    table = f"providers.{name}"
+    if not isinstance(raw, dict):
+        raise src.error("providers", name, "expected a table")
+    _check_keys(raw, _PROVIDER_KEYS, src, table)
+    if raw.get("keepalive_start", 0) < 0:
+        raise src.error(table, "keepalive_start", "must be >= 0 seconds")
+    raw = {k: _expand(v, src, table, k, env) for k, v in raw.items()}
+    explicit = frozenset(raw)
+    preset = raw.pop("preset", None)
+    raw = presets.apply(preset, raw) if preset else presets.format_defaults(raw)
+    if "base_url" not in raw:
+        needs = presets.PRESETS[preset].needs if preset else ""
+        raise src.error(table, None, "base_url is required" + (f" with preset {preset!r}: {needs}" if needs else ""))
+    query = tuple((str(k), str(v)) for k, v in raw.pop("query", {}).items())
+    api_key = raw.pop("api_key", ())
+    api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
+    headers = tuple((str(k), str(v)) for k, v in raw.pop("headers", {}).items())
+    served = tuple(str(m) for m in raw.pop("models", []))
+    raw["base_url"] = raw["base_url"].rstrip("/")
+    if problem := _url_problem(raw["base_url"]):
+        raise src.error(table, "base_url", problem)
+    limits: dict[str, ModelLimits] = {}
+    for model_name, entry in raw.pop("limits", {}).items():
+        if not isinstance(entry, dict):
+            raise src.error(table, "limits", f"{model_name!r}: expected {{ context_window = N, max_output = N }}")
+        _check_keys(entry, _LIMIT_KEYS, src, f"{table}.limits.{model_name}")
+        limits[model_name] = ModelLimits(entry.get("context_window"), entry.get("max_output"))
+    raw["limits"] = limits
+    prices: dict[str, pricing.Price] = {}
+    for model_name, entry in raw.pop("prices", {}).items():
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("expected { input = USD, output = USD, cache_read = USD, cache_write = USD }"
+                                 " per million tokens")
+            prices[model_name] = pricing.parse(entry)
+        except ValueError as exc:
+            raise src.error(table, "prices", f"{model_name!r}: {exc}") from None
+    raw["prices"] = prices
+    if "ca_file" in raw:
+        raw["ca_file"] = _ca_file(raw["ca_file"], src, table)
+    return Provider(name=name, api_keys=api_keys, headers=headers, models=served, preset=preset,
+                    query=query, explicit=explicit, **raw)
+
+
+PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STORED_ONLY_FILE = ("ca_file",)  # a path on one machine means nothing to the other instances sharing the store
+
+
+def stored_provider(name: str, table: Any, env: dict[str, str], allowed: tuple[str, ...] = (),
+                    unset_ok: bool = False) -> Provider:
+    """A provider added at run time (the admin API, the console), checked exactly as a ``[providers.NAME]`` table of
+    the config file is. Only its ``api_key`` may name environment variables, and only those ``[store]
+    provider_env`` allows, filled in from each instance's own environment: a stored provider can use a key the
+    store never holds, and an admin cannot make relay send (or echo in an error) anything else it was started
+    with. ``unset_ok``: an allowed variable unset on this instance still passes (another may have it)."""
+    src = _Source(f"<store: provider {name!r}>", "")
+    if not isinstance(name, str) or not PROVIDER_NAME.match(name):
+        raise ConfigError(f"provider name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit ('/' separates a provider from its model)")
+    table_name = f"providers.{name}"
+    if isinstance(table, dict):
+        for key in STORED_ONLY_FILE:
+            if key in table:
+                raise src.error(table_name, key, "only a config file's providers may name a local file")
+        for key, value in table.items():
+            names = _variables(value)
+            if names and key != "api_key":
+                raise src.error(table_name, key, "only api_key may name an environment variable in a stored provider")
+            for var in names:
+                if not any(fnmatch.fnmatchcase(var, pattern) for pattern in allowed):
+                    raise src.error(table_name, key, f"${{{var}}}: a stored provider may read only the variables "
+                                    f"[store] provider_env allows ({', '.join(allowed) or 'none'})")
+    usable = {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in allowed)}
+    if unset_ok and isinstance(table, dict):
+        usable |= {var: "" for var in _variables(table.get("api_key")) if var not in usable}
+    return _provider(name, table, src, usable)
+
+
+def _variables(value: Any) -> list[str]:
+    """The ``${VAR}`` names anywhere in a value (strings in lists and tables included)."""
+    if isinstance(value, str):
+        return [m.group(1) for m in _VAR.finditer(value)]
+    if isinstance(value, list):
+        return [n for v in value for n in _variables(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _variables(v)]
+    return []
+
+
+def with_stored(config: Config, tables: dict[str, Any], env: dict[str, str]) -> tuple[Config, dict[str, str]]:
+    """``config`` (the file's, nothing stored in it yet) plus the providers stored at run time, and why any stored one was left out (a name
+    the file already uses, or a table this instance cannot use, e.g. its ``${VAR}`` unset here)."""
+    providers = dict(config.providers)
+    stored: list[str] = []
+    problems: dict[str, str] = {}
+    for name in sorted(tables):
+        if name in config.providers:
+            problems[name] = f"the config file has a provider named {name!r}; it wins"
+            continue
+        try:
+            providers[name] = stored_provider(name, tables[name], env, config.store.provider_env)
+        except ConfigError as exc:
+            problems[name] = str(exc)
+            continue
+        stored.append(name)
+    return replace(config, providers=providers, stored=frozenset(stored)), problems
+
 def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) -> StoreConfig:
     """``[store]``, checked now, so a bad url stops `relay check` and startup rather than the first request.
     Without a url, the old ``[server] usage_db`` names the SQLite file (``""``: no store at all)."""
@@ -443,6 +523,10 @@ def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) ->
         raise src.error("store", None, "expected a table")
     _check_keys(raw, _STORE_KEYS, src, "store")
     raw = {k: _expand(v, src, "store", k, env) for k, v in raw.items()}
+    if "provider_env" in raw:
+        if not all(isinstance(p, str) and p for p in raw["provider_env"]):
+            raise src.error("store", "provider_env", "expected a list of variable names or glob patterns")
+        raw["provider_env"] = tuple(raw["provider_env"])
     url = raw.get("url", "")
     if not url and server.usage_db is not None:
         if server.usage_db == "":

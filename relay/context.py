@@ -139,6 +139,13 @@ class Limits:
         self._described: dict[str, dict[str, Any]] = {}  # provider -> kind -> its answer to server_probes
         self._output_caps: dict[tuple[str, str], int] = {}  # what upstreams said when they refused max_tokens
 
+    def carry(self, old: "Limits", providers: set[str]) -> None:
+        """Keep what ``old`` (the config before a reload) learned of ``providers``, those the reload left as they
+        were: a change to one provider does not make relay forget every other's window and caps."""
+        self._found |= {k: v for k, v in old._found.items() if k[0] in providers}
+        self._described |= {k: v for k, v in old._described.items() if k in providers}
+        self._output_caps |= {k: v for k, v in old._output_caps.items() if k[0] in providers}
+
     def window(self, provider: Provider, model: str) -> int | None:
         """Without asking anyone: configured, or discovered earlier."""
         return provider.limits_for(model).context_window or self._found.get((provider.name, model))

@@ -28,6 +28,7 @@ class Gateway:
         self.metrics = metrics
         url = url_for(config.store)
         self.view = View.open(url, config.store) if url else None
+        self.left_out: dict[str, str] = {}  # stored providers this instance cannot serve, and why (the server's merge)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if self.view is None:

@@ -9,7 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from relay.config import Config
+import orjson
+
+from relay.config import Config, with_stored
 from relay.log import printable
 
 T = TypeVar("T")
@@ -101,19 +103,24 @@ def check_store(config: Config) -> tuple[str, bool]:
     if url.startswith("sqlite://") and not os.path.exists(os.path.expanduser(url[len("sqlite://"):])):
         return f"store: {url} (created on first start)", True
 
-    async def ping(backend: Any) -> int:
+    async def ping(backend: Any) -> tuple[int, dict[str, bytes]]:
         await backend.ping()
-        return len(await backend.load_keys())
+        return len(await backend.load_keys()), await backend.load("providers")
 
     try:
-        count = _run(config, ping)
+        count, stored = _run(config, ping)
     except StoreError as exc:
         return f"store: {masked(url)}: unreachable: {exc}", False
-    return f"store: {masked(url)} ok ({count} virtual key(s))", True
+    tables = {name: orjson.loads(doc)["table"] for name, doc in stored.items()}
+    _, problems = with_stored(config, tables, dict(os.environ))  # as the server will merge them, here
+    lines = [f"store: {masked(url)} ok ({count} virtual key(s), {len(tables)} stored provider(s): "
+             f"{', '.join(sorted(tables)) or 'none'})"]
+    lines += [f"  stored provider {name} left out here: {why}" for name, why in problems.items()]
+    return "\n".join(lines), not problems
 
 
 def keys_command(config: Config, args: argparse.Namespace) -> int:
-    from relay.store import FIELDS, NoSuchKey, StoreError, create_key, key_fields, with_changes
+    from relay.store import FIELDS, StoreError, change_key, create_key, key_fields
 
     fields = {k: v for k, v in vars(args).items() if k in FIELDS}
     try:
@@ -144,15 +151,7 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
             return 0
         changes = {"revoked": True} if args.action == "revoke" else key_fields(fields)
 
-        async def change(backend: Any) -> Any:
-            for k in await backend.load_keys():
-                if k.name == args.name:
-                    changed = with_changes(k, **changes)
-                    await backend.put_key(changed, create=False)
-                    return changed
-            raise NoSuchKey(f"no key named {args.name!r}")
-
-        _describe(_run(config, change))
+        _describe(_run(config, lambda backend: change_key(backend, args.name, changes)))
         return 0
     except StoreError as exc:
         print(f"relay: {exc}", file=sys.stderr)

@@ -97,14 +97,20 @@ class ProviderHealth:
 
 
 class Healths:
-    """The health of every provider, by name; a provider whose keys changed (a reload) starts afresh."""
+    """The health of every provider, by name; a provider whose keys or thresholds changed (a reload) starts
+    afresh, the others keep their circuit and cool-downs."""
 
     def __init__(self) -> None:
         self._by_name: dict[str, ProviderHealth] = {}
 
+    def keep(self, names: set[str]) -> None:
+        """Forget every provider but these (a reload removed or changed the others)."""
+        self._by_name = {n: h for n, h in self._by_name.items() if n in names}
+
     def of(self, provider: Provider) -> ProviderHealth:
         health = self._by_name.get(provider.name)
-        if health is None or health.keys != provider.api_keys:
+        if health is None or (health.keys, health.failure_threshold, health.cooldown) != \
+                (provider.api_keys, provider.failure_threshold, provider.cooldown):
             health = ProviderHealth(provider.api_keys, provider.failure_threshold, provider.cooldown)
             self._by_name[provider.name] = health
         return health

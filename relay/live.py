@@ -1,9 +1,10 @@
 """What the console's overview shows live: the last hour in ten-second steps and the latest requests, in memory.
 
 Bounded whatever the traffic: ``STEPS`` slots of a few counters and one small TTFB histogram each, and a ring of
-``RECENT`` requests whose client-chosen strings are cut to ``printable`` length. About 150 KB at most, per process
-(with ``--workers N`` each worker keeps its own and the console shows the one that answered). Pure: the clock is
-passed in, so it is tested without sleeping.
+``RECENT`` requests whose client-chosen strings are cut to ``printable`` length. About 150 KB at most, per process.
+Each process (a worker, an instance) keeps its own and publishes an ``export`` of it through the store every few
+seconds; the console on any of them shows ``merged``: the whole gateway. Pure: the clock is passed in, so it is
+tested without sleeping.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _quantile(counts: list[int], q: float) -> float | None:
 
 
 class Live:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "local") -> None:
+        self.name = name  # this process's instance id: requests are told apart across instances by name and number
         self._slots = [_Slot() for _ in range(STEPS)]
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self._seq = 0
@@ -94,7 +96,7 @@ class Live:
             slot.ttfb[bisect_left(TTFB_BOUNDS, ttfb)] += 1
         self._seq += 1
         self.recent.append({
-            "seq": self._seq, "time": round(now, 3), "key": printable(key, 80), "model": printable(model),
+            "id": f"{self.name}-{self._seq}", "time": round(now, 3), "key": printable(key, 80), "model": printable(model),
             "target": printable(target), "status": status, "stream": stream,
             "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1), "duration_ms": round(duration * 1000, 1),
             "input_tokens": input_tokens, "output_tokens": output_tokens,
@@ -111,9 +113,10 @@ class Live:
                 "error_rate": round(sum(s.errors for s in slots) / requests, 4) if requests else None,
                 "ttfb_p50_ms": _quantile(ttfb, 0.5), "ttfb_p99_ms": _quantile(ttfb, 0.99)}
 
-    def snapshot(self, now: float, after: int = 0) -> dict[str, Any]:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """The hour's series, oldest first (per-second rates; the last slot is the one still filling, its rates
-        over the seconds it has had), the last minute's figures, and the requests newer than sequence ``after``."""
+        over the seconds it has had), the last minute's figures, and the latest requests, newest first (each
+        with an ``id``: the page marks the ones it has not shown yet)."""
         last = int(now // STEP)
         elapsed = max(1.0, now - last * STEP)
         rps: list[float] = []
@@ -135,7 +138,42 @@ class Live:
             streams.append(slot.streams)
             p50.append(_quantile(slot.ttfb, 0.5))
             p99.append(_quantile(slot.ttfb, 0.99))
-        return {"now": round(now, 3), "step": STEP, "seq": self._seq, "last_minute": self._minute(last, elapsed),
+        return {"now": round(now, 3), "step": STEP, "last_minute": self._minute(last, elapsed),
                 "series": {"requests_per_s": rps, "error_rate": err, "tokens_per_s": tps, "cost_usd": cost,
                            "streams_open": streams, "ttfb_p50_ms": p50, "ttfb_p99_ms": p99},
-                "recent": [r for r in self.recent if r["seq"] > after]}
+                "recent": sorted(self.recent, key=lambda r: r["time"])[::-1]}
+
+    def export(self, now: float, open_streams: int) -> dict[str, Any]:
+        """What this process publishes for the other instances' consoles: its slots of the hour that saw
+        anything, its latest requests and how many streams it has open now."""
+        first = int(now // STEP) - STEPS + 1
+        return {"slots": [[s.index, s.requests, s.errors, s.tokens, s.cost_micros, s.streams, s.ttfb]
+                          for s in self._slots if s.index >= first and (s.requests or s.streams)],
+                "recent": list(self.recent), "streams_open": open_streams}
+
+    def absorb(self, exported: dict[str, Any]) -> None:
+        """Add another process's ``export`` into this one: counts and histograms add up, as do the streams each
+        held open at its busiest in a step (so a merged step's streams is at most the gateway's busiest)."""
+        for index, requests, errors, tokens, cost_micros, streams, ttfb in exported["slots"]:
+            slot = self._slots[index % STEPS]
+            if slot.index > index:
+                continue  # a step older than the one this slot holds now
+            if slot.index != index:
+                slot.reset(index)
+            slot.requests += requests
+            slot.errors += errors
+            slot.tokens += tokens
+            slot.cost_micros += cost_micros
+            slot.streams += streams
+            if ttfb:
+                slot.ttfb = [a + b for a, b in zip(slot.ttfb or [0] * len(ttfb), ttfb)]
+        newest = sorted([*self.recent, *exported["recent"]], key=lambda r: r["time"])[-RECENT:]
+        self.recent = deque(newest, maxlen=RECENT)
+
+
+def merged(now: float, exports: list[dict[str, Any]]) -> tuple[Live, int]:
+    """One view of several processes' exports (this one's included), and how many streams they have open."""
+    whole = Live("gateway")
+    for exported in exports:
+        whole.absorb(exported)
+    return whole, sum(e["streams_open"] for e in exports)

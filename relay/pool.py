@@ -168,6 +168,7 @@ class ConnectionPool:
         self._slots: trio.Semaphore | None = None  # made on first use, inside trio
         self._idle: dict[OriginKey, list[HTTP11Connection]] = {}
         self._urls: dict[str, tuple[OriginKey, httpcore.Origin, bytes]] = {}
+        self._closed = False  # closed by a reload: requests still running close their connection when they end
 
     def _parse(self, url: str) -> tuple[OriginKey, httpcore.Origin, bytes]:
         """(pool key, origin, request target) of a URL, parsed by httpcore once per URL."""
@@ -216,7 +217,7 @@ class ConnectionPool:
             try:
                 yield response
             finally:
-                if response.reusable:
+                if response.reusable and not self._closed:
                     connection.reuse()
                     self._idle.setdefault(key, []).append(connection)
                 else:
@@ -243,6 +244,7 @@ class ConnectionPool:
         return HTTP11Connection(origin, stream, self._keepalive)
 
     async def aclose(self) -> None:
+        self._closed = True
         for stack in self._idle.values():
             for connection in stack:
                 await connection.aclose()

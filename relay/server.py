@@ -8,6 +8,7 @@ happens here beyond choosing the translator: bodies are parsed once and handed t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import trio
 from relay import admin, console, routing, tokens, transport
 from relay.affinity import Place, Route, Sessions
 from relay.auth import OPEN, Keys, may_call, permitted
-from relay.config import ClientKey, Config, Provider, ServerConfig
+from relay.config import ClientKey, Config, Provider, ServerConfig, with_stored
 from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
@@ -63,9 +64,15 @@ class Server:
         self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
-        self.live = Live()  # the console's last hour and latest requests
         self._retired: list[Upstreams] = []
+        self._retiring = trio.Event()
         self.gateway = Gateway(config, self.metrics)
+        self.live = Live(self.gateway.view.instance if self.gateway.view else "local")  # the console's hour
+        self.file_config = config  # what the file says; ``config`` adds the providers stored at run time
+        if self.gateway.view is not None:
+            self.gateway.view.on_providers = self._stored_changed
+            self.gateway.view.live_export = lambda: orjson.dumps(
+                self.live.export(time.time(), self.metrics.open_streams))
         self.board = Board.from_env(self.metrics)  # a worker of several: /metrics sums them all
         self._auth = Keys(config, self.gateway.view)
         self._accepting = trio.CancelScope()
@@ -92,6 +99,7 @@ class Server:
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
             await background.start(self.heads.run)
+            background.start_soon(self._close_retired)
             if self.board is not None:
                 background.start_soon(self.board.run)
             try:
@@ -109,6 +117,15 @@ class Server:
                     for upstreams in (self.upstreams, *self._retired):
                         await upstreams.aclose()
 
+    async def _close_retired(self) -> None:
+        """The pools a reload left behind: their idle connections close at once, the busy ones when their request
+        ends (a provider changed or deleted at run time keeps no socket open)."""
+        while True:
+            await self._retiring.wait()
+            self._retiring = trio.Event()
+            while self._retired:
+                await self._retired.pop().aclose()
+
     async def flush_usage(self) -> None:
         """Wait until what this instance booked so far is in the store (tests, the admin API)."""
         await self.gateway.flush()
@@ -124,22 +141,48 @@ class Server:
         log.info("draining: no new connections; open requests have %gs to finish", grace)
 
     def reload(self, config: Config) -> None:
-        """New config for new requests; requests in flight keep the upstream pools they started with."""
+        """The config file read again (SIGHUP), for new requests; the providers stored at run time stay."""
         if (config.server.host, config.server.port) != (self.config.server.host, self.config.server.port):
             log.warning("reload: host/port changes take effect on restart only")
         if config.store != self.config.store:
             log.warning("reload: [store] changes take effect on restart only")
-        self._retired.append(self.upstreams)
+        self.file_config = config
+        self._use(self._with_stored(config))
+        log.info("reloaded config from %s", config.source)
+
+    def _stored_changed(self, tables: dict[str, Any]) -> None:
+        """The store's providers changed (the admin API, on this instance or another): live from the next request."""
+        self._use(self._with_stored(self.file_config))
+        log.info("providers stored at run time: %s", ", ".join(sorted(self.config.stored)) or "none")
+
+    def _with_stored(self, config: Config) -> Config:
+        view = self.gateway.view
+        if view is None or not view.providers:
+            self.gateway.left_out = {}
+            return config
+        merged, self.gateway.left_out = with_stored(config, view.providers, dict(os.environ))
+        for name, problem in self.gateway.left_out.items():
+            log.warning("stored provider %r left out: %s", name, problem)
+        return merged
+
+    def _use(self, config: Config) -> None:
+        """New config for new requests; requests in flight keep the upstream pools they started with."""
+        old, self.upstreams = self.upstreams, Upstreams(config)
+        self.upstreams.inherit(old)
+        if not old.empty:  # pools of providers removed or changed: closed now, their busy connections as they end
+            self._retired.append(old)
+            self._retiring.set()
+        unchanged = {name for name, p in config.providers.items() if self.config.providers.get(name) == p}
+        self.healths.keep(unchanged)  # circuits, cool-downs and learned limits of the others stay
+        known = Limits(self.upstreams.get_json, routing.named_targets(config))
+        known.carry(self.known, unchanged)
+        self.known = known
         self.config = config
-        self.upstreams = Upstreams(config)
-        self.healths = Healths()
         self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
-        self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
         self.metrics.configured = frozenset(routing.configured_names(config))
-        log.info("reloaded config from %s", config.source)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         if self._open >= self.max_open:

@@ -277,6 +277,18 @@ class Upstreams:
         except Exception:  # a server that cannot describe itself simply has no known window
             return None
 
+    def inherit(self, old: "Upstreams") -> None:
+        """Take over the pools of ``old`` (the config before a reload) for providers whose connections are made
+        the same way, so a reload, or a provider added at run time, does not drop every warm connection."""
+        for name in list(old._pools):
+            before, now = old.config.providers.get(name), self.config.providers.get(name)
+            if before and now and (before.ca_file, before.max_connections) == (now.ca_file, now.max_connections):
+                self._pools[name] = old._pools.pop(name)
+
+    @property
+    def empty(self) -> bool:
+        return not self._pools
+
     async def aclose(self) -> None:
         for pool in self._pools.values():
             await pool.aclose()

@@ -18,9 +18,9 @@ from tests.conftest import RELAY_KEY, start_relay
 from tests.mock_upstream import MockUpstream, Reply, json_reply, text_stream
 from tests.test_gateway import ADMIN, call, gateway_config
 
-PAGES = ("overview", "keys", "providers", "routes", "usage")
+PAGES = ("overview", "keys", "providers", "models", "routes", "usage")
 TRAFFIC_SECONDS = 60
-MODELS = ("mock-model", "claude-sonnet-4-5", "claude-haiku-4-5", "alias-model")
+MODELS = ("mock-model", "claude-sonnet-4-5", "claude-haiku-4-5", "alias-model", "qwen3-coder-30b")
 
 
 def reply(_: Any) -> Reply:
@@ -74,6 +74,9 @@ async def main(folder: Path) -> None:
                                  ("alice", {"models": ["mock/*"], "budget": 50}), ("bob", {"tpm": 200000})):
                 made = await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": name, **fields})
                 secrets.append(made.json()["secret"])
+            await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/providers", ADMIN, {
+                "name": "lab-gpu", "format": "openai", "base_url": upstream.base_url, "api_key": "${LAB_KEY:-}",
+                "models": ["qwen3-coder-30b"], "tool_call_content": "empty", "context_window": 65536})
             await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": "old-laptop"})
             await trio.to_thread.run_sync(call, relay.url, "DELETE", "/admin/keys/old-laptop", ADMIN)
             until = time.monotonic() + TRAFFIC_SECONDS

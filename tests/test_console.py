@@ -14,11 +14,11 @@ import anthropic
 import pytest
 import trio
 
-from relay.live import RECENT, STEP, STEPS, Live
+from relay.live import RECENT, STEP, STEPS, Live, merged
 from tests.browser import browser_page
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, completion, text_stream
-from tests.test_gateway import ADMIN, ask, call, gateway_config, run
+from tests.test_gateway import ADMIN, ask, call, gateway_config, run, running, until
 
 def answers_ok(recorded: Any) -> Any:
     """The mock upstream's "ok", as a stream or in one piece, as asked."""
@@ -123,6 +123,10 @@ def browse_providers_routes_usage(url: str) -> None:
         assert "mock/small-model" in page.inner_text("#page")  # the haiku tier
         page.click("nav a[data-page=usage]")
         page.wait_for_selector("#page[data-page=usage] #csv")
+        assert page.inner_text("#usage-keys tbody tr").split() == ["key1", "1", "0", "15", "$0.0200"]
+        assert len(page.query_selector_all("#chart-spend rect")) == 1  # one day so far
+        assert page.text_content("#chart-spend rect title").endswith(": $0.0200")
+        assert page.query_selector("#chart-spend rect").bounding_box()["height"] > 40  # the day's bar is full height
         with page.expect_download() as download:
             page.click("#csv")
         csv = Path(download.value.path()).read_text()
@@ -180,8 +184,8 @@ async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream:
     [seen] = live["recent"]
     assert (seen["key"], seen["model"], seen["target"], seen["status"], seen["input_tokens"]) == \
         ("key1", "mock-model", "mock/mock-model", 200, 10)
-    assert (await run(call, url, "GET", f"/admin/live?after={live['seq']}")).json()["recent"] == []
-    assert (await run(call, url, "GET", "/admin/live?after=x")).status_code == 400
+    assert live["instances"] == 1 and live["store"] == "up" and live["streams_open"] == 0
+    assert (await run(call, url, "GET", "/admin/live")).json()["recent"] == [seen]  # the same id: the page dedups
     providers = (await run(call, url, "GET", "/admin/providers")).json()["data"]
     assert providers[0]["name"] == "mock" and providers[0]["health"]["circuit"] == "closed"
     assert "sk-" not in (await run(call, url, "GET", "/admin/providers")).text
@@ -197,6 +201,54 @@ async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream:
     assert (await run(call, bare.url, "GET", "/admin/live")).status_code == 404
 
 
+def browse_custom_models(url: str, custom_url: str) -> None:
+    with browser_page(url) as (page, watch):
+        page.on("dialog", lambda dialog: dialog.accept())
+        login(page, url)
+        page.wait_for_selector("#page[data-page=overview]")
+        page.click("nav a[data-page=models]")
+        page.wait_for_selector("#from-file td:text-is('mock')")  # the config file's provider: listed, not editable
+        assert page.query_selector("[data-edit='mock']") is None
+        # a table the parser refuses: its words on the page, nothing stored
+        page.fill("#model-form [name=name]", "custom")
+        page.fill("#model-form [name=base_url]", custom_url)
+        page.fill("#model-form [name=api_key]", "sk-custom-from-the-page")
+        page.fill("#model-form [name=models]", "custom-model")
+        page.fill("#model-form [name=extra]", '{"retries": "three"}')
+        page.click("#model-form button[type=submit]")
+        page.wait_for_selector("#model-error:has-text('retries: expected int')")
+        assert page.query_selector("#stored tr") is None
+        watch.errors.clear()  # the browser logs the refused save (400) as a failed load
+        page.fill("#model-form [name=extra]", '{"tool_call_content": "empty", "retries": 0}')
+        page.click("#model-form button[type=submit]")
+        page.wait_for_selector("#model-saved:has-text('live on every instance')")
+        page.wait_for_selector("#stored tr[data-name=custom]:has-text('custom-model')")
+        assert ask(url, RELAY_KEY, "custom/custom-model") == "from custom"  # routed to it at once
+        # edited: another model name; the key stays as it was (the field is left empty)
+        page.click("[data-edit=custom]")
+        assert page.input_value("#model-form [name=api_key]") == "" and page.input_value("#model-form [name=name]") == "custom"
+        assert "retries" in page.input_value("#model-form [name=extra]")
+        page.fill("#model-form [name=models]", "custom-model, second-model")
+        page.click("#model-form button[type=submit]")
+        page.wait_for_selector("#stored tr[data-name=custom]:has-text('second-model')")
+        assert ask(url, RELAY_KEY, "second-model") == "from custom"
+        assert "sk-custom-from-the-page" not in page.content()
+        page.click("[data-delete=custom]")
+        page.wait_for_selector("#stored tr[data-name=custom]", state="detached")
+        watch.clean()
+
+
+async def test_console_custom_models_in_a_browser(nursery: trio.Nursery, upstream: MockUpstream, tmp_path: Path) -> None:
+    custom = MockUpstream(lambda r: text_stream("from custom", usage=(3, 2)))
+    await nursery.start(custom.serve)
+    upstream.handler = lambda r: text_stream("from mock", usage=(1, 1))
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    await run(browse_custom_models, relay.url, custom.base_url)
+    auth = {r.headers["authorization"] for r in custom.requests}
+    assert auth == {"Bearer sk-custom-from-the-page"}, auth
+    assert custom.requests[0].json["model"] == "custom-model" and custom.requests[-1].json["model"] == "second-model"
+
+
 def test_live_series_and_bounds() -> None:
     live = Live()
     t0 = 1_000_000.0  # a multiple of STEP
@@ -206,7 +258,8 @@ def test_live_series_and_bounds() -> None:
     live.streams(t0 + 2, 4)
     snap = live.snapshot(t0 + 5)
     s = snap["series"]
-    assert len(snap["recent"]) == RECENT and snap["recent"][0]["seq"] == 51  # bounded: the oldest went
+    assert len(snap["recent"]) == RECENT  # bounded: the oldest went; newest first
+    assert (snap["recent"][0]["id"], snap["recent"][-1]["id"]) == ("local-150", "local-51")
     assert len(snap["recent"][0]["model"]) <= 201
     assert s["requests_per_s"][-1] == pytest.approx(150 / 5) and s["tokens_per_s"][-1] == pytest.approx(750 / 5)
     assert s["error_rate"][-1] == pytest.approx(38 / 150, abs=1e-3) and s["streams_open"][-1] == 4
@@ -223,11 +276,61 @@ def test_live_series_and_bounds() -> None:
     # an hour on, the slot is reused and the old counts are gone
     later = live.snapshot(t0 + STEP * STEPS + 1)["series"]
     assert sum(later["requests_per_s"]) == 0 and later["ttfb_p99_ms"][-1] is None
-    assert live.snapshot(t0 + 5, after=153)["recent"] == []
+
+
+def test_live_figures_of_several_processes_merge() -> None:
+    """What the console shows with several workers or instances: each publishes its export; any merges them."""
+    t0 = 1_000_000.0
+    one, two = Live("one"), Live("two")
+    for n, (live, ttfb) in enumerate(((one, 0.1), (two, 2.0), (one, 0.1), (two, 2.0))):
+        live.request_done(t0 + 1 + n, key="k", model="m", target="p/m", status=200 if n else 500, stream=True,
+                          ttfb=ttfb, duration=3.0, input_tokens=10, output_tokens=5, cost_micros=100)
+    two.request_done(t0 - 30 * STEP, key="k", model="m", target="p/m", status=200, stream=True, ttfb=None,
+                     duration=1.0, input_tokens=1, output_tokens=1, cost_micros=0)  # half an hour ago
+    one.streams(t0 + 5, 3)
+    two.streams(t0 + 5, 2)
+    whole, streams_open = merged(t0 + 6, [one.export(t0 + 6, 3), two.export(t0 + 6, 2)])
+    snap = whole.snapshot(t0 + 6)
+    s = snap["series"]
+    assert streams_open == 5 and s["streams_open"][-1] == 5
+    assert s["requests_per_s"][-1] == pytest.approx(4 / 6, abs=1e-3) and s["error_rate"][-1] == 0.25
+    assert s["cost_usd"][-1] == pytest.approx(0.0004) and s["tokens_per_s"][-1] == pytest.approx(60 / 6)
+    assert 100 <= s["ttfb_p50_ms"][-1] <= 125 and 2000 <= s["ttfb_p99_ms"][-1] <= 2500  # histograms added
+    assert s["requests_per_s"][-31] == pytest.approx(0.1)  # the older step of one instance kept its place
+    assert [r["id"] for r in snap["recent"]] == ["two-2", "one-2", "two-1", "one-1", "two-3"]  # newest first
+    many = [Live(str(i)) for i in range(3)]
+    for i, live in enumerate(many):
+        for j in range(RECENT):
+            live.request_done(t0 + j + i / 10, key="k", model="m", target="p/m", status=200, stream=True, ttfb=0.1,
+                              duration=0.1, input_tokens=1, output_tokens=1, cost_micros=0)
+    whole, _ = merged(t0 + RECENT, [live.export(t0 + RECENT, 0) for live in many])
+    recent = whole.snapshot(t0 + RECENT)["recent"]
+    assert len(recent) == RECENT and recent[0]["id"] == f"2-{RECENT}"  # bounded, the newest of all kept
 
 
 def test_provider_urls_are_shown_without_secrets() -> None:
-    from relay.console import _shown_url
+    from relay.admin import shown_url as _shown_url
 
     assert _shown_url("https://user:pw@llm.internal:8443/v1?key=abc") == "https://llm.internal:8443/v1"
     assert _shown_url("http://[::1]:8080/v1") == "http://[::1]:8080/v1"
+
+
+async def test_the_console_on_any_instance_shows_the_whole_gateway(nursery: trio.Nursery, upstream: MockUpstream,
+                                                                   tmp_path: Path) -> None:
+    """Two relay processes on one store (as the workers of ``--workers 2`` are): a request served by one appears on
+    the other's overview, which counts both processes."""
+    upstream.handler = lambda r: text_stream("ok", usage=(10, 5))
+    config = tmp_path / "relay.toml"
+    config.write_text(gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}", refresh=0.1))
+    async with running(config, "relay0", "relay1") as (one, two):
+        assert await run(ask, two.url, RELAY_KEY, "mock-model") == "ok"
+
+        async def seen_on_one() -> bool:
+            live = (await run(call, one.url, "GET", "/admin/live")).json()
+            return live["instances"] == 2 and [r["target"] for r in live["recent"]] == ["mock/mock-model"]
+
+        await until(seen_on_one, seconds=8)
+        live = (await run(call, one.url, "GET", "/admin/live")).json()
+        assert sum(live["series"]["requests_per_s"]) > 0 and live["recent"][0]["key"] == "key1"
+        logs = [i.stop() for i in (one, two)]
+    assert all("Traceback" not in log for log in logs), logs

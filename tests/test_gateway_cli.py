@@ -56,9 +56,32 @@ def test_keys_lifecycle_and_usage(config_file: Path) -> None:
     usage = relay("usage", config=config_file)
     assert usage.returncode == 0 and usage.stdout.split()[:4] == ["key", "model", "requests", "refused"]
     check = relay("check", config=config_file)
-    assert "ok (1 virtual key(s))" in check.stdout, check.stdout + check.stderr
+    assert "ok (1 virtual key(s), 0 stored provider(s): none)" in check.stdout, check.stdout + check.stderr
     for out in (created, listed, changed, check, usage):
         assert "s3cret-store-pass" not in out.stdout + out.stderr
+
+
+def test_check_says_which_stored_providers_this_machine_cannot_serve(config_file: Path) -> None:
+    import orjson
+    import trio
+
+    from relay.config import load
+    from relay.store import connected, url_for
+
+    config = load(str(config_file), {**os.environ, "STORE_PASSWORD": "s3cret-store-pass"})
+
+    async def store_two() -> None:
+        async with connected(url_for(config.store) or "") as backend:
+            for name, key in (("lab", "${LAB_KEY_NOT_SET_HERE}"), ("ok", "sk-fine")):
+                table = {"base_url": "http://127.0.0.1:9/v1", "api_key": key}
+                await backend.put("providers", name, orjson.dumps({"table": table}), create=True)
+
+    trio.run(store_two)
+    check = relay("check", config=config_file)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "2 stored provider(s): lab, ok" in check.stdout
+    assert "stored provider lab left out here: " in check.stdout and "LAB_KEY_NOT_SET_HERE is not set" in check.stdout
+    assert "sk-fine" not in check.stdout
 
 
 def test_a_store_that_is_down_or_misnamed(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import trio
 from relay.config import StoreConfig
 from relay.errors import RelayError
 from relay.limits import Windows, name
-from relay.store import (Batch, KeyExists, NoSuchKey, StoreError, UsageRow, View, connected, create_key,
-                         summarize, with_changes)
+from relay.store import (Batch, Changed, KeyExists, NoSuchKey, StoreError, UsageRow, View, connected, create_key,
+                         summarize, update, with_changes)
 from relay.store.sqlite import read_files
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
@@ -59,6 +59,23 @@ async def test_keys_are_created_once_changed_and_listed(store_url: str) -> None:
     assert stored.name == "alice" and stored.models == ("mock-*",) and stored.digest == key.digest
     assert (stored.limits.rpm, stored.limits.tpm, stored.limits.budget) == (None, 100, 2.5)
     assert "digest" not in stored.public() and secret not in str(stored.public())
+
+
+async def test_records_are_written_only_over_what_was_read(store_url: str) -> None:
+    """The compare-and-set under every read-modify-write (the admin API's and the CLI's edits)."""
+    async with connected(store_url) as backend:
+        await backend.put("providers", "p", b'{"table":{"a":1}}', create=True)
+        v0 = await backend.version("providers")
+        with pytest.raises(Changed):
+            await backend.put("providers", "p", b'{"table":{"a":2}}', create=False, expect=b'{"table":{"a":0}}')
+        assert (await backend.load("providers"))["p"] == b'{"table":{"a":1}}' and await backend.version("providers") == v0
+        await backend.put("providers", "p", b'{"table":{"a":3}}', create=False, expect=b'{"table":{"a":1}}')
+        done = await update(backend, "providers", "p", lambda raw: raw.replace(b"3", b"4"))
+        assert done == (await backend.load("providers"))["p"] == b'{"table":{"a":4}}'
+        with pytest.raises(NoSuchKey, match="no provider named 'q'"):
+            await update(backend, "providers", "q", lambda raw: raw)
+        await backend.put("providers", "p", None, create=False)
+        assert await backend.load("providers") == {} and await backend.version("providers") == v0 + 3
 
 
 async def test_a_batch_is_applied_once_even_when_retried(store_url: str) -> None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import orjson
 import trio
 
 from relay import pricing, routing
+from relay.admin import shown_table, shown_url
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options
-from relay.config import Provider
+from relay.config import Provider, provider_choices
 from relay.errors import RelayError
-from relay.live import quantile_bucket
+from relay.live import merged, quantile_bucket
 from relay.metrics import BUCKETS
 
 if TYPE_CHECKING:
@@ -57,14 +58,18 @@ def asset(path: str) -> tuple[bytes, bytes]:
     return found
 
 
-ROUTES = ("live", "providers", "resolve", "try")
+ROUTES = ("live", "resolve", "try")
 TRY_PROMPT = "Say hello in five words."
 
 
 async def answer(server: Server, method: str, path: str, query: str, body: bytes) -> bytes | None:
-    """The console's own admin routes (``GET /admin/live|providers|resolve``, ``POST /admin/try``); None for any
-    other path."""
+    """The console's own admin routes (``GET /admin/live|providers[/NAME]|resolve``, ``POST /admin/try``); None
+    for any other path (writes to the stored providers are ``relay.admin``'s)."""
     name = path[len("/admin/"):]
+    if name == "providers" or name.startswith("providers/"):
+        if method != "GET" or name.count("/") > 1:
+            return None
+        return _providers(server, unquote(name.partition("/")[2]))
     if name not in ROUTES:
         return None
     if name == "try":
@@ -76,14 +81,7 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
     args = parse_qs(query)
     now = time.time()
     if name == "live":
-        try:
-            after = int(args.get("after", ["0"])[0])
-        except ValueError:
-            raise RelayError(400, "after: expected an integer", "invalid_request_error") from None
-        server.live.streams(now, server.metrics.open_streams)
-        return orjson.dumps(server.live.snapshot(now, after) | {"streams_open": server.metrics.open_streams})
-    if name == "providers":
-        return orjson.dumps({"data": [_provider(server, p) for p in server.config.providers.values()]})
+        return orjson.dumps(await _live(server, now))
     model = args.get("model", [""])[0]
     if model:
         return orjson.dumps(_resolved(server, model))
@@ -92,6 +90,39 @@ async def answer(server: Server, method: str, path: str, query: str, body: bytes
     return orjson.dumps({"tiers": [_resolved(server, m) for m in CLAUDE_CODE_MODELS],
                          "aliases": {a: list(t) for a, t in server.config.models.items()},
                          "routes": {r: list(t) for r, t in server.config.routes.items()}})
+
+
+def _providers(server: Server, wanted: str) -> bytes:
+    """Every provider (or the one named ``wanted``): the config file's and the stored ones, and the stored ones
+    this instance left out, with why."""
+    shown = [_provider(server, p) for p in server.config.providers.values() if not wanted or p.name == wanted]
+    view = server.gateway.view
+    if view is not None:
+        shown += [{"name": n, "source": "store", "error": why, "table": shown_table(view.providers.get(n, {}))}
+                  for n, why in server.gateway.left_out.items() if not wanted or n == wanted]
+    if not wanted:
+        return orjson.dumps({"data": shown, "choices": provider_choices()})
+    if not shown:
+        raise RelayError(404, f"no provider named {wanted!r}", "not_found_error")
+    return orjson.dumps(shown[0])
+
+
+async def _live(server: Server, now: float) -> dict[str, Any]:
+    """The overview's figures for the whole gateway: this process's own, fresh, plus what the other instances
+    (workers included) published through the store in the last seconds."""
+    server.live.streams(now, server.metrics.open_streams)
+    view = server.gateway.view
+    others = [] if view is None else await view.others_live()
+    mine = server.live.export(now, server.metrics.open_streams)
+    exports = [mine]
+    for doc in others:
+        try:
+            exports.append(orjson.loads(doc))
+        except orjson.JSONDecodeError:
+            continue
+    whole, streams_open = merged(now, exports)
+    return whole.snapshot(now) | {"streams_open": streams_open, "instances": len(exports),
+                                  "store": None if view is None else ("up" if view.up else "down")}
 
 
 def _resolved(server: Server, model: str) -> dict[str, Any]:
@@ -144,20 +175,18 @@ def _p50(server: Server, provider: str) -> float | None:
     return None if i is None or i >= len(BUCKETS) else BUCKETS[i] * 1000
 
 
-def _shown_url(url: str) -> str:
-    """A base URL without what may hold a secret (user:password@, a query string)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 def _provider(server: Server, p: Provider) -> dict[str, Any]:
-    """A provider as the page shows it: never a key, only how many there are and how many rest."""
-    return {"name": p.name, "format": p.format, "base_url": _shown_url(p.base_url), "preset": p.preset, "keys": len(p.api_keys),
-            "passthrough_models": p.passthrough_models, "source": "config",
-            "health": server.healths.of(p).state(trio.current_time()),
-            "ttfb_p50_ms": _p50(server, p.name),
-            "models": [{"id": m, "context_window": p.limits_for(m).context_window,
-                        "max_output": p.limits_for(m).max_output, "price": _price(p, m)} for m in p.models]}
+    """A provider as the page shows it: never a key, only how many there are and how many rest; a stored one
+    with its table (keys masked), for the custom models page to edit."""
+    doc = {"name": p.name, "format": p.format, "base_url": shown_url(p.base_url), "preset": p.preset,
+           "keys": len(p.api_keys), "passthrough_models": p.passthrough_models, "source": "config",
+           "health": server.healths.of(p).state(trio.current_time()), "ttfb_p50_ms": _p50(server, p.name),
+           "models": [{"id": m, "context_window": p.limits_for(m).context_window,
+                       "max_output": p.limits_for(m).max_output, "price": _price(p, m)} for m in p.models]}
+    view = server.gateway.view
+    if p.name in server.config.stored and view is not None:
+        doc |= {"source": "store", "table": shown_table(view.providers[p.name])}
+    return doc
 
 
 def _price(p: Provider, model: str) -> dict[str, Any] | None:

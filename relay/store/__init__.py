@@ -46,6 +46,7 @@ KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 METRICS = ("requests", "refused", "input_tokens", "output_tokens", "estimated_input_tokens",
            "estimated_output_tokens", "cache_read", "cache_write", "cost_micros")
 STREAMS_TTL = 10.0  # an instance that stopped reporting its open streams this long ago is gone
+LIVE_EVERY = 2.0  # seconds between two publications of an instance's live figures (the console's whole-gateway view)
 
 
 class StoreError(Exception):
@@ -58,6 +59,10 @@ class KeyExists(StoreError):
 
 class NoSuchKey(StoreError):
     pass
+
+
+class Changed(StoreError):
+    """A record changed between reading and writing it (another admin's change at the same moment)."""
 
 
 # ---- what is stored ------------------------------------------------------------------------------------
@@ -155,6 +160,9 @@ class Synced:
     instances: int  # instances seen (this one included)
 
 
+RECORDS = {"keys": "key", "providers": "provider"}  # what the store keeps by name (kind -> what one is called)
+
+
 class Backend(Protocol):
     """One store. Every method may raise StoreError (or the client's own errors: the View treats any
     exception from a backend as an outage)."""
@@ -164,6 +172,10 @@ class Backend(Protocol):
     async def __aenter__(self) -> "Backend": ...
     async def __aexit__(self, *exc: object) -> None: ...
     async def ping(self) -> None: ...
+    async def version(self, kind: str) -> int: ...
+    async def load(self, kind: str) -> dict[str, bytes]: ...
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None: ...
     async def keys_version(self) -> int: ...
     async def load_keys(self) -> list[VirtualKey]: ...
     async def put_key(self, key: VirtualKey, *, create: bool) -> None: ...
@@ -171,6 +183,66 @@ class Backend(Protocol):
     async def sync(self, instance: str, reads: Mapping[str, list[str]], streams: Mapping[str, int],
                    now: float) -> Synced: ...
     async def usage(self, since: str | None = None) -> list[UsageRow]: ...
+    async def publish(self, instance: str, doc: bytes, now: float) -> None: ...
+    async def published(self, now: float) -> dict[str, bytes]: ...
+
+
+class Records:
+    """Named records (``RECORDS``) on top of a backend's three record calls: each kind has a version that every
+    change bumps, so an instance re-reads a kind only when it changed. ``put`` with ``doc`` None deletes;
+    ``create`` refuses a name in use (KeyExists), otherwise the name must exist (NoSuchKey); ``expect``: only if
+    the record still holds exactly these bytes (Changed otherwise), atomically."""
+
+    async def version(self, kind: str) -> int:
+        raise NotImplementedError
+
+    async def load(self, kind: str) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None:
+        raise NotImplementedError
+
+    async def keys_version(self) -> int:
+        return await self.version("keys")
+
+    async def load_keys(self) -> list[VirtualKey]:
+        return [VirtualKey.from_json(doc) for _, doc in sorted((await self.load("keys")).items())]
+
+    async def put_key(self, key: VirtualKey, *, create: bool) -> None:
+        await self.put("keys", key.name, key.to_json(), create=create)
+
+
+async def update(backend: Backend, kind: str, name: str, change: Any, tries: int = 8) -> bytes | None:
+    """Read, change and write one record as one step against any other writer: ``change(old bytes)`` gives the
+    new bytes (None deletes), written only if nobody wrote the record in between, else read again. Two admins
+    changing one key at the same moment both land (a revocation is never undone by a concurrent edit)."""
+    for _ in range(tries):
+        found = (await backend.load(kind)).get(name)
+        if found is None:
+            raise missing(kind, name)
+        new = change(found)
+        try:
+            await backend.put(kind, name, new, create=False, expect=found)
+        except Changed:
+            continue
+        return new  # type: ignore[no-any-return]
+    raise StoreError(f"{RECORDS[kind]} {name!r} kept changing under {tries} attempts; try again")
+
+
+async def change_key(backend: Backend, name: str, changes: Mapping[str, Any]) -> VirtualKey:
+    """A key with some fields replaced (``revoked`` too), through ``update``: the CLI's and the admin API's."""
+    doc = await update(backend, "keys", name, lambda raw: with_changes(VirtualKey.from_json(raw), **changes).to_json())
+    assert doc is not None  # a change, never a deletion
+    return VirtualKey.from_json(doc)
+
+
+def exists(kind: str, name: str) -> KeyExists:
+    return KeyExists(f"a {RECORDS[kind]} named {name!r} exists")
+
+
+def missing(kind: str, name: str) -> NoSuchKey:
+    return NoSuchKey(f"no {RECORDS[kind]} named {name!r}")
 
 
 def masked(url: str) -> str:
@@ -288,6 +360,11 @@ class View:
         self._rows: dict[tuple[str, str, str], list[int]] = {}
         self._batch: Batch | None = None
         self._version = -1
+        self._providers_version = -1
+        self.providers: dict[str, Any] = {}  # name -> provider table stored at run time (see config.with_stored)
+        self.on_providers: Any = None  # called with ``providers`` each time they change (the server rebuilds)
+        self.live_export: Any = None  # () -> bytes: this instance's live figures, published every LIVE_EVERY
+        self._published = 0.0
         self.up = False
         self.loaded = False  # keys have been read at least once
         self.last_error = ""
@@ -297,6 +374,7 @@ class View:
         self._running = False
         self._stopped = trio.Event()
         self._cycled = trio.Event()  # set after each round that reached the store
+        self._rounds = self._rounds_done = 0  # rounds begun, and the last one that reached the store
 
     @classmethod
     def open(cls, url: str, settings: StoreConfig, clock: Any = time.time) -> "View":
@@ -445,7 +523,7 @@ class View:
                 result = await work(self.backend)
         except trio.TooSlowError:
             raise StoreError(f"store {self.backend.url} did not answer within {self.settings.timeout:g}s") from None
-        except StoreError:
+        except (StoreError, RelayError):  # RelayError: the work refused the change itself (a 4xx for the caller)
             raise
         except Exception as exc:
             raise StoreError(f"store {self.backend.url}: {_describe(exc)}") from None
@@ -472,15 +550,25 @@ class View:
 
     async def cycle(self) -> None:
         """One round with the store: keys if they changed, the held batch, counters and streams."""
+        self._rounds += 1
+        round_ = self._rounds
         version = await self.backend.keys_version()
         if version != self._version:
             self._load(await self.backend.load_keys())
             self._version = version
+        version = await self.backend.version("providers")
+        if version != self._providers_version:
+            self._load_providers(await self.backend.load("providers"))
+            self._providers_version = version
         await self._write()
         now = self.clock()
         synced = await self.backend.sync(self.instance, self._reads(now), self.in_flight, now)
         self.meter.settle(synced.totals, now)
         self.elsewhere, self.instances = synced.streams, synced.instances
+        if self.live_export is not None and now - self._published >= LIVE_EVERY:
+            await self.backend.publish(self.instance, self.live_export(), now)
+            self._published = now
+        self._rounds_done = round_
         self._cycled.set()
         self._cycled = trio.Event()
         if not self.up:
@@ -517,6 +605,44 @@ class View:
         self.by_name = {k.name: k for k in keys}
         self.keys = {k.digest: k for k in keys}
         self.loaded = True
+
+    def _load_providers(self, docs: dict[str, bytes]) -> None:
+        tables: dict[str, Any] = {}
+        for name, doc in docs.items():
+            try:
+                tables[name] = orjson.loads(doc)["table"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.error("store %s: provider %r is not a provider record; left out", self.backend.url, name)
+        if tables != self.providers:
+            self.providers = tables
+            if self.on_providers is not None:
+                try:
+                    self.on_providers(tables)
+                except Exception:  # the server's own fault, not the store's: say so, keep the rounds going
+                    log.exception("applying the stored providers failed; serving the previous ones")
+
+    async def others_live(self) -> list[bytes]:
+        """The live figures the other instances published (none while the store is away, or slower than its
+        timeout: the console then shows this instance alone and says so)."""
+        if not self.up:
+            return []
+        now = self.clock()
+        with trio.move_on_after(self.settings.timeout):
+            try:
+                docs = await self.backend.published(now)
+            except Exception:
+                return []
+            return [doc for instance, doc in docs.items() if instance != self.instance]
+        return []
+
+    async def refreshed(self) -> None:
+        """Wait (up to the store's timeout) for a round that started after now: an admin change is then live
+        here before its answer leaves."""
+        wanted = self._rounds + 1  # a round in progress may have read before the change: the next one has not
+        with trio.move_on_after(self.settings.timeout + self.settings.refresh):
+            self.poke()
+            while self._rounds_done < wanted:
+                await self._cycled.wait()
 
     def _down(self, exc: BaseException) -> None:
         message = _describe(exc) if not isinstance(exc, trio.TooSlowError) else \

@@ -5,10 +5,11 @@ never calls it anyway (see ``relay.store.View``). A batch of usage rows and coun
 Lua script, atomically and once: the script first claims the batch id with ``SET NX``, so a batch retried
 after a lost reply adds nothing twice.
 
-Layout (all under ``relay:``): ``keys`` (hash: name -> key JSON) and ``keys:version`` (bumped by every change);
+Layout (all under ``relay:``): ``keys`` and ``providers`` (hashes: name -> JSON), each with ``<kind>:version``
+(bumped by every change);
 ``usage:days`` (set) and ``usage:<day>`` (hash: ``key\\tmodel\\tmetric`` -> count); ``c:<key>:<counter>``
 (limit counters, expiring with their window); ``streams:<instance>`` (hash: key -> requests in flight) and
-``instances`` (sorted set by last report).
+``instances`` (sorted set by last report); ``live:<instance>`` (the console's figures of one instance, expiring).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import coredis
 import orjson
 import trio
 
-from relay.store import (METRICS, STREAMS_TTL, Batch, KeyExists, NoSuchKey, StoreError, Synced, UsageRow,
-                         VirtualKey, masked)
+from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Changed, Records, StoreError, Synced, UsageRow, exists,
+                         masked, missing)
 
 logging.getLogger("coredis").setLevel(logging.CRITICAL)  # relay says once, itself, that the store is away
 P = "relay:"
@@ -45,24 +46,25 @@ for _, c in ipairs(batch.counters) do
 end
 return 1
 """
-PUT_KEY = """
-local exists = redis.call('HEXISTS', KEYS[1] .. 'keys', ARGV[1])
+PUT = """
+local exists = redis.call('HEXISTS', KEYS[1], ARGV[1])
 if ARGV[3] == '1' and exists == 1 then return 'exists' end
 if ARGV[3] == '0' and exists == 0 then return 'missing' end
-redis.call('HSET', KEYS[1] .. 'keys', ARGV[1], ARGV[2])
-redis.call('INCR', KEYS[1] .. 'keys:version')
+if ARGV[5] == '1' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[6] then return 'changed' end
+if ARGV[4] == '1' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('INCR', KEYS[1] .. ':version')
 return 'ok'
 """
 
 
-class RedisBackend:
+class RedisBackend(Records):
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self.url = masked(url)
         self.timeout = timeout
         self._client: Any = coredis.Redis.from_url(url, decode_responses=False, connect_timeout=5,
                                                    stream_timeout=10, retry_policy=coredis.retry.NoRetryPolicy())
         self._apply = self._client.register_script(APPLY)
-        self._put = self._client.register_script(PUT_KEY)
+        self._put = self._client.register_script(PUT)
 
     async def __aenter__(self) -> "RedisBackend":
         await self._client.__aenter__()
@@ -86,20 +88,26 @@ class RedisBackend:
     async def ping(self) -> None:
         await self._client.ping()
 
-    async def keys_version(self) -> int:
-        value = await self._client.get(P + "keys:version")
+    async def version(self, kind: str) -> int:
+        value = await self._client.get(P + kind + ":version")
         return int(value) if value else 0
 
-    async def load_keys(self) -> list[VirtualKey]:
-        docs = await self._client.hgetall(P + "keys")
-        return sorted((VirtualKey.from_json(doc) for doc in docs.values()), key=lambda k: k.name)
+    async def load(self, kind: str) -> dict[str, bytes]:
+        assert kind in RECORDS
+        return {name.decode(): doc for name, doc in (await self._client.hgetall(P + kind)).items()}
 
-    async def put_key(self, key: VirtualKey, *, create: bool) -> None:
-        answer: Any = await self._put(keys=[P], args=[key.name, key.to_json(), "1" if create else "0"])
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None:
+        assert kind in RECORDS
+        answer: Any = await self._put(keys=[P + kind], args=[name, doc or b"", "1" if create else "0",
+                                                             "1" if doc is None else "0",
+                                                             "0" if expect is None else "1", expect or b""])
         if answer == b"exists":
-            raise KeyExists(f"a key named {key.name!r} exists")
+            raise exists(kind, name)
         if answer == b"missing":
-            raise NoSuchKey(f"no key named {key.name!r}")
+            raise missing(kind, name)
+        if answer == b"changed":
+            raise Changed(f"{RECORDS[kind]} {name!r} changed meanwhile")
 
     async def apply(self, batch: Batch) -> None:
         payload = orjson.dumps({
@@ -152,3 +160,13 @@ class RedisBackend:
                 row = rows.setdefault((key, model, day), UsageRow(key, model, day))
                 setattr(row, metric, int(value))
         return list(rows.values())
+
+    async def publish(self, instance: str, doc: bytes, now: float) -> None:
+        await self._client.set(P + "live:" + instance, doc, ex=int(STREAMS_TTL))
+
+    async def published(self, now: float) -> dict[str, bytes]:
+        instances = [i.decode() for i in await self._client.zrangebyscore(P + "instances", now - STREAMS_TTL, "+inf")]
+        if not instances:
+            return {}
+        docs = await self._client.mget([P + "live:" + i for i in instances])
+        return {i: doc for i, doc in zip(instances, docs) if doc is not None}

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 import trio
 
-from relay.store import METRICS, Batch, KeyExists, NoSuchKey, StoreError, Synced, UsageRow, VirtualKey, STREAMS_TTL
+from relay.store import (METRICS, RECORDS, STREAMS_TTL, Batch, Changed, Records, StoreError, Synced, UsageRow,
+                         exists, missing)
 
 T = TypeVar("T")
 LEGACY_NAME = "usage.sqlite3"  # the usage book's default file before the store
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (key, model, day)
 );
 CREATE TABLE IF NOT EXISTS keys (name TEXT PRIMARY KEY, doc BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS providers (name TEXT PRIMARY KEY, doc BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (
     key TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, name)
@@ -39,6 +41,7 @@ CREATE TABLE IF NOT EXISTS streams (
 );
 CREATE TABLE IF NOT EXISTS instances (instance TEXT PRIMARY KEY, seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS live (instance TEXT PRIMARY KEY, doc BLOB NOT NULL, seen REAL NOT NULL);
 """
 ADDED = ("refused", "estimated_input_tokens", "estimated_output_tokens", "cache_read", "cache_write", "cost_micros")  # usage columns newer than the usage book
 
@@ -87,7 +90,7 @@ def read_files(paths: list[str], since: str | None) -> list[UsageRow]:
     return rows
 
 
-class SQLiteBackend:
+class SQLiteBackend(Records):
     def __init__(self, path: str) -> None:
         self.path = path
         self.url = f"sqlite://{path}"
@@ -143,24 +146,35 @@ class SQLiteBackend:
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
-    async def keys_version(self) -> int:
-        row = await self._run(lambda db: db.execute("SELECT value FROM meta WHERE name = 'keys_version'").fetchone())
+    async def version(self, kind: str) -> int:
+        assert kind in RECORDS  # the table's name comes from this list only
+        row = await self._run(lambda db: db.execute("SELECT value FROM meta WHERE name = ?",
+                                                    (f"{kind}_version",)).fetchone())
         return int(row[0]) if row else 0
 
-    async def load_keys(self) -> list[VirtualKey]:
-        rows = await self._run(lambda db: db.execute("SELECT doc FROM keys ORDER BY name").fetchall())
-        return [VirtualKey.from_json(doc) for (doc,) in rows]
+    async def load(self, kind: str) -> dict[str, bytes]:
+        assert kind in RECORDS
+        rows = await self._run(lambda db: db.execute(f"SELECT name, doc FROM {kind}").fetchall())
+        return {name: bytes(doc) if not isinstance(doc, bytes) else doc for name, doc in rows}
 
-    async def put_key(self, key: VirtualKey, *, create: bool) -> None:
-        def work(db: sqlite3.Connection) -> None:
-            exists = db.execute("SELECT 1 FROM keys WHERE name = ?", (key.name,)).fetchone()
-            if create and exists:
-                raise KeyExists(f"a key named {key.name!r} exists")
-            if not create and not exists:
-                raise NoSuchKey(f"no key named {key.name!r}")
-            db.execute("INSERT OR REPLACE INTO keys (name, doc) VALUES (?, ?)", (key.name, key.to_json()))
-            db.execute("INSERT INTO meta (name, value) VALUES ('keys_version', 1) "
-                       "ON CONFLICT (name) DO UPDATE SET value = value + 1")
+    async def put(self, kind: str, name: str, doc: bytes | None, *, create: bool,
+                  expect: bytes | None = None) -> None:
+        assert kind in RECORDS
+
+        def work(db: sqlite3.Connection) -> None:  # in one BEGIN IMMEDIATE transaction: the check and the write
+            found = db.execute(f"SELECT doc FROM {kind} WHERE name = ?", (name,)).fetchone()
+            if create and found:
+                raise exists(kind, name)
+            if not create and not found:
+                raise missing(kind, name)
+            if expect is not None and bytes(found[0]) != expect:
+                raise Changed(f"{RECORDS[kind]} {name!r} changed meanwhile")
+            if doc is None:
+                db.execute(f"DELETE FROM {kind} WHERE name = ?", (name,))
+            else:
+                db.execute(f"INSERT OR REPLACE INTO {kind} (name, doc) VALUES (?, ?)", (name, doc))
+            db.execute("INSERT INTO meta (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1",
+                       (f"{kind}_version",))
 
         await self._run(work)
 
@@ -204,3 +218,15 @@ class SQLiteBackend:
 
     async def usage(self, since: str | None = None) -> list[UsageRow]:
         return await self._run(lambda db: read_usage(db, since))
+
+    async def publish(self, instance: str, doc: bytes, now: float) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO live (instance, doc, seen) VALUES (?, ?, ?)", (instance, doc, now))
+            db.execute("DELETE FROM live WHERE seen < ?", (now - STREAMS_TTL,))
+
+        await self._run(work)
+
+    async def published(self, now: float) -> dict[str, bytes]:
+        rows = await self._run(lambda db: db.execute("SELECT instance, doc FROM live WHERE seen >= ?",
+                                                     (now - STREAMS_TTL,)).fetchall())
+        return {instance: bytes(doc) for instance, doc in rows}

@@ -67,6 +67,24 @@ function spark(values) {
   return box;
 }
 
+function bars(values, labels, format) {
+  // One bar per value, each with its label and value as a tooltip (a text node, like every string here).
+  const w = 300;
+  const h = 80;
+  const box = svg("svg", { viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img" });
+  const top = Math.max(...values, 1e-9);
+  const step = w / Math.max(values.length, 1);
+  values.forEach((v, i) => {
+    const bar = svg("rect", { class: "col", x: (i * step + step * 0.1).toFixed(1), width: (step * 0.8).toFixed(1),
+      y: (h - (v / top) * (h - 2)).toFixed(1), height: ((v / top) * (h - 2)).toFixed(1) });
+    const tip = svg("title", {});
+    tip.textContent = `${labels[i]}: ${format(v)}`;
+    bar.append(tip);
+    box.append(bar);
+  });
+  return box;
+}
+
 function card(label, value, values, title) {
   return el("div", { class: "card", title: title || "" }, el("div", { class: "label" }, label),
     el("div", { class: "value", "data-metric": label }, value), values ? spark(values) : null,
@@ -79,21 +97,25 @@ const pages = {
   async overview(root) {
     const cards = el("div", { class: "cards", id: "cards" });
     const body = el("tbody", { id: "recent" });
-    root.append(el("h1", {}, "Overview"),
-      el("p", { class: "muted" }, "Figures over the last minute; charts over the last hour in 10-second steps; both from this relay process. The table shows requests as they finish."),
-      cards, el("h2", {}, "Recent requests"),
+    const scope = el("p", { class: "muted", id: "scope" });
+    root.append(el("h1", {}, "Overview"), scope, cards, el("h2", {}, "Recent requests"),
       el("table", {}, el("thead", {}, el("tr", {}, ["time", "key", "model asked", "target served", "status", "TTFB",
         "duration", "tokens in/out", "cost"].map((h) => el("th", {}, h)))), body));
-    let after = 0;
+    let shown = new Set();
     let spend = null;
     let spendAt = 0;
     const tick = async () => {
-      const live = await api("GET", `/admin/live?after=${after}`);
+      const live = await api("GET", "/admin/live");
       if (Date.now() - spendAt > 10000) {
         spendAt = Date.now();
         const usage = await api("GET", `/admin/usage?since=${today()}`).catch(() => null);
         spend = usage ? usage.data.filter((r) => r.day === today()).reduce((s, r) => s + r.cost_usd, 0) : null;
       }
+      const n = live.instances;
+      scope.textContent = `The whole gateway: ${n} relay process${n === 1 ? "" : "es"} seen` +
+        (live.store === "down" ? " (the store is unreachable: this process alone)" : "") +
+        ". Figures over the last minute; charts over the last hour in 10-second steps. The table shows requests as they finish.";
+      scope.dataset.instances = String(n);
       const s = live.series;
       const m = live.last_minute;
       cards.replaceChildren(
@@ -103,17 +125,17 @@ const pages = {
         card("TTFB p99", ms(m.ttfb_p99_ms), s.ttfb_p99_ms, "time to first byte over the last minute, to within 25 %"),
         card("error rate", pct(m.error_rate), s.error_rate, "answers that were not 2xx, over the last minute"),
         card("tokens / s", num(m.tokens_per_s, 1), s.tokens_per_s, "input + output, over the last minute"),
-        card("spend today", usd(spend), s.cost_usd, "today (UTC) from the store, every instance; the chart: this process, per step"));
-      for (const r of live.recent) {
-        const row = el("tr", { class: "fresh", "data-seq": r.seq },
+        card("spend today", usd(spend), s.cost_usd, "today (UTC) from the store, every instance; the chart: per step"));
+      const now = new Set();
+      body.replaceChildren(...live.recent.map((r) => {
+        now.add(r.id);
+        return el("tr", { class: shown.has(r.id) ? "" : "fresh", "data-id": r.id },
           el("td", {}, clock(r.time)), el("td", {}, r.key), el("td", { class: "wrap" }, r.model),
           el("td", { class: "wrap" }, r.target), el("td", { class: `status-${String(r.status)[0]}` }, r.status || "gone"),
           el("td", {}, ms(r.ttfb_ms)), el("td", {}, ms(r.duration_ms)),
           el("td", {}, `${num(r.input_tokens)} / ${num(r.output_tokens)}`), el("td", {}, usd(r.cost_usd)));
-        body.prepend(row);
-      }
-      while (body.children.length > 100) body.lastChild.remove();
-      after = live.seq;
+      }));
+      shown = now;
     };
     await tick();
     return tick;
@@ -236,6 +258,96 @@ const pages = {
     return null;
   },
 
+  async models(root) {
+    // Providers stored at run time: any format, checked by relay's config parser, live on every instance.
+    const BASIC = ["format", "preset", "base_url", "api_key", "models"];
+    const err = el("p", { class: "error", role: "alert", id: "model-error" });
+    const done = el("p", { class: "ok", id: "model-saved" });
+    const list = el("tbody", { id: "stored" });
+    const fileList = el("tbody", { id: "from-file" });
+    const listed = await api("GET", "/admin/providers");
+    const choices = listed.choices;
+    const select = (name, values, blank) => el("select", { name }, blank ? el("option", { value: "" }, blank) : null,
+      values.map((v) => el("option", { value: v }, v)));
+    const form = el("form", { class: "inline", id: "model-form" },
+      el("label", {}, "name", el("input", { name: "name", type: "text", required: true, pattern: "[A-Za-z0-9][\\w.\\-]{0,63}" })),
+      el("label", {}, "format", select("format", choices.format)),
+      el("label", {}, "preset", select("preset", choices.preset, "(none)")),
+      el("label", { class: "wide" }, "base URL", el("input", { name: "base_url", type: "url", placeholder: "https://host/v1" })),
+      el("label", {}, "upstream key", el("input", { name: "api_key", type: "password", autocomplete: "off", placeholder: "sk-… or ${ENV_VAR}" })),
+      el("label", { class: "wide" }, "models (comma separated)", el("input", { name: "models", type: "text" })),
+      el("label", { class: "wide" }, "more settings: quirks, limits, prices (JSON, as the [providers.NAME] keys)",
+        el("textarea", { name: "extra", rows: 3, spellcheck: "false", placeholder: '{"tool_call_content": "empty", "context_window": 32768}' })),
+      el("button", { type: "submit", class: "primary" }, "Save"),
+      el("button", { type: "button", id: "model-new", on: { click: () => edit(null) } }, "New"));
+    let editing = null;  // the stored provider being edited: its shown table
+    const edit = (p) => {
+      editing = p;
+      err.textContent = done.textContent = "";
+      const t = p ? p.table : {};
+      form.elements.name.value = p ? p.name : "";
+      form.elements.name.readOnly = !!p;
+      form.elements.format.value = t.format || "openai";
+      form.elements.preset.value = t.preset || "";
+      form.elements.base_url.value = t.base_url || "";
+      form.elements.api_key.value = "";
+      form.elements.api_key.placeholder = p && t.api_key ? "unchanged (type to replace)" : "sk-… or ${ENV_VAR}";
+      form.elements.models.value = (t.models || []).join(", ");
+      const extra = Object.fromEntries(Object.entries(t).filter(([k]) => !BASIC.includes(k)));
+      form.elements.extra.value = Object.keys(extra).length ? JSON.stringify(extra) : "";
+    };
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      err.textContent = done.textContent = "";
+      let extra = {};
+      try {
+        extra = form.elements.extra.value.trim() ? JSON.parse(form.elements.extra.value) : {};
+        if (typeof extra !== "object" || extra === null || Array.isArray(extra)) throw new Error("not an object");
+      } catch (e) { err.textContent = `more settings: expected a JSON object (${e.message})`; return; }
+      const f = form.elements;
+      const table = { ...extra, format: f.format.value, preset: f.preset.value || null, base_url: f.base_url.value || null,
+        models: f.models.value.split(",").map((m) => m.trim()).filter(Boolean) };
+      if (f.api_key.value) table.api_key = f.api_key.value;
+      try {
+        if (editing) {
+          for (const k of Object.keys(editing.table)) if (!BASIC.includes(k) && !(k in extra)) table[k] = null;
+          await api("PATCH", `/admin/providers/${encodeURIComponent(editing.name)}`, table);
+        } else {
+          for (const k of Object.keys(table)) if (table[k] === null) delete table[k];
+          await api("POST", "/admin/providers", { name: f.name.value, ...table });
+        }
+        const saved = `Saved ${f.name.value}: live on every instance.`;
+        await load();
+        edit(null);
+        done.textContent = saved;
+      } catch (e) { if (!(e instanceof Refused)) err.textContent = e.message; }
+    });
+    const load = async () => {
+      const data = (await api("GET", "/admin/providers")).data;
+      const models = (p) => (p.models || []).map((m) => m.id).join(", ");
+      list.replaceChildren(...data.filter((p) => p.source === "store").map((p) => el("tr", { "data-name": p.name },
+        el("td", {}, p.name), el("td", {}, p.format || (p.table && p.table.format) || ""), el("td", { class: "wrap" }, p.base_url || (p.table && p.table.base_url) || ""),
+        el("td", { class: "wrap" }, models(p)), el("td", { class: p.error ? "error wrap" : "" }, p.error ? `left out: ${p.error}` : p.health.circuit),
+        el("td", {}, el("button", { type: "button", "data-edit": p.name, on: { click: () => edit(p) } }, "Edit"), " ",
+          el("button", { type: "button", "data-delete": p.name, on: { click: async () => {
+            if (!confirm(`Delete ${p.name}?`)) return;
+            try { await api("DELETE", `/admin/providers/${encodeURIComponent(p.name)}`); await load(); }
+            catch (e) { if (!(e instanceof Refused)) err.textContent = e.message; }
+          } } }, "Delete")))));
+      fileList.replaceChildren(...data.filter((p) => p.source === "config").map((p) => el("tr", {},
+        el("td", {}, p.name), el("td", {}, p.format), el("td", { class: "wrap" }, p.base_url), el("td", { class: "wrap" }, models(p)))));
+    };
+    root.append(el("h1", {}, "Custom models"),
+      el("p", { class: "muted" }, "Add an endpoint of any format. It is checked as the config file is, kept in the store, and served by every instance within a second, no restart. Ask for it as provider/model or by a model name it lists. Upstream keys are never shown again; write ${VAR} to keep one in each instance's environment instead of the store."),
+      form, err, done, el("h2", {}, "Stored"),
+      el("table", {}, el("thead", {}, el("tr", {}, ["name", "format", "base URL", "models", "state", ""].map((h) => el("th", {}, h)))), list),
+      el("h2", {}, "From the config file (read-only)"),
+      el("table", {}, el("thead", {}, el("tr", {}, ["name", "format", "base URL", "models"].map((h) => el("th", {}, h)))), fileList));
+    edit(null);
+    await load();
+    return null;
+  },
+
   async routes(root) {
     const out = el("div", { id: "resolved" });
     const input = el("input", { name: "model", type: "text", required: true, placeholder: "a model id, e.g. claude-sonnet-4-5" });
@@ -265,7 +377,30 @@ const pages = {
       return /[",\n]/.test(v) || /^[=+\-@]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v;
     }).join(","))).join("\n");
     const link = el("a", { href: URL.createObjectURL(new Blob([csv + "\n"], { type: "text/csv" })), download: `relay-usage-${today()}.csv`, id: "csv" }, "Download CSV");
+    const sum = (by) => {
+      const out = new Map();
+      for (const r of rows) {
+        const t = out.get(by(r)) || { requests: 0, refused: 0, tokens: 0, cost: 0 };
+        t.requests += r.requests; t.refused += r.refused; t.tokens += r.input_tokens + r.output_tokens; t.cost += r.cost_usd;
+        out.set(by(r), t);
+      }
+      return out;
+    };
+    const days = [...sum((r) => r.day).entries()].sort(([a], [b]) => (a < b ? -1 : 1)).slice(-31);
+    const keys = [...sum((r) => r.key).entries()].sort(([, a], [, b]) => b.cost - a.cost || b.tokens - a.tokens);
+    const chart = (label, id, pairs, pick, format) => el("div", { class: "card", id },
+      el("div", { class: "label" }, label), bars(pairs.map(([, t]) => pick(t)), pairs.map(([k]) => k), format),
+      el("div", { class: "axis" }, el("span", {}, pairs.length ? pairs[0][0] : ""), el("span", {}, pairs.length ? pairs[pairs.length - 1][0] : "")));
     root.append(el("h1", {}, "Usage"), el("p", { class: "muted" }, "Per key, model and day (UTC), from the store: every instance. ", link),
+      el("div", { class: "cards wide" },
+        chart("spend per day", "chart-spend", days, (t) => t.cost, usd),
+        chart("tokens per day (in + out)", "chart-tokens", days, (t) => t.tokens, (v) => num(v)),
+        chart("spend per key", "chart-keys", keys, (t) => t.cost, usd)),
+      el("h2", {}, "Per key"),
+      el("table", { id: "usage-keys" }, el("thead", {}, el("tr", {}, ["key", "requests", "refused", "tokens", "cost"].map((c) => el("th", {}, c)))),
+        el("tbody", {}, keys.map(([k, t]) => el("tr", {}, el("td", {}, k), el("td", {}, num(t.requests)), el("td", {}, num(t.refused)),
+          el("td", {}, num(t.tokens)), el("td", {}, usd(t.cost)))))),
+      el("h2", {}, "Per key, model and day"),
       el("table", {}, el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c.replace(/_/g, " "))))),
         el("tbody", {}, rows.slice().reverse().map((r) => el("tr", {}, cols.map((c) => el("td", {}, c === "cost_usd" ? usd(r[c]) : r[c])))))));
     return null;
