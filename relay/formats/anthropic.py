@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 
 _ALPHABET = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_BASE62 = bytes(_ALPHABET[b % 62] for b in range(256))  # byte -> its digit, for one C-level translate per id
 
 
 def _base62(nbytes: int, length: int) -> str:
-    raw = os.urandom(nbytes)
-    return bytes(_ALPHABET[b % 62] for b in raw)[:length].decode()
+    return os.urandom(nbytes).translate(_BASE62)[:length].decode()
 
 
 def message_id() -> str:
