@@ -59,6 +59,7 @@ class Connection:
         self.keep_alive = True  # ... and relay does too: the connection may carry another request after this answer
         self.responded = False  # an answer's head went out (a second one would be a bug)
         self.answered = False  # the answer went out whole: the connection may carry another request
+        self.answering = False  # the request is in: what the client sends now is a pipelined next one
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
         self.head_timeout = 0.0
 
@@ -71,16 +72,30 @@ class Connection:
             data = b""
         if data and self.head_scope is not None:
             self._idle_ended()
-        state = self.h11.their_state
-        if state is h11.IDLE:
-            self._scan_head(data)
-        elif state is h11.DONE:  # the request is in: this is only read to notice the client leaving
+        if self.answering:  # the request is in: this is only read to notice the client leaving
             self.held += len(data)
             if self.held > self.max_header_bytes:
                 log.info("closing a connection that sent %d bytes while its answer was streaming", self.held)
                 return b""  # as if gone: the response is cancelled and the connection closed
+        elif self.h11.their_state is h11.IDLE:
+            self._scan_head(data)
         self.h11.receive_data(data)
         return data
+
+    async def read_rest(self, length: int, received: int, take: Callable[[bytes], None]) -> None:
+        """The rest of a Content-Length body of ``length`` bytes (``received`` of them taken from h11, which holds
+        nothing more), read past h11 and handed to ``take`` read by read. Not a byte beyond the body is read: what
+        follows is a pipelined request, for the fresh parser that takes over from h11 here (h11 still expects the
+        body it did not see). A body cut short fails as h11 fails it."""
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        left = length - received
+        while left:
+            data = await self.stream.receive_some(min(left, transport.READ_SIZE))
+            if not data:
+                raise h11.RemoteProtocolError("peer closed connection without sending complete message body "
+                                              f"(received {length - left} bytes, expected {length})")
+            left -= len(data)
+            take(data)
 
     def _scan_head(self, data: bytes) -> None:
         """Obsolete line folding (a header line starting with a space or tab) is refused, not unfolded as h11
@@ -124,7 +139,7 @@ class Connection:
         if closed:
             self.h11.receive_data(b"")
         self.held = 0
-        self.folded = False
+        self.answering = self.folded = False
         self._tail = b""
         if pipelined:
             self._scan_head(pipelined)
@@ -302,23 +317,30 @@ def has_body(headers: Headers) -> bool:
 async def read_body(conn: Connection, headers: Headers, limit: int, budget: BodyBudget, timeout: float) -> bytes:
     """The whole body, counted against the request's limit and the global budget as it arrives (the budget is
     given back by the caller once the request is answered, or here if reading fails). A body already received
-    with its head (the usual small request) is taken without a timer; one still coming must arrive within
-    ``timeout`` (trio.TooSlowError)."""
+    with its head (the usual small request) is taken from h11 without a timer; one still coming must arrive within
+    ``timeout`` (trio.TooSlowError). The rest of a Content-Length body is read past h11 (``Connection.read_rest``):
+    h11 would copy each read into its buffer and out again as an event, for bytes it has nothing to judge in."""
+    length = None
     for name, value in headers:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
+        if name == b"content-length":  # one, digits only: h11 has checked (and both framings were refused)
+            length = int(value)
+            if length > limit:
+                raise RelayError(413, f"request body is {length} bytes; the limit is {limit}", "request_too_large")
     deadline = trio.current_time() + timeout
     parts: list[bytes] = []
     size = 0
 
-    def ended(event: Any) -> bool:
+    def take(data: bytes) -> None:
         nonlocal size
+        size += len(data)
+        if size > limit:
+            raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+        budget.take(len(data))
+        parts.append(data)
+
+    def ended(event: Any) -> bool:
         if isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > limit:
-                raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-            budget.take(len(event.data))
-            parts.append(event.data)
+            take(event.data)
         elif isinstance(event, h11.EndOfMessage):
             return True
         elif isinstance(event, h11.ConnectionClosed):
@@ -329,13 +351,18 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
         event = conn.h11.next_event()
         while event is not h11.NEED_DATA:
             if ended(event):
+                conn.answering = True
                 return b"".join(parts)
             event = conn.h11.next_event()
         with trio.fail_at(deadline):  # the rest is still to come
             if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send it
                 await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            while not ended(await conn.next_event()):
-                pass
+            if length is not None:
+                await conn.read_rest(length, size, take)
+            else:
+                while not ended(await conn.next_event()):
+                    pass
+        conn.answering = True
         return b"".join(parts)
     except BaseException:
         budget.give(sum(len(p) for p in parts))

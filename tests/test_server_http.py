@@ -283,3 +283,52 @@ async def test_answers_keep_h11s_framing_and_keep_alive(relay: RelayHandle, upst
     (status, headers, body), = answers
     assert status == 200 and b"transfer-encoding" not in headers and headers[b"connection"] == b"close" and closed
     assert body.startswith(b"event: message_start") and body.rstrip().endswith(b'data: {"type":"message_stop"}')
+
+
+async def test_a_body_still_coming_is_read_to_its_length_and_no_further(relay: RelayHandle) -> None:
+    """A body that does not come with its head is read past h11, to its Content-Length exactly: sent in pieces
+    with a pipelined request glued to its last piece, it is counted as the same body sent at once, and the request
+    after it is answered; a body cut short gets h11's 400."""
+    body = orjson.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "word " * 60_000}]})
+    raw = post("/v1/messages/count_tokens", body)
+    status, _, whole = split(await exchange(relay.port, raw))
+    assert status == 200
+    head_end = raw.index(b"\r\n\r\n") + 4
+    pieces = [raw[:head_end + 10], raw[head_end + 10:head_end + 150_000], raw[head_end + 150_000:] + get("/health")]
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    for piece in pieces:
+        await stream.send_all(piece)
+        await trio.sleep(0.05)
+    reader = h11.Connection(h11.CLIENT)
+    answers = []
+    with trio.fail_after(10):
+        for method in (b"POST", b"GET"):
+            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+            reader.send(h11.EndOfMessage())
+            got = b""
+            while True:
+                event = reader.next_event()
+                if event is h11.NEED_DATA:
+                    reader.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    answers.append(event.status_code)
+                elif isinstance(event, h11.Data):
+                    got += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            if method == b"POST":
+                assert orjson.loads(got) == orjson.loads(whole)  # the same body, byte for byte as far as JSON can tell
+            reader.start_next_cycle()
+    assert answers == [200, 200]
+    await stream.aclose()
+
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(raw[:head_end + 1000])
+    await trio.sleep(0.05)
+    await stream.send_eof()
+    with trio.fail_after(10):
+        answer = b""
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    status, _, out = split(answer)
+    assert status == 400 and b"without sending complete message body" in out and b"expected %d" % len(body) in out
