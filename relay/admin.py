@@ -208,6 +208,10 @@ def _answer(gateway: Gateway, name: str, table: dict[str, Any]) -> dict[str, Any
     doc: dict[str, Any] = {"name": name, "table": shown_table(table)}
     if name in gateway.left_out:
         doc["left_out"] = gateway.left_out[name]
+    claude = [m for m in table.get("models") or () if isinstance(m, str) and "claude" in m.lower()]
+    if claude:  # a listed name wins over [routes]: say so, it is rarely meant
+        doc["note"] = (f"lists Claude ids ({', '.join(claude)}): Claude Code's requests for them now go to "
+                       f"{name!r}, not to [routes]")
     return doc
 
 

@@ -82,8 +82,12 @@ class Keys:
         """The client key presented (config or virtual), ``OPEN`` when relay has none; else 401."""
         if self._open():
             return OPEN
-        found = self._find(presented(headers))
+        secret = presented(headers)
+        found = self._find(secret)
         if found is None:
+            if secret and _match(secret, self._admin) is not None:  # checked only once the key has failed
+                raise RelayError(401, "this is an admin key: it opens the admin API and /metrics, not /v1 "
+                                      "(send a client key)", "authentication_error")
             raise RelayError(401, "invalid x-api-key (send the relay key as x-api-key or Authorization: Bearer)",
                              "authentication_error")
         return found

@@ -207,11 +207,12 @@ def check(config: Config, models: list[str]) -> int:
     print(f"config: {config.source}")
     s = config.server
     print(f"server: http://{s.host}:{s.port}  client keys: {len(s.api_keys) or 'none (open)'}  body limit: {s.body_limit} bytes")
-    store_line, store_ok = check_store(config)
+    store_line, store_ok, config = check_store(config)  # from here on, with the providers stored at run time
     print(store_line)
     for p in config.providers.values():
         keys = f"{len(p.api_keys)} key(s)" if p.api_keys else "no key"
-        print(f"provider {p.name}: format={p.format} base_url={p.base_url} {keys}")
+        stored = " (stored at run time)" if p.name in config.stored else ""
+        print(f"provider {p.name}{stored}: format={p.format} base_url={p.base_url} {keys}")
         if p.models:
             print(f"  models: {', '.join(p.models)}")
         quirks = [f"{k}={getattr(p, k)}" for k in ("max_tokens_cap", "context_window", "system_turns", "tool_call_content", "reasoning_control", "think_tags", "discover_context") if getattr(p, k) not in (None, False, "keep", "none", "null")]

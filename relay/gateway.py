@@ -64,8 +64,8 @@ class Gateway:
         calls ``finish`` once it has answered, whatever happened."""
         if not isinstance(client, VirtualKey) or self.view is None:
             return
-        try:
-            self.view.admit(client, printable(model))
+        try:  # a refused request is booked under a name /metrics knows, or "other": random names add no rows
+            self.view.admit(client, self.metrics.model_label(model, served=False))
         except Exception as exc:
             status = getattr(exc, "status", 0)
             self.metrics.refused[(REFUSALS.get(status, "other"),)] += 1

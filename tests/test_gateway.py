@@ -286,3 +286,30 @@ async def _works(url: str, key: str) -> bool:
 
 async def _refused(url: str, key: str) -> bool:
     return await run(_status, url, key) == 401
+
+
+async def test_refused_requests_add_no_row_per_invented_model_name(nursery: trio.Nursery, upstream: MockUpstream,
+                                                                    tmp_path: Path) -> None:
+    """A key over its limit asking for ever new model names is booked under "other", not one row per name."""
+    upstream.handler = lambda r: text_stream("ok", usage=(1, 1))
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    secret = (await run(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": "tight", "rpm": 1})).json()["secret"]
+    assert await run(ask, relay.url, secret) == "ok"
+    for n in range(5):
+        with pytest.raises(anthropic.RateLimitError):
+            await run(ask, relay.url, secret, f"invented-{n}")
+    await relay.server.flush_usage()
+    rows = [r for r in (await run(call, relay.url, "GET", "/admin/usage")).json()["data"] if r["key"] == "tight"]
+    assert sorted((r["model"], r["requests"], r["refused"]) for r in rows) == [("mock-model", 1, 0), ("other", 0, 5)]
+
+
+async def test_an_admin_key_on_the_client_api_is_told_what_it_is(nursery: trio.Nursery, upstream: MockUpstream,
+                                                                  tmp_path: Path) -> None:
+    relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    body = {"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    refused = await run(call, relay.url, "POST", "/v1/messages", ADMIN, body)
+    assert refused.status_code == 401 and "this is an admin key" in refused.json()["error"]["message"]
+    wrong = await run(call, relay.url, "POST", "/v1/messages", "not-a-key", body)
+    assert wrong.status_code == 401 and "admin" not in wrong.json()["error"]["message"]
+    long_name = await run(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": "x y" * 2000})
+    assert long_name.status_code == 400 and len(long_name.text) < 500  # the name is cut in the message

@@ -145,7 +145,10 @@ async def test_limits_hold_across_two_views_on_one_store(store_url: str) -> None
 
 
 async def test_revoked_and_expired_keys_get_401(store_url: str) -> None:
-    key, secret = create_key("old", {"expires": "2026-03-13"}, T0)
+    key, secret = create_key("old", {}, T0)
+    with pytest.raises(ValueError, match="2026-03-13 has passed"):
+        create_key("old", {"expires": "2026-03-13"}, T0)
+    key = with_changes(key, expires="2026-03-13")  # a key whose last day has gone by
     view = View.open(store_url, settings(), Clock())
     async with connected(store_url) as backend:
         await backend.put_key(key, create=True)

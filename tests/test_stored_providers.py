@@ -142,6 +142,9 @@ async def test_add_use_edit_and_delete_a_provider_without_a_restart(nursery: tri
     later = await run(call, url, "POST", "/admin/providers", ADMIN, {"name": "later", "base_url": custom.base_url,
                                                                      "api_key": "${LAB_SET_ELSEWHERE}"})
     assert later.status_code == 201 and "LAB_SET_ELSEWHERE is not set" in later.json()["left_out"], later.text
+    taker = await run(call, url, "POST", "/admin/providers", ADMIN, {"name": "taker", "base_url": custom.base_url,
+                                                                     "models": ["claude-sonnet-4-5"]})
+    assert "Claude Code's requests for them now go to 'taker'" in taker.json()["note"]
     refused = await run(call, url, "POST", "/admin/providers", ADMIN, {"name": "peek", "base_url": "${HOME}"})
     assert refused.status_code == 400 and "only api_key" in refused.text
 

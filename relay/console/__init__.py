@@ -114,14 +114,15 @@ async def _live(server: Server, now: float) -> dict[str, Any]:
     view = server.gateway.view
     others = [] if view is None else await view.others_live()
     mine = server.live.export(now, server.metrics.open_streams)
-    exports = [mine]
+    exports: list[Any] = [mine]
     for doc in others:
         try:
             exports.append(orjson.loads(doc))
         except orjson.JSONDecodeError:
-            continue
-    whole, streams_open = merged(now, exports)
-    return whole.snapshot(now) | {"streams_open": streams_open, "instances": len(exports),
+            exports.append(None)  # counted as unreadable
+    whole, streams_open, unreadable = merged(now, exports)
+    return whole.snapshot(now) | {"streams_open": streams_open, "instances": len(exports) - unreadable,
+                                  "unreadable": unreadable,
                                   "store": None if view is None else ("up" if view.up else "down")}
 
 

@@ -117,7 +117,7 @@ class VirtualKey(ClientKey):
 
 def check_name(name: str) -> str:
     if not KEY_NAME.match(name):
-        raise ValueError(f"key name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a"
+        raise ValueError(f"key name {name[:80]!r}: use 1-64 letters, digits, '_', '.', '@' or '-', starting with a"
                          " letter or digit")
     return name
 
@@ -185,6 +185,7 @@ class Backend(Protocol):
     async def usage(self, since: str | None = None) -> list[UsageRow]: ...
     async def publish(self, instance: str, doc: bytes, now: float) -> None: ...
     async def published(self, now: float) -> dict[str, bytes]: ...
+    async def leave(self, instance: str) -> None: ...
 
 
 class Records:
@@ -469,6 +470,8 @@ class View:
                                 announce.started()
                                 announce = None
                             if self._closing:
+                                with trio.move_on_after(self.settings.timeout):
+                                    await self.backend.leave(self.instance)  # the others stop counting it now
                                 return
                             await self._pause()
                     except Exception as exc:
@@ -657,7 +660,7 @@ class View:
 FIELDS = ("models", "rpm", "tpm", "max_streams", "budget", "budget_period", "expires")
 
 
-def key_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
+def key_fields(doc: Mapping[str, Any], now: float | None = None) -> dict[str, Any]:
     """The settable fields of a key (from the CLI or the admin API's JSON), checked; ValueError names the
     first wrong one. None clears a limit."""
     out: dict[str, Any] = {}
@@ -685,9 +688,13 @@ def key_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
         elif name == "expires":
             if value is not None:
                 try:
-                    time.strptime(value, "%Y-%m-%d")
+                    day = time.strftime("%Y-%m-%d", time.strptime(value, "%Y-%m-%d"))
                 except (TypeError, ValueError):
                     raise ValueError("expires: expected a date YYYY-MM-DD (or null)") from None
+                if day < today(time.time() if now is None else now):
+                    raise ValueError(f"expires: {day} has passed (the key works through its expiry day, UTC); "
+                                     "to stop a key now, revoke it")
+                value = day
             out[name] = value
     return out
 
@@ -698,7 +705,7 @@ def create_key(name: str, fields: Mapping[str, Any], now: float) -> tuple[Virtua
     secret = new_secret()
     key = VirtualKey(key="", name=name, digest=digest(secret), hint=secret[:len(SECRET_PREFIX) + 4] + "…",
                      created=now)
-    return with_changes(key, **key_fields(fields)), secret
+    return with_changes(key, **key_fields(fields, now)), secret
 
 
 def with_changes(key: VirtualKey, **changes: Any) -> VirtualKey:

@@ -170,3 +170,7 @@ class RedisBackend(Records):
             return {}
         docs = await self._client.mget([P + "live:" + i for i in instances])
         return {i: doc for i, doc in zip(instances, docs) if doc is not None}
+
+    async def leave(self, instance: str) -> None:
+        await self._client.delete([P + "live:" + instance, P + "streams:" + instance])
+        await self._client.zrem(P + "instances", [instance])

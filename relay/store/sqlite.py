@@ -230,3 +230,10 @@ class SQLiteBackend(Records):
         rows = await self._run(lambda db: db.execute("SELECT instance, doc FROM live WHERE seen >= ?",
                                                      (now - STREAMS_TTL,)).fetchall())
         return {instance: bytes(doc) for instance, doc in rows}
+
+    async def leave(self, instance: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            for table in ("live", "streams", "instances"):
+                db.execute(f"DELETE FROM {table} WHERE instance = ?", (instance,))
+
+        await self._run(work)

@@ -114,6 +114,7 @@ const pages = {
       const n = live.instances;
       scope.textContent = `The whole gateway: ${n} relay process${n === 1 ? "" : "es"} seen` +
         (live.store === "down" ? " (the store is unreachable: this process alone)" : "") +
+        (live.unreadable ? ` (${live.unreadable} more sent figures this relay cannot read: another version?)` : "") +
         ". Figures over the last minute; charts over the last hour in 10-second steps. The table shows requests as they finish.";
       scope.dataset.instances = String(n);
       const s = live.series;
@@ -244,6 +245,11 @@ const pages = {
     const data = (await api("GET", "/admin/providers")).data;
     root.append(el("h1", {}, "Providers"), el("p", { class: "muted" }, "Health as this relay process sees it. Upstream keys are counted, never shown."));
     for (const p of data) {
+      if (p.error) {  // stored, but this process cannot serve it: say why, draw the rest
+        root.append(el("h2", {}, `${p.name} `, el("span", { class: "muted" }, "store · left out here")),
+          el("p", { class: "error" }, p.error));
+        continue;
+      }
       const h = p.health;
       root.append(el("h2", {}, `${p.name} `, el("span", { class: "muted" }, `${p.format} · ${p.base_url}${p.preset ? " · preset " + p.preset : ""} · ${p.source}`)),
         el("p", {}, "circuit ", el("span", { class: `pill ${h.circuit}` }, h.circuit),
@@ -271,7 +277,7 @@ const pages = {
       values.map((v) => el("option", { value: v }, v)));
     const form = el("form", { class: "inline", id: "model-form" },
       el("label", {}, "name", el("input", { name: "name", type: "text", required: true, pattern: "[A-Za-z0-9][\\w.\\-]{0,63}" })),
-      el("label", {}, "format", select("format", choices.format)),
+      el("label", {}, "format", select("format", choices.format, "(the preset's, else openai)")),
       el("label", {}, "preset", select("preset", choices.preset, "(none)")),
       el("label", { class: "wide" }, "base URL", el("input", { name: "base_url", type: "url", placeholder: "https://host/v1" })),
       el("label", {}, "upstream key", el("input", { name: "api_key", type: "password", autocomplete: "off", placeholder: "sk-… or ${ENV_VAR}" })),
@@ -287,7 +293,7 @@ const pages = {
       const t = p ? p.table : {};
       form.elements.name.value = p ? p.name : "";
       form.elements.name.readOnly = !!p;
-      form.elements.format.value = t.format || "openai";
+      form.elements.format.value = t.format || "";
       form.elements.preset.value = t.preset || "";
       form.elements.base_url.value = t.base_url || "";
       form.elements.api_key.value = "";
@@ -305,18 +311,31 @@ const pages = {
         if (typeof extra !== "object" || extra === null || Array.isArray(extra)) throw new Error("not an object");
       } catch (e) { err.textContent = `more settings: expected a JSON object (${e.message})`; return; }
       const f = form.elements;
-      const table = { ...extra, format: f.format.value, preset: f.preset.value || null, base_url: f.base_url.value || null,
-        models: f.models.value.split(",").map((m) => m.trim()).filter(Boolean) };
+      const table = { ...extra, format: f.format.value || null, preset: f.preset.value || null,
+        base_url: f.base_url.value || null, models: f.models.value.split(",").map((m) => m.trim()).filter(Boolean) };
       if (f.api_key.value) table.api_key = f.api_key.value;
       try {
+        let answer;
         if (editing) {
-          for (const k of Object.keys(editing.table)) if (!BASIC.includes(k) && !(k in extra)) table[k] = null;
-          await api("PATCH", `/admin/providers/${encodeURIComponent(editing.name)}`, table);
+          // Only what changed goes back: what the page was shown masked (a URL's credentials, header values)
+          // stays as stored.
+          const was = editing.table;
+          const changes = {};
+          for (const [k, v] of Object.entries(table)) {
+            const before = was[k] === undefined ? null : was[k];
+            if (JSON.stringify(v) !== JSON.stringify(before)) changes[k] = v;
+          }
+          if (!f.models.value.trim() && !was.models) delete changes.models;
+          for (const k of Object.keys(was)) if (!BASIC.includes(k) && !(k in extra)) changes[k] = null;
+          answer = await api("PATCH", `/admin/providers/${encodeURIComponent(editing.name)}`, changes);
         } else {
-          for (const k of Object.keys(table)) if (table[k] === null) delete table[k];
-          await api("POST", "/admin/providers", { name: f.name.value, ...table });
+          for (const k of Object.keys(table)) if (table[k] === null || (Array.isArray(table[k]) && !table[k].length)) delete table[k];
+          answer = await api("POST", "/admin/providers", { name: f.name.value, ...table });
         }
-        const saved = `Saved ${f.name.value}: live on every instance.`;
+        const saved = (answer.left_out
+          ? `Saved ${f.name.value}, but this relay process leaves it out: ${answer.left_out}`
+          : `Saved ${f.name.value}: served here now, by the other instances within a second.`) +
+          (answer.note ? ` Note: it ${answer.note}.` : "");
         await load();
         edit(null);
         done.textContent = saved;
@@ -370,12 +389,16 @@ const pages = {
   },
 
   async usage(root) {
-    const rows = (await api("GET", "/admin/usage")).data;
+    const since = new Date(Date.now() - 30 * 86400000).toISOString().slice(0, 10);
+    const rows = (await api("GET", `/admin/usage?since=${since}`)).data;
     const cols = ["day", "key", "model", "requests", "refused", "input_tokens", "output_tokens", "cache_read", "cache_write", "cost_usd"];
-    const csv = [cols.join(",")].concat(rows.map((r) => cols.map((c) => {
-      const v = String(r[c] ?? "");
-      return /[",\n]/.test(v) || /^[=+\-@]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v;
-    }).join(","))).join("\n");
+    const cell = (v) => {
+      // Text a spreadsheet would run as a formula (key names and model ids come from clients) starts with a quote.
+      let t = String(v ?? "");
+      if (typeof v === "string" && /^[=+\-@\t\r]/.test(t)) t = "'" + t;
+      return /[",\n\r]/.test(t) ? `"${t.replace(/"/g, '""')}"` : t;
+    };
+    const csv = [cols.join(",")].concat(rows.map((r) => cols.map((c) => cell(r[c])).join(","))).join("\n");
     const link = el("a", { href: URL.createObjectURL(new Blob([csv + "\n"], { type: "text/csv" })), download: `relay-usage-${today()}.csv`, id: "csv" }, "Download CSV");
     const sum = (by) => {
       const out = new Map();
@@ -391,7 +414,7 @@ const pages = {
     const chart = (label, id, pairs, pick, format) => el("div", { class: "card", id },
       el("div", { class: "label" }, label), bars(pairs.map(([, t]) => pick(t)), pairs.map(([k]) => k), format),
       el("div", { class: "axis" }, el("span", {}, pairs.length ? pairs[0][0] : ""), el("span", {}, pairs.length ? pairs[pairs.length - 1][0] : "")));
-    root.append(el("h1", {}, "Usage"), el("p", { class: "muted" }, "Per key, model and day (UTC), from the store: every instance. ", link),
+    root.append(el("h1", {}, "Usage"), el("p", { class: "muted" }, `Per key, model and day (UTC) since ${since}, from the store: every instance. `, link),
       el("div", { class: "cards wide" },
         chart("spend per day", "chart-spend", days, (t) => t.cost, usd),
         chart("tokens per day (in + out)", "chart-tokens", days, (t) => t.tokens, (v) => num(v)),
@@ -438,7 +461,14 @@ async function show() {
   root.dataset.page = page;
   try {
     const tick = await pages[page](root);
-    if (tick) timer = setInterval(() => tick().catch(() => {}), POLL_MS);
+    if (tick) {
+      const stale = el("p", { class: "error", id: "stale", role: "status" });
+      root.prepend(stale);
+      let last = new Date();
+      timer = setInterval(() => tick().then(() => { last = new Date(); stale.textContent = ""; }).catch((e) => {
+        if (!(e instanceof Refused)) stale.textContent = `Not updated since ${clock(last / 1000)}: ${e.message}`;
+      }), POLL_MS);
+    }
   } catch (e) {
     if (!(e instanceof Refused)) root.append(el("p", { class: "error" }, e.message));
   }
