@@ -7,6 +7,9 @@ keep-alive requests for a 50-chunk stream written in one piece (``--shape burst`
 read) or 16 chunks 20 ms apart (``--shape paced``: one read per chunk, what a real model's stream costs). Counting starts after a warm-up (callgrind_control
 zeroes the counters) and stops after ``--requests`` more, so start-up is not in the figure.
 
+``--body KIB`` sends a Claude Code-shaped request body of that size instead of the smallest one (what relay's
+request side costs: reading, parsing, translating and forwarding the body).
+
 Run: ``python -m bench.callgrind --target relay --requests 200`` (needs valgrind: ``apt-get install valgrind``).
 """
 
@@ -25,14 +28,20 @@ from pathlib import Path
 
 import orjson
 
+from bench.bodies import claude_code_body
 from bench.procs import ROOT, free_port, relay_config, start_upstream
 
 BODY = orjson.dumps({"model": "mock-model", "max_tokens": 64, "stream": True,
                      "messages": [{"role": "user", "content": "Say hello."}]})
 
 
-def request(target: str) -> bytes:
-    if target == "relay":
+def request(target: str, body_kib: int = 0) -> bytes:
+    """``body_kib``: a Claude Code-shaped body of that size (``bench.bodies``, the bodies scenario's), the same
+    bytes to relay and to a floor (which forwards them unread); else the smallest request."""
+    if body_kib:
+        path = b"/v1/messages" if target == "relay" else b"/p/default/v1/chat/completions"
+        body = claude_code_body(body_kib * 1024)
+    elif target == "relay":
         path, body = b"/v1/messages", BODY
     else:  # the floors speak OpenAI on both sides
         path, body = b"/p/default/v1/chat/completions", orjson.dumps(
@@ -78,7 +87,8 @@ def server_argv(target: str, upstream_port: int, port: int, config: Path) -> lis
 SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "delay": 0.02}}
 
 
-def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunks: int = 0) -> int:
+def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunks: int = 0,
+            body_kib: int = 0) -> int:
     upstream, upstream_port = start_upstream({"default": {**SHAPES[shape], **({"chunks": chunks} if chunks else {})}})
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     port = free_port()
@@ -88,7 +98,7 @@ def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunk
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(workdir / "valgrind.log").open("wb"))
     try:
         wait_port(port, proc, 300)
-        raw = request(target)
+        raw = request(target, body_kib)
         with socket.create_connection(("127.0.0.1", port)) as sock:
             for _ in range(warmup):
                 ask(sock, raw)
@@ -118,9 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="burst", choices=list(SHAPES))
     parser.add_argument("--chunks", type=int, default=0,
                         help="chunks per answer instead of the shape's (two counts give the cost per chunk)")
+    parser.add_argument("--body", type=int, default=0, metavar="KIB",
+                        help="a Claude Code-shaped request body of this size (as the bodies scenario sends)")
     args = parser.parse_args(argv)
-    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks)
-    print(f"{args.target}: {per:,} instructions per {args.shape} request ({args.chunks or SHAPES[args.shape]['chunks']} chunks; "
+    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks, args.body)
+    body = f", {args.body} KiB body" if args.body else ""
+    print(f"{args.target}: {per:,} instructions per {args.shape} request ({args.chunks or SHAPES[args.shape]['chunks']} chunks{body}; "
           f"{args.requests} requests after {args.warmup} warm-up)")
 
 

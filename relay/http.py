@@ -1,9 +1,13 @@
 """HTTP/1.1 towards clients: the connection loop, request bodies, answers, and the event-stream writer.
 
-h11 parses requests and frames heads; relay's own socket calls (``transport.ClientSocket``) move the bytes.
-One reader feeds h11 (``Connection.receive``), whether it is waiting for a request or watching for a hang-up
-while a stream is out. One writer owns a streamed response (``EventStream``): its head, every chunk frame and
-the terminator. Nothing here knows a wire format or a route: the host (``server.Server``) answers requests.
+h11 parses requests; relay writes its answers itself (``relay.heads``: the bytes h11 would write) and keeps the
+connection's state: whether it stays open (h11's rule: an HTTP/1.1 request without ``Connection: close``, and
+relay's own wish), whether the answer went out whole. After each answer h11 starts over as a fresh parser, fed
+what the client had already sent (a pipelined request), as the upstream pool does with its connections. relay's
+own socket calls (``transport.ClientSocket``) move the bytes. One reader feeds h11 (``Connection.receive``),
+whether it is waiting for a request or watching for a hang-up while a stream is out. One writer owns a streamed
+response (``EventStream``): its head, every chunk frame and the terminator. Nothing here knows a wire format or a
+route: the host (``server.Server``) answers requests.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from relay.auth import is_loopback
 from relay.config import ServerConfig
 from relay.errors import RelayError
 from relay.formats.anthropic import request_id as new_request_id
+from relay.heads import response_head
 from relay.log import Exchange
 
 log = logging.getLogger("relay.server")
@@ -49,6 +54,12 @@ class Connection:
         except (OSError, IndexError, TypeError):  # a peer already gone, or a socket without an address
             self.peer_loopback = False
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.http11 = True  # the request being answered is HTTP/1.1 (an HTTP/1.0 client gets no chunked framing)
+        self.client_keeps = True  # the request lets the connection stay open (HTTP/1.1, no Connection: close)
+        self.keep_alive = True  # ... and relay does too: the connection may carry another request after this answer
+        self.responded = False  # an answer's head went out (a second one would be a bug)
+        self.answered = False  # the answer went out whole: the connection may carry another request
+        self.answering = False  # the request is in: what the client sends now is a pipelined next one
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
         self.head_timeout = 0.0
 
@@ -61,16 +72,30 @@ class Connection:
             data = b""
         if data and self.head_scope is not None:
             self._idle_ended()
-        state = self.h11.their_state
-        if state is h11.IDLE:
-            self._scan_head(data)
-        elif state is h11.DONE:  # the request is in: this is only read to notice the client leaving
+        if self.answering:  # the request is in: this is only read to notice the client leaving
             self.held += len(data)
             if self.held > self.max_header_bytes:
                 log.info("closing a connection that sent %d bytes while its answer was streaming", self.held)
                 return b""  # as if gone: the response is cancelled and the connection closed
+        elif self.h11.their_state is h11.IDLE:
+            self._scan_head(data)
         self.h11.receive_data(data)
         return data
+
+    async def read_rest(self, length: int, received: int, take: Callable[[bytes], None]) -> None:
+        """The rest of a Content-Length body of ``length`` bytes (``received`` of them taken from h11, which holds
+        nothing more), read past h11 and handed to ``take`` read by read. Not a byte beyond the body is read: what
+        follows is a pipelined request, for the fresh parser that takes over from h11 here (h11 still expects the
+        body it did not see). A body cut short fails as h11 fails it."""
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        left = length - received
+        while left:
+            data = await self.stream.receive_some(min(left, transport.READ_SIZE))
+            if not data:
+                raise h11.RemoteProtocolError("peer closed connection without sending complete message body "
+                                              f"(received {length - left} bytes, expected {length})")
+            left -= len(data)
+            take(data)
 
     def _scan_head(self, data: bytes) -> None:
         """Obsolete line folding (a header line starting with a space or tab) is refused, not unfolded as h11
@@ -79,18 +104,43 @@ class Connection:
         window = self._tail + data
         end = window.find(b"\r\n\r\n")
         head = window if end < 0 else window[:end + 2]
-        if b"\n " in head or b"\n\t" in head:
+        if head.find(b"\n ") >= 0 or head.find(b"\n\t") >= 0:  # find: `in` first tries the needle as an int
             self.folded = True
         self._tail = window[-3:] if end < 0 else b""
 
+    def begin(self, request: h11.Request, headers: Headers) -> None:
+        """A request has come (``headers``: its headers, as a list): whether its answer may keep the connection
+        open is h11's rule (HTTP/1.1, and no ``Connection: close``), which relay, writing the answer itself, now
+        applies."""
+        self.http11 = request.http_version == b"1.1"
+        self.keep_alive = self.client_keeps = self.http11 and not any(
+            name == b"connection" and b"close" in (v.strip() for v in value.lower().split(b","))
+            for name, value in headers)
+        self.responded = self.answered = False
+
+    def head(self, status: int, headers: Headers, content_length: int | None, close: bool = False) -> bytes:
+        """The answer's head (``content_length`` None: a stream); ``close``: relay closes the connection after it."""
+        if self.responded:
+            raise RuntimeError("a second answer to one request")
+        self.responded = True
+        if close:
+            self.keep_alive = False
+        return response_head(status, reason(status).encode(), headers, content_length, http11=self.http11,
+                             keep_alive=self.client_keeps, close=close)
+
     def next_cycle(self) -> bool:
-        """Ready for the next request on this connection; True when a pipelined one is already here (it is
-        scanned now, as it was received before this cycle began)."""
-        self.h11.start_next_cycle()
+        """Ready for the next request on this connection (the last answer went out whole, and the connection stays
+        open); True when a pipelined one is already here (it is scanned now, as it was received before this cycle
+        began). h11 starts over as a fresh parser, given what the client sent after its last request."""
+        pipelined, closed = self.h11.trailing_data
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        if pipelined:
+            self.h11.receive_data(pipelined)
+        if closed:
+            self.h11.receive_data(b"")
         self.held = 0
-        self.folded = False
+        self.answering = self.folded = False
         self._tail = b""
-        pipelined = self.h11.trailing_data[0]
         if pipelined:
             self._scan_head(pipelined)
         return bool(pipelined)
@@ -128,15 +178,9 @@ async def send_body(conn: Connection, ex: Exchange, status: int, body: bytes, *,
                     head_only: bool = False, extra: Headers | None = None, close: bool = False) -> None:
     """A whole answer with a content-length (HEAD gets the head alone)."""
     ex.status = status
-    headers = response_headers(content_type, ex.request_id, extra)
-    headers.append((b"content-length", str(len(body)).encode()))
-    if close:
-        headers.append((b"connection", b"close"))
-    events: list[Any] = [h11.Response(status_code=status, headers=headers, reason=reason(status).encode())]
-    if not head_only and ex.method != "HEAD":
-        events.append(h11.Data(data=body))
-    events.append(h11.EndOfMessage())
-    await conn.send(*events)
+    head = conn.head(status, response_headers(content_type, ex.request_id, extra), len(body), close)
+    await conn.send_bytes(head if head_only or ex.method == "HEAD" else head + body)
+    conn.answered = True
 
 
 async def send_error(conn: Connection, ex: Exchange, err: RelayError, *, close: bool = False,
@@ -149,62 +193,73 @@ async def send_error(conn: Connection, ex: Exchange, err: RelayError, *, close: 
 
 class EventStream:
     """The writer of one ``text/event-stream`` response: it alone sends the head, the chunk frames and the
-    terminator. The head and the terminator go through h11 (which keeps the connection's state); the chunks
-    between are framed here, one write each, with no h11 bookkeeping: the hot path of every stream. An
-    HTTP/1.0 client gets its body unframed, through h11, which then closes the connection."""
+    terminator, each framed here (chunked; an HTTP/1.0 client gets its body unframed, and the connection closes
+    after it): the hot path of every stream."""
 
     __slots__ = ("conn", "ex", "chunked")
 
     def __init__(self, conn: Connection, ex: Exchange) -> None:
         self.conn = conn
         self.ex = ex
-        self.chunked = False
+        self.chunked = conn.http11
 
     @property
     def started(self) -> bool:
         return self.ex.status != 0
 
-    def _head(self) -> h11.Response:
+    def _head(self) -> bytes:
         ex = self.ex
         ex.status = 200
         ex.ttfb = ex.ttfb or time.perf_counter()
         headers = response_headers(b"text/event-stream; charset=utf-8", ex.request_id, [(b"cache-control", b"no-cache")])
-        self.chunked = self.conn.h11.their_http_version == b"1.1"  # h11 chooses chunked framing
-        return h11.Response(status_code=200, headers=headers, reason=b"OK")
+        return self.conn.head(200, headers, None)
+
+    def _frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked and data else data
 
     def finish_now(self, data: bytes) -> bytes:
         """A whole answer known before anything was written: head, events and terminator in one write, made
-        without waiting. Returns what the socket did not take at once (the caller sends it, watched)."""
-        h = self.conn.h11
-        whole = b"".join(h.send(e) or b"" for e in (self._head(), h11.Data(data=data), h11.EndOfMessage()))
+        without waiting. Returns what the socket did not take at once (the caller sends it, watched:
+        ``send_rest``)."""
+        whole = self._head() + self._frame(data) + (b"0\r\n\r\n" if self.chunked else b"")
         try:
-            return transport.send_now(self.conn.stream.socket, whole)
+            rest = transport.send_now(self.conn.stream.socket, whole)
         except OSError as exc:
             raise ClientGone() from exc
+        self.conn.answered = not rest
+        return rest
+
+    async def send_rest(self, rest: bytes) -> None:
+        """What ``finish_now`` could not write at once."""
+        await self.conn.send_bytes(rest)
+        self.conn.answered = True
 
     async def write(self, data: bytes) -> None:
         """Send events; the first call sends the head with them."""
         if not data:
             return
+        if self.ex.status == 0:
+            await self.conn.send_bytes(self._head() + self._frame(data))
+            return
         rest = self.write_now(data)
         if rest:
             await self.conn.send_bytes(rest)
-        elif rest is None:
-            await self.conn.send(*((self._head(),) if self.ex.status == 0 else ()), h11.Data(data=data))
 
     def write_now(self, data: bytes) -> bytes | None:
-        """The per-chunk step of every stream, made without a coroutine or a wait: one chunk frame, one write.
-        Returns what the socket's buffer did not take (b"": all of it, nearly always; the rest goes out with
-        ``write``'s wait), or None when the head is not out yet or the framing is not chunked (``write`` then)."""
-        if not self.chunked:
+        """The per-chunk step of every stream, made without a coroutine or a wait: one frame, one write. Returns
+        what the socket's buffer did not take (b"": all of it, nearly always; the rest goes out with ``write``'s
+        wait), or None when the head is not out yet (``write`` sends it)."""
+        if self.ex.status == 0:
             return None
         try:
-            return transport.send_now(self.conn.stream.socket, b"%x\r\n%b\r\n" % (len(data), data))
+            return transport.send_now(self.conn.stream.socket, self._frame(data))
         except OSError as exc:
             raise ClientGone() from exc
 
     async def end(self) -> None:
-        await self.conn.send(h11.EndOfMessage())
+        if self.chunked:
+            await self.conn.send_bytes(b"0\r\n\r\n")
+        self.conn.answered = True
 
 
 class BodyBudget:
@@ -253,45 +308,72 @@ def trim_heap() -> None:
         _malloc_trim(0)
 
 
-def framing_error(request: h11.Request) -> str | None:
+def framing_error(headers: Headers) -> str | None:
     """What is wrong with how a request says its body is framed, if anything. Both Content-Length and
     Transfer-Encoding (RFC 9112 6.1) mean a proxy in front may have framed it otherwise: refused."""
-    names = {name for name, _ in request.headers}
+    names = {name for name, _ in headers}
     if b"transfer-encoding" in names and b"content-length" in names:
         return "a request may not carry both Content-Length and Transfer-Encoding"
     return None
 
 
-def has_body(request: h11.Request) -> bool:
-    for name, value in request.headers:
+def has_body(headers: Headers) -> bool:
+    for name, value in headers:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
             return True
     return False
 
 
-async def read_body(conn: Connection, request: h11.Request, limit: int, budget: BodyBudget) -> bytes:
-    """The whole body, counted against the request's limit and the global budget as it arrives (the
-    budget is given back by the caller once the request is answered, or here if reading fails)."""
-    for name, value in request.headers:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise RelayError(413, f"request body is {int(value)} bytes; the limit is {limit}", "request_too_large")
-    if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send the body
-        await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+async def read_body(conn: Connection, headers: Headers, limit: int, budget: BodyBudget, timeout: float) -> bytes:
+    """The whole body, counted against the request's limit and the global budget as it arrives (the budget is
+    given back by the caller once the request is answered, or here if reading fails). A body already received
+    with its head (the usual small request) is taken from h11 without a timer; one still coming must arrive within
+    ``timeout`` (trio.TooSlowError). The rest of a Content-Length body is read past h11 (``Connection.read_rest``):
+    h11 would copy each read into its buffer and out again as an event, for bytes it has nothing to judge in."""
+    length = None
+    for name, value in headers:
+        if name == b"content-length":  # one, digits only: h11 has checked (and both framings were refused)
+            length = int(value)
+            if length > limit:
+                raise RelayError(413, f"request body is {length} bytes; the limit is {limit}", "request_too_large")
+    deadline = trio.current_time() + timeout
     parts: list[bytes] = []
     size = 0
+
+    def take(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+        budget.take(len(data))
+        parts.append(data)
+
+    def ended(event: Any) -> bool:
+        if isinstance(event, h11.Data):
+            take(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return True
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ClientGone()
+        return False
+
     try:
-        while True:
-            event = await conn.next_event()
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    raise RelayError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
-                budget.take(len(event.data))
-                parts.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+        event = conn.h11.next_event()
+        while event is not h11.NEED_DATA:
+            if ended(event):
+                conn.answering = True
                 return b"".join(parts)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ClientGone()
+            event = conn.h11.next_event()
+        with trio.fail_at(deadline):  # the rest is still to come
+            if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send it
+                await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            if length is not None:
+                await conn.read_rest(length, size, take)
+            else:
+                while not ended(await conn.next_event()):
+                    pass
+        conn.answering = True
+        return b"".join(parts)
     except BaseException:
         budget.give(sum(len(p) for p in parts))
         raise
@@ -321,9 +403,9 @@ def protocol_error(exc: h11.RemoteProtocolError, max_header_bytes: int) -> Relay
     return RelayError(status, message, "request_too_large" if status == 413 else "invalid_request_error")
 
 
-def head_size(request: h11.Request) -> int:
+def head_size(request: h11.Request, headers: Headers) -> int:
     """The request head's size as sent, near enough: line, headers, line ends."""
-    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in request.headers)
+    return len(request.target) + 16 + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 class Host(Protocol):
@@ -371,28 +453,29 @@ async def serve_connection(conn: Connection, host: Host) -> None:
         if not isinstance(event, h11.Request):
             return
         request = event
-        if head_size(request) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
+        headers = list(request.headers)  # once: h11's Headers is iterated item by item, in Python
+        if head_size(request, headers) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
             await send_raw(conn.stream, RelayError(431, f"request head larger than {limits.max_header_bytes} bytes",
                                                    "invalid_request_error"))
             return
-        refused = "obsolete line folding in the request head" if conn.folded else framing_error(request)
+        refused = "obsolete line folding in the request head" if conn.folded else framing_error(headers)
         if refused:
             await send_raw(conn.stream, RelayError(400, refused, "invalid_request_error"))
             return
+        conn.begin(request, headers)
         ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
         refusal: RelayError | None = None
         try:
             host.admit(conn, ex, request)
         except RelayError as err:  # refused on its head: a body is never read (nor held), so the connection closes
-            if has_body(request):
+            if has_body(headers):
                 await send_error(conn, ex, err, close=True, head_only=ex.method == "HEAD")
                 host.done(ex)
                 await conn.stream.linger()
                 return
             refusal = err  # answered once the (empty) body is read, keeping the connection
         try:
-            with trio.fail_after(limits.header_timeout):
-                body = await read_body(conn, request, limits.body_limit, host.bodies)
+            body = await read_body(conn, headers, limits.body_limit, host.bodies, limits.header_timeout)
         except trio.TooSlowError:
             await send_error(conn, ex, RelayError(408, f"request not received within {limits.header_timeout:g}s",
                                                   "invalid_request_error"), close=True)
@@ -413,13 +496,9 @@ async def serve_connection(conn: Connection, host: Host) -> None:
         finally:
             host.bodies.give(len(body))
         host.done(ex)
-        if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
+        if not (conn.answered and conn.keep_alive):
             return
-        try:
-            pipelined = conn.next_cycle()
-        except h11.LocalProtocolError:
-            return
-        if pipelined:  # answered without a read, so let other connections run first
+        if conn.next_cycle():  # answered without a read, so let other connections run first
             await trio.lowlevel.checkpoint()
 
 

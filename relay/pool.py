@@ -5,9 +5,11 @@ ends; at a few hundred concurrent streams that bookkeeping cost more CPU than re
 pool does the same job in constant time: a stack of idle connections per origin (the most recently used is
 reused first, so the rest can expire), and a semaphore for the connection limit. It holds httpcore's
 HTTP/1.1 connections directly: httpcore's AsyncHTTPConnection wrapper only adds, per request, a lock (a trip
-through trio's scheduler) and protocol negotiation that relay, speaking HTTP/1.1 only, never needs. httpcore
-sends the request and reads the response head; the body is relay's to read (``Response``, ``relay.reader``),
-and the connection comes back to the pool only when that body ended cleanly.
+through trio's scheduler) and protocol negotiation that relay, speaking HTTP/1.1 only, never needs. relay writes
+the request itself (``relay.heads``: its head and body in one write, without httpcore's request model or h11's
+validation of headers relay built); h11, through httpcore's connection, reads the response head; the body is
+relay's to read (``Response``, ``relay.reader``), and the connection comes back to the pool only when that body
+ended cleanly.
 """
 
 from __future__ import annotations
@@ -23,11 +25,26 @@ import httpcore
 import trio
 from httpcore._async.http11 import HTTPConnectionState
 
+from relay.heads import HeadError, request_head
 from relay.reader import BodyReader, framing, keeps_alive
 from relay.transport import READ_SIZE, Backend, SocketStream, TLSStream
 
 OriginKey = tuple[bytes, bytes, int]
 BACKEND = Backend()
+_END = h11.EndOfMessage()
+URL_CACHE = 256  # parsed URLs kept per pool (a provider's paths are few: one per model at most)
+
+
+_SENT: dict[bytes, h11.Request] = {}
+
+
+def _sent(method: bytes) -> h11.Request:
+    """A request event that tells h11 a request of this method went out (relay wrote it itself): the method is
+    all h11 reads from a request to frame its answer (HEAD and CONNECT answers have no body)."""
+    event = _SENT.get(method)
+    if event is None:
+        event = _SENT[method] = h11.Request(method=method, target=b"/", headers=[(b"host", b"-")])
+    return event
 
 
 class _Unshared:
@@ -50,6 +67,37 @@ class HTTP11Connection(httpcore.AsyncHTTP11Connection):
         self._state_lock = _Unshared()  # type: ignore[assignment]
         self.network = stream
 
+    async def send(self, method: bytes, head: bytes, body: bytes, timeouts: dict[str, float | None]
+                   ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Write a request relay built (``relay.heads``), then read its answer's head with h11: (status, headers,
+        http version). The body is left for relay's reader. Raises httpcore's errors."""
+        if self._state not in (HTTPConnectionState.NEW, HTTPConnectionState.IDLE):
+            raise httpcore.ConnectionNotAvailable()
+        self._request_count += 1
+        self._state = HTTPConnectionState.ACTIVE
+        self._expire_at = None
+        state = self._h11_state
+        state.send(_sent(method))  # h11 now expects the answer to a request of this method
+        state.send(_END)
+        try:
+            await self.network.write_parts((head, body) if body else (head,), timeouts.get("write"))
+        except httpcore.WriteError:  # a server may refuse a request before reading it all, and still answer it
+            pass
+        timeout = timeouts.get("read")
+        while True:
+            try:
+                event = state.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpcore.RemoteProtocolError(str(exc)) from exc
+            if event is h11.NEED_DATA:
+                data = await self.network.read(READ_SIZE, timeout)
+                if not data and state.their_state is h11.SEND_RESPONSE:
+                    raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+                state.receive_data(data)
+            elif type(event) is h11.Response or (type(event) is h11.InformationalResponse and event.status_code == 101):
+                return event.status_code, event.headers.raw_items(), b"HTTP/" + event.http_version
+            # else a 1xx before the answer (100 Continue, 103 Early Hints): read on
+
     def leftover(self) -> tuple[bytes, bool]:
         """What the read that finished the response head held after it, and whether the peer had closed."""
         return self._h11_state.trailing_data
@@ -67,12 +115,12 @@ class Response:
 
     __slots__ = ("status", "headers", "reader", "keep_alive", "_first", "_network", "_timeout")
 
-    def __init__(self, connection: HTTP11Connection, response: httpcore.Response, method: bytes,
-                 timeout: float | None) -> None:
-        self.status = response.status
-        self.headers = response.headers
-        self.reader = BodyReader(*framing(self.status, self.headers, method))
-        self.keep_alive = keeps_alive(response.extensions.get("http_version", b"HTTP/1.1"), self.headers)
+    def __init__(self, connection: HTTP11Connection, status: int, headers: list[tuple[bytes, bytes]],
+                 http_version: bytes, method: bytes, timeout: float | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.reader = BodyReader(*framing(status, headers, method))
+        self.keep_alive = keeps_alive(http_version, headers)
         first, closed = connection.leftover()
         self._first = ([b""] if closed else []) + ([first] if first else [])  # popped from the end
         self._network = connection.network
@@ -119,7 +167,21 @@ class ConnectionPool:
         self._limit = max_connections
         self._slots: trio.Semaphore | None = None  # made on first use, inside trio
         self._idle: dict[OriginKey, list[HTTP11Connection]] = {}
+        self._urls: dict[str, tuple[OriginKey, httpcore.Origin, bytes]] = {}
         self._closed = False  # closed by a reload: requests still running close their connection when they end
+
+    def _parse(self, url: str) -> tuple[OriginKey, httpcore.Origin, bytes]:
+        """(pool key, origin, request target) of a URL, parsed by httpcore once per URL."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            u = httpcore.URL(url)
+            if u.scheme not in (b"http", b"https"):
+                raise httpcore.UnsupportedProtocol(f"unsupported URL scheme {u.scheme.decode('ascii', 'replace')!r}")
+            origin = u.origin
+            if len(self._urls) >= URL_CACHE:
+                self._urls.clear()
+            parsed = self._urls[url] = ((origin.scheme, origin.host, origin.port), origin, u.target)
+        return parsed
 
     @asynccontextmanager
     async def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
@@ -127,11 +189,12 @@ class ConnectionPool:
         """One request on a pooled connection; the response body is read inside the block (``Response``). The
         connection goes back to the pool when the body was read to its clean end; anything else (a body cut
         short or left unread, a framing error, bytes after the end, a cancelled read) closes it."""
-        if content is not None:
-            headers = [*headers, (b"content-length", b"%d" % len(content))]
-        request = httpcore.Request(method, url, headers=headers, content=content, extensions=extensions)
-        if request.url.scheme not in (b"http", b"https"):
-            raise httpcore.UnsupportedProtocol(f"unsupported URL scheme {request.url.scheme.decode('ascii', 'replace')!r}")
+        key, origin, target = self._parse(url)
+        verb = method.encode("ascii")
+        try:
+            head = request_head(verb, target, headers, None if content is None else len(content))
+        except HeadError as exc:
+            raise httpcore.LocalProtocolError(str(exc)) from None
         timeouts = extensions.get("timeout", {})
         if self._slots is None:
             self._slots = trio.Semaphore(self._limit)
@@ -143,12 +206,10 @@ class ConnectionPool:
             if waiting.cancelled_caught:
                 raise httpcore.PoolTimeout(f"no free connection within {timeouts['pool']}s") from None
         try:
-            origin = request.url.origin
-            key = (origin.scheme, origin.host, origin.port)
             connection = await self._checkout(key, origin, timeouts.get("connect"))
             try:
-                response = Response(connection, await connection.handle_async_request(request), request.method,
-                                    timeouts.get("read"))
+                status, response_headers, version = await connection.send(verb, head, content or b"", timeouts)
+                response = Response(connection, status, response_headers, version, verb, timeouts.get("read"))
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await connection.aclose()

@@ -220,7 +220,7 @@ class Pump:
             try:
                 if rest:
                     self.flushing = True
-                    await self.out.conn.send_bytes(rest)
+                    await self.out.send_rest(rest)
                     self.flushing = False
                     nursery.cancel_scope.cancel()
                     return None

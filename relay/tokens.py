@@ -87,15 +87,15 @@ def _content_tokens(content: Any) -> int:
             continue
         kind = block.get("type")
         if kind == "text":
-            total += text_tokens(_str(block.get("text")))
+            total += _text(block.get("text"))
         elif kind == "image":
             total += _image_tokens(block.get("source"))
         elif kind == "tool_use":
-            total += text_tokens(_str(block.get("name"))) + _json_tokens(block.get("input")) + 4
+            total += _text(block.get("name")) + _json_tokens(block.get("input")) + 4
         elif kind == "tool_result":
             total += _content_tokens(block.get("content")) + 4
         elif kind == "thinking":
-            total += text_tokens(_str(block.get("thinking")))
+            total += _text(block.get("thinking"))
         elif kind == "document":
             source = block.get("source")
             data = source.get("data") if isinstance(source, dict) else None
@@ -107,16 +107,24 @@ def _content_tokens(content: Any) -> int:
     return total
 
 
-def _str(value: Any) -> str:
-    """Estimation runs before validation: a field of the wrong type counts as nothing, never raises."""
-    return value if isinstance(value, str) else ""
+def _text(value: Any) -> int:
+    """``text_tokens`` of a field meant to be a string: estimation runs before validation, so a field of the wrong
+    type counts as nothing, never raises. (One call per block: this runs for every block of every request.)"""
+    if not isinstance(value, str) or not value:
+        return 0
+    if value.isascii():
+        return (len(value) + 3) // 4
+    return _tokens(len(value), len(value.encode("utf-8")) - len(value))
 
 
 def _json_tokens(value: Any) -> int:
+    """The tokens of a value's JSON text, counted on orjson's bytes (decoded only when they are not ASCII: a
+    tool's schema, on every request, usually is)."""
     try:
-        return text_tokens(orjson.dumps(value).decode())
+        data = orjson.dumps(value)
     except (orjson.JSONEncodeError, TypeError):  # deeper than orjson writes: validation will refuse it
         return 0
+    return (len(data) + 3) // 4 if data.isascii() else text_tokens(data.decode())
 
 
 def estimate(req: dict[str, Any]) -> int:
@@ -133,7 +141,7 @@ def estimate(req: dict[str, Any]) -> int:
     if isinstance(tools, list):
         for tool in tools:
             if isinstance(tool, dict):
-                total += PER_TOOL + text_tokens(_str(tool.get("name"))) + text_tokens(_str(tool.get("description")))
+                total += PER_TOOL + _text(tool.get("name")) + _text(tool.get("description"))
                 schema = tool.get("input_schema")
                 if schema is not None:
                     total += _json_tokens(schema)

@@ -64,7 +64,7 @@ def send_now(sock: Any, data: bytes) -> bytes:
     return data[sent:] if sent < len(data) else b""
 
 
-async def send_all(sock: Any, data: bytes, timeout: float | None = None) -> None:
+async def send_all(sock: Any, data: bytes | memoryview, timeout: float | None = None) -> None:
     """Write to a non-blocking socket (stdlib or trio), waiting only when its buffer is full. Raises OSError
     when the peer is gone, httpcore.WriteTimeout."""
     fd = sock.fileno()
@@ -78,6 +78,21 @@ async def send_all(sock: Any, data: bytes, timeout: float | None = None) -> None
             return
         view = view[sent:]
         await _wait(trio.lowlevel.wait_writable, sock, timeout, httpcore.WriteTimeout)
+
+
+async def send_parts(sock: Any, parts: tuple[bytes, ...], timeout: float | None = None) -> None:
+    """``send_all`` of the parts one after another, in one system call when the socket's buffer takes them (a
+    request's head and its body, without joining them into a copy of the body)."""
+    try:
+        sent = os.writev(sock.fileno(), parts)
+    except BlockingIOError:
+        sent = 0
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+            continue
+        await send_all(sock, memoryview(part)[sent:] if sent else part, timeout)
+        sent = 0
 
 
 class SocketStream(httpcore.AsyncNetworkStream):
@@ -100,6 +115,12 @@ class SocketStream(httpcore.AsyncNetworkStream):
             return
         try:
             await send_all(self._sock, buffer, timeout)
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
+
+    async def write_parts(self, parts: tuple[bytes, ...], timeout: float | None = None) -> None:
+        try:
+            await send_parts(self._sock, parts, timeout)
         except OSError as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
 
@@ -182,10 +203,13 @@ class TLSStream(httpcore.AsyncNetworkStream):
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
+        await self.write_parts((buffer,), timeout)
+
+    async def write_parts(self, parts: tuple[bytes, ...], timeout: float | None = None) -> None:
         try:
-            self._tls.write(buffer)  # into memory: always whole
+            for part in parts:
+                if part:
+                    self._tls.write(part)  # into memory: always whole
             await self._send_pending(timeout)
         except (ssl.SSLError, OSError) as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from None

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import h11
 import orjson
 import pytest
 import trio
 
 from relay.config import ConfigError, parse
-from tests.client import exchange, post, roundtrip, split
+from tests.client import exchange, get, messages_body, post, request_bytes, roundtrip, split
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
-from tests.mock_upstream import MockUpstream, completion
+from tests.mock_upstream import MockUpstream, completion, text_stream
 
 
 async def test_health_and_claude_code_probe(relay: RelayHandle) -> None:
@@ -226,3 +227,108 @@ async def test_a_full_provider_pool_answers_529_then_frees_up(nursery: trio.Nurs
     assert first[0].status == 200 and b"slow" in first[0].body and first[0].complete
     status, _, answer = split(await exchange(relay.port, raw))
     assert status == 200 and orjson.loads(answer)["content"][0]["text"] == "fast"
+
+
+async def _answers(port: int, raw: bytes, methods: list[bytes]) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bool]:
+    """Send ``raw`` (requests of these methods, all at once) and read every answer with h11 as the client: (status,
+    headers, body) per answer, and whether relay closed the connection after them. h11 is told of each request it
+    reads an answer for, so it checks framing and keep-alive as a client would."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(raw)
+    reader = h11.Connection(h11.CLIENT)
+    answers: list[tuple[int, dict[bytes, bytes], bytes]] = []
+    closed = False
+    with trio.fail_after(10):
+        for method in methods:
+            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+            reader.send(h11.EndOfMessage())
+            status, headers, body = 0, {}, b""
+            while True:
+                event = reader.next_event()
+                if event is h11.NEED_DATA:
+                    reader.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status, headers = event.status_code, dict(event.headers)
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            answers.append((status, headers, body))
+            if reader.their_state is h11.MUST_CLOSE:  # the answer said it closes: see that it does
+                closed = await stream.receive_some(1) == b""
+                break
+            reader.start_next_cycle()
+    await stream.aclose()
+    return answers, closed
+
+
+async def test_answers_keep_h11s_framing_and_keep_alive(relay: RelayHandle, upstream: MockUpstream) -> None:
+    """relay writes its answers itself; a client judging them with h11 sees the framing and keep-alive h11 gave:
+    pipelined requests answered in order on one connection, ``Connection: close`` honoured, and an HTTP/1.0
+    client's stream unframed and ended by closing."""
+    upstream.handler = lambda r: text_stream("Hel", "lo") if r.json.get("stream") else completion({"content": "Hello"})
+    streamed = messages_body(stream=True)
+    three = get("/health") + request_bytes(streamed, key=RELAY_KEY) + post("/v1/messages", messages_body())
+    answers, closed = await _answers(relay.port, three + get("/health"), [b"GET", b"POST", b"POST", b"GET"])
+    assert [status for status, _, _ in answers] == [200, 200, 200, 200] and not closed  # none said it closes
+    assert answers[1][1][b"transfer-encoding"] == b"chunked" and b"event: message_stop" in answers[1][2]
+    assert orjson.loads(answers[2][2])["content"][0]["text"] == "Hello"
+
+    answers, closed = await _answers(relay.port, request_bytes(streamed, key=RELAY_KEY, extra=[(b"connection", b"close")])
+                                     + get("/health"), [b"POST", b"GET"])
+    assert len(answers) == 1 and answers[0][1][b"connection"] == b"close" and closed  # the second is never answered
+
+    http10 = request_bytes(streamed, key=RELAY_KEY).replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    answers, closed = await _answers(relay.port, http10, [b"POST"])
+    (status, headers, body), = answers
+    assert status == 200 and b"transfer-encoding" not in headers and headers[b"connection"] == b"close" and closed
+    assert body.startswith(b"event: message_start") and body.rstrip().endswith(b'data: {"type":"message_stop"}')
+
+
+async def test_a_body_still_coming_is_read_to_its_length_and_no_further(relay: RelayHandle) -> None:
+    """A body that does not come with its head is read past h11, to its Content-Length exactly: sent in pieces
+    with a pipelined request glued to its last piece, it is counted as the same body sent at once, and the request
+    after it is answered; a body cut short gets h11's 400."""
+    body = orjson.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "word " * 60_000}]})
+    raw = post("/v1/messages/count_tokens", body)
+    status, _, whole = split(await exchange(relay.port, raw))
+    assert status == 200
+    head_end = raw.index(b"\r\n\r\n") + 4
+    pieces = [raw[:head_end + 10], raw[head_end + 10:head_end + 150_000], raw[head_end + 150_000:] + get("/health")]
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    for piece in pieces:
+        await stream.send_all(piece)
+        await trio.sleep(0.05)
+    reader = h11.Connection(h11.CLIENT)
+    answers = []
+    with trio.fail_after(10):
+        for method in (b"POST", b"GET"):
+            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+            reader.send(h11.EndOfMessage())
+            got = b""
+            while True:
+                event = reader.next_event()
+                if event is h11.NEED_DATA:
+                    reader.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    answers.append(event.status_code)
+                elif isinstance(event, h11.Data):
+                    got += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+            if method == b"POST":
+                assert orjson.loads(got) == orjson.loads(whole)  # the same body, byte for byte as far as JSON can tell
+            reader.start_next_cycle()
+    assert answers == [200, 200]
+    await stream.aclose()
+
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(raw[:head_end + 1000])
+    await trio.sleep(0.05)
+    await stream.send_eof()
+    with trio.fail_after(10):
+        answer = b""
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    status, _, out = split(answer)
+    assert status == 400 and b"without sending complete message body" in out and b"expected %d" % len(body) in out

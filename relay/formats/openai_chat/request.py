@@ -59,21 +59,22 @@ def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[str, list[dict[str, Any]]]:
-    """A tool_result's text for the tool message, and any images that must follow as a user message."""
+def _tool_result(block: dict[str, Any], turn: str, i: int, dropped: set[str]) -> tuple[str, list[dict[str, Any]]]:
+    """A tool_result's text for the tool message, and any images that must follow as a user message. (Its place,
+    ``turn``.content.``i``, is spelled out only for an error: most results are one string.)"""
     content = block.get("content", "")
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
-        for part in _user_parts(content, where, dropped):
+        for part in _user_parts(content, f"{turn}.content.{i}", dropped):
             if part["type"] == "text":
                 texts.append(part["text"])
             else:
                 images.append(part)
     else:
-        raise invalid(f"{where}: tool_result content must be a string or a list")
+        raise invalid(f"{turn}.content.{i}: tool_result content must be a string or a list")
     text = "\n\n".join(texts)
     if block.get("is_error") and not text.lower().startswith("error"):
         text = "Error: " + text
@@ -133,7 +134,8 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         lambda call_id: {"role": "tool", "tool_call_id": call_id, "content": INTERRUPTED})
 
     def answer_pending() -> None:
-        out.extend(pending.close())
+        if pending.ids:
+            out.extend(pending.close())
 
     for where, role, content in turns(req):
         if role == "system":
@@ -200,7 +202,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 call_id = block.get("tool_use_id")
                 if not isinstance(call_id, str):
                     raise invalid(f"{where}.content.{i}.tool_use_id: Field required")
-                text, images = _tool_result(block, f"{where}.content.{i}", dropped)
+                text, images = _tool_result(block, where, i, dropped)
                 if pending.take(call_id):
                     out.append({"role": "tool", "tool_call_id": call_id, "content": text})
                 else:  # a result for a call the upstream never saw: keep its content as plain text
@@ -211,7 +213,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
             else:
                 rest.append(block)
         answer_pending()
-        parts = follow_images + _user_parts(rest, where, dropped)
+        parts = follow_images + _user_parts(rest, where, dropped) if rest else follow_images
         if parts:
             out.append({"role": "user", "content": _collapse(parts)})
 
