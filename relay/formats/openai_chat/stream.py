@@ -126,12 +126,13 @@ class StreamTranslator(BlockWriter):
                         call.args.append(text)
                     self.delta(kind, text)
                 return
+        if payload[:6] == b"[DONE]":  # before parsing: no JSON starts so, and a failed parse makes an exception
+            self._close_message()
+            return
         try:
             chunk = loads(payload)
         except JSONDecodeError:
-            if payload[:6] == b"[DONE]":
-                self._close_message()
-            return  # else not a chunk (a provider's stray keep-alive text): nothing to translate
+            return  # not a chunk (a provider's stray keep-alive text): nothing to translate
         if name is None and type(chunk) is dict and self.started and self._delta_only(chunk, payload):
             return
         if not isinstance(chunk, dict):
