@@ -13,6 +13,7 @@ import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -97,10 +98,17 @@ class Provider:
     def limits_for(self, model: str) -> "ModelLimits":
         """The known window and output cap of one model: per-model entry, else the provider's defaults."""
         own = self.limits.get(model)
+        if own is None:  # the usual case, asked a few times per request: made once
+            return self._default_limits
         return ModelLimits(
-            own.context_window if own and own.context_window else self.context_window,
-            own.max_output if own and own.max_output else self.max_tokens_cap,
+            own.context_window if own.context_window else self.context_window,
+            own.max_output if own.max_output else self.max_tokens_cap,
         )
+
+    @cached_property
+    def _default_limits(self) -> "ModelLimits":
+        """The provider's own window and cap (a frozen dataclass: ``cached_property`` keeps it beside the fields)."""
+        return ModelLimits(self.context_window, self.max_tokens_cap)
 
     @property
     def api_key(self) -> str:

@@ -153,11 +153,15 @@ class Exchange:
     def add_note(self, note: str) -> None:
         self.note = (self.note + " " if self.note else "") + note
 
-    def write(self) -> None:
+    def write(self, duration: float | None = None) -> None:
+        """The access line (``duration`` in seconds: now, unless given), made only when it will be written."""
+        if not access.isEnabledFor(logging.INFO):
+            return
         access_line(
             self.method, self.path, self.status, model=self.model, target=self.target, stream=self.stream,
             ttfb_ms=None if self.ttfb is None else (self.ttfb - self.started) * 1000,
-            duration_ms=(time.perf_counter() - self.started) * 1000, input_tokens=self.input_tokens,
+            duration_ms=(time.perf_counter() - self.started if duration is None else duration) * 1000,
+            input_tokens=self.input_tokens,
             output_tokens=self.output_tokens, usage_estimated=self.usage_estimated, request_id=self.request_id, note=self.note,
             key=self.client.name if self.client is not None else "", cost_usd=self.cost_usd,
         )

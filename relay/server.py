@@ -216,17 +216,18 @@ class Server:
 
     def done(self, ex: Exchange) -> None:
         """A request is answered: its metrics, its access-log line (its usage and cost are booked by then)."""
-        self.metrics.request_done(
-            ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, time.perf_counter() - ex.started,
-            None if ex.ttfb is None else ex.ttfb - ex.started, ex.input_tokens, ex.output_tokens, ex.cache_read)
+        duration = time.perf_counter() - ex.started  # one clock read for the metrics, the console and the log
+        ttfb = None if ex.ttfb is None else ex.ttfb - ex.started
+        self.metrics.request_done(ex.route, ex.target.split("/", 1)[0], ex.model, ex.status, duration, ttfb,
+                                  ex.input_tokens, ex.output_tokens, ex.cache_read)
         if ex.route.startswith("/v1/"):  # what clients asked for; not the console's own polling
+            now = time.time()
             self.live.request_done(
-                time.time(), key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
-                status=ex.status, stream=ex.stream, ttfb=None if ex.ttfb is None else ex.ttfb - ex.started,
-                duration=time.perf_counter() - ex.started, input_tokens=ex.input_tokens,
+                now, key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
+                status=ex.status, stream=ex.stream, ttfb=ttfb, duration=duration, input_tokens=ex.input_tokens,
                 output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000))
-            self.live.streams(time.time(), self.metrics.open_streams)
-        ex.write()
+            self.live.streams(now, self.metrics.open_streams)
+        ex.write(duration)
 
     def _book(self, ex: Exchange) -> None:
         """Usage and cost into the store's buffer, and the key's request released: once, however the request
