@@ -62,6 +62,7 @@ class Connection:
         self.answering = False  # the request is in: what the client sends now is a pipelined next one
         self.head_scope: trio.CancelScope | None = None  # the idle wait, until a request's first bytes arrive
         self.head_timeout = 0.0
+        self.headers: Headers = []  # the request being answered's headers, listed once (``begin``)
 
     async def receive(self) -> bytes:
         """The one read of the client socket: what arrives goes to h11 (during a stream, that is a pipelined
@@ -109,14 +110,15 @@ class Connection:
         self._tail = window[-3:] if end < 0 else b""
 
     def begin(self, request: h11.Request, headers: Headers) -> None:
-        """A request has come (``headers``: its headers, as a list): whether its answer may keep the connection
-        open is h11's rule (HTTP/1.1, and no ``Connection: close``), which relay, writing the answer itself, now
-        applies."""
+        """A request has come (``headers``: its headers, as a list, kept for the host: h11's ``Headers`` is walked
+        item by item in Python): whether its answer may keep the connection open is h11's rule (HTTP/1.1, and no
+        ``Connection: close``), which relay, writing the answer itself, now applies."""
         self.http11 = request.http_version == b"1.1"
         self.keep_alive = self.client_keeps = self.http11 and not any(
             name == b"connection" and b"close" in (v.strip() for v in value.lower().split(b","))
             for name, value in headers)
         self.responded = self.answered = False
+        self.headers = headers
 
     def head(self, status: int, headers: Headers, content_length: int | None, close: bool = False) -> bytes:
         """The answer's head (``content_length`` None: a stream); ``close``: relay closes the connection after it."""

@@ -247,10 +247,10 @@ class Server:
             ex.route = path
         elif path == "/metrics":
             ex.route = path
-            self._auth.check_metrics(request.headers, conn.peer_loopback)
+            self._auth.check_metrics(conn.headers, conn.peer_loopback)
         elif path.startswith("/admin/"):
             ex.route = "/admin"
-            self._auth.check_admin(request.headers)
+            self._auth.check_admin(conn.headers)
         elif path == "/ui" or path.startswith("/ui/"):
             ex.route = "/ui"  # static files, no secret in them: no key asked, but none served without an admin API
             if not self.config.server.admin_keys:
@@ -259,7 +259,7 @@ class Server:
                 raise RelayError(405, f"{ex.method} is not allowed on {path}", "invalid_request_error")
         elif path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/models") or path.startswith("/v1/models/"):
             ex.route = path if not path.startswith("/v1/models/") else "/v1/models/{id}"
-            ex.client = self._auth.client(request.headers)
+            ex.client = self._auth.client(conn.headers)
             self.gateway.valid(ex.client)
         else:
             raise RelayError(404, f"no route for {ex.method} {path}", "not_found_error")
@@ -302,11 +302,11 @@ class Server:
             assert ex.client is not None  # admit found the key of every /v1/ route
             if path == "/v1/messages":
                 _require(method, "POST", path)
-                await self._messages(conn, ex, body, request.headers)
+                await self._messages(conn, ex, body, conn.headers)
             elif path == "/v1/messages/count_tokens":
                 _require(method, "POST", path)
                 req = _parse(body)
-                count = await self._count_tokens(req, ClientRequest(body, req, tuple(request.headers)), ex.client)
+                count = await self._count_tokens(req, ClientRequest(body, req, tuple(conn.headers)), ex.client)
                 await send_body(conn, ex, 200, orjson.dumps({"input_tokens": count}))
             elif path == "/v1/models":
                 _require(method, "GET", path)
