@@ -481,10 +481,13 @@ class Server:
         provider = target.provider
         fmt = registry.get(provider.format)
         stream = asked.stream
-        try:
-            with _reencoding_request():
-                req, window = await self.known.fit(asked.req, provider, target.model, asked.estimate, ex.request_id)
-                call = fmt.build(req, provider, target.model, stream, asked.incoming)
+        try:  # (no ``with _reencoding_request()`` here: a generator context manager costs ~5k instructions)
+            req, window = await self.known.fit(asked.req, provider, target.model, asked.estimate, ex.request_id)
+            call = fmt.build(req, provider, target.model, stream, asked.incoming)
+        except orjson.JSONEncodeError as exc:
+            err = _too_deep(exc)
+            err.refusal = True
+            raise err from None
         except RelayError as err:
             err.refusal = True  # relay's own answer: the upstream never saw this request
             raise
@@ -552,15 +555,20 @@ def _require(method: str, allowed: str, path: str) -> None:
 
 @contextmanager
 def _reencoding_request() -> Iterator[None]:
-    """Around relay writing the client's request again (for an upstream): orjson reads 1024 levels of nesting
-    but writes only 255, so a deeper request fails here, and that is the client's to fix. Any other encode error,
-    here or anywhere, is relay's own bug and is not reported as the client's."""
+    """Around relay writing the client's request again (for an upstream): see ``_too_deep``."""
     try:
         yield
     except orjson.JSONEncodeError as exc:
-        if "recursion" not in str(exc).lower():
-            raise
-        raise invalid("request JSON nests too deeply (at most 255 levels)") from None
+        raise _too_deep(exc) from None
+
+
+def _too_deep(exc: orjson.JSONEncodeError) -> RelayError:
+    """orjson reads 1024 levels of nesting but writes only 255, so a request deeper than that fails when relay
+    writes it again, and that is the client's to fix. Any other encode error, here or anywhere, is relay's own bug
+    and is not reported as the client's: it is raised again as it was."""
+    if "recursion" not in str(exc).lower():
+        raise exc
+    return invalid("request JSON nests too deeply (at most 255 levels)")
 
 
 def _parse(body: bytes) -> dict[str, Any]:
