@@ -50,3 +50,12 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
     assert results["targets"], "targets section missing"
     assert sum(t["target"].startswith("store (") and t["figure"] is not None for t in results["targets"]) == 6
     assert not (state / "relay").exists(), "the bench's relays wrote to the user's usage book"
+
+
+def test_bench_pieces_run() -> None:
+    """`python -m bench.pieces` (relay's per-request set-up, piece by piece) keeps working as relay changes: each
+    piece runs a few times in process, as it would under callgrind."""
+    for piece in ("setup", "build", "fit", "translator", "stream", "done"):
+        proc = subprocess.run([sys.executable, "-m", "bench.pieces", piece, "3"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, f"{piece}:\n{proc.stderr[-3000:]}"
