@@ -49,7 +49,7 @@ def run(piece: str, n: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "relay.toml"
         path.write_text(relay_config(9, "default"))  # never connected to: no piece calls the upstream
-        config = load(path)
+        config = load(str(path))
     server = S.Server(config)
 
     async def one() -> None:
