@@ -541,11 +541,21 @@ class Server:
         ex.output_tokens = message["usage"]["output_tokens"]
         ex.cache_read = message["usage"].get("cache_read_input_tokens", 0)
         ex.cache_write = message["usage"].get("cache_creation_input_tokens", 0)
-        if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
-            await out.write(A.events_from_message(message, out.started))
+        try:
+            if stream:  # the upstream ignored stream=true and answered in one piece: replay it as events
+                answer = A.events_from_message(message, out.started)
+            else:
+                answer = orjson.dumps(message)
+        except orjson.JSONEncodeError as exc:  # read at 1024 levels, written at 255 at most: the upstream's doing
+            if "recursion" not in str(exc).lower():
+                raise
+            raise RelayError(502, f"{provider.name}: the upstream's answer nests too deeply for relay to pass on (at"
+                                  " most 255 levels)", "api_error") from None
+        if stream:
+            await out.write(answer)
             await out.end()
             return
-        await send_body(conn, ex, 200, orjson.dumps(message))
+        await send_body(conn, ex, 200, answer)
 
 
 def _require(method: str, allowed: str, path: str) -> None:

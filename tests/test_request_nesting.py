@@ -70,3 +70,19 @@ async def test_an_encode_error_elsewhere_is_not_called_the_clients_nesting(
         while "unhandled error on a connection" not in caplog.text:
             await trio.sleep(0.01)
     assert "Dict key must be str" in caplog.text
+
+
+async def test_an_upstream_answer_too_deep_to_write_again_is_a_502(relay: RelayHandle, upstream: MockUpstream) -> None:
+    """A tool call's input nested 300 levels in a one-piece answer: relay reads it (orjson: 1024 levels) but cannot
+    write it (255), so the client gets a clear 502 in Anthropic's shape, not a dropped connection."""
+    from tests.mock_upstream import completion
+
+    arguments = json.dumps(deep(300))
+    upstream.handler = lambda r: completion({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}]})
+    for streamed in (False, True):
+        answer = await run(post, relay.url, {"model": "mock-model", "max_tokens": 5, "stream": streamed,
+                                             "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 502, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "api_error" and "nests too deeply" in error["message"]
