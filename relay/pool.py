@@ -18,7 +18,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import h11
@@ -114,7 +113,7 @@ class HTTP11Connection(httpcore.AsyncHTTP11Connection):
 class Response:
     """A response whose head httpcore has read; its body is read by relay (``reader``) from ``receive``."""
 
-    __slots__ = ("status", "headers", "reader", "keep_alive", "_first", "_network", "_timeout", "readable")
+    __slots__ = ("status", "headers", "reader", "keep_alive", "_first", "_network", "_timeout")
 
     def __init__(self, connection: HTTP11Connection, status: int, headers: list[tuple[bytes, bytes]],
                  http_version: bytes, method: bytes, timeout: float | None) -> None:
@@ -126,8 +125,6 @@ class Response:
         self._first = ([b""] if closed else []) + ([first] if first else [])  # popped from the end
         self._network = connection.network
         self._timeout = timeout
-        # waits until the connection has bytes for ``receive_now``: trio's own wait, no coroutine of relay's
-        self.readable = partial(trio.lowlevel.wait_readable, self._network.sock)
 
     @property
     def has_arrived(self) -> bool:
@@ -146,15 +143,6 @@ class Response:
         if self._first:
             return self._first.pop()
         return await self._network.read(READ_SIZE, self._timeout)
-
-    def receive_now(self, ready: bool = False) -> bytes | None:
-        """``receive`` without a wait or a timer, for a stream's per-chunk reads: the connection's next bytes
-        when they are there (b"": it closed), else None: await ``readable()`` and ask again with ``ready``.
-        The caller times the silences (the pump's idle timer); a cancelled wait leaves the body unfinished, so
-        the connection is closed. Raises httpcore's ReadError."""
-        if self._first:
-            return self._first.pop()
-        return self._network.read_now(ready)
 
     async def aread(self) -> bytes:
         """The whole body (a small answer); a framing error is httpcore's RemoteProtocolError, as h11's was."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -350,18 +350,14 @@ class Pump:
         """Feeds the translator until the stream is over; returns the error to answer with when the upstream
         failed before anything was produced. ``reading`` is cancelled by the idle-gap timer."""
         events = translator_reads_events(translator)
-        read_now: Callable[[bool], Any] = upstream.events_now if events else upstream.chunk_now
+        read: Callable[[], Awaitable[Any]] = upstream.events if events else upstream.chunk
         feed: Callable[[Any], bytes] = translator.feed_events if events else translator.feed  # type: ignore[attr-defined]
-        readable = upstream.readable
         try:
             with reading:
                 while True:
                     if self.pending:
                         await self.flush()
-                    got = read_now(False)
-                    while got is None:  # the usual case on a paced stream: one wait, straight on trio's
-                        await readable()
-                        got = read_now(True)
+                    got = await read()
                     self.deadlines.heard()
                     if self._take(got, feed, upstream, translator):
                         break

@@ -95,40 +95,16 @@ async def send_parts(sock: Any, parts: tuple[bytes, ...], timeout: float | None 
         sent = 0
 
 
-class _Stream(httpcore.AsyncNetworkStream):
-    """What both streams share: ``read`` as ``read_now`` plus a wait for the socket between tries."""
-
-    sock: socket.socket
-
-    def read_now(self, ready: bool, max_bytes: int = READ_SIZE) -> bytes | None:
-        raise NotImplementedError
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = self.read_now(False, max_bytes)
-        while data is None:
-            await _wait(trio.lowlevel.wait_readable, self.sock, timeout, httpcore.ReadTimeout)
-            data = self.read_now(True, max_bytes)
-        return data
-
-
-class SocketStream(_Stream):
+class SocketStream(httpcore.AsyncNetworkStream):
     """A plain TCP connection. Owns the socket (non-blocking, TCP_NODELAY)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self._sock = sock
         self._more = False  # the last read filled its buffer: the next one tries recv before waiting
 
-    def read_now(self, ready: bool, max_bytes: int = READ_SIZE) -> bytes | None:
-        """The connection's next bytes (b"": closed) if they can be had without waiting, else None: wait until
-        ``sock`` is readable and ask again with ``ready``. Without ``ready`` it tries the socket only when the last
-        read filled its buffer (a paced stream's read would fail with EAGAIN: a raised exception per chunk).
-        Raises httpcore.ReadError. The caller times the waits: this is the per-chunk read of a stream."""
-        if not (ready or self._more):
-            return None
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
-            data = os.read(self.sock.fileno(), max_bytes)
-        except BlockingIOError:  # woken without data (it happens)
-            return None
+            data = await receive_some(self._sock, max_bytes, self._more, timeout)
         except OSError as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
         self._more = len(data) == max_bytes
@@ -138,25 +114,25 @@ class SocketStream(_Stream):
         if not buffer:
             return
         try:
-            await send_all(self.sock, buffer, timeout)
+            await send_all(self._sock, buffer, timeout)
         except OSError as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
 
     async def write_parts(self, parts: tuple[bytes, ...], timeout: float | None = None) -> None:
         try:
-            await send_parts(self.sock, parts, timeout)
+            await send_parts(self._sock, parts, timeout)
         except OSError as exc:
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
 
     async def aclose(self) -> None:
-        if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> TLSStream:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = TLSStream(self.sock, ssl_context.wrap_bio(incoming, outgoing, server_hostname=server_hostname),
+        tls = TLSStream(self._sock, ssl_context.wrap_bio(incoming, outgoing, server_hostname=server_hostname),
                         incoming, outgoing)
         try:
             await tls.handshake(timeout)
@@ -166,25 +142,24 @@ class SocketStream(_Stream):
         return tls
 
     def get_extra_info(self, info: str) -> Any:
-        return _extra(self.sock, info)
+        return _extra(self._sock, info)
 
 
-class TLSStream(_Stream):
+class TLSStream(httpcore.AsyncNetworkStream):
     """TLS as a sans-I/O ``ssl.SSLObject`` between two memory buffers, moved by the same socket calls as plain
     TCP. trio.SSLStream (used before) took two trips through the scheduler and its locks per read: a TLS read
     cost twice a plain one (~160 against ~80 us per paced read here); now decryption is all it adds."""
 
     def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
-        self.sock = sock
+        self._sock = sock
         self._tls = tls
         self._in = incoming  # ciphertext from the network, waiting to be decrypted
         self._out = outgoing  # ciphertext the TLS layer produced, waiting to be sent
         self._more = False  # as SocketStream: the last socket read filled its buffer
-        self._owed = b""  # TLS bytes produced while reading that the socket did not take at once
 
     async def _receive(self, timeout: float | None) -> None:
-        data = await receive_some(self.sock, READ_SIZE, self._more, timeout)
+        data = await receive_some(self._sock, READ_SIZE, self._more, timeout)
         self._more = len(data) == READ_SIZE
         if data:
             self._in.write(data)
@@ -192,9 +167,8 @@ class TLSStream(_Stream):
             self._in.write_eof()
 
     async def _send_pending(self, timeout: float | None) -> None:
-        if self._out.pending or self._owed:
-            data, self._owed = self._owed + self._out.read(), b""
-            await send_all(self.sock, data, timeout)
+        if self._out.pending:
+            await send_all(self._sock, self._out.read(), timeout)
 
     async def handshake(self, timeout: float | None) -> None:
         try:
@@ -212,33 +186,18 @@ class TLSStream(_Stream):
         except (ssl.SSLError, OSError) as exc:  # a bad certificate, a peer that hung up or spoke no TLS
             raise httpcore.ConnectError(f"TLS handshake failed: {exc}") from None
 
-    def read_now(self, ready: bool, max_bytes: int = READ_SIZE) -> bytes | None:
-        """As ``SocketStream.read_now``, through the TLS layer: None when no whole record is buffered and the
-        socket has nothing yet."""
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
             while True:
                 try:
                     data = self._tls.read(max_bytes)
                     break
                 except ssl.SSLWantReadError:  # no whole record buffered yet
-                    if not (ready or self._more):
-                        return None
-                    ready = False
-                    try:
-                        raw = os.read(self.sock.fileno(), READ_SIZE)
-                    except BlockingIOError:
-                        return None
-                    self._more = len(raw) == READ_SIZE
-                    if raw:
-                        self._in.write(raw)
-                    else:
-                        self._in.write_eof()
+                    await self._receive(timeout)
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or a bare EOF: HTTP framing
                     data = b""  # tells a complete body from a cut one, as trio's https_compatible did
                     break
-            if self._out.pending:  # a post-handshake answer (a TLS 1.3 key update), rarely any: sent now if
-                # the socket takes it, else it leads the next write (relay sends nothing else before that)
-                self._owed = send_now(self.sock, self._owed + self._out.read())
+            await self._send_pending(timeout)  # a post-handshake answer (a TLS 1.3 key update), rarely any
         except (ssl.SSLError, OSError) as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
         return data
@@ -256,7 +215,7 @@ class TLSStream(_Stream):
             raise httpcore.WriteError(str(exc) or type(exc).__name__) from None
 
     async def aclose(self) -> None:
-        if self.sock.fileno() < 0:
+        if self._sock.fileno() < 0:
             return
         try:  # a courtesy close_notify if the socket takes it at once; never waits
             self._tls.unwrap()
@@ -264,11 +223,11 @@ class TLSStream(_Stream):
             pass
         try:
             if self._out.pending:
-                os.write(self.sock.fileno(), self._out.read())
+                os.write(self._sock.fileno(), self._out.read())
         except OSError:
             pass
-        trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> httpcore.AsyncNetworkStream:
@@ -277,7 +236,7 @@ class TLSStream(_Stream):
     def get_extra_info(self, info: str) -> Any:
         if info == "ssl_object":
             return self._tls
-        return _extra(self.sock, info)
+        return _extra(self._sock, info)
 
 
 def _extra(sock: socket.socket, info: str) -> Any:

@@ -93,7 +93,7 @@ def _broken_framing(reader: BodyReader) -> httpcore.RemoteProtocolError:
 class UpstreamResponse:
     """An upstream's answer, its head read; the body is read here, one network read per call."""
 
-    __slots__ = ("status", "headers", "label", "readable", "_response", "_reader")
+    __slots__ = ("status", "headers", "label", "_response", "_reader")
 
     def __init__(self, response: Response, label: str = "") -> None:
         self.status = response.status
@@ -101,7 +101,6 @@ class UpstreamResponse:
         self.label = label  # provider/model, for the words of a mid-stream failure
         self._response = response
         self._reader = response.reader
-        self.readable = response.readable  # awaited when ``events_now`` / ``chunk_now`` had nothing
 
     @property
     def content_type(self) -> bytes:
@@ -130,26 +129,22 @@ class UpstreamResponse:
         """The body bytes that came with the head, as ``arrived_events``."""
         return b"".join(self._reader.feed(data) for data in self._response.arrived())
 
-    def _receive_now(self, ready: bool) -> bytes | None:
+    async def _receive(self) -> bytes:
         if self._reader.error is not None:  # what came before the break was handed out by the last call
             raise midstream_error(self.label, _broken_framing(self._reader))
         try:
-            return self._response.receive_now(ready)
+            return await self._response.receive()
         except BROKEN as exc:
             raise midstream_error(self.label, exc) from None
 
-    def events_now(self, ready: bool = False) -> list[Event] | None:
-        """The SSE events that the next read completes (relay.sse.SSEError for an oversized one), or None when the
-        connection has nothing yet: await ``readable()``, then ask again with ``ready``. No coroutine and no timer
-        (the stream pump's loop times the silences itself). A connection that breaks, or a body that breaks its
-        framing, raises UpstreamBroke (worded as mid-stream)."""
-        data = self._receive_now(ready)
-        return None if data is None else self._reader.feed_events(data)
+    async def events(self) -> list[Event]:
+        """The SSE events that the next read completes (relay.sse.SSEError for an oversized one). A connection
+        that breaks, or a body that breaks its framing, raises UpstreamBroke (worded as mid-stream)."""
+        return self._reader.feed_events(await self._receive())
 
-    def chunk_now(self, ready: bool = False) -> bytes | None:
-        """The body bytes the next read brings, for a translator that reads bytes; as ``events_now``."""
-        data = self._receive_now(ready)
-        return None if data is None else self._reader.feed(data)
+    async def chunk(self) -> bytes:
+        """The body bytes the next read brings, for a translator that reads bytes; errors as ``events``."""
+        return self._reader.feed(await self._receive())
 
     async def read(self, limit: int) -> bytes:
         """The whole body (inside ``Upstreams.request``, which words a broken connection as a failed request)."""
