@@ -98,9 +98,9 @@ class BodyReader:
             if 0 < eol <= 20 and not data[:eol].strip(_HEX) and parser.at_rest():
                 end = eol + 2 + int(data[:eol], 16)  # the chunk's data ends here
                 if end + 2 == len(data) and data.endswith(b"\n\n\r\n"):  # ...with the blank line, then the CRLF
-                    payload = data[eol + 8:end - 2]
-                    if payload.find(b"\n") < 0 and payload.find(b"\r") < 0:
-                        return [(None, payload)]
+                    value = data[eol + 8:end - 2]
+                    if value.find(b"\n") < 0 and value.find(b"\r") < 0:
+                        return [(None, value)]
             line = _BARE_SIZE_LINE.match(data)
             if line is not None:
                 start = line.end()
