@@ -3,6 +3,7 @@ of real traffic through it (some streams slow, some failing, a few keys). Run as
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import tempfile
@@ -67,16 +68,18 @@ async def main(folder: Path) -> None:
             await nursery.start(upstream.serve)
             prices = 'prices = { "*" = { input = 3, output = 15 } }'
             text = gateway_config(upstream, f"sqlite://{state}/relay.sqlite3").replace(
-                'prices = { "mock-model" = { input = 1000, output = 2000 } }', prices)
+                'prices = { "mock-model" = { input = 1000, output = 2000 } }', prices) + 'provider_env = ["LAB_*"]\n'
+            os.environ["LAB_KEY"] = "sk-lab-demo"  # the stored provider names it; relay reads it from here
             relay = await start_relay(nursery, text)
             secrets = [RELAY_KEY]
             for name, fields in (("ci-bot", {"rpm": 600, "budget": 5, "budget_period": "day"}),
                                  ("alice", {"models": ["mock/*"], "budget": 50}), ("bob", {"tpm": 200000})):
                 made = await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": name, **fields})
                 secrets.append(made.json()["secret"])
-            await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/providers", ADMIN, {
-                "name": "lab-gpu", "format": "openai", "base_url": upstream.base_url, "api_key": "${LAB_KEY:-}",
+            lab = await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/providers", ADMIN, {
+                "name": "lab-gpu", "format": "openai", "base_url": upstream.base_url, "api_key": "${LAB_KEY}",
                 "models": ["qwen3-coder-30b"], "tool_call_content": "empty", "context_window": 65536})
+            assert lab.status_code == 201 and "left_out" not in lab.json(), lab.text
             await trio.to_thread.run_sync(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": "old-laptop"})
             await trio.to_thread.run_sync(call, relay.url, "DELETE", "/admin/keys/old-laptop", ADMIN)
             until = time.monotonic() + TRAFFIC_SECONDS

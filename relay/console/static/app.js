@@ -357,7 +357,7 @@ const pages = {
         el("td", {}, p.name), el("td", {}, p.format), el("td", { class: "wrap" }, p.base_url), el("td", { class: "wrap" }, models(p)))));
     };
     root.append(el("h1", {}, "Custom models"),
-      el("p", { class: "muted" }, "Add an endpoint of any format. It is checked as the config file is, kept in the store, and served by every instance within a second, no restart. Ask for it as provider/model or by a model name it lists. Upstream keys are never shown again; write ${VAR} to keep one in each instance's environment instead of the store."),
+      el("p", { class: "muted" }, "Add an endpoint of any format. It is checked as the config file is, kept in the store, and served by every instance within a second, no restart. Ask for it as provider/model or by a model name it lists. Upstream keys are never shown again; write ${VAR}, a variable [store] provider_env allows, to keep one in each instance's environment instead of the store."),
       form, err, done, el("h2", {}, "Stored"),
       el("table", {}, el("thead", {}, el("tr", {}, ["name", "format", "base URL", "models", "state", ""].map((h) => el("th", {}, h)))), list),
       el("h2", {}, "From the config file (read-only)"),
