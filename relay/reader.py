@@ -92,7 +92,15 @@ class BodyReader:
         Raises SSEError for an event over the parser's limit."""
         parser = self.sse
         if self._state == _SIZE and self._kind == CHUNKED and not self._line and self.error is None:
-            # what a paced upstream's every read holds: exactly one whole chunk (no state machine, no lists)
+            # what a paced upstream's every read holds: exactly one whole chunk (no state machine, no lists),
+            # usually of one `data:` line and a blank line: its payload is taken with byte searches alone
+            eol = data.find(b"\r\ndata: ", 0, 30)
+            if 0 < eol <= 20 and not data[:eol].strip(_HEX) and parser.at_rest():
+                end = eol + 2 + int(data[:eol], 16)  # the chunk's data ends here
+                if end + 2 == len(data) and data.endswith(b"\n\n\r\n"):  # ...with the blank line, then the CRLF
+                    value = data[eol + 8:end - 2]
+                    if value.find(b"\n") < 0 and value.find(b"\r") < 0:
+                        return [(None, value)]
             line = _BARE_SIZE_LINE.match(data)
             if line is not None:
                 start = line.end()
@@ -238,6 +246,7 @@ class BodyReader:
 
 
 _BARE_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})\r\n")
+_HEX = b"0123456789abcdefABCDEF"  # a size line of these alone (stripped of them, nothing is left) is bare
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*")  # h11's chunk-size line, without its CRLF
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 ends a block of header lines
 _FOLD = re.compile(rb"[ \t]+")

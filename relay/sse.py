@@ -71,6 +71,10 @@ class SSEParser:
         self._buf = rest
         return events
 
+    def at_rest(self) -> bool:
+        """Nothing pending: the next bytes start a new event."""
+        return not self._buf and not self._skip_lf
+
     def single(self, data: bytes) -> bytes | None:
         """The payload when ``data`` is exactly one whole one-line ``data:`` event, LF or CRLF framed (Gemini
         frames with CRLF), and nothing is pending (what a paced upstream's every read holds): the caller skips the

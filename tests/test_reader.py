@@ -179,6 +179,27 @@ def test_events_match_the_sse_parser_for_any_chunking_and_cut(events, chunking, 
     assert got == sse_events(stream, True)
 
 
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from([b"data: ", b"data:", b"data:  ", b"event: x\ndata: ", b"data: x\r",
+                                                   b"data: y\ndata: "]),
+                                 st.text(max_size=30).map(lambda t: t.replace("\n", " ").replace("\r", " ").encode()),
+                                 st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n", b"\r", b""])), max_size=10),
+       per_event=st.booleans(), chunking=st.lists(st.integers(1, 60), max_size=10), upper=st.booleans())
+def test_one_read_per_chunk_gives_the_sse_parsers_events(events, per_event, chunking, upper):
+    """The paced shape: every read exactly one chunk (the reader's fast paths), each chunk one event or cut
+    anywhere (so an event may be pending when the next chunk comes), size lines in either case of hex."""
+    stream = b"".join(a + b + c for a, b, c in events)
+    if per_event:
+        parts = [a + b + c for a, b, c in events if a + b + c]
+    else:
+        parts = split(stream, [sum(chunking[:i + 1]) for i in range(len(chunking))])
+    size = b"%X\r\n%b\r\n" if upper else b"%x\r\n%b\r\n"
+    reads = [CHUNKED_HEAD] + [size % (len(p), p) for p in parts] + [b"0\r\n\r\n"]
+    ours, got = our_read(reads)
+    assert ours == h11_read(reads) == (stream, "ok", b"")
+    assert got == sse_events(stream, True)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CORPUS.glob("*.sse")))
 def test_corpus_one_chunk_per_event_and_cut_reads(name):
     stream = (CORPUS / name).read_bytes()
