@@ -74,7 +74,7 @@ def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, byt
         lines.append(b"content-length: %d\r\n" % content_length)
     if close and keep_alive:
         lines.append(b"connection: close\r\n")
-    if content_length is None and http11:
+    if content_length is None and http11 and status not in (204, 304):  # those two never have a body to frame
         lines.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive or not http11:  # h11 keeps no HTTP/1.0 connection open
         lines.append(b"Connection: close\r\n")

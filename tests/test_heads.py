@@ -99,7 +99,7 @@ RELAY_HEADS = [  # what relay answers with: a stream, a JSON answer, an error wi
 
 
 @settings(max_examples=600, deadline=None)
-@given(status=st.one_of(st.sampled_from([200, 400, 404, 413, 429, 500, 529]), st.integers(100, 1100)),
+@given(status=st.one_of(st.sampled_from([200, 204, 304, 400, 404, 413, 429, 500, 529]), st.integers(100, 1100)),
        reason=st.sampled_from([b"OK", b"", b"Not Found", b"Too  Many\tRequests", b"\xe9"]),
        hs=st.one_of(st.sampled_from(RELAY_HEADS), headers),
        length=st.one_of(st.none(), st.integers(0, 10**9)), http11=st.booleans(), client_close=st.booleans(),
