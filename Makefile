@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install run test bench bench-smoke check clean redis-server chromium screenshots
+.PHONY: install run test bench bench-smoke check clean redis-server chromium npm screenshots
 
 install: $(STAMP)
 
@@ -27,12 +27,12 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,local-llm]'
 	touch $(TEST_STAMP)
 
-test: $(TEST_STAMP) redis-server chromium  ## type-check relay, then run the whole test suite
+test: $(TEST_STAMP) redis-server chromium npm  ## type-check relay, then run the whole test suite
 	$(PY) -m mypy relay
 	$(PY) -m pytest -q $(ARGS)
 
-# Real parts the tests drive, from Debian's packages: a redis-server for the store tests and a headless Chromium
-# (through Playwright for Python) for the console tests. Installed here when missing and possible (as root with
+# Real parts the tests drive, from Debian's packages: a redis-server for the store tests, a headless Chromium
+# (through Playwright for Python) for the console tests and npm (with Node.js) to install the pinned Claude Code. Installed here when missing and possible (as root with
 # apt-get, as in CI); otherwise the tests that need them fail and say how to get them.
 # $(call debian_package,COMMAND,PACKAGE,WHAT FOR)
 define debian_package
@@ -50,6 +50,9 @@ redis-server:
 
 chromium:
 	$(call debian_package,chromium,chromium,the console tests)
+
+npm:
+	$(call debian_package,npm,npm,the Claude Code end-to-end tests)
 
 screenshots: $(STAMP) chromium  ## a PNG of each console page, into docs/
 	$(PY) -m tests.console_screens docs

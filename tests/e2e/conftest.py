@@ -84,18 +84,19 @@ def _install_claude(prefix: Path, config: pytest.Config) -> Path:
         return found
     npm = shutil.which("npm")
     if npm is None:
-        pytest.skip("Claude Code e2e: npm is not on PATH, cannot install " + CLAUDE_PACKAGE)
+        pytest.fail("Claude Code e2e: npm is not on PATH, cannot install " + CLAUDE_PACKAGE
+                    + " (make test installs Debian's npm when run as root; otherwise install Node.js and npm)")
     say(config, f"relay tests: installing {CLAUDE_PACKAGE} (about 380 MB, once) into {prefix} for the end-to-end tests")
     cmd = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error", CLAUDE_PACKAGE]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"Claude Code e2e: `npm install {CLAUDE_PACKAGE}` took over {INSTALL_TIMEOUT}s")
+        pytest.fail(f"Claude Code e2e: `npm install {CLAUDE_PACKAGE}` took over {INSTALL_TIMEOUT}s")
     if done.returncode != 0:
-        pytest.skip(f"Claude Code e2e: `npm install {CLAUDE_PACKAGE}` failed: {(done.stderr or done.stdout)[-800:]}")
+        pytest.fail(f"Claude Code e2e: `npm install {CLAUDE_PACKAGE}` failed: {(done.stderr or done.stdout)[-800:]}")
     if found := _find_claude(prefix):
         return found
-    pytest.skip(f"Claude Code e2e: installed {CLAUDE_PACKAGE} into {prefix} but found no runnable `claude`")
+    pytest.fail(f"Claude Code e2e: installed {CLAUDE_PACKAGE} into {prefix} but found no runnable `claude`")
 
 
 @pytest.fixture
