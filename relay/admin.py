@@ -34,7 +34,7 @@ from relay.limits import budget_counter
 from relay.pricing import usd
 from relay.log import printable
 from relay.store import (KeyExists, NoSuchKey, StoreError, UsageRow, VirtualKey, change_key, create_key, key_fields,
-                         update)
+                         provider_record, provider_table, update)
 
 
 _VAR_ONLY = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")  # a key named by the environment, not held
@@ -58,8 +58,7 @@ def _key_doc(gateway: Gateway, key: VirtualKey) -> dict[str, Any]:
         spent = view.meter.counts(key.name).get(budget_counter(key.limits.budget_period, start), 0)
         doc["spend"] = {"period": key.limits.budget_period, "usd": usd(spent),
                         "resets_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end))}
-    now = time.time()
-    doc["state"] = "revoked" if key.revoked else "expired" if key.expired(now) else "active"
+    doc["state"] = key.state(time.time())
     return doc
 
 
@@ -147,10 +146,9 @@ async def _providers(gateway: Gateway, method: str, name: list[str], body: bytes
         new = table.pop("name", None)
         if not isinstance(new, str):
             raise invalid("name: Field required")
-        if new in gateway.config.providers and new not in gateway.config.stored:
-            raise _read_only(gateway, new)
+        _not_the_files(gateway, new)
         _checked(gateway, new, table)
-        await view.call(lambda backend: backend.put("providers", new, _record(table), create=True))
+        await view.call(lambda backend: backend.put("providers", new, provider_record(table, time.time()), create=True))
         await view.refreshed()
         return 201, orjson.dumps(_answer(gateway, new, table))
     (target,) = name
@@ -165,29 +163,31 @@ async def _providers(gateway: Gateway, method: str, name: list[str], body: bytes
         return 200, orjson.dumps({"name": target, "deleted": True})
     if method != "PATCH":
         raise _method(method, "PATCH or DELETE (GET too, answered with the provider's health)")
-    if target in gateway.config.providers and target not in gateway.config.stored:
-        raise _read_only(gateway, target)
+    _not_the_files(gateway, target)
     changes = _body(body)
     if changes.get("name", target) != target:
         raise invalid("name: a provider cannot be renamed; add it under the new name and delete this one")
     changes.pop("name", None)
-    changed: dict[str, Any] = {}
 
     def change(raw: bytes) -> bytes:
-        table = orjson.loads(raw)["table"]
+        table = provider_table(raw)
         for key, value in _unmasked(table, changes).items():
             if value is None:
                 table.pop(key, None)
             else:
                 table[key] = value
         _checked(gateway, target, table)
-        changed.clear()
-        changed.update(table)
-        return _record(table)
+        return provider_record(table, time.time())
 
-    await view.call(lambda backend: update(backend, "providers", target, change))
+    written = await view.call(lambda backend: update(backend, "providers", target, change))
     await view.refreshed()
-    return 200, orjson.dumps(_answer(gateway, target, changed))
+    return 200, orjson.dumps(_answer(gateway, target, provider_table(written)))
+
+
+def _not_the_files(gateway: Gateway, name: str) -> None:
+    """409 for a name the config file's providers hold: those are edited in the file."""
+    if name in gateway.config.providers and name not in gateway.config.stored:
+        raise _read_only(gateway, name)
 
 
 def _read_only(gateway: Gateway, name: str) -> RelayError:
@@ -213,10 +213,6 @@ def _answer(gateway: Gateway, name: str, table: dict[str, Any]) -> dict[str, Any
         doc["note"] = (f"lists Claude ids ({', '.join(claude)}): Claude Code's requests for them now go to "
                        f"{name!r}, not to [routes]")
     return doc
-
-
-def _record(table: dict[str, Any]) -> bytes:
-    return orjson.dumps({"table": table, "updated": time.time()})
 
 
 MASK = "(set)"  # what the API shows in place of a value that may be a secret

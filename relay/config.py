@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from relay import presets, pricing
+from relay.heads import is_header_name
 
 SYSTEM_TURNS = ("keep", "merge", "user")
 # The content of an assistant turn that is only tool calls: null (OpenAI's own form; some Bedrock-backed servers
@@ -264,9 +265,8 @@ _AT_LEAST: dict[str, tuple[int, bool]] = {
     "max_tokens_cap": (1, True),
     "max_output": (1, True),
 }
-# An HTTP header's name (RFC 9110's token), and what its value may not hold: a line break or NUL would end the
-# header early (h11 refuses to send it, so every request to the provider would fail).
-_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# What a header value may not hold: a line break or NUL would end the header early (relay refuses to send it, so
+# every request to the provider would fail).
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(r"[A-Za-z0-9_.-]+")
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -448,7 +448,6 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
                   providers=providers, models=models, routes=routes, long_context_threshold=threshold, source=path)
 
 
-
 def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provider:
     """One ``[providers.NAME]`` table, checked: from the config file, or stored at run time (``stored_provider``)."""
     table = f"providers.{name}"
@@ -465,11 +464,12 @@ def _provider(name: str, raw: Any, src: _Source, env: dict[str, str]) -> Provide
     query = _scalars(raw.pop("query", {}), src, table, "query")
     api_key = raw.pop("api_key", ())
     api_keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key) if k)
-    if any(_header_value_problem(k) for k in api_keys):  # it is sent in a header; the key itself is never shown
-        raise src.error(table, "api_key", "a key " + next(p for k in api_keys if (p := _header_value_problem(k))))
+    for key in api_keys:  # it is sent in a header; the key itself is never shown
+        if problem := _header_value_problem(key):
+            raise src.error(table, "api_key", "a key " + problem)
     headers = _scalars(raw.pop("headers", {}), src, table, "headers")
     for header, value in headers:
-        if not _TOKEN.fullmatch(header):
+        if not is_header_name(header):
             raise src.error(table, "headers", f"{header[:64]!r} is not an HTTP header name (letters, digits and"
                                               " !#$%&'*+-.^_`|~ only)")
         if problem := _header_value_problem(value):  # the value is not shown: it may be a key (Authorization)
@@ -569,8 +569,9 @@ def _variables(value: Any) -> list[str]:
 
 
 def with_stored(config: Config, tables: dict[str, Any], env: dict[str, str]) -> tuple[Config, dict[str, str]]:
-    """``config`` (the file's, nothing stored in it yet) plus the providers stored at run time, and why any stored one was left out (a name
-    the file already uses, or a table this instance cannot use, e.g. its ``${VAR}`` unset here)."""
+    """``config`` (the file's, nothing stored in it yet) plus the providers stored at run time, and why any stored
+    one was left out (a name the file already uses, or a table this instance cannot use, e.g. its ``${VAR}`` unset
+    here)."""
     providers = dict(config.providers)
     stored: list[str] = []
     problems: dict[str, str] = {}
@@ -586,6 +587,7 @@ def with_stored(config: Config, tables: dict[str, Any], env: dict[str, str]) -> 
         stored.append(name)
     return replace(config, providers=providers, stored=frozenset(stored)), problems
 
+
 def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) -> StoreConfig:
     """``[store]``, checked now, so a bad url stops `relay check` and startup rather than the first request.
     Without a url, the old ``[server] usage_db`` names the SQLite file (``""``: no store at all)."""
@@ -594,7 +596,7 @@ def _store(raw: Any, server: ServerConfig, src: _Source, env: dict[str, str]) ->
     _check_keys(raw, _STORE_KEYS, src, "store")
     raw = {k: _expand(v, src, "store", k, env) for k, v in raw.items()}
     if "provider_env" in raw:
-        if not all(isinstance(p, str) and p for p in raw["provider_env"]):
+        if not all(raw["provider_env"]):  # (_check_keys made each a string)
             raise src.error("store", "provider_env", "expected a list of variable names or glob patterns")
         raw["provider_env"] = tuple(raw["provider_env"])
     url = raw.get("url", "")

@@ -9,8 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import orjson
-
 from relay.config import Config, with_stored
 from relay.log import printable
 
@@ -113,7 +111,7 @@ def check_store(config: Config) -> tuple[str, bool, Config]:
     """`relay check`'s store lines, after a ping (False when the store does not answer), and the config with the
     providers stored at run time merged in, as the server will serve it here. A stored provider this machine
     must leave out (its ``${VAR}`` unset here) is a warning, not a failure: another instance may serve it."""
-    from relay.store import StoreError, masked, url_for
+    from relay.store import StoreError, masked, provider_table, url_for
 
     url = url_for(config.store)
     if url is None:
@@ -129,10 +127,16 @@ def check_store(config: Config) -> tuple[str, bool, Config]:
         count, stored = _run(config, ping)
     except StoreError as exc:
         return f"store: {masked(url)}: unreachable: {exc}", False, config
-    tables = {name: orjson.loads(doc)["table"] for name, doc in stored.items()}
-    merged, problems = with_stored(config, tables, dict(os.environ))
-    lines = [f"store: {masked(url)} ok ({count} virtual key(s), {len(tables)} stored provider(s): "
-             f"{', '.join(sorted(tables)) or 'none'})"]
+    tables, problems = {}, {}
+    for name, doc in stored.items():
+        try:
+            tables[name] = provider_table(doc)
+        except ValueError as exc:
+            problems[name] = str(exc)
+    merged, left_out = with_stored(config, tables, dict(os.environ))
+    problems |= left_out
+    lines = [f"store: {masked(url)} ok ({count} virtual key(s), {len(stored)} stored provider(s): "
+             f"{', '.join(sorted(stored)) or 'none'})"]
     lines += [f"  warning: stored provider {name} left out here: {why}" for name, why in problems.items()]
     return "\n".join(lines), True, merged
 
@@ -161,7 +165,7 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
                   f"{'budget':>14} {'expires':<10}")
             now = time.time()
             for k in keys:
-                state = _state(k, now)
+                state = k.state(now)
                 lim = k.limits
                 budget = f"${lim.budget:g}/{lim.budget_period}" if lim.budget is not None else "-"
                 print(f"{k.name:<20} {k.hint:<10} {state:<8} {printable(','.join(k.models) or '*', 60):<24} "
@@ -179,10 +183,6 @@ def keys_command(config: Config, args: argparse.Namespace) -> int:
         return 2
 
 
-def _state(key: Any, now: float) -> str:
-    return "revoked" if key.revoked else "expired" if key.expired(now) else "active"
-
-
 def _n(value: int | None) -> str:
     return "-" if value is None else str(value)
 
@@ -193,7 +193,7 @@ def _describe(key: Any) -> None:
              f"max_streams={_n(lim.max_streams)}",
              f"budget={'-' if lim.budget is None else f'${lim.budget:g}/{lim.budget_period}'}",
              f"expires={key.expires or '-'}"]
-    print(f"key {key.name} ({key.hint}, {_state(key, time.time())}): {' '.join(parts)}")
+    print(f"key {key.name} ({key.hint}, {key.state(time.time())}): {' '.join(parts)}")
 
 
 def usage_command(config: Config, paths: list[str] | None, since: str | None) -> int:

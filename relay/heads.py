@@ -27,6 +27,12 @@ _REQUEST = re.compile(_TOKEN + rb" [\x21-\x7e]+ HTTP/1\.1\r\n" + _FIELD)
 _RESPONSE = re.compile(rb"HTTP/1\.1 [0-9]{3} (?:[ \t]|[^\x00\s])*\r\n" + _FIELD)
 _FRAMING = (b"content-length", b"transfer-encoding")
 _CONNECTION = (*_FRAMING, b"connection")
+_NAME = re.compile(_TOKEN)
+
+
+def is_header_name(name: str) -> bool:
+    """An HTTP header name (RFC 9110's token): what a config's ``headers`` may use (h11 sends nothing else)."""
+    return _NAME.fullmatch(name.encode()) is not None
 
 
 def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]],

@@ -131,7 +131,7 @@ class Pump:
         holds the whole answer (a fast upstream) and the client's socket takes it in one write, the stream is
         over before anything had to wait, and the client watcher is never started. Otherwise the rest runs
         watched: the watcher notices a client that leaves, and times the upstream's silences."""
-        ex, translator = self.out.ex, self.translator
+        translator = self.translator
         error: RelayError | None = None
         metrics.open_streams += 1
         try:

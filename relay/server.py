@@ -155,7 +155,7 @@ class Server:
         self._use(self._with_stored(config))
         log.info("reloaded config from %s", config.source)
 
-    def _stored_changed(self, tables: dict[str, Any]) -> None:
+    def _stored_changed(self) -> None:
         """The store's providers changed (the admin API, on this instance or another): live from the next request."""
         self._use(self._with_stored(self.file_config))
         log.info("providers stored at run time: %s", ", ".join(sorted(self.config.stored)) or "none")
@@ -547,8 +547,7 @@ class Server:
             else:
                 answer = orjson.dumps(message)
         except orjson.JSONEncodeError as exc:  # read at 1024 levels, written at 255 at most: the upstream's doing
-            if "recursion" not in str(exc).lower():
-                raise
+            _only_nesting(exc)
             raise RelayError(502, f"{provider.name}: the upstream's answer nests too deeply for relay to pass on (at"
                                   " most 255 levels)", "api_error") from None
         if stream:
@@ -574,11 +573,16 @@ def _reencoding_request() -> Iterator[None]:
 
 def _too_deep(exc: orjson.JSONEncodeError) -> RelayError:
     """orjson reads 1024 levels of nesting but writes only 255, so a request deeper than that fails when relay
-    writes it again, and that is the client's to fix. Any other encode error, here or anywhere, is relay's own bug
-    and is not reported as the client's: it is raised again as it was."""
+    writes it again, and that is the client's to fix."""
+    _only_nesting(exc)
+    return invalid("request JSON nests too deeply (at most 255 levels)")
+
+
+def _only_nesting(exc: orjson.JSONEncodeError) -> None:
+    """Raises ``exc`` again unless it is orjson's nesting limit: any other encode error, here or anywhere, is
+    relay's own bug and is not reported as the client's or the upstream's."""
     if "recursion" not in str(exc).lower():
         raise exc
-    return invalid("request JSON nests too deeply (at most 255 levels)")
 
 
 def _parse(body: bytes) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote
 
 import orjson
 import trio

@@ -96,6 +96,10 @@ class VirtualKey(ClientKey):
         y, m, d = (int(x) for x in self.expires.split("-"))
         return now >= calendar.timegm((y, m, d, 0, 0, 0)) + 86400
 
+    def state(self, now: float) -> str:
+        """What the CLI and the admin API call it: revoked, expired or active."""
+        return "revoked" if self.revoked else "expired" if self.expired(now) else "active"
+
     def to_json(self) -> bytes:
         doc = asdict(self)
         doc.pop("key")
@@ -238,6 +242,22 @@ async def change_key(backend: Backend, name: str, changes: Mapping[str, Any]) ->
     return VirtualKey.from_json(doc)
 
 
+def provider_record(table: Mapping[str, Any], now: float) -> bytes:
+    """How a provider added at run time is stored: its ``[providers.NAME]`` table, and when it was written."""
+    return orjson.dumps({"table": table, "updated": now})
+
+
+def provider_table(doc: bytes) -> dict[str, Any]:
+    """The table of a stored provider record; ValueError for anything else."""
+    try:
+        table = orjson.loads(doc)["table"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise ValueError("not a provider record") from None
+    if not isinstance(table, dict):
+        raise ValueError("not a provider record")
+    return table
+
+
 def exists(kind: str, name: str) -> KeyExists:
     return KeyExists(f"a {RECORDS[kind]} named {name!r} exists")
 
@@ -360,10 +380,9 @@ class View:
         self.instances = 1
         self._rows: dict[tuple[str, str, str], list[int]] = {}
         self._batch: Batch | None = None
-        self._version = -1
-        self._providers_version = -1
+        self._versions = {kind: -1 for kind in RECORDS}  # each kind's version when this view last read it
         self.providers: dict[str, Any] = {}  # name -> provider table stored at run time (see config.with_stored)
-        self.on_providers: Any = None  # called with ``providers`` each time they change (the server rebuilds)
+        self.on_providers: Any = None  # called (no arguments) each time ``providers`` changes: the server rebuilds
         self.live_export: Any = None  # () -> bytes: this instance's live figures, published every LIVE_EVERY
         self._published = 0.0
         self.up = False
@@ -555,14 +574,11 @@ class View:
         """One round with the store: keys if they changed, the held batch, counters and streams."""
         self._rounds += 1
         round_ = self._rounds
-        version = await self.backend.keys_version()
-        if version != self._version:
-            self._load(await self.backend.load_keys())
-            self._version = version
-        version = await self.backend.version("providers")
-        if version != self._providers_version:
-            self._load_providers(await self.backend.load("providers"))
-            self._providers_version = version
+        for kind, load in (("keys", self._load_keys), ("providers", self._load_providers)):
+            version = await self.backend.version(kind)
+            if version != self._versions[kind]:
+                load(await self.backend.load(kind))
+                self._versions[kind] = version
         await self._write()
         now = self.clock()
         synced = await self.backend.sync(self.instance, self._reads(now), self.in_flight, now)
@@ -604,7 +620,8 @@ class View:
                                    budget_counter(key.limits.budget_period, budget)]
         return reads
 
-    def _load(self, keys: list[VirtualKey]) -> None:
+    def _load_keys(self, docs: dict[str, bytes]) -> None:
+        keys = [VirtualKey.from_json(doc) for doc in docs.values()]
         self.by_name = {k.name: k for k in keys}
         self.keys = {k.digest: k for k in keys}
         self.loaded = True
@@ -613,14 +630,14 @@ class View:
         tables: dict[str, Any] = {}
         for name, doc in docs.items():
             try:
-                tables[name] = orjson.loads(doc)["table"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                tables[name] = provider_table(doc)
+            except ValueError:
                 log.error("store %s: provider %r is not a provider record; left out", self.backend.url, name)
         if tables != self.providers:
             self.providers = tables
             if self.on_providers is not None:
                 try:
-                    self.on_providers(tables)
+                    self.on_providers()
                 except Exception:  # the server's own fault, not the store's: say so, keep the rounds going
                     log.exception("applying the stored providers failed; serving the previous ones")
 
