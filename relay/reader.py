@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from itertools import repeat
+
 from relay.sse import Event, SSEParser
 
 # framings (RFC 9112 §6.3, as h11 decides them)
@@ -65,13 +67,14 @@ class BodyReader:
     after its end (a connection carrying them is not reused); ``error``: the framing broke, raised by the caller
     after it has used what came before the break (h11 too delivered the data before a bad byte)."""
 
-    __slots__ = ("_kind", "_state", "_left", "_line", "done", "extra", "error", "sse", "received")
+    __slots__ = ("_kind", "_state", "_left", "_line", "_runs", "done", "extra", "error", "sse", "received")
 
     def __init__(self, kind: int = CHUNKED, length: int = 0) -> None:
         self._kind = kind
         self._state = _SIZE
         self._left = length  # LENGTH: bytes still to come
         self._line = b""  # a size line or trailer cut by the end of a read
+        self._runs = True  # reads of many whole one-event chunks may take ``_run``, until one is not so shaped
         self.done = kind == LENGTH and length == 0
         self.extra = b""
         self.error: BodyError | None = None
@@ -109,6 +112,11 @@ class BodyReader:
                     piece = data[start:end]
                     payload = parser.single(piece)
                     return [(None, payload)] if payload is not None else parser.feed(piece)
+            if self._runs and parser.at_rest() and data.endswith(b"\n\n\r\n", 0, len(data) - 5 if
+                                                                 data.endswith(b"\r\n0\r\n\r\n") else None):
+                events = self._run(data)
+                if events is not None:
+                    return events
         single = parser.single
         out: list[Event] = []
         for piece in self._pieces(data):
@@ -120,6 +128,38 @@ class BodyReader:
         if self.done:
             out.extend(parser.close())
         return out
+
+    def _run(self, data: bytes) -> list[Event] | None:
+        """A read of two or more whole chunks, each exactly one ``data:`` line and its blank line, ending at a
+        chunk's end (or with the last chunk and no trailer): a burst, from a fast model or a read that fell behind.
+        Taken apart by operations on the whole read (one split, then maps that run in C), none per chunk in
+        Python: per chunk that is ~1/20 of the general path's cost. None when the read is not so; a read whose
+        chunks hold anything else also stops the tries for this body (its upstream does not send that shape).
+
+        Why a split on CRLF cannot be fooled: the first chunk whose data held a CRLF would be cut short by it, so
+        its declared size would not be its length; and a CR anywhere else in the data is refused."""
+        parts = data.split(b"\r\n")
+        ended = len(parts) > 3 and parts[-3] == b"0" and parts[-2] == b""
+        if ended:
+            del parts[-3:]
+        else:
+            parts.pop()  # the empty piece after the last CRLF
+        count = len(parts) // 2
+        if count < 2 or len(parts) % 2:
+            return None
+        sizes, chunks = parts[0::2], parts[1::2]
+        if b"".join(sizes).translate(None, _HEX) or max(map(len, sizes)) > 20 or not all(sizes) \
+                or list(map(int, sizes, repeat(16))) != list(map(len, chunks)):
+            return None  # not framing relay's fast paths read (h11's grammar is the general path's)
+        joined = b"".join(chunks)
+        if joined.count(b"\n") != 2 * count or joined.find(b"\r") >= 0 \
+                or not all(map(bytes.startswith, chunks, repeat(b"data: "))) \
+                or not all(map(bytes.endswith, chunks, repeat(b"\n\n"))):
+            self._runs = False
+            return None
+        if ended:
+            self._state, self.done = _END, True
+        return list(zip(repeat(None), joined[6:-2].split(b"\n\ndata: ")))
 
     # ---- framing --------------------------------------------------------------------------------
 

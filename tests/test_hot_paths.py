@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,21 +31,28 @@ _MADE_UP = re.compile(rb'"(toolu_01|relay-)[A-Za-z0-9]{22,43}"')
 texts = st.sampled_from(["", "Hi", "two words", " ", "é", "日本語", "emoji \U0001f600", 'quote " and \\ and \n'])
 
 
-def translate(cls: type[BlockWriter], events: list[bytes], hot: bool, finish: bool) -> bytes:
+def translate(cls: type[BlockWriter], events: list[bytes], hot: bool, finish: bool,
+              reads: list[int] | None = None) -> bytes:
+    """``reads``: how many events each upstream read holds (a burst), else one each."""
     translator = cls("claude-x", message_id="msg_fixed")
     if not hot:  # the general path alone
         if cls is StreamTranslator:
             translator._delta_only = lambda chunk, payload: False  # type: ignore[attr-defined]
         else:
             translator._one_text = lambda doc: False  # type: ignore[attr-defined]
-    out = b"".join(translator.feed(e) for e in events)
+    feeds, at = [], 0
+    for n in (reads or []) + [1] * len(events):
+        if at < len(events):
+            feeds.append(b"".join(events[at:at + n]))
+            at += n
+    out = b"".join(translator.feed(e) for e in feeds)
     if finish:
         out += translator.finish()
     return _MADE_UP.sub(rb'"\1<made-up>"', out)
 
 
-def assert_same(cls: type[BlockWriter], events: list[bytes], finish: bool) -> None:
-    hot = translate(cls, events, True, finish)
+def assert_same(cls: type[BlockWriter], events: list[bytes], finish: bool, reads: list[int] | None = None) -> None:
+    hot = translate(cls, events, True, finish, reads)
     general = translate(cls, events, False, finish)
     assert hot.split(b"\n\n") == general.split(b"\n\n")
 
@@ -61,7 +69,30 @@ def openai_chunk(delta: Any, *, finish: Any = None, extra: dict[str, Any] | None
     return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
+# the usual chunks of each kind (the hot shape): the delta around its one string, and the string of the i-th
+USUAL = {"text": (lambda t: {"content": t}, lambda i: f"w{i} "),
+         "reasoning": (lambda t: {"reasoning_content": t}, lambda i: "é" * (i % 3)),
+         "args": (lambda t: {"tool_calls": [{"index": 0, "function": {"arguments": t}}]}, lambda i: f'"{i}')}
+CALL = openai_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                     "function": {"name": "f", "arguments": ""}}]})  # what "args" chunks follow
+
+
+def usual(kind: str, i: int) -> bytes:
+    delta, text = USUAL[kind]
+    return openai_chunk(delta(text(i)))
+
+
+def near_miss(kind: str, literal: bytes) -> bytes:
+    """The usual chunk's bytes around ``literal`` in its string's place."""
+    return openai_chunk(USUAL[kind][0]("@@")).replace(b'"@@"', literal)
+
+
 indexes = st.sampled_from([0, 1, None])
+# literals in the usual chunk's place that are no good as one JSON string (or are, written otherwise than orjson would)
+NEAR_MISSES = [b'"a\x01"', b'"\xff"', b'"a", "b"', b"1", b'"\\ud800"', b'"x"}, "y": {"z"', b'"unterminated', b'""',
+               b'"\\u00e9t\\u00e9"', b'"a\\/b"', b'"a",\n"b"', b'"a\n"', b' "padded" ', b"", b'"a"]', b'null',
+               # a chunk that ends the stream: a top-level error, the choices emptied by a later key (text, reasoning)
+               b'null}}], "choices": [], "error": {"message": "boom"}, "w": [{"d": {"e": null']
 call_ids = st.sampled_from(["call_a", "call_b", "", None])
 args = st.sampled_from(["", "{", '{"city": ', '"Paris"}', "}", '{"a": 1}', " "])
 
@@ -71,11 +102,8 @@ def openai_deltas(draw: st.DrawFn) -> bytes:
     kind = draw(st.integers(0, 17))
     text = draw(texts)
     if kind >= 16:  # the usual chunk's bytes around a literal that is not one good JSON string
-        literal = draw(st.sampled_from([b'"a\x01"', b'"\xff"', b'"a", "b"', b"1", b'"\\ud800"', b'"x"}, "y": {"z"',
-                                        b'"unterminated', b'""', b'"\\u00e9t\\u00e9"', b'"a\\/b"']))
-        template = draw(st.sampled_from([{"content": "@@"}, {"reasoning_content": "@@"},
-                                         {"tool_calls": [{"index": 0, "function": {"arguments": "@@"}}]}]))
-        return openai_chunk(template).replace(b'"@@"', literal)
+        literal = draw(st.sampled_from(NEAR_MISSES))
+        return near_miss(draw(st.sampled_from(sorted(USUAL))), literal)
     if kind == 0:
         return openai_chunk({"content": text})
     if kind == 1:
@@ -127,6 +155,81 @@ def test_openai_hot_path_matches_the_general_path(deltas: list[bytes], end: str)
     if end == "end":
         events += [openai_chunk({}, finish="stop"), b"data: [DONE]\n\n"]
     assert_same(StreamTranslator, events, finish=end != "none")
+
+
+@SETTINGS
+@given(st.lists(st.one_of(st.tuples(st.sampled_from(sorted(USUAL)), st.integers(1, 12)), openai_deltas()),
+                max_size=12),
+       st.lists(st.integers(1, 40), max_size=8), st.sampled_from(["end", "finish", "none"]))
+def test_openai_runs_of_a_burst_match_the_general_path(segments: list[Any], reads: list[int], end: str) -> None:
+    """Reads of many chunks (a burst): runs of the learnt shape go through ``_run`` at once. Runs of the usual
+    chunks of one kind (a call's arguments after the call's start) among every other shape, near misses of the
+    usual one included (literals that are no good as one JSON string, in the same bytes around them)."""
+    events = [openai_chunk({"role": "assistant", "content": ""})]
+    for segment in segments:
+        if isinstance(segment, bytes):
+            events.append(segment)
+            continue
+        kind, count = segment
+        if kind == "args":
+            events.append(CALL)
+        events += [usual(kind, len(events) + i) for i in range(count)]
+    if end == "end":
+        events += [openai_chunk({}, finish="stop"), b"data: [DONE]\n\n"]
+    assert_same(StreamTranslator, events, finish=end != "none", reads=reads)
+
+
+@pytest.mark.parametrize("literal", NEAR_MISSES)
+@pytest.mark.parametrize("kind", sorted(USUAL))
+def test_a_near_miss_inside_a_run(kind: str, literal: bytes) -> None:
+    """One chunk of the usual bytes around a literal that is no good as one string, amid a run in one read."""
+    events = [openai_chunk({"role": "assistant", "content": ""})] + ([CALL] if kind == "args" else [])
+    events += [usual(kind, i) for i in range(1, 6)] + [near_miss(kind, literal)] + [usual(kind, i) for i in range(8, 14)]
+    assert_same(StreamTranslator, events, finish=True, reads=[len(events)])
+
+
+def test_two_literals_that_make_strings_only_together() -> None:
+    """Neither literal is one string, but joined by a bare comma they would make two: the run's parse must not
+    accept them (a newline after each comma keeps a string from spanning two literals)."""
+    events = [openai_chunk({"role": "assistant", "content": ""})] + [usual("text", i) for i in range(1, 6)]
+    events += [near_miss("text", b'"a'), near_miss("text", b'b", "c"')] + [usual("text", i) for i in range(8, 12)]
+    assert_same(StreamTranslator, events, finish=True, reads=[len(events)])
+
+
+def _call(index: int, call_id: str, name: str) -> bytes:
+    return openai_chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                         "function": {"name": name, "arguments": ""}}]})
+
+
+def _args(index: int, *fragments: str) -> list[bytes]:
+    return [openai_chunk({"tool_calls": [{"index": index, "function": {"arguments": f}}]}) for f in fragments]
+
+
+def test_runs_of_arguments_around_a_held_call() -> None:
+    """A second call starts while the first's arguments are not whole (it is held); the first's next fragments,
+    shaped as the run's, must still go one by one (the one that makes it whole opens the held call's block, whose
+    later fragments then stream live), and the run's fragments count towards the first call's arguments."""
+    events = [openai_chunk({"role": "assistant", "content": ""}), _call(0, "call_a", "f"),
+              *_args(0, '{"k":', ' "', "v", "w", "x", "y"), _call(1, "call_b", "g"), *_args(1, "{", '"z"'),
+              *_args(0, "1", "2", "3", '"}'), *_args(1, ": 1", "}"),
+              openai_chunk({}, finish="tool_calls"), b"data: [DONE]\n\n"]
+    assert_same(StreamTranslator, events, finish=True, reads=[len(events)])
+    translator = StreamTranslator("claude-x")
+    translator.feed(b"".join(events))
+    assert [("".join(c.args), c.name) for c in translator._closed] == [('{"k": "vwxy123"}', "f"), ('{"z": 1}', "g")]
+
+
+def test_a_burst_takes_the_run_path() -> None:
+    """50 text chunks in one read: one parse of the literals, every delta as the one-by-one path writes it."""
+    events = [openai_chunk({"role": "assistant", "content": ""})] + [usual("text", i) for i in range(50)]
+    translator = StreamTranslator("claude-x", message_id="msg_fixed")
+    calls = []
+    run = translator._run
+    translator._run = lambda payloads, like: (calls.append(len(payloads)), run(payloads, like))  # type: ignore
+    out = translator.feed(b"".join(events))
+    assert calls == [49]  # the first text chunk teaches the shape, the 49 after it go at once
+    assert out.count(b"text_delta") == 50 and b'"text":"w49 "' in out
+    assert out == translate(StreamTranslator, events, False, False)
 
 
 # ---- Gemini ----------------------------------------------------------------------------------------------

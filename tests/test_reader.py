@@ -200,6 +200,66 @@ def test_one_read_per_chunk_gives_the_sse_parsers_events(events, per_event, chun
     assert got == sse_events(stream, True)
 
 
+@settings(max_examples=400, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from([b"data: "] * 12 + [b"data:", b"event: x\ndata: ", b"data: x\r",
+                                                                 b": ping\ndata: ", b"data: y\ndata: "]),
+                                 st.text(max_size=30).map(lambda t: t.replace("\n", " ").replace("\r", " ").encode()),
+                                 st.sampled_from([b"\n\n"] * 12 + [b"\r\n\r\n", b"\n", b"\r\n5\r\ndata: \n\n",
+                                                                    b"\n\n\r\n7\r\ndata: Q\n\n"])),
+                       min_size=1, max_size=12),
+       groups=st.lists(st.integers(1, 6), max_size=6), upper=st.booleans(),
+       last=st.sampled_from([b"0\r\n\r\n", b"0\r\n\r\n", b"00\r\n\r\n", b"0\r\nx-t: 1\r\n\r\n", b"0;e\r\n\r\n"]),
+       apart=st.booleans(), after=st.sampled_from([b"", b"", b"HTTP/1.1 200"]),
+       lie=st.one_of(st.none(), st.tuples(st.integers(0, 11), st.sampled_from([-7, -1, 1, 2, 9]))))
+def test_reads_of_whole_chunks_give_the_sse_parsers_events(events, groups, upper, last, apart, after, lie):
+    """The burst shape: every read a few whole chunks of one event each (the reader's ``_run``), the last chunk in
+    the last read or apart, with near misses of the shape (no space after ``data:``, a named event, a CR, a
+    comment, two data lines, a CRLF inside a chunk's data that a split on CRLF would cut, odd last chunks)."""
+    parts = [a + b + c for a, b, c in events]
+    size = b"%X\r\n%b\r\n" if upper else b"%x\r\n%b\r\n"
+    frames = [size % (len(p), p) for p in parts]
+    if lie is not None and len(parts[lie[0] % len(parts)]) + lie[1] > 0:  # a broken upstream's size
+        at = lie[0] % len(parts)
+        frames[at] = size % (len(parts[at]) + lie[1], parts[at])
+    reads, at = [], 0
+    for n in groups + [len(frames)]:
+        if at < len(frames):
+            reads.append(b"".join(frames[at:at + n]))
+            at += n
+    if apart:
+        reads.append(last + after)
+    else:
+        reads[-1] += last + after
+    ours, got = our_read([CHUNKED_HEAD] + reads)
+    theirs = h11_read([CHUNKED_HEAD] + reads)
+    assert ours == theirs
+    if lie is None:
+        stream = b"".join(parts)
+        assert theirs == (stream, "ok", after)
+        assert got == sse_events(stream, True)
+    else:  # the events of what h11 delivered before it stopped (the reader's feed and feed_events agree on the end)
+        assert got == sse_events(theirs[0], theirs[1] == "ok")
+
+
+def test_a_burst_is_read_as_a_run_and_the_run_path_gives_way():
+    """Many whole chunks in one read go through ``_run`` (every event, the end seen); a read of chunks that hold
+    something else falls back to the general path and ends the tries; a read cut mid-chunk only falls back."""
+    frames = [b"%x\r\n%b\r\n" % (len(e), e) for e in SSE]
+    reader = BodyReader(CHUNKED)
+    assert reader._run(b"".join(frames) + b"0\r\n\r\n") is not None and reader.done
+    reader = BodyReader(CHUNKED)
+    assert reader.feed_events(b"".join(frames[:10])) == sse_events(b"".join(SSE[:10]), False)
+    assert reader._runs
+    cut = b"".join(frames[10:20])
+    assert reader.feed_events(cut[:-3]) + reader.feed_events(cut[-3:]) == sse_events(b"".join(SSE[10:20]), False)
+    assert reader._runs
+    named = [b"event: delta\ndata: {}\n\n"] * 3
+    assert reader.feed_events(b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in named)) == [(b"delta", b"{}")] * 3
+    assert not reader._runs
+    assert reader.feed_events(b"".join(frames[20:]) + b"0\r\n\r\n") == sse_events(b"".join(SSE[20:]), True)
+    assert reader.done and reader.clean
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CORPUS.glob("*.sse")))
 def test_corpus_one_chunk_per_event_and_cut_reads(name):
     stream = (CORPUS / name).read_bytes()

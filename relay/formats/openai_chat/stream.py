@@ -12,6 +12,8 @@ lookups and one template; the general path (``_on_event``) everything else.
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import and_, is_, itemgetter
 from typing import Any
 
 import orjson
@@ -30,6 +32,7 @@ from relay.formats.openai_chat.common import (
     usage_numbers,
 )
 from relay.formats.writer import TEXT, THINKING, TOOL, BlockWriter
+from relay.sse import Event
 
 
 class _Call:
@@ -64,6 +67,8 @@ class _Call:
 
 
 TRIES = 8  # shapes learnt in a row without one being used, before a stream stops learning them (``_learn``)
+RUN = 4  # events of the learnt shape in a row, from which one read's worth go through ``_run`` together
+_NAME, _PAYLOAD = itemgetter(0), itemgetter(1)
 
 
 class StreamTranslator(BlockWriter):
@@ -109,6 +114,62 @@ class StreamTranslator(BlockWriter):
         super().fail(error)
 
     # ---- the upstream's events --------------------------------------------------------------
+
+    def feed_events(self, events: list[Event]) -> bytes:
+        """As ``BlockWriter.feed_events``; a read holding a run of chunks shaped like the learnt one (``_learn``:
+        a burst) has the run translated at once (``_run``), the rest one by one."""
+        count = len(events)
+        if count < RUN or self.done:
+            return super().feed_events(events)
+        shape: Any = None
+        fits: list[bool] = []
+        at = 0
+        while at < count:
+            like = self._like
+            if like is not None and count - at >= RUN:
+                if like is not shape:  # which events have this shape: once per shape and read, in C
+                    shape, payloads = like, list(map(_PAYLOAD, events))
+                    fits = list(map(and_, map(and_, map(is_, map(_NAME, events), repeat(None)),
+                                              map(bytes.startswith, payloads, repeat(like[0]))),
+                                    map(bytes.endswith, payloads, repeat(like[1]))))
+                    fits.append(False)
+                end = fits.index(False, at)
+                if end - at >= RUN:
+                    self._run(payloads[at:end], like)
+                    at = end
+                    if self.done:
+                        break
+                    continue
+            name, payload = events[at]
+            self._on_event(name, payload)
+            at += 1
+            if self.done:
+                break
+        return self.flush()
+
+    def _run(self, payloads: list[bytes], like: tuple[bytes, bytes, int, _Call | None]) -> None:
+        """Chunks all made of the learnt shape's bytes around a literal: what ``_on_event`` does with each, for
+        all of them with one parse. The literals are parsed as one JSON array with a raw newline after each comma;
+        no JSON string can hold a raw newline, so no string spans two literals, and as many strings as literals
+        (no literal can be empty: ``[,`` does not parse) means each literal is one string, as the one-by-one
+        parse requires. Anything else: one by one."""
+        before, after, kind, call = like
+        if call is None or (call is self._call and self._block == TOOL and not self._held):
+            cut = slice(len(before), -len(after) if after else None)
+            try:
+                texts = loads(b"[" + b",\n".join(map(bytes.__getitem__, payloads, repeat(cut))) + b"]")
+            except JSONDecodeError:
+                texts = None
+            if texts is not None and len(texts) == len(payloads) and set(map(type, texts)) == {str}:
+                self._tries = TRIES
+                if call is not None:
+                    call.args.extend(filter(None, texts))
+                self.deltas(kind, texts)
+                return
+        for payload in payloads:
+            self._on_event(None, payload)
+            if self.done:
+                return
 
     def _on_event(self, name: bytes | None, payload: bytes) -> None:
         like = self._like
