@@ -196,6 +196,14 @@ def test_two_literals_that_make_strings_only_together() -> None:
     assert_same(StreamTranslator, events, finish=True, reads=[len(events)])
 
 
+@pytest.mark.parametrize("name", [b"error", b"delta", b""])
+def test_a_named_event_inside_a_run(name: bytes) -> None:
+    """The usual chunk's bytes under an event name (``event: error`` ends the stream) amid a run in one read."""
+    events = [openai_chunk({"role": "assistant", "content": ""})] + [usual("text", i) for i in range(1, 6)]
+    events += [b"event: " + name + b"\n" + usual("text", 6)] + [usual("text", i) for i in range(7, 12)]
+    assert_same(StreamTranslator, events, finish=True, reads=[len(events)])
+
+
 def _call(index: int, call_id: str, name: str) -> bytes:
     return openai_chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
                                          "function": {"name": name, "arguments": ""}}]})

@@ -22,6 +22,7 @@ from relay.sse import Event, SSEError, SSEParser
 from relay.tokens import OutputCount
 
 NONE, TEXT, THINKING, TOOL = 0, 1, 2, 3
+RUN = 4  # events in one read from which a format may translate runs of them at once (``BlockWriter._many``)
 
 
 class BlockWriter:
@@ -70,11 +71,21 @@ class BlockWriter:
         """Events already parsed (the server's body reader parses them in the same pass as the chunk framing)."""
         if self.done:
             return b""
+        if len(events) >= RUN:
+            self._many(events)
+        else:
+            for name, payload in events:
+                self._on_event(name, payload)
+                if self.done:
+                    break
+        return self.flush()
+
+    def _many(self, events: list[Event]) -> None:
+        """The events of a read that held many (a burst): one by one, unless a format takes runs of them at once."""
         for name, payload in events:
             self._on_event(name, payload)
             if self.done:
-                break
-        return self.flush()
+                return
 
     def bad_sse(self, exc: SSEError) -> bytes:
         """An oversized event from a broken upstream."""

@@ -31,7 +31,7 @@ from relay.formats.openai_chat.common import (
     text_field,
     usage_numbers,
 )
-from relay.formats.writer import TEXT, THINKING, TOOL, BlockWriter
+from relay.formats.writer import RUN, TEXT, THINKING, TOOL, BlockWriter
 from relay.sse import Event
 
 
@@ -67,7 +67,6 @@ class _Call:
 
 
 TRIES = 8  # shapes learnt in a row without one being used, before a stream stops learning them (``_learn``)
-RUN = 4  # events of the learnt shape in a row, from which one read's worth go through ``_run`` together
 _NAME, _PAYLOAD = itemgetter(0), itemgetter(1)
 
 
@@ -115,12 +114,10 @@ class StreamTranslator(BlockWriter):
 
     # ---- the upstream's events --------------------------------------------------------------
 
-    def feed_events(self, events: list[Event]) -> bytes:
-        """As ``BlockWriter.feed_events``; a read holding a run of chunks shaped like the learnt one (``_learn``:
-        a burst) has the run translated at once (``_run``), the rest one by one."""
+    def _many(self, events: list[Event]) -> None:
+        """A run of chunks shaped like the learnt one (``_learn``) is translated at once (``_run``), the rest one
+        by one."""
         count = len(events)
-        if count < RUN or self.done:
-            return super().feed_events(events)
         shape: Any = None
         fits: list[bool] = []
         at = 0
@@ -129,9 +126,11 @@ class StreamTranslator(BlockWriter):
             if like is not None and count - at >= RUN:
                 if like is not shape:  # which events have this shape: once per shape and read, in C
                     shape, payloads = like, list(map(_PAYLOAD, events))
-                    fits = list(map(and_, map(and_, map(is_, map(_NAME, events), repeat(None)),
-                                              map(bytes.startswith, payloads, repeat(like[0]))),
+                    fits = list(map(and_, map(bytes.startswith, payloads, repeat(like[0])),
                                     map(bytes.endswith, payloads, repeat(like[1]))))
+                    names = list(map(_NAME, events))
+                    if names.count(None) != count:  # (a burst's events are all unnamed)
+                        fits = list(map(and_, fits, map(is_, names, repeat(None))))
                     fits.append(False)
                 end = fits.index(False, at)
                 if end - at >= RUN:
@@ -145,7 +144,6 @@ class StreamTranslator(BlockWriter):
             at += 1
             if self.done:
                 break
-        return self.flush()
 
     def _run(self, payloads: list[bytes], like: tuple[bytes, bytes, int, _Call | None]) -> None:
         """Chunks all made of the learnt shape's bytes around a literal: what ``_on_event`` does with each, for
