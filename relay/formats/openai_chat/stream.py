@@ -12,7 +12,7 @@ lookups and one template; the general path (``_on_event``) everything else.
 
 from __future__ import annotations
 
-from itertools import repeat
+from itertools import islice, repeat, takewhile
 from operator import and_, is_, itemgetter
 from typing import Any
 
@@ -118,24 +118,24 @@ class StreamTranslator(BlockWriter):
         """A run of chunks shaped like the learnt one (``_learn``) is translated at once (``_run``), the rest one
         by one."""
         count = len(events)
-        shape: Any = None
-        fits: list[bool] = []
+        payloads: list[bytes] = []
         at = 0
         while at < count:
             like = self._like
             if like is not None and count - at >= RUN:
-                if like is not shape:  # which events have this shape: once per shape and read, in C
-                    shape, payloads = like, list(map(_PAYLOAD, events))
-                    fits = list(map(and_, map(bytes.startswith, payloads, repeat(like[0])),
-                                    map(bytes.endswith, payloads, repeat(like[1]))))
+                if not payloads:
+                    payloads = list(map(_PAYLOAD, events))
                     names = list(map(_NAME, events))
-                    if names.count(None) != count:  # (a burst's events are all unnamed)
-                        fits = list(map(and_, fits, map(is_, names, repeat(None))))
-                    fits.append(False)
-                end = fits.index(False, at)
-                if end - at >= RUN:
-                    self._run(payloads[at:end], like)
-                    at = end
+                    unnamed = names.count(None) == count  # (a burst's events are all unnamed)
+                # how many events from here have the shape: in C, and only up to the first that has not
+                fit = map(and_, map(bytes.startswith, islice(payloads, at, None), repeat(like[0])),
+                          map(bytes.endswith, islice(payloads, at, None), repeat(like[1])))
+                if not unnamed:
+                    fit = map(and_, fit, map(is_, islice(names, at, None), repeat(None)))
+                run = sum(takewhile(bool, fit))
+                if run >= RUN:
+                    self._run(payloads[at:at + run], like)
+                    at += run
                     if self.done:
                         break
                     continue
