@@ -21,6 +21,7 @@ class Reply:
     chunked: bool = True
     cut: bool = False  # drop the connection after the pieces, without ending the body
     delay: float = 0.0  # silence before the head (a server that thinks before it answers at all)
+    coalesce: bool = False  # head, pieces (one chunk each) and end in one write: a fast model's whole answer
 
 
 @dataclass
@@ -106,7 +107,13 @@ class MockUpstream:
                         if not await stream.receive_some(65536):
                             self.cancelled.set()
                             return
-                await stream.send_all(conn.send(h11.Response(status_code=reply.status, headers=headers)))
+                head = conn.send(h11.Response(status_code=reply.status, headers=headers))
+                if reply.coalesce:
+                    await stream.send_all(head + b"".join(conn.send(h11.Data(data=p)) for p in reply.pieces
+                                                          if isinstance(p, bytes)) + conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+                    continue
+                await stream.send_all(head)
                 try:
                     for piece in reply.pieces:
                         if isinstance(piece, float):

@@ -90,6 +90,43 @@ async def test_streaming_parallel_tool_calls(relay: RelayHandle, upstream: MockU
     assert body["tool_choice"] == "required"
 
 
+def burst_chunks() -> list[dict[str, Any]]:
+    """What a fast model streams: thinking, text and a tool call's arguments, each in many small chunks."""
+    words = [f"w{i} " for i in range(40)] + ["ünï ", "日本 ", 'q"uote\\ ', "\n"]
+    city = '{"city": "Saint-Étienne, \\"la Verte\\""}'
+    return [chunk({"role": "assistant", "content": ""}),
+            *(chunk({"reasoning_content": f"step {i}. "}) for i in range(12)),
+            *(chunk({"content": w}) for w in words),
+            chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": ""}}]}),
+            *(chunk({"tool_calls": [{"index": 0, "function": {"arguments": city[i:i + 3]}}]})
+              for i in range(0, len(city), 3)),
+            chunk({}, "tool_calls"), chunk(choices=False, usage={"prompt_tokens": 30, "completion_tokens": 70})]
+
+
+@pytest.mark.parametrize("burst", [True, False])
+async def test_a_burst_reads_as_the_same_message(relay: RelayHandle, upstream: MockUpstream, burst: bool) -> None:
+    """The whole answer in one write, one HTTP chunk per event (relay reads it as runs: ``BodyReader._run``,
+    ``StreamTranslator._run``), or one chunk per write with a pause between (one by one): the SDK gets the same
+    message, a delta per upstream chunk."""
+    pieces = sse(*burst_chunks())
+    upstream.handler = lambda r: Reply(pieces=pieces, coalesce=True) if burst else Reply(
+        pieces=[x for p in pieces for x in (p, 0.002)])
+
+    def go() -> tuple[anthropic.types.Message, list[str]]:
+        with client(relay).messages.stream(model="mock-model", max_tokens=500, messages=USER, tools=TOOLS) as s:
+            kinds = [event.type for event in s]
+            return s.get_final_message(), kinds
+
+    msg, kinds = await run(go)
+    assert [b.type for b in msg.content] == ["thinking", "text", "tool_use"]
+    assert msg.content[0].thinking == "".join(f"step {i}. " for i in range(12))  # type: ignore[union-attr]
+    assert msg.content[1].text == "".join(f"w{i} " for i in range(40)) + 'ünï 日本 q"uote\\ \n'  # type: ignore[union-attr]
+    assert msg.content[2].input == {"city": 'Saint-Étienne, "la Verte"'}  # type: ignore[union-attr]
+    assert msg.stop_reason == "tool_use" and msg.usage.output_tokens == 70
+    assert kinds.count("text") == 44 and kinds.count("thinking") == 12  # a delta per upstream chunk, none merged
+
+
 async def test_tool_loop_history_translated(relay: RelayHandle, upstream: MockUpstream) -> None:
     upstream.handler = lambda r: completion({"content": "It is sunny."})
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
