@@ -36,6 +36,7 @@ from relay.formats.inbound import (
     text_of_blocks,
     thinking_budget,
     tool_choice,
+    place,
     turns,
     user_pieces,
 )
@@ -140,7 +141,8 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
         else:
             contents.append({"role": role, "parts": parts})
 
-    for where, role, content in turns(req):
+    for n, role, content in turns(req):
+        where = place(n)
         if role == "system":
             text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not contents:

@@ -34,6 +34,7 @@ from relay.formats.inbound import (
     stop_sequences,
     system_text,
     text_of_blocks,
+    place,
     turns,
     user_pieces,
 )
@@ -104,7 +105,8 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
     def answer_pending() -> None:
         items.extend(pending.close())
 
-    for where, role, content in turns(req):
+    for n, role, content in turns(req):
+        where = place(n)
         if role == "system":
             text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not items:
