@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from relay.config import ConfigError, parse
+from relay.http import BODY_READ
 from tests.client import exchange, get, messages_body, post, request_bytes, roundtrip, split
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, completion, text_stream
@@ -283,6 +284,45 @@ async def test_answers_keep_h11s_framing_and_keep_alive(relay: RelayHandle, upst
     (status, headers, body), = answers
     assert status == 200 and b"transfer-encoding" not in headers and headers[b"connection"] == b"close" and closed
     assert body.startswith(b"event: message_start") and body.rstrip().endswith(b'data: {"type":"message_stop"}')
+
+
+@pytest.mark.parametrize("cuts", [
+    (),  # sent at once: several reads of at most BODY_READ, none past the body
+    (BODY_READ - 1, BODY_READ, BODY_READ + 1, 2 * BODY_READ + 7),  # around one read's size
+    tuple(range(70_000, 2_600_000, 180_001)),  # many uneven pieces, each read taking what has come
+])
+async def test_a_body_larger_than_one_read_arrives_whole(relay: RelayHandle, upstream: MockUpstream,
+                                                         cuts: tuple[int, ...]) -> None:
+    """The rest of a Content-Length body is read up to BODY_READ bytes at a time: a body over twice that, sent at
+    once or in pieces cut around a read's size, reaches the upstream character for character, and the request
+    pipelined right behind its last byte is answered (no read took a byte past the body)."""
+    upstream.handler = lambda r: completion({"content": "ok"})
+    text = "".join(f"line {i:07d} \u00e9\u4e2d\n" for i in range(150_000))  # ~2.6 MB, multi-byte characters
+    body = orjson.dumps({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": text}]})
+    assert len(body) > 2 * BODY_READ
+    raw = post("/v1/messages", body) + get("/health")
+    bounds = [0, *(raw.index(b"\r\n\r\n") + 4 + cut for cut in cuts), len(raw)]
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    for start, end in zip(bounds, bounds[1:]):
+        await stream.send_all(raw[start:end])
+        if cuts:
+            await trio.sleep(0.02)
+    reader = h11.Connection(h11.CLIENT)
+    statuses = []
+    with trio.fail_after(20):
+        for method in (b"POST", b"GET"):
+            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+            reader.send(h11.EndOfMessage())
+            while not isinstance(event := reader.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    reader.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    statuses.append(event.status_code)
+            reader.start_next_cycle()
+    await stream.aclose()
+    assert statuses == [200, 200]
+    (sent,) = upstream.requests
+    assert sent.json["messages"] == [{"role": "user", "content": text}]
 
 
 async def test_a_body_still_coming_is_read_to_its_length_and_no_further(relay: RelayHandle) -> None:

@@ -69,8 +69,7 @@ def turns(req: dict[str, Any]) -> Iterator[tuple[int, str, str | list[Any]]]:
         content = message.get("content")
         if role != "user" and role != "assistant" and role != "system":
             raise invalid(f"{place(n)}.role: Input should be 'user' or 'assistant'")
-        kind = type(content)
-        if kind is not str and kind is not list:
+        if not isinstance(content, (str, list)):
             if content is None:
                 raise invalid(f"{place(n)}.content: Field required")
             raise invalid(f"{place(n)}.content: expected a string or a list of content blocks")

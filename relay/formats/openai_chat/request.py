@@ -167,16 +167,16 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                     raise invalid(f"{place(n)}.content.{i}: content blocks must be objects")
                 kind = block.get("type")
                 if kind == "text":
-                    text = block.get("text")
-                    if text and type(text) is str:
-                        texts.append(text)
+                    said = block.get("text")
+                    if said and type(said) is str:
+                        texts.append(said)
                 elif kind == "tool_use":
                     call_id = block.get("id")
                     name = block.get("name")
                     if type(call_id) is not str or type(name) is not str:
                         raise invalid(f"{place(n)}.content.{i}: tool_use needs a string id and name")
-                    arguments = block.get("input")
-                    arguments = orjson.dumps(arguments if arguments is not None else {}).decode()
+                    given = block.get("input")
+                    arguments = orjson.dumps(given if given is not None else {}).decode()
                     calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
                 elif kind == "thinking":
                     if isinstance(block.get("thinking"), str):
