@@ -62,10 +62,9 @@ def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
 
 def _tool_result(block: dict[str, Any], n: int, i: int, dropped: set[str]) -> tuple[str, list[dict[str, Any]]]:
     """A tool_result's text for the tool message, and any images that must follow as a user message. (Its place,
-    message ``n``'s block ``i``, is spelled out only for an error or a list: most results are one string.)"""
+    message ``n``'s block ``i``, is spelled out only for an error or a list. ``build`` takes the usual result,
+    one string and no error, as it is without a call.)"""
     content = block.get("content", "")
-    if type(content) is str and not block.get("is_error"):  # the usual result: one string, as it is
-        return content, []
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     if isinstance(content, str):
@@ -210,7 +209,12 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 call_id = block.get("tool_use_id")
                 if type(call_id) is not str:
                     raise invalid(f"{place(n)}.content.{i}.tool_use_id: Field required")
-                text, images = _tool_result(block, n, i, dropped)
+                result = block.get("content", "")
+                images: list[dict[str, Any]] = []
+                if type(result) is str and not block.get("is_error"):
+                    text = result
+                else:
+                    text, images = _tool_result(block, n, i, dropped)
                 if pending.take(call_id):
                     out.append({"role": "tool", "tool_call_id": call_id, "content": text})
                 else:  # a result for a call the upstream never saw: keep its content as plain text
@@ -220,7 +224,8 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                     follow_images.extend(images)
             else:
                 rest.append(block)
-        answer_pending()
+        if pending.ids:
+            answer_pending()
         parts = follow_images + _user_parts(rest, place(n), dropped) if rest else follow_images
         if parts:
             out.append({"role": "user", "content": _collapse(parts)})
