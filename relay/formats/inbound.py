@@ -81,16 +81,21 @@ def place(n: int) -> str:
     return f"messages.{n}"
 
 
-def blocks(content: list[Any], where: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(where, type, block) for each content block, each checked to be a typed object."""
+def blocks(content: list[Any], where: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(index, type, block) for each content block of the turn at ``where``, each checked to be a typed object.
+    The block's place (``block_place``) is named only where it is needed, as ``turns`` does."""
     for i, block in enumerate(content):
-        at = f"{where}.content.{i}"
-        if not isinstance(block, dict):
-            raise invalid(f"{at}: content blocks must be objects")
+        if type(block) is not dict:
+            raise invalid(f"{block_place(where, i)}: content blocks must be objects")
         kind = block.get("type")
-        if not isinstance(kind, str):
-            raise invalid(f"{at}: content block without a type")
-        yield at, kind, block
+        if type(kind) is not str:
+            raise invalid(f"{block_place(where, i)}: content block without a type")
+        yield i, kind, block
+
+
+def block_place(where: str, i: int) -> str:
+    """The name of block ``i``'s place in the turn at ``where`` (``messages.3.content.1``)."""
+    return f"{where}.content.{i}"
 
 
 Piece = tuple[Any, ...]
@@ -101,17 +106,18 @@ def user_pieces(content: list[Any], where: str, dropped: set[str]) -> list[Piece
     ``("text", text)``, ``("image", media_type, data, url)`` (base64: data; url: url),
     ``("file", media_type, data, name)`` (a base64 document) and ``("file_url", url, title_prefix)``."""
     pieces: list[Piece] = []
-    for at, kind, block in blocks(content, where):
+    for i, kind, block in blocks(content, where):
         if kind == "text":
-            if not isinstance(block.get("text"), str):
-                raise invalid(f"{at}: text block without a string 'text'")
-            pieces.append(("text", block["text"]))
+            text = block.get("text")
+            if type(text) is not str:
+                raise invalid(f"{block_place(where, i)}: text block without a string 'text'")
+            pieces.append(("text", text))
         elif kind == "image":
-            pieces.append(_image(block.get("source"), at))
+            pieces.append(_image(block.get("source"), block_place(where, i)))
         elif kind == "document":
-            pieces.append(_document(block, at))
+            pieces.append(_document(block, block_place(where, i)))
         elif kind == "search_result":
-            body = text_of_blocks(block.get("content", []), at)
+            body = text_of_blocks(block.get("content", []), block_place(where, i))
             pieces.append(("text", f"{block.get('title', '')} ({block.get('source', '')})\n{body}"))
         elif kind == "tool_reference":
             pieces.append(("text", tool_loaded(block)))
@@ -162,19 +168,25 @@ def data_url(piece: Piece) -> str:
 
 
 def split_tool_results(content: str | list[Any], where: str) -> tuple[list[tuple[str, str, dict[str, Any]]], list[Any]]:
-    """A user turn's tool_result blocks as (where, tool_use_id, block), validated, and its other blocks."""
+    """A user turn's tool_result blocks as (place, tool_use_id, block), validated, and its other blocks. The
+    place is the block's (``block_place``) when its content is a list of blocks, else the turn's: a string
+    result has no inner place to name."""
     results: list[tuple[str, str, dict[str, Any]]] = []
     rest: list[Any] = []
-    for at, kind, block in blocks(content, where) if isinstance(content, list) else ():
+    for i, kind, block in blocks(content, where) if isinstance(content, list) else ():
         if kind != "tool_result":
             rest.append(block)
             continue
         call_id = block.get("tool_use_id")
-        if not isinstance(call_id, str):
-            raise invalid(f"{at}.tool_use_id: Field required")
-        if not isinstance(block.get("content", ""), (str, list)):
-            raise invalid(f"{at}: tool_result content must be a string or a list")
-        results.append((at, call_id, block))
+        if type(call_id) is not str:
+            raise invalid(f"{block_place(where, i)}.tool_use_id: Field required")
+        inner = block.get("content", "")
+        if type(inner) is str:
+            results.append((where, call_id, block))
+        elif isinstance(inner, list):
+            results.append((block_place(where, i), call_id, block))
+        else:
+            raise invalid(f"{block_place(where, i)}: tool_result content must be a string or a list")
     return results, rest
 
 

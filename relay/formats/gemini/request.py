@@ -23,6 +23,7 @@ from relay.formats.gemini.common import PLACEHOLDER_SIGNATURE, PREVIOUS, decode_
 from relay.formats.inbound import (
     INTERRUPTED,
     PendingCalls,
+    block_place,
     blocks,
     client_tools,
     effort,
@@ -86,7 +87,7 @@ def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pe
         return [{"text": content}] if content else []
     parts: list[Part] = []
     carried: str | None = None  # a signature waiting for the next part
-    for at, kind, block in blocks(content, where):
+    for i, kind, block in blocks(content, where):
         part: Part
         if kind == "text":
             if not isinstance(block.get("text"), str) or not block["text"]:
@@ -95,7 +96,7 @@ def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pe
         elif kind == "tool_use":
             call_id, name = block.get("id"), block.get("name")
             if not isinstance(call_id, str) or not isinstance(name, str):
-                raise invalid(f"{at}: tool_use needs a string id and name")
+                raise invalid(f"{block_place(where, i)}: tool_use needs a string id and name")
             args = block.get("input")
             call: dict[str, Any] = {"name": name, "args": args if isinstance(args, dict) else {}}
             if (own := upstream_call_id(call_id)) is not None:

@@ -20,6 +20,7 @@ from relay.formats.structured import json_schema_format
 from relay.formats.inbound import (
     INTERRUPTED,
     PendingCalls,
+    block_place,
     blocks,
     client_tools,
     data_url,
@@ -68,7 +69,7 @@ def _assistant_items(content: str | list[Any], where: str, pending: PendingCalls
     if isinstance(content, str):
         return [{"role": "assistant", "content": content}] if content else []
     items: list[Item] = []
-    for at, kind, block in blocks(content, where):
+    for i, kind, block in blocks(content, where):
         if kind == "text":
             text = block.get("text")
             if not isinstance(text, str) or not text:
@@ -80,7 +81,7 @@ def _assistant_items(content: str | list[Any], where: str, pending: PendingCalls
         elif kind == "tool_use":
             call_id, name = block.get("id"), block.get("name")
             if not isinstance(call_id, str) or not isinstance(name, str):
-                raise invalid(f"{at}: tool_use needs a string id and name")
+                raise invalid(f"{block_place(where, i)}: tool_use needs a string id and name")
             arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
             items.append({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
             pending.add(call_id)
