@@ -230,16 +230,21 @@ async def test_a_full_provider_pool_answers_529_then_frees_up(nursery: trio.Nurs
     assert status == 200 and orjson.loads(answer)["content"][0]["text"] == "fast"
 
 
-async def _answers(port: int, raw: bytes, methods: list[bytes]) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bool]:
-    """Send ``raw`` (requests of these methods, all at once) and read every answer with h11 as the client: (status,
-    headers, body) per answer, and whether relay closed the connection after them. h11 is told of each request it
-    reads an answer for, so it checks framing and keep-alive as a client would."""
+async def _answers(port: int, raw: bytes | list[bytes], methods: list[bytes], pause: float = 0.05,
+                   ) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bool]:
+    """Send ``raw`` (requests of these methods, all at once, or a list of pieces ``pause`` seconds apart) and read
+    every answer with h11 as the client: (status, headers, body) per answer, and whether relay closed the
+    connection after them. h11 is told of each request it reads an answer for, so it checks framing and
+    keep-alive as a client would."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(raw)
+    for piece in [raw] if isinstance(raw, bytes) else raw:
+        await stream.send_all(piece)
+        if not isinstance(raw, bytes):
+            await trio.sleep(pause)
     reader = h11.Connection(h11.CLIENT)
     answers: list[tuple[int, dict[bytes, bytes], bytes]] = []
     closed = False
-    with trio.fail_after(10):
+    with trio.fail_after(20):
         for method in methods:
             reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
             reader.send(h11.EndOfMessage())
@@ -302,25 +307,9 @@ async def test_a_body_larger_than_one_read_arrives_whole(relay: RelayHandle, ups
     assert len(body) > 2 * BODY_READ
     raw = post("/v1/messages", body) + get("/health")
     bounds = [0, *(raw.index(b"\r\n\r\n") + 4 + cut for cut in cuts), len(raw)]
-    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
-    for start, end in zip(bounds, bounds[1:]):
-        await stream.send_all(raw[start:end])
-        if cuts:
-            await trio.sleep(0.02)
-    reader = h11.Connection(h11.CLIENT)
-    statuses = []
-    with trio.fail_after(20):
-        for method in (b"POST", b"GET"):
-            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
-            reader.send(h11.EndOfMessage())
-            while not isinstance(event := reader.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    reader.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    statuses.append(event.status_code)
-            reader.start_next_cycle()
-    await stream.aclose()
-    assert statuses == [200, 200]
+    answers, _ = await _answers(relay.port, [raw[start:end] for start, end in zip(bounds, bounds[1:])],
+                                [b"POST", b"GET"], pause=0.02)
+    assert [status for status, _, _ in answers] == [200, 200]
     (sent,) = upstream.requests
     assert sent.json["messages"] == [{"role": "user", "content": text}]
 
@@ -335,32 +324,9 @@ async def test_a_body_still_coming_is_read_to_its_length_and_no_further(relay: R
     assert status == 200
     head_end = raw.index(b"\r\n\r\n") + 4
     pieces = [raw[:head_end + 10], raw[head_end + 10:head_end + 150_000], raw[head_end + 150_000:] + get("/health")]
-    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
-    for piece in pieces:
-        await stream.send_all(piece)
-        await trio.sleep(0.05)
-    reader = h11.Connection(h11.CLIENT)
-    answers = []
-    with trio.fail_after(10):
-        for method in (b"POST", b"GET"):
-            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
-            reader.send(h11.EndOfMessage())
-            got = b""
-            while True:
-                event = reader.next_event()
-                if event is h11.NEED_DATA:
-                    reader.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    answers.append(event.status_code)
-                elif isinstance(event, h11.Data):
-                    got += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            if method == b"POST":
-                assert orjson.loads(got) == orjson.loads(whole)  # the same body, byte for byte as far as JSON can tell
-            reader.start_next_cycle()
-    assert answers == [200, 200]
-    await stream.aclose()
+    answers, _ = await _answers(relay.port, pieces, [b"POST", b"GET"])
+    assert [status for status, _, _ in answers] == [200, 200]
+    assert orjson.loads(answers[0][2]) == orjson.loads(whole)  # the same body, byte for byte as far as JSON can tell
 
     stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
     await stream.send_all(raw[:head_end + 1000])
