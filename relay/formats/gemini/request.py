@@ -73,11 +73,16 @@ def _user_parts(content: str | list[Any], where: str, dropped: set[str]) -> list
 def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[dict[str, Any], list[Part]]:
     """The ``functionResponse.response`` object and any media that must follow it as parts. Gemini reads
     ``output`` as the function's output and ``error`` as its failure (generateContent docs)."""
-    parts = _user_parts(block.get("content", ""), where, dropped)
-    text = "\n\n".join(p["text"] for p in parts if "text" in p)
-    media = [p for p in parts if "text" not in p]
-    if media and not text:
-        text = "(the result is the media that follows)"
+    content = block.get("content", "")
+    media: list[Part] = []
+    if type(content) is str:  # the usual result: its text as it is (no parts to build and join)
+        text = content
+    else:
+        parts = _user_parts(content, where, dropped)
+        text = "\n\n".join(p["text"] for p in parts if "text" in p)
+        media = [p for p in parts if "text" not in p]
+        if media and not text:
+            text = "(the result is the media that follows)"
     return ({"error": text} if block.get("is_error") else {"output": text}), media
 
 
@@ -152,7 +157,8 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
                 add("user", [*pending.close(), {"text": text}])
             continue
         if role == "assistant":
-            add("user", pending.close())
+            if pending.ids:
+                add("user", pending.close())
             add("model", _model_parts(content, where, names, pending, dropped))
             continue
         results: dict[str, Part] = {}
@@ -168,7 +174,10 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
                 text = response.get("output", response.get("error", ""))
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
                 media.extend(extra)
-        user = _user_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
+        if isinstance(content, str):
+            user = _user_parts(content, where, dropped)
+        else:
+            user = _user_parts([*strays, *rest], where, dropped) if strays or rest else []
         add("user", [*pending.close(results), *media, *user])
     return contents
 

@@ -117,16 +117,22 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
                 items.append({"role": "user" if provider.system_turns == "user" else "system", "content": text})
             continue
         if role == "assistant":
-            answer_pending()
+            if pending.ids:
+                answer_pending()
             items.extend(_assistant_items(content, where, pending, dropped))
             continue
         follow: list[Item] = []
         found, rest = split_tool_results(content, where)
         strays: list[Any] = []  # results for calls the upstream never saw, as text ahead of the rest
         for at, call_id, block in found:
-            parts = _input_parts(block.get("content", ""), at, dropped)
-            text = "\n\n".join(p["text"] for p in parts if p["type"] == "input_text")
-            media = [p for p in parts if p["type"] != "input_text"]
+            result = block.get("content", "")
+            media: list[Item] = []
+            if type(result) is str:  # the usual result: its text as it is (no parts to build and join)
+                text = result
+            else:
+                parts = _input_parts(result, at, dropped)
+                text = "\n\n".join(p["text"] for p in parts if p["type"] == "input_text")
+                media = [p for p in parts if p["type"] != "input_text"]
             if block.get("is_error") and not text.lower().startswith("error"):
                 text = "Error: " + text
             if media:
@@ -136,8 +142,12 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
                 items.append({"type": "function_call_output", "call_id": call_id, "output": text})
             else:  # a result for a call the upstream never saw: keep its content as plain text
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
-        answer_pending()
-        parts = follow + _input_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
+        if pending.ids:
+            answer_pending()
+        if isinstance(content, str):
+            parts = follow + _input_parts(content, where, dropped)
+        else:
+            parts = follow + _input_parts([*strays, *rest], where, dropped) if strays or rest else follow
         if parts:
             items.append({"role": "user", "content": parts})
     return items
