@@ -36,6 +36,12 @@ SERVER_HEADER = (b"server", b"relay")
 Headers = list[tuple[bytes, bytes]]
 
 
+# The most one read of a request body's rest asks for (``Connection.read_rest``): it takes what has arrived, its
+# buffer cut to that (pages never written never become resident), so this bounds what one read adds before the
+# body budget counts it.
+BODY_READ = 1024 * 1024
+
+
 class ClientGone(Exception):
     pass
 
@@ -87,11 +93,13 @@ class Connection:
         """The rest of a Content-Length body of ``length`` bytes (``received`` of them taken from h11, which holds
         nothing more), read past h11 and handed to ``take`` read by read. Not a byte beyond the body is read: what
         follows is a pipelined request, for the fresh parser that takes over from h11 here (h11 still expects the
-        body it did not see). A body cut short fails as h11 fails it."""
+        body it did not see). A body cut short fails as h11 fails it. Each read takes what has arrived, up to
+        ``BODY_READ``: a large body that is already here comes in one or two reads, with no join of 64 KiB
+        pieces (bench/README.md, session 7); each read is at most that much past the global body budget."""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
         left = length - received
         while left:
-            data = await self.stream.receive_some(min(left, transport.READ_SIZE))
+            data = await self.stream.receive_some(min(left, BODY_READ))
             if not data:
                 raise h11.RemoteProtocolError("peer closed connection without sending complete message body "
                                               f"(received {length - left} bytes, expected {length})")

@@ -77,23 +77,32 @@ def _image_tokens(source: Any) -> int:
 
 
 def _content_tokens(content: Any) -> int:
-    if isinstance(content, str):
+    """The tokens of a message's (or a tool result's) content. Runs for every block of every request (~700 in a
+    1 MiB Claude Code request): the common blocks (text, tool_result, tool_use, in the order they are most often
+    met) count their ASCII strings in place, without a call."""
+    if type(content) is str:  # (exact types: the request is orjson's, and ``type() is`` is the cheaper check)
         return text_tokens(content)
-    if not isinstance(content, list):
+    if type(content) is not list:
         return 0
     total = 0
     for block in content:
-        if not isinstance(block, dict):
+        if type(block) is not dict:
             continue
         kind = block.get("type")
         if kind == "text":
-            total += _text(block.get("text"))
-        elif kind == "image":
-            total += _image_tokens(block.get("source"))
+            text = block.get("text")
+            if type(text) is str:
+                total += (len(text) + 3) // 4 if text.isascii() else text_tokens(text)
+        elif kind == "tool_result":
+            inner = block.get("content")
+            if type(inner) is str:
+                total += ((len(inner) + 3) // 4 if inner.isascii() else text_tokens(inner)) + 4
+            else:
+                total += _content_tokens(inner) + 4
         elif kind == "tool_use":
             total += _text(block.get("name")) + _json_tokens(block.get("input")) + 4
-        elif kind == "tool_result":
-            total += _content_tokens(block.get("content")) + 4
+        elif kind == "image":
+            total += _image_tokens(block.get("source"))
         elif kind == "thinking":
             total += _text(block.get("thinking"))
         elif kind == "document":
@@ -133,9 +142,9 @@ def estimate(req: dict[str, Any]) -> int:
     if system is not None:
         total += _content_tokens(system) + PER_MESSAGE
     messages = req.get("messages")
-    if isinstance(messages, list):
+    if type(messages) is list:
         for message in messages:
-            if isinstance(message, dict):
+            if type(message) is dict:
                 total += PER_MESSAGE + _content_tokens(message.get("content"))
     tools = req.get("tools")
     if isinstance(tools, list):

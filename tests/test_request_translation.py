@@ -107,6 +107,42 @@ def test_unanswered_and_orphan_tool_calls_are_repaired() -> None:
     assert msgs[4]["role"] == "user" and "stray" in msgs[4]["content"]
 
 
+def test_tool_results_of_every_shape_in_every_format() -> None:
+    """A string result (plain, empty, an error), a list of blocks, and a result for a call never made: each build
+    takes a string result as it is without building parts (bench/README.md, session 7), and it must come out as
+    the general path gives it, in every translated format."""
+    from relay.formats.gemini.request import build as gemini_build
+    from relay.formats.openai_responses.request import build as responses_build
+
+    calls = [{"type": "tool_use", "id": f"c{i}", "name": "f", "input": {}} for i in range(1, 5)]
+    req = {"model": "x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": calls},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "c1", "content": "one", "is_error": True},
+            {"type": "tool_result", "tool_use_id": "c2", "content": ""},
+            {"type": "tool_result", "tool_use_id": "c3", "content": [{"type": "text", "text": "see"}]},
+            {"type": "tool_result", "tool_use_id": "c4", "content": "plain"},
+            {"type": "tool_result", "tool_use_id": "zz", "content": "stray"}]}]}
+    stray = "[result of tool call zz]\nstray"
+
+    msgs = build(req, PROVIDER, "m", False)[0]["messages"]
+    assert [(m["tool_call_id"], m["content"]) for m in msgs[2:6]] == [
+        ("c1", "Error: one"), ("c2", ""), ("c3", "see"), ("c4", "plain")]
+    assert msgs[6:] == [{"role": "user", "content": stray}]
+
+    items = responses_build(req, PROVIDER, "m", False)[0]["input"]
+    outputs = [(i["call_id"], i["output"]) for i in items if i.get("type") == "function_call_output"]
+    assert outputs == [("c1", "Error: one"), ("c2", ""), ("c3", "see"), ("c4", "plain")]
+    assert items[-1] == {"role": "user", "content": [{"type": "input_text", "text": stray}]}
+
+    contents = gemini_build(req, PROVIDER, "m", False)[0]["contents"]
+    answers = contents[-1]["parts"]
+    assert [p["functionResponse"]["response"] for p in answers[:4]] == [
+        {"error": "one"}, {"output": ""}, {"output": "see"}, {"output": "plain"}]
+    assert answers[4:] == [{"text": stray}]
+
+
 def test_tool_result_images_follow_as_user_message() -> None:
     req = {"model": "x", "max_tokens": 10, "messages": [
         {"role": "user", "content": "q"},

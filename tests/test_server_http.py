@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from relay.config import ConfigError, parse
+from relay.http import BODY_READ
 from tests.client import exchange, get, messages_body, post, request_bytes, roundtrip, split
 from tests.conftest import RELAY_KEY, RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, completion, text_stream
@@ -229,16 +230,21 @@ async def test_a_full_provider_pool_answers_529_then_frees_up(nursery: trio.Nurs
     assert status == 200 and orjson.loads(answer)["content"][0]["text"] == "fast"
 
 
-async def _answers(port: int, raw: bytes, methods: list[bytes]) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bool]:
-    """Send ``raw`` (requests of these methods, all at once) and read every answer with h11 as the client: (status,
-    headers, body) per answer, and whether relay closed the connection after them. h11 is told of each request it
-    reads an answer for, so it checks framing and keep-alive as a client would."""
+async def _answers(port: int, raw: bytes | list[bytes], methods: list[bytes], pause: float = 0.05,
+                   ) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bool]:
+    """Send ``raw`` (requests of these methods, all at once, or a list of pieces ``pause`` seconds apart) and read
+    every answer with h11 as the client: (status, headers, body) per answer, and whether relay closed the
+    connection after them. h11 is told of each request it reads an answer for, so it checks framing and
+    keep-alive as a client would."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(raw)
+    for piece in [raw] if isinstance(raw, bytes) else raw:
+        await stream.send_all(piece)
+        if not isinstance(raw, bytes):
+            await trio.sleep(pause)
     reader = h11.Connection(h11.CLIENT)
     answers: list[tuple[int, dict[bytes, bytes], bytes]] = []
     closed = False
-    with trio.fail_after(10):
+    with trio.fail_after(20):
         for method in methods:
             reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
             reader.send(h11.EndOfMessage())
@@ -285,6 +291,29 @@ async def test_answers_keep_h11s_framing_and_keep_alive(relay: RelayHandle, upst
     assert body.startswith(b"event: message_start") and body.rstrip().endswith(b'data: {"type":"message_stop"}')
 
 
+@pytest.mark.parametrize("cuts", [
+    (),  # sent at once: several reads of at most BODY_READ, none past the body
+    (BODY_READ - 1, BODY_READ, BODY_READ + 1, 2 * BODY_READ + 7),  # around one read's size
+    tuple(range(70_000, 2_600_000, 180_001)),  # many uneven pieces, each read taking what has come
+])
+async def test_a_body_larger_than_one_read_arrives_whole(relay: RelayHandle, upstream: MockUpstream,
+                                                         cuts: tuple[int, ...]) -> None:
+    """The rest of a Content-Length body is read up to BODY_READ bytes at a time: a body over twice that, sent at
+    once or in pieces cut around a read's size, reaches the upstream character for character, and the request
+    pipelined right behind its last byte is answered (no read took a byte past the body)."""
+    upstream.handler = lambda r: completion({"content": "ok"})
+    text = "".join(f"line {i:07d} \u00e9\u4e2d\n" for i in range(150_000))  # ~2.6 MB, multi-byte characters
+    body = orjson.dumps({"model": "mock-model", "max_tokens": 5, "messages": [{"role": "user", "content": text}]})
+    assert len(body) > 2 * BODY_READ
+    raw = post("/v1/messages", body) + get("/health")
+    bounds = [0, *(raw.index(b"\r\n\r\n") + 4 + cut for cut in cuts), len(raw)]
+    answers, _ = await _answers(relay.port, [raw[start:end] for start, end in zip(bounds, bounds[1:])],
+                                [b"POST", b"GET"], pause=0.02)
+    assert [status for status, _, _ in answers] == [200, 200]
+    (sent,) = upstream.requests
+    assert sent.json["messages"] == [{"role": "user", "content": text}]
+
+
 async def test_a_body_still_coming_is_read_to_its_length_and_no_further(relay: RelayHandle) -> None:
     """A body that does not come with its head is read past h11, to its Content-Length exactly: sent in pieces
     with a pipelined request glued to its last piece, it is counted as the same body sent at once, and the request
@@ -295,32 +324,9 @@ async def test_a_body_still_coming_is_read_to_its_length_and_no_further(relay: R
     assert status == 200
     head_end = raw.index(b"\r\n\r\n") + 4
     pieces = [raw[:head_end + 10], raw[head_end + 10:head_end + 150_000], raw[head_end + 150_000:] + get("/health")]
-    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
-    for piece in pieces:
-        await stream.send_all(piece)
-        await trio.sleep(0.05)
-    reader = h11.Connection(h11.CLIENT)
-    answers = []
-    with trio.fail_after(10):
-        for method in (b"POST", b"GET"):
-            reader.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
-            reader.send(h11.EndOfMessage())
-            got = b""
-            while True:
-                event = reader.next_event()
-                if event is h11.NEED_DATA:
-                    reader.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    answers.append(event.status_code)
-                elif isinstance(event, h11.Data):
-                    got += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            if method == b"POST":
-                assert orjson.loads(got) == orjson.loads(whole)  # the same body, byte for byte as far as JSON can tell
-            reader.start_next_cycle()
-    assert answers == [200, 200]
-    await stream.aclose()
+    answers, _ = await _answers(relay.port, pieces, [b"POST", b"GET"])
+    assert [status for status, _, _ in answers] == [200, 200]
+    assert orjson.loads(answers[0][2]) == orjson.loads(whole)  # the same body, byte for byte as far as JSON can tell
 
     stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
     await stream.send_all(raw[:head_end + 1000])

@@ -23,6 +23,7 @@ from relay.formats.gemini.common import PLACEHOLDER_SIGNATURE, PREVIOUS, decode_
 from relay.formats.inbound import (
     INTERRUPTED,
     PendingCalls,
+    block_place,
     blocks,
     client_tools,
     effort,
@@ -36,6 +37,7 @@ from relay.formats.inbound import (
     text_of_blocks,
     thinking_budget,
     tool_choice,
+    place,
     turns,
     user_pieces,
 )
@@ -71,11 +73,16 @@ def _user_parts(content: str | list[Any], where: str, dropped: set[str]) -> list
 def _tool_result(block: dict[str, Any], where: str, dropped: set[str]) -> tuple[dict[str, Any], list[Part]]:
     """The ``functionResponse.response`` object and any media that must follow it as parts. Gemini reads
     ``output`` as the function's output and ``error`` as its failure (generateContent docs)."""
-    parts = _user_parts(block.get("content", ""), where, dropped)
-    text = "\n\n".join(p["text"] for p in parts if "text" in p)
-    media = [p for p in parts if "text" not in p]
-    if media and not text:
-        text = "(the result is the media that follows)"
+    content = block.get("content", "")
+    media: list[Part] = []
+    if type(content) is str:  # the usual result: its text as it is (no parts to build and join)
+        text = content
+    else:
+        parts = _user_parts(content, where, dropped)
+        text = "\n\n".join(p["text"] for p in parts if "text" in p)
+        media = [p for p in parts if "text" not in p]
+        if media and not text:
+            text = "(the result is the media that follows)"
     return ({"error": text} if block.get("is_error") else {"output": text}), media
 
 
@@ -85,7 +92,7 @@ def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pe
         return [{"text": content}] if content else []
     parts: list[Part] = []
     carried: str | None = None  # a signature waiting for the next part
-    for at, kind, block in blocks(content, where):
+    for i, kind, block in blocks(content, where):
         part: Part
         if kind == "text":
             if not isinstance(block.get("text"), str) or not block["text"]:
@@ -94,7 +101,7 @@ def _model_parts(content: str | list[Any], where: str, names: dict[str, str], pe
         elif kind == "tool_use":
             call_id, name = block.get("id"), block.get("name")
             if not isinstance(call_id, str) or not isinstance(name, str):
-                raise invalid(f"{at}: tool_use needs a string id and name")
+                raise invalid(f"{block_place(where, i)}: tool_use needs a string id and name")
             args = block.get("input")
             call: dict[str, Any] = {"name": name, "args": args if isinstance(args, dict) else {}}
             if (own := upstream_call_id(call_id)) is not None:
@@ -140,7 +147,8 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
         else:
             contents.append({"role": role, "parts": parts})
 
-    for where, role, content in turns(req):
+    for n, role, content in turns(req):
+        where = place(n)
         if role == "system":
             text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not contents:
@@ -149,7 +157,8 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
                 add("user", [*pending.close(), {"text": text}])
             continue
         if role == "assistant":
-            add("user", pending.close())
+            if pending.ids:
+                add("user", pending.close())
             add("model", _model_parts(content, where, names, pending, dropped))
             continue
         results: dict[str, Part] = {}
@@ -165,7 +174,10 @@ def _contents(req: dict[str, Any], provider: Provider, system: list[str], droppe
                 text = response.get("output", response.get("error", ""))
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
                 media.extend(extra)
-        user = _user_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
+        if isinstance(content, str):
+            user = _user_parts(content, where, dropped)
+        else:
+            user = _user_parts([*strays, *rest], where, dropped) if strays or rest else []
         add("user", [*pending.close(results), *media, *user])
     return contents
 

@@ -23,6 +23,7 @@ from relay.formats.inbound import (
     max_tokens,
     openai_choice_fields,
     output_schema,
+    place,
     prompt_cache_key,
     sampling,
     stop_sequences,
@@ -59,22 +60,23 @@ def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _tool_result(block: dict[str, Any], turn: str, i: int, dropped: set[str]) -> tuple[str, list[dict[str, Any]]]:
+def _tool_result(block: dict[str, Any], n: int, i: int, dropped: set[str]) -> tuple[str, list[dict[str, Any]]]:
     """A tool_result's text for the tool message, and any images that must follow as a user message. (Its place,
-    ``turn``.content.``i``, is spelled out only for an error: most results are one string.)"""
+    message ``n``'s block ``i``, is spelled out only for an error or a list. ``build`` takes the usual result,
+    one string and no error, as it is without a call.)"""
     content = block.get("content", "")
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
-        for part in _user_parts(content, f"{turn}.content.{i}", dropped):
+        for part in _user_parts(content, f"{place(n)}.content.{i}", dropped):
             if part["type"] == "text":
                 texts.append(part["text"])
             else:
                 images.append(part)
     else:
-        raise invalid(f"{turn}.content.{i}: tool_result content must be a string or a list")
+        raise invalid(f"{place(n)}.content.{i}: tool_result content must be a string or a list")
     text = "\n\n".join(texts)
     if block.get("is_error") and not text.lower().startswith("error"):
         text = "Error: " + text
@@ -137,38 +139,43 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         if pending.ids:
             out.extend(pending.close())
 
-    for where, role, content in turns(req):
+    # (Per message and per block: exact type checks, and a place named only for an error. A 1 MiB Claude Code
+    # request has ~480 messages and ~700 blocks; see bench/README.md, session 7.)
+    for n, role, content in turns(req):
         if role == "system":
-            text = text_of_blocks(content, f"{where}.content")
+            text = text_of_blocks(content, f"{place(n)}.content")
             if provider.system_turns == "merge" or not out:  # a system turn before any other is the system prompt
                 merged_system.append(text)
             else:
                 answer_pending()
                 out.append({"role": "user" if provider.system_turns == "user" else "system", "content": text})
             continue
-        if isinstance(content, str):
-            if role == "user":
+        if type(content) is str:
+            if role == "user" and pending.ids:
                 answer_pending()
             out.append({"role": role, "content": content})
             continue
         if role == "assistant":
-            answer_pending()
+            if pending.ids:
+                answer_pending()
             texts: list[str] = []
             reasoning: list[str] = []
             calls: list[dict[str, Any]] = []
             for i, block in enumerate(content):
-                if not isinstance(block, dict):
-                    raise invalid(f"{where}.content.{i}: content blocks must be objects")
+                if type(block) is not dict:
+                    raise invalid(f"{place(n)}.content.{i}: content blocks must be objects")
                 kind = block.get("type")
                 if kind == "text":
-                    if isinstance(block.get("text"), str) and block["text"]:
-                        texts.append(block["text"])
+                    said = block.get("text")
+                    if said and type(said) is str:
+                        texts.append(said)
                 elif kind == "tool_use":
                     call_id = block.get("id")
                     name = block.get("name")
-                    if not isinstance(call_id, str) or not isinstance(name, str):
-                        raise invalid(f"{where}.content.{i}: tool_use needs a string id and name")
-                    arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
+                    if type(call_id) is not str or type(name) is not str:
+                        raise invalid(f"{place(n)}.content.{i}: tool_use needs a string id and name")
+                    given = block.get("input")
+                    arguments = orjson.dumps(given if given is not None else {}).decode()
                     calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
                 elif kind == "thinking":
                     if isinstance(block.get("thinking"), str):
@@ -178,7 +185,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result"):
                     dropped.add(f"assistant {kind}")
                 elif kind is None:
-                    raise invalid(f"{where}.content.{i}: content block without a type")
+                    raise invalid(f"{place(n)}.content.{i}: content block without a type")
                 else:
                     dropped.add(f"assistant block {kind}")
             empty = None if calls and provider.tool_call_content == "null" else ""  # see config.TOOL_CALL_CONTENTS
@@ -198,11 +205,16 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         rest: list[Any] = []
         follow_images: list[dict[str, Any]] = []
         for i, block in enumerate(content):
-            if isinstance(block, dict) and block.get("type") == "tool_result":
+            if type(block) is dict and block.get("type") == "tool_result":
                 call_id = block.get("tool_use_id")
-                if not isinstance(call_id, str):
-                    raise invalid(f"{where}.content.{i}.tool_use_id: Field required")
-                text, images = _tool_result(block, where, i, dropped)
+                if type(call_id) is not str:
+                    raise invalid(f"{place(n)}.content.{i}.tool_use_id: Field required")
+                result = block.get("content", "")
+                images: list[dict[str, Any]] = []
+                if type(result) is str and not block.get("is_error"):
+                    text = result
+                else:
+                    text, images = _tool_result(block, n, i, dropped)
                 if pending.take(call_id):
                     out.append({"role": "tool", "tool_call_id": call_id, "content": text})
                 else:  # a result for a call the upstream never saw: keep its content as plain text
@@ -212,8 +224,9 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                     follow_images.extend(images)
             else:
                 rest.append(block)
-        answer_pending()
-        parts = follow_images + _user_parts(rest, where, dropped) if rest else follow_images
+        if pending.ids:
+            answer_pending()
+        parts = follow_images + _user_parts(rest, place(n), dropped) if rest else follow_images
         if parts:
             out.append({"role": "user", "content": _collapse(parts)})
 

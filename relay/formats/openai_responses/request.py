@@ -20,6 +20,7 @@ from relay.formats.structured import json_schema_format
 from relay.formats.inbound import (
     INTERRUPTED,
     PendingCalls,
+    block_place,
     blocks,
     client_tools,
     data_url,
@@ -34,6 +35,7 @@ from relay.formats.inbound import (
     stop_sequences,
     system_text,
     text_of_blocks,
+    place,
     turns,
     user_pieces,
 )
@@ -67,7 +69,7 @@ def _assistant_items(content: str | list[Any], where: str, pending: PendingCalls
     if isinstance(content, str):
         return [{"role": "assistant", "content": content}] if content else []
     items: list[Item] = []
-    for at, kind, block in blocks(content, where):
+    for i, kind, block in blocks(content, where):
         if kind == "text":
             text = block.get("text")
             if not isinstance(text, str) or not text:
@@ -79,7 +81,7 @@ def _assistant_items(content: str | list[Any], where: str, pending: PendingCalls
         elif kind == "tool_use":
             call_id, name = block.get("id"), block.get("name")
             if not isinstance(call_id, str) or not isinstance(name, str):
-                raise invalid(f"{at}: tool_use needs a string id and name")
+                raise invalid(f"{block_place(where, i)}: tool_use needs a string id and name")
             arguments = orjson.dumps(block.get("input") if block.get("input") is not None else {}).decode()
             items.append({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
             pending.add(call_id)
@@ -104,7 +106,8 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
     def answer_pending() -> None:
         items.extend(pending.close())
 
-    for where, role, content in turns(req):
+    for n, role, content in turns(req):
+        where = place(n)
         if role == "system":
             text = text_of_blocks(content, f"{where}.content")
             if provider.system_turns == "merge" or not items:
@@ -114,16 +117,22 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
                 items.append({"role": "user" if provider.system_turns == "user" else "system", "content": text})
             continue
         if role == "assistant":
-            answer_pending()
+            if pending.ids:
+                answer_pending()
             items.extend(_assistant_items(content, where, pending, dropped))
             continue
         follow: list[Item] = []
         found, rest = split_tool_results(content, where)
         strays: list[Any] = []  # results for calls the upstream never saw, as text ahead of the rest
         for at, call_id, block in found:
-            parts = _input_parts(block.get("content", ""), at, dropped)
-            text = "\n\n".join(p["text"] for p in parts if p["type"] == "input_text")
-            media = [p for p in parts if p["type"] != "input_text"]
+            result = block.get("content", "")
+            media: list[Item] = []
+            if type(result) is str:  # the usual result: its text as it is (no parts to build and join)
+                text = result
+            else:
+                parts = _input_parts(result, at, dropped)
+                text = "\n\n".join(p["text"] for p in parts if p["type"] == "input_text")
+                media = [p for p in parts if p["type"] != "input_text"]
             if block.get("is_error") and not text.lower().startswith("error"):
                 text = "Error: " + text
             if media:
@@ -133,8 +142,12 @@ def _input(req: dict[str, Any], provider: Provider, system: list[str], dropped: 
                 items.append({"type": "function_call_output", "call_id": call_id, "output": text})
             else:  # a result for a call the upstream never saw: keep its content as plain text
                 strays.append({"type": "text", "text": f"[result of tool call {call_id}]\n{text}"})
-        answer_pending()
-        parts = follow + _input_parts([*strays, *rest] if isinstance(content, list) else content, where, dropped)
+        if pending.ids:
+            answer_pending()
+        if isinstance(content, str):
+            parts = follow + _input_parts(content, where, dropped)
+        else:
+            parts = follow + _input_parts([*strays, *rest], where, dropped) if strays or rest else follow
         if parts:
             items.append({"role": "user", "content": parts})
     return items

@@ -1,0 +1,51 @@
+"""relay.tokens' rule, block by block: the estimate's loops count the common blocks in place (bench/README.md,
+session 7), and each kind must still count as the module's rule says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from relay import tokens
+
+
+def one_message(*blocks: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": list(blocks)}]}
+
+
+@pytest.mark.parametrize(("block", "expect"), [
+    ({"type": "text", "text": "abcd" * 10}, 10),  # ASCII: 4 characters a token, rounded up
+    ({"type": "text", "text": "abcde"}, 2),
+    ({"type": "text", "text": ""}, 0),
+    ({"type": "text", "text": "\u00e9" * 8}, 5),  # 8 extra bytes: 4 tokens for them, the other 4 characters 1
+    ({"type": "text", "text": "\u4e2d" * 6}, 6),  # 2 extra bytes a character: one token each
+    ({"type": "text", "text": 5}, 0),  # a field of the wrong type counts nothing (estimation comes before checks)
+    ({"type": "tool_result", "tool_use_id": "x", "content": "abcd" * 10}, 14),  # its text + 4
+    ({"type": "tool_result", "tool_use_id": "x", "content": "\u00e9" * 8}, 9),
+    ({"type": "tool_result", "tool_use_id": "x", "content": [{"type": "text", "text": "abcdefgh"}]}, 6),
+    ({"type": "tool_result", "tool_use_id": "x", "content": None}, 4),
+    ({"type": "tool_result", "tool_use_id": "x"}, 4),
+    ({"type": "tool_use", "id": "a", "name": "Read", "input": {"a": 1}}, 1 + 2 + 4),  # name, '{"a":1}', framing
+    ({"type": "thinking", "thinking": "abcdefgh"}, 2),
+    ({"type": "tool_reference", "tool_name": "Grep"}, 8),
+    ({"type": "image", "source": {"type": "url", "url": "https://example.invalid/a.png"}}, tokens.IMAGE_TOKENS_MAX),
+    ({"type": "unknown"}, 0),
+    ("not a block", 0),
+])
+def test_each_block_kind_counts_by_the_rule(block: Any, expect: int) -> None:
+    assert tokens.estimate(one_message(block)) == max(1, tokens.PER_MESSAGE + expect)
+
+
+def test_a_request_adds_its_parts() -> None:
+    """System, every message (framing each) and every tool (framing, name, description, its schema's JSON)."""
+    schema = {"type": "object", "properties": {"path": {"type": "string"}}}
+    req = {"system": [{"type": "text", "text": "abcd" * 25}],
+           "messages": [{"role": "user", "content": "abcd" * 5},
+                        {"role": "assistant", "content": [{"type": "text", "text": "abcdefgh"}]},
+                        "not a message"],
+           "tools": [{"name": "Read", "description": "abcd" * 3, "input_schema": schema}, "not a tool"]}
+    schema_tokens = (len(orjson.dumps(schema)) + 3) // 4
+    assert tokens.estimate(req) == (25 + 4) + (4 + 5) + (4 + 2) + (8 + 1 + 3 + schema_tokens)
+    assert tokens.estimate({"messages": "not a list"}) == 1  # never below one, never an error
