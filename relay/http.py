@@ -36,9 +36,8 @@ SERVER_HEADER = (b"server", b"relay")
 Headers = list[tuple[bytes, bytes]]
 
 
-# The most one read of a request body's rest asks for (``Connection.read_rest``): it takes what has arrived, its
-# buffer cut to that (pages never written never become resident), so this bounds what one read adds before the
-# body budget counts it.
+# The most one read of a request body's rest asks for (``Connection.read_rest``; less when the global body budget
+# has less room): it takes what has arrived, its buffer cut to that (pages never written never become resident).
 BODY_READ = 1024 * 1024
 
 
@@ -89,17 +88,19 @@ class Connection:
         self.h11.receive_data(data)
         return data
 
-    async def read_rest(self, length: int, received: int, take: Callable[[bytes], None]) -> None:
+    async def read_rest(self, length: int, received: int, take: Callable[[bytes], None],
+                        room: Callable[[], int]) -> None:
         """The rest of a Content-Length body of ``length`` bytes (``received`` of them taken from h11, which holds
         nothing more), read past h11 and handed to ``take`` read by read. Not a byte beyond the body is read: what
         follows is a pipelined request, for the fresh parser that takes over from h11 here (h11 still expects the
         body it did not see). A body cut short fails as h11 fails it. Each read takes what has arrived, up to
         ``BODY_READ``: a large body that is already here comes in one or two reads, with no join of 64 KiB
-        pieces (bench/README.md, session 7); each read is at most that much past the global body budget."""
+        pieces (bench/README.md, session 7). A read never asks for more than ``room()`` (what the global body
+        budget has left, at least a byte): many connections together hold no more than the budget."""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
         left = length - received
         while left:
-            data = await self.stream.receive_some(min(left, BODY_READ))
+            data = await self.stream.receive_some(min(left, BODY_READ, max(room(), 1)))
             if not data:
                 raise h11.RemoteProtocolError("peer closed connection without sending complete message body "
                                               f"(received {length - left} bytes, expected {length})")
@@ -287,6 +288,9 @@ class BodyBudget:
                              [(b"retry-after", b"1")])
         self.held += size
 
+    def room(self) -> int:
+        return self.limit - self.held
+
     def give(self, size: int) -> None:
         self.held -= size
         self.given += size
@@ -378,7 +382,7 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
             if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send it
                 await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
             if length is not None:
-                await conn.read_rest(length, size, take)
+                await conn.read_rest(length, size, take, budget.room)
             else:
                 while not ended(await conn.next_event()):
                     pass

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -352,6 +353,45 @@ async def test_bodies_share_one_memory_budget(nursery: trio.Nursery, upstream: M
     assert relay.server.bodies.held == 0
     status, _, _ = split(await exchange(relay.port, post("/v1/messages", body)))
     assert status == 200  # room is back
+
+
+async def test_a_body_read_never_asks_past_the_budgets_room() -> None:
+    """A body's reads ask for at most what the global budget has left (reads of up to 1 MiB would otherwise let
+    many connections together hold up to 1 MiB each past it before the count refuses them)."""
+    from relay.errors import RelayError
+    from relay.http import BodyBudget, Connection, read_body
+
+    ours, theirs = trio.socket.socketpair()
+    conn = Connection(trio.SocketStream(ours), 65536)
+    asked: list[tuple[int, int]] = []  # (bytes a read asked for, the budget's room then)
+
+    class Recording:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def receive_some(self, max_bytes: int) -> bytes:
+            asked.append((max_bytes, budget.room()))
+            return await self.inner.receive_some(max_bytes)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    conn.stream = Recording(conn.stream)  # type: ignore[assignment]
+    budget = BodyBudget(400_000)
+    budget.take(250_000)  # other connections' bodies
+    body = b"x" * 300_000
+    head = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body)
+    peer = trio.SocketStream(theirs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.send_all, head + body)
+        request = await conn.next_event()
+        del asked[:]  # the head's read (h11's, a fixed size): what follows is the body's
+        with pytest.raises(RelayError) as refused:
+            await read_body(conn, list(request.headers), 10_000_000, budget, 5)
+        nursery.cancel_scope.cancel()
+    assert refused.value.status == 529
+    assert asked and all(size <= max(room, 1) for size, room in asked), asked
+    assert budget.held == 250_000  # what this body took was given back
 
 
 async def test_expect_100_continue_only_after_the_key(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
