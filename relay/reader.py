@@ -146,11 +146,12 @@ class BodyReader:
         if count < 2:
             return None
         cut = list(map(bytes.partition, pieces, repeat(b"\r\ndata: ")))
+        if not all(map(_SEP_PART, cut)):  # a chunk that is not one `data:` line: the upstream's shape
+            self._runs = False  # (and a piece without the line, "8" of "8\n\n\r\n", is no chunk h11 takes)
+            return None
         sizes, payloads = list(map(_SIZE_PART, cut)), list(map(_PAYLOAD_PART, cut))
         if b"".join(sizes).translate(None, _HEX) or max(map(len, sizes)) > 20 or not all(sizes) \
                 or list(map(int, sizes, repeat(16))) != list(map(add, map(len, payloads), repeat(8))):
-            if not all(map(_SEP_PART, cut)):  # a chunk that is not one `data:` line: the upstream's shape
-                self._runs = False
             return None
         joined = b"".join(payloads)
         if joined.find(b"\n") >= 0 or joined.find(b"\r") >= 0:

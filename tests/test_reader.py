@@ -241,6 +241,17 @@ def test_reads_of_whole_chunks_give_the_sse_parsers_events(events, groups, upper
         assert got == sse_events(theirs[0], theirs[1] == "ok")
 
 
+@pytest.mark.parametrize("read", [b"8\n\n\r\n8\n\n\r\n", b"8\n\n\r\n08\n\n\r\n0\r\n\r\n", b"9\r\ndata: a\n\n\r\n8\n\n\r\n",
+                                  b"9\r\ndata: a\n\n\r\n8\n\n\r\n0\r\n\r\n"])
+def test_a_burst_read_with_a_chunk_that_is_only_a_size_fails_as_h11_does(read):
+    """A read ending like a burst whose pieces include a bare hex "8" before the split's bytes: "8" is no size line
+    (no CRLF), yet 8 is the length of an empty payload's "data: \n\n"; h11 refuses the chunk header, so must we."""
+    ours, got = our_read([CHUNKED_HEAD, read])
+    assert ours == h11_read([CHUNKED_HEAD, read])
+    assert ours[1].startswith("error: illegal chunk header")
+    assert got == sse_events(ours[0], False)
+
+
 def test_a_burst_is_read_as_a_run_and_the_run_path_gives_way():
     """Many whole chunks in one read go through ``_run`` (every event, the end seen); a read of chunks that hold
     something else falls back to the general path and ends the tries; a read cut mid-chunk only falls back."""
