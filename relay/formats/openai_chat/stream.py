@@ -12,7 +12,7 @@ lookups and one template; the general path (``_on_event``) everything else.
 
 from __future__ import annotations
 
-from itertools import islice, repeat, takewhile
+from itertools import repeat, takewhile
 from operator import and_, is_, itemgetter
 from typing import Any
 
@@ -70,6 +70,25 @@ TRIES = 8  # shapes learnt in a row without one being used, before a stream stop
 _NAME, _PAYLOAD = itemgetter(0), itemgetter(1)
 
 
+def fitting(payloads: list[bytes], names: list[bytes | None] | None, at: int,
+            like: tuple[bytes, bytes, int, Any]) -> int:
+    """How many events from ``at`` on have the learnt shape (``names``: None when all are unnamed). Counted in C,
+    in windows that double in size from ``RUN``: a read whose runs are short (shaped chunks among others) costs a
+    few looks per event, not a pass over the rest of the read per event (which made such a read quadratic)."""
+    run, size = 0, RUN
+    while True:
+        start, stop = at + run, at + run + size
+        window = payloads[start:stop]
+        fit = map(and_, map(bytes.startswith, window, repeat(like[0])), map(bytes.endswith, window, repeat(like[1])))
+        if names is not None:
+            fit = map(and_, fit, map(is_, names[start:stop], repeat(None)))
+        got = sum(takewhile(bool, fit))
+        run += got
+        if got < size:  # a shape broken, or the read's end
+            return run
+        size *= 2
+
+
 class StreamTranslator(BlockWriter):
     ENDED_WITHOUT = "no finish_reason and no [DONE]"
 
@@ -122,17 +141,12 @@ class StreamTranslator(BlockWriter):
         at = 0
         while at < count:
             like = self._like
-            if like is not None and count - at >= RUN:
+            if like is not None and count - at >= RUN and events[at][1].startswith(like[0]):
                 if not payloads:
                     payloads = list(map(_PAYLOAD, events))
                     names = list(map(_NAME, events))
                     unnamed = names.count(None) == count  # (a burst's events are all unnamed)
-                # how many events from here have the shape: in C, and only up to the first that has not
-                fit = map(and_, map(bytes.startswith, islice(payloads, at, None), repeat(like[0])),
-                          map(bytes.endswith, islice(payloads, at, None), repeat(like[1])))
-                if not unnamed:
-                    fit = map(and_, fit, map(is_, islice(names, at, None), repeat(None)))
-                run = sum(takewhile(bool, fit))
+                run = fitting(payloads, None if unnamed else names, at, like)
                 if run >= RUN:
                     self._run(payloads[at:at + run], like)
                     at += run
