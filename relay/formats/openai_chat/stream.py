@@ -68,14 +68,16 @@ class _Call:
 
 TRIES = 8  # shapes learnt in a row without one being used, before a stream stops learning them (``_learn``)
 _NAME, _PAYLOAD = itemgetter(0), itemgetter(1)
+WINDOW = 64  # events ``fitting`` looks at first (then twice as many each time)
 
 
 def fitting(payloads: list[bytes], names: list[bytes | None] | None, at: int,
             like: tuple[bytes, bytes, int, Any]) -> int:
     """How many events from ``at`` on have the learnt shape (``names``: None when all are unnamed). Counted in C,
-    in windows that double in size from ``RUN``: a read whose runs are short (shaped chunks among others) costs a
-    few looks per event, not a pass over the rest of the read per event (which made such a read quadratic)."""
-    run, size = 0, RUN
+    in windows that double in size from ``WINDOW``: a read whose runs are short (shaped chunks among others) costs
+    at most a window's looks per event, not a pass over the rest of the read per event (which made such a read
+    quadratic), and a burst's run takes one or two windows (each costs ~8k instructions to set up)."""
+    run, size = 0, WINDOW
     while True:
         start, stop = at + run, at + run + size
         window = payloads[start:stop]
