@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-
 from itertools import repeat
 from operator import add, itemgetter
 
@@ -113,8 +112,7 @@ class BodyReader:
                     piece = data[start:end]
                     payload = parser.single(piece)
                     return [(None, payload)] if payload is not None else parser.feed(piece)
-            if self._runs and parser.at_rest() and data.endswith(b"\n\n\r\n", 0, len(data) - 5 if
-                                                                 data.endswith(b"\r\n0\r\n\r\n") else None):
+            if self._runs and parser.at_rest():
                 events = self._run(data)
                 if events is not None:
                     return events
@@ -140,8 +138,10 @@ class BodyReader:
         Why the split cannot be fooled: the first chunk whose data held the split's bytes would be cut short by
         them, so its declared size would not be its length; and no payload may hold a CR or LF."""
         ended = data.endswith(b"\r\n0\r\n\r\n")
+        if not data.endswith(b"\n\n\r\n", 0, len(data) - 5 if ended else None):
+            return None  # a read that does not end at a chunk's end
         pieces = (data[:-5] if ended else data).split(b"\n\n\r\n")  # each chunk: size CRLF "data: " payload
-        pieces.pop()  # the empty piece after the last chunk (the caller saw the read end so)
+        pieces.pop()  # the empty piece after the last chunk
         count = len(pieces)
         if count < 2:
             return None

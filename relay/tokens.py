@@ -20,8 +20,10 @@ PER_MESSAGE = 4
 PER_TOOL = 8
 
 
-def text_tokens(text: str) -> int:
-    if not text:
+def text_tokens(text: Any) -> int:
+    """The tokens of a string; anything else counts as nothing, never raises (estimation runs before
+    validation, so a field meant to be a string may not be one)."""
+    if not isinstance(text, str) or not text:
         return 0
     if text.isascii():
         return (len(text) + 3) // 4
@@ -100,11 +102,11 @@ def _content_tokens(content: Any) -> int:
             else:
                 total += _content_tokens(inner) + 4
         elif kind == "tool_use":
-            total += _text(block.get("name")) + _json_tokens(block.get("input")) + 4
+            total += text_tokens(block.get("name")) + _json_tokens(block.get("input")) + 4
         elif kind == "image":
             total += _image_tokens(block.get("source"))
         elif kind == "thinking":
-            total += _text(block.get("thinking"))
+            total += text_tokens(block.get("thinking"))
         elif kind == "document":
             source = block.get("source")
             data = source.get("data") if isinstance(source, dict) else None
@@ -114,16 +116,6 @@ def _content_tokens(content: Any) -> int:
         elif kind == "tool_reference":
             total += 8
     return total
-
-
-def _text(value: Any) -> int:
-    """``text_tokens`` of a field meant to be a string: estimation runs before validation, so a field of the wrong
-    type counts as nothing, never raises. (One call per block: this runs for every block of every request.)"""
-    if not isinstance(value, str) or not value:
-        return 0
-    if value.isascii():
-        return (len(value) + 3) // 4
-    return _tokens(len(value), len(value.encode("utf-8")) - len(value))
 
 
 def _json_tokens(value: Any) -> int:
@@ -150,7 +142,7 @@ def estimate(req: dict[str, Any]) -> int:
     if isinstance(tools, list):
         for tool in tools:
             if isinstance(tool, dict):
-                total += PER_TOOL + _text(tool.get("name")) + _text(tool.get("description"))
+                total += PER_TOOL + text_tokens(tool.get("name")) + text_tokens(tool.get("description"))
                 schema = tool.get("input_schema")
                 if schema is not None:
                     total += _json_tokens(schema)

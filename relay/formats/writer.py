@@ -172,11 +172,7 @@ class BlockWriter:
             return
         if self._block != kind:
             self._open(kind)
-        whole = "".join(texts)
-        if whole.isascii():
-            self._streamed.chars += len(whole)
-        else:
-            self._streamed.add(whole)
+        self._streamed.add("".join(texts))
         head = self._head
         self._out.append(head + (DELTA_END + head).join(map(dumps, texts)) + DELTA_END)
 

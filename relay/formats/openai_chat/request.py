@@ -20,6 +20,7 @@ from relay.formats.inbound import (
     data_url,
     effort,
     asks_reasoning,
+    block_place,
     max_tokens,
     openai_choice_fields,
     output_schema,
@@ -70,13 +71,13 @@ def _tool_result(block: dict[str, Any], n: int, i: int, dropped: set[str]) -> tu
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
-        for part in _user_parts(content, f"{place(n)}.content.{i}", dropped):
+        for part in _user_parts(content, block_place(place(n), i), dropped):
             if part["type"] == "text":
                 texts.append(part["text"])
             else:
                 images.append(part)
     else:
-        raise invalid(f"{place(n)}.content.{i}: tool_result content must be a string or a list")
+        raise invalid(f"{block_place(place(n), i)}: tool_result content must be a string or a list")
     text = "\n\n".join(texts)
     if block.get("is_error") and not text.lower().startswith("error"):
         text = "Error: " + text
@@ -163,7 +164,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
             calls: list[dict[str, Any]] = []
             for i, block in enumerate(content):
                 if type(block) is not dict:
-                    raise invalid(f"{place(n)}.content.{i}: content blocks must be objects")
+                    raise invalid(f"{block_place(place(n), i)}: content blocks must be objects")
                 kind = block.get("type")
                 if kind == "text":
                     said = block.get("text")
@@ -173,7 +174,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                     call_id = block.get("id")
                     name = block.get("name")
                     if type(call_id) is not str or type(name) is not str:
-                        raise invalid(f"{place(n)}.content.{i}: tool_use needs a string id and name")
+                        raise invalid(f"{block_place(place(n), i)}: tool_use needs a string id and name")
                     given = block.get("input")
                     arguments = orjson.dumps(given if given is not None else {}).decode()
                     calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
@@ -185,7 +186,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
                 elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result"):
                     dropped.add(f"assistant {kind}")
                 elif kind is None:
-                    raise invalid(f"{place(n)}.content.{i}: content block without a type")
+                    raise invalid(f"{block_place(place(n), i)}: content block without a type")
                 else:
                     dropped.add(f"assistant block {kind}")
             empty = None if calls and provider.tool_call_content == "null" else ""  # see config.TOOL_CALL_CONTENTS
@@ -208,7 +209,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
             if type(block) is dict and block.get("type") == "tool_result":
                 call_id = block.get("tool_use_id")
                 if type(call_id) is not str:
-                    raise invalid(f"{place(n)}.content.{i}.tool_use_id: Field required")
+                    raise invalid(f"{block_place(place(n), i)}.tool_use_id: Field required")
                 result = block.get("content", "")
                 images: list[dict[str, Any]] = []
                 if type(result) is str and not block.get("is_error"):
