@@ -35,12 +35,10 @@ texts = st.sampled_from(["", "Hi", "two words", " ", "é", "日本語", "emoji \
 def translate(cls: type[BlockWriter], events: list[bytes], hot: bool, finish: bool,
               reads: list[int] | None = None) -> bytes:
     """``reads``: how many events each upstream read holds (a burst), else one each."""
+    if not hot:  # the general path alone (a subclass: the writers have slots, no instance dict to patch)
+        hot_path = "_delta_only" if cls is StreamTranslator else "_one_text"
+        cls = type("General" + cls.__name__, (cls,), {hot_path: lambda self, *args: False})
     translator = cls("claude-x", message_id="msg_fixed")
-    if not hot:  # the general path alone
-        if cls is StreamTranslator:
-            translator._delta_only = lambda chunk, payload: False  # type: ignore[attr-defined]
-        else:
-            translator._one_text = lambda doc: False  # type: ignore[attr-defined]
     feeds, at = [], 0
     for n in (reads or []) + [1] * len(events):
         if at < len(events):
@@ -228,17 +226,49 @@ def test_runs_of_arguments_around_a_held_call() -> None:
     assert [("".join(c.args), c.name) for c in translator._closed] == [('{"k": "vwxy123"}', "f"), ('{"z": 1}', "g")]
 
 
-def test_a_burst_takes_the_run_path() -> None:
+def test_a_burst_takes_the_run_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """50 text chunks in one read: one parse of the literals, every delta as the one-by-one path writes it."""
     events = [openai_chunk({"role": "assistant", "content": ""})] + [usual("text", i) for i in range(50)]
     translator = StreamTranslator("claude-x", message_id="msg_fixed")
     calls = []
-    run = translator._run
-    translator._run = lambda payloads, like: (calls.append(len(payloads)), run(payloads, like))  # type: ignore
+    run = StreamTranslator._run
+    monkeypatch.setattr(StreamTranslator, "_run",
+                        lambda self, payloads, like: (calls.append(len(payloads)), run(self, payloads, like)))
     out = translator.feed(b"".join(events))
     assert calls == [49]  # the first text chunk teaches the shape, the 49 after it go at once
     assert out.count(b"text_delta") == 50 and b'"text":"w49 "' in out
     assert out == translate(StreamTranslator, events, False, False)
+
+
+def test_the_smallest_answer_parses_each_chunk_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The role chunk, one text chunk, the finish: each chunk is parsed once, and neither delta takes the general
+    path (the role chunk took it while no message_start was out). The shape the text chunk teaches is proven only
+    when a chunk of it comes (the proof parses a whole chunk again), and here none does."""
+    events = [openai_chunk({"role": "assistant", "content": ""}), usual("text", 0), openai_chunk({}, finish="stop"),
+              b"data: [DONE]\n\n"]
+    expected = translate(StreamTranslator, events, False, True)
+    parsed: list[bytes] = []
+    general: list[Any] = []
+    loads = stream.loads
+    monkeypatch.setattr(stream, "loads", lambda data: (parsed.append(data), loads(data))[1])
+    monkeypatch.setattr(StreamTranslator, "_on_delta", lambda self, delta: general.append(delta))
+    translator = StreamTranslator("claude-x", message_id="msg_fixed")
+    out = b"".join(translator.feed(e) for e in events) + translator.finish()
+    assert out == expected
+    assert len(parsed) == 3 and general == []
+
+
+def test_a_shape_learnt_from_the_wrong_place_fails_its_proof() -> None:
+    """The text's literal found last where it is not the text (a later key): the proof, made when the next chunk
+    of those bytes comes, rejects the shape, and that chunk is read whole (its text is the first chunk's, not
+    the literal that differs)."""
+    first = openai_chunk({"content": "k"}, extra={"x": {"k": 1}})
+    second = openai_chunk({"content": "k"}, extra={"x": {"j": 1}})
+    events = [openai_chunk({"role": "assistant", "content": ""}), first, second, openai_chunk({}, finish="stop"),
+              b"data: [DONE]\n\n"]
+    out = translate(StreamTranslator, events, True, True)
+    assert out.count(b'"text":"k"') == 2 and b'"text":"j"' not in out
+    assert out == translate(StreamTranslator, events, False, True)
 
 
 def test_a_read_of_short_runs_looks_at_each_chunk_a_few_times(monkeypatch: pytest.MonkeyPatch) -> None:

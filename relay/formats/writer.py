@@ -26,6 +26,12 @@ RUN = 4  # events in one read from which a format may translate runs of them at 
 
 
 class BlockWriter:
+    # Slots, not an instance dict: a stream's writer and its format's state come to over 30 attributes, past what
+    # an instance's shared-key dict holds (CPython 3.11), so every stream made and then read a plain dict.
+    __slots__ = ("model", "message_id", "started", "done", "error", "input_tokens", "output_tokens", "cache_read",
+                 "has_usage", "usage_estimated", "_streamed", "saw_tool", "secrets", "provider", "_hint",
+                 "_on_error", "_parser", "_out", "_block", "_index", "_head", "_signature")
+
     def __init__(self, model: str, *, input_tokens_hint: int = 0, secrets: tuple[str, ...] = (),
                  provider: str = "upstream", message_id: str | None = None,
                  on_error: Callable[[RelayError], RelayError] | None = None) -> None:

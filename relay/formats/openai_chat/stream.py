@@ -12,6 +12,7 @@ lookups and one template; the general path (``_on_event``) everything else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import repeat, takewhile
 from operator import and_, is_, itemgetter
 from typing import Any
@@ -92,11 +93,15 @@ def fitting(payloads: list[bytes], names: list[bytes | None] | None, at: int,
 
 
 class StreamTranslator(BlockWriter):
+    __slots__ = ("_splitter", "_stops", "_call", "_held", "_closed", "_finish", "_matched", "_like", "_guess",
+                 "_tries")
     ENDED_WITHOUT = "no finish_reason and no [DONE]"
 
     def __init__(self, model: str, *, think_tags: bool = False, stop_sequences: tuple[str, ...] = (),
-                 **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
+                 input_tokens_hint: int = 0, secrets: tuple[str, ...] = (), provider: str = "upstream",
+                 message_id: str | None = None, on_error: Callable[[RelayError], RelayError] | None = None) -> None:
+        BlockWriter.__init__(self, model, input_tokens_hint=input_tokens_hint, secrets=secrets, provider=provider,
+                             message_id=message_id, on_error=on_error)
         self._splitter = ThinkSplitter() if think_tags else None
         self._stops = stop_sequences
         self._call: _Call | None = None  # the tool call whose tool_use block is open
@@ -105,13 +110,14 @@ class StreamTranslator(BlockWriter):
         self._finish: str | None = None
         self._matched: str | None = None
         self._like: tuple[bytes, bytes, int, _Call | None] | None = None  # see _learn
+        self._guess: tuple[dict[str, Any], dict[str, Any], str] | None = None  # _like not yet proven: see _proven
         self._tries = TRIES
 
     # ---- BlockWriter hooks ------------------------------------------------------------------
 
     def _on_end(self) -> None:
         if self._finish is None:  # neither a finish_reason nor [DONE]: the answer was cut short
-            super()._on_end()
+            BlockWriter._on_end(self)
         else:  # a finish_reason without [DONE]: several servers (llama.cpp without --send-done) stop there
             self._close_message()
 
@@ -122,16 +128,16 @@ class StreamTranslator(BlockWriter):
         if self._block == TOOL and self._call is not None:
             self._closed.append(self._call)
             self._call = None
-        super().close_block()
+        BlockWriter.close_block(self)
 
     def _open(self, kind: int) -> None:
         if self._held and kind != TOOL:  # text between parallel calls: the calls' blocks must close first
             self._release_held()
-        super()._open(kind)
+        BlockWriter._open(self, kind)
 
     def fail(self, error: RelayError) -> None:
         self._held.clear()  # calls not yet shown stay unshown: the turn failed
-        super().fail(error)
+        BlockWriter.fail(self, error)
 
     # ---- the upstream's events --------------------------------------------------------------
 
@@ -143,7 +149,8 @@ class StreamTranslator(BlockWriter):
         at = 0
         while at < count:
             like = self._like
-            if like is not None and count - at >= RUN and events[at][1].startswith(like[0]):
+            if like is not None and count - at >= RUN and events[at][1].startswith(like[0]) \
+                    and (self._guess is None or self._proven()):
                 if not payloads:
                     payloads = list(map(_PAYLOAD, events))
                     names = list(map(_NAME, events))
@@ -187,7 +194,8 @@ class StreamTranslator(BlockWriter):
 
     def _on_event(self, name: bytes | None, payload: bytes) -> None:
         like = self._like
-        if like is not None and name is None and payload.startswith(like[0]) and payload.endswith(like[1]):
+        if like is not None and name is None and payload.startswith(like[0]) and payload.endswith(like[1]) \
+                and (self._guess is None or self._proven()):
             # shaped like the last hot chunk (``_learn``): only its one string is new
             try:
                 text = loads(payload[len(like[0]):len(payload) - len(like[1])])
@@ -208,7 +216,7 @@ class StreamTranslator(BlockWriter):
             chunk = loads(payload)
         except JSONDecodeError:
             return  # not a chunk (a provider's stray keep-alive text): nothing to translate
-        if name is None and type(chunk) is dict and self.started and self._delta_only(chunk, payload):
+        if name is None and type(chunk) is dict and self._delta_only(chunk, payload):
             return
         if not isinstance(chunk, dict):
             if isinstance(chunk, list) and chunk and isinstance(chunk[0], dict) and "error" in chunk[0]:
@@ -301,9 +309,11 @@ class StreamTranslator(BlockWriter):
         except KeyError:
             return False
         if text:
-            self.delta(kind, text)
+            self.delta(kind, text)  # (opens the message too, if this is the first chunk)
             if self._tries:
                 self._learn(payload, chunk, box, key, text, kind, open_call)
+        elif not self.started:  # an empty first chunk (the role's): the message starts, as on the general path
+            self.start()
         return True
 
     def _learn(self, payload: bytes, chunk: dict[str, Any], box: dict[str, Any], key: str, text: str, kind: int,
@@ -320,14 +330,23 @@ class StreamTranslator(BlockWriter):
         at = payload.rfind(literal)
         if at < 0:
             return
-        before, after = payload[:at], payload[at + len(literal):]
+        self._like = (payload[:at], payload[at + len(literal):], kind, call)
+        self._guess = (chunk, box, key)  # the proof waits for a chunk of this shape (``_proven``)
+
+    def _proven(self) -> bool:
+        """The learnt shape (``_like``) proved (see ``_learn``) when a chunk of it comes, not when it is learnt: the
+        proof parses a whole chunk, and a stream whose text came in one chunk (the smallest answer) never needs
+        it. False (and no shape) when it does not hold."""
+        like, (chunk, box, key) = self._like, self._guess  # type: ignore[misc]
+        self._guess = None
         box[key] = ""
         try:
-            same = loads(before + b'""' + after) == chunk
+            if like is not None and loads(like[0] + b'""' + like[1]) == chunk:
+                return True
         except JSONDecodeError:
-            return
-        if same:
-            self._like = (before, after, kind, call)
+            pass
+        self._like = None
+        return False
 
     def _on_delta(self, delta: dict[str, Any]) -> None:
         if "reasoning_content" in delta or "reasoning" in delta or "reasoning_details" in delta:
