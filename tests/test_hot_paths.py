@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.formats import anthropic as A
 from relay.formats.gemini.stream import GeminiStreamTranslator
 from relay.formats.openai_chat import stream
 from relay.formats.openai_chat.stream import StreamTranslator
@@ -54,6 +55,30 @@ def assert_same(cls: type[BlockWriter], events: list[bytes], finish: bool, reads
     hot = translate(cls, events, True, finish, reads)
     general = translate(cls, events, False, finish)
     assert hot.split(b"\n\n") == general.split(b"\n\n")
+
+
+# ---- the Anthropic side ---------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.from_regex(r"msg_[0-9A-Za-z_]{1,40}", fullmatch=True), st.text(), st.integers(0, 2 ** 62), st.integers(0, 2 ** 62), st.integers(0, 2 ** 62),
+       st.sampled_from(["end_turn", "max_tokens", "tool_use", "stop_sequence", "refusal", None]),
+       st.one_of(st.none(), st.text()))
+def test_the_start_and_end_templates_are_the_encoded_events(msg_id: str, model: str, a: int, b: int, c: int,
+                                                            reason: str | None, sequence: str | None) -> None:
+    """message_start and message_end are byte templates: the same bytes as the events' objects encoded (an id
+    is written as it is: relay's own, or an upstream's ``msg_`` id, need no escaping)."""
+    start = {"type": "message_start", "message": A.message(msg_id, model, [], None, None, A.usage_dict(a, 0))}
+    assert A.message_start(msg_id, model, a) == b"event: message_start\ndata: " + orjson.dumps(start) + b"\n\n"
+    assert A.message_end(reason, sequence, a, b, c) == A.message_delta(reason, sequence, A.usage_dict(a, b, c)) \
+        + A.MESSAGE_STOP
+
+
+def test_ids_are_anthropic_shaped_and_distinct() -> None:
+    ids = [A.message_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"msg_01[0-9A-Za-z]{22}", i) for i in ids)
+    assert re.fullmatch(r"toolu_01[0-9A-Za-z]{22}", A.tool_use_id())
+    assert re.fullmatch(r"relay-[0-9A-Za-z]{43}", A.thinking_signature())
 
 
 # ---- OpenAI Chat ------------------------------------------------------------------------------------------

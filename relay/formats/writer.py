@@ -51,7 +51,7 @@ class BlockWriter:
         self.provider = provider
         self._hint = input_tokens_hint
         self._on_error = on_error
-        self._parser = SSEParser()
+        self._parser: SSEParser | None = None  # made at the first ``feed``: the server feeds events it parsed
         self._out: list[bytes] = []
         self._block = NONE
         self._index = -1
@@ -63,12 +63,15 @@ class BlockWriter:
     def feed(self, data: bytes) -> bytes:
         if self.done:
             return b""
-        payload = self._parser.single(data)
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = SSEParser()
+        payload = parser.single(data)
         if payload is not None:  # what a paced upstream's every read holds
             self._on_event(None, payload)
             return self.flush()
         try:
-            events = self._parser.feed(data)
+            events = parser.feed(data)
         except SSEError as exc:
             return self.bad_sse(exc)
         return self.feed_events(events)
@@ -101,7 +104,7 @@ class BlockWriter:
         """The upstream body ended."""
         if self.done:
             return b""
-        for name, payload in self._parser.close():
+        for name, payload in self._parser.close() if self._parser is not None else ():
             self._on_event(name, payload)
             if self.done:
                 return self.flush()
@@ -217,13 +220,14 @@ class BlockWriter:
 
     def close(self, stop_sequence: str | None = None) -> None:
         """message_delta (stop reason, usage) and message_stop."""
-        self.start()
-        self.close_block()
+        if not self.started:
+            self.start()
+        if self._block != NONE:
+            self.close_block()
         if not self.has_usage:
             self.output_tokens, self.usage_estimated = self._streamed.tokens(), True
-        usage = A.usage_dict(self.input_tokens, self.output_tokens, self.cache_read)
-        self._out.append(A.message_delta(self._stop_reason(), stop_sequence, usage))
-        self._out.append(A.MESSAGE_STOP)
+        self._out.append(A.message_end(self._stop_reason(), stop_sequence, self.input_tokens, self.output_tokens,
+                                       self.cache_read))
         self.done = True
 
     def fail(self, error: RelayError) -> None:

@@ -234,7 +234,8 @@ class StreamTranslator(BlockWriter):
             if type(choice) is dict and choice.get("finish_reason") == "error":  # OpenRouter's in-band error
                 self.fail(from_stream_error(choice if "error" in choice else chunk, self.secrets, self.provider))
                 return
-        self.start()
+        if not self.started:
+            self.start()
         if "usage" in chunk or "x_groq" in chunk or (type(choice) is dict and "usage" in choice):
             usage = chunk_usage(chunk, choice)
             if usage is not None:
@@ -247,7 +248,8 @@ class StreamTranslator(BlockWriter):
         finish = choice.get("finish_reason")
         if finish and isinstance(finish, str):
             self._finish = finish
-            self._matched = matched_stop(choice, self._stops)
+            if self._stops:
+                self._matched = matched_stop(choice, self._stops)
             self._flush_splitter()
             self._release_held()
 
@@ -449,5 +451,6 @@ class StreamTranslator(BlockWriter):
 
     def _close_message(self) -> None:
         self._flush_splitter()
-        self._release_held()
-        self.close(self._matched)
+        if self._held:
+            self._release_held()
+        self.close(self._matched)  # (which closes the open block, as _release_held would)
