@@ -247,8 +247,10 @@ class BlockWriter:
         return out
 
     def _open(self, kind: int) -> None:
-        self.start()
-        self.close_block()
+        if not self.started:  # (tested here: a call costs more than the test, and this runs for every block)
+            self.start()
+        if self._block != NONE:
+            self.close_block()
         self._index += 1
         self._block = kind
         if kind == TEXT:

@@ -17,6 +17,7 @@ from relay.formats.writer import TEXT, BlockWriter
 
 
 class GeminiStreamTranslator(BlockWriter):
+    __slots__ = ("_finish", "_blocked", "_calls", "_response_id")  # (as BlockWriter's: no instance dict per stream)
     ENDED_WITHOUT = "no finishReason"
 
     def __init__(self, model: str, **kwargs: Any) -> None:

@@ -21,6 +21,7 @@ _THINKING_DELTAS = (b"response.reasoning_summary_text.delta", b"response.reasoni
 
 
 class ResponsesStreamTranslator(BlockWriter):
+    __slots__ = ("_response", "_args_seen", "_thought")  # (as BlockWriter's: no instance dict per stream)
     ENDED_WITHOUT = "no response.completed"
 
     def __init__(self, model: str, **kwargs: Any) -> None:
