@@ -119,13 +119,17 @@ def _content_tokens(content: Any) -> int:
 
 
 def _json_tokens(value: Any) -> int:
-    """The tokens of a value's JSON text, counted on orjson's bytes (decoded only when they are not ASCII: a
-    tool's schema, on every request, usually is)."""
+    """The tokens of a value's JSON text, counted on orjson's bytes: they are its UTF-8 form already, so only
+    the characters need counting when they are not ASCII (decoding, not a round trip through ``text_tokens``,
+    which would encode them again: Claude Code's tool schemas hold an ellipsis or an arrow on every request)."""
     try:
         data = orjson.dumps(value)
     except (orjson.JSONEncodeError, TypeError):  # deeper than orjson writes: validation will refuse it
         return 0
-    return (len(data) + 3) // 4 if data.isascii() else text_tokens(data.decode())
+    if data.isascii():
+        return (len(data) + 3) // 4
+    chars = len(data.decode())
+    return _tokens(chars, len(data) - chars)
 
 
 def estimate(req: dict[str, Any]) -> int:

@@ -49,3 +49,15 @@ def test_a_request_adds_its_parts() -> None:
     schema_tokens = (len(orjson.dumps(schema)) + 3) // 4
     assert tokens.estimate(req) == (25 + 4) + (4 + 5) + (4 + 2) + (8 + 1 + 3 + schema_tokens)
     assert tokens.estimate({"messages": "not a list"}) == 1  # never below one, never an error
+
+
+@pytest.mark.parametrize("words", ["Runs a command \u2026 in the shell", "caf\u00e9 \u2192 \u4e2d\u6587 \U0001f600", "plain"])
+def test_a_schemas_json_counts_as_its_text(words: str) -> None:
+    """A tool's schema (and a tool_use's input) count as their JSON text by the rule for text: counted on orjson's
+    UTF-8 bytes, with no round trip through a str, they must count what the text itself counts."""
+    schema = {"type": "object", "description": words, "properties": {"q": {"type": "string", "description": words}}}
+    text = orjson.dumps(schema).decode()
+    assert tokens._json_tokens(schema) == tokens.text_tokens(text)
+    base = tokens.estimate({"tools": [{"name": "T", "input_schema": {}}]})
+    with_schema = tokens.estimate({"tools": [{"name": "T", "input_schema": schema}]})
+    assert with_schema - base == tokens.text_tokens(text) - tokens.text_tokens("{}")
