@@ -61,3 +61,19 @@ def test_a_schemas_json_counts_as_its_text(words: str) -> None:
     base = tokens.estimate({"tools": [{"name": "T", "input_schema": {}}]})
     with_schema = tokens.estimate({"tools": [{"name": "T", "input_schema": schema}]})
     assert with_schema - base == tokens.text_tokens(text) - tokens.text_tokens("{}")
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 5000, "caf\u00e9 " * 400, "x" * 3000 + "\u2014", "\u4e2d\u6587" * 1500, "ok \U0001f600 " * 300,
+    "\u00e9" * (tokens.FILL_FROM - 1), "\u00e9" * tokens.FILL_FROM, "a\ud800" * 700, "short \u2192",
+])
+def test_utf8_size_is_the_encoded_length(text: str) -> None:
+    """Long strings are measured by CPython's own UTF-8 conversion (which keeps its result for orjson), short
+    ones by encoding: both give the length of the UTF-8 form, lone surrogates included, and the body relay
+    writes of such a string is unchanged."""
+    expect = len(text.encode("utf-8", "surrogatepass"))
+    assert tokens.utf8_size(text) == expect
+    assert tokens.text_tokens(text) == tokens._tokens(len(text), expect - len(text))
+    if "\ud800" not in text:
+        assert orjson.dumps({"t": text}) == b'{"t":' + orjson.dumps(text) + b"}"
+        assert orjson.loads(orjson.dumps(text)) == text
