@@ -76,8 +76,6 @@ class Connection:
             data = await self.stream.receive_some(transport.READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        if data and self.head_scope is not None:
-            self._idle_ended()
         if self.answering:  # the request is in: this is only read to notice the client leaving
             self.held += len(data)
             if self.held > self.max_header_bytes:
@@ -157,11 +155,14 @@ class Connection:
         return bool(pipelined)
 
     async def next_event(self) -> Any:
+        begun = False  # a read brought some of the head: if more is to come, header_timeout is its clock now
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            await self.receive()
+            if begun and self.head_scope is not None:  # (a head whole in one read never moves the deadline)
+                self._idle_ended()
+            begun = bool(await self.receive())
 
     def _idle_ended(self) -> None:
         """A request has started arriving: it now has header_timeout to finish, not the idle allowance."""
@@ -350,7 +351,6 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
             length = int(value)
             if length > limit:
                 raise RelayError(413, f"request body is {length} bytes; the limit is {limit}", "request_too_large")
-    deadline = trio.current_time() + timeout
     parts: list[bytes] = []
     size = 0
 
@@ -378,7 +378,7 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
                 conn.answering = True
                 return b"".join(parts)
             event = conn.h11.next_event()
-        with trio.fail_at(deadline):  # the rest is still to come
+        with trio.fail_after(timeout):  # the rest is still to come (no wait before this: the clock is read here)
             if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send it
                 await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
             if length is not None:

@@ -138,8 +138,8 @@ class Pump:
             if self.waits is not None or self._head_done is not None:
                 await self.end_head_watch()
             self.head_over = True
-            self.deadlines.last_read = trio.current_time()
-            over = self._arrived(upstream, translator)
+            self.deadlines.last_read = trio.current_time()  # one clock read for the head, what came with it and
+            over = self._arrived(upstream, translator)  # a first write made without waiting
             rest = b""
             if over and self.out.started:  # message_start went out early: the rest is ordinary writes
                 try:
@@ -152,7 +152,7 @@ class Pump:
                 if error is None:
                     try:
                         rest = self.out.finish_now(self._take_pending())
-                        self.last_write = trio.current_time()
+                        self.last_write = self.deadlines.last_read
                     except ClientGone:
                         self.gone = True
             if not over or rest:
@@ -309,7 +309,7 @@ class Pump:
         try:
             if not upstream.arrived():
                 return upstream.done and self._take(None, translator.feed, upstream, translator)
-            self.deadlines.heard()
+            self.deadlines.heard(self.deadlines.last_read)
             if translator_reads_events(translator):
                 got: Any = upstream.arrived_events()
                 return self._take(got, translator.feed_events, upstream, translator)  # type: ignore[attr-defined]

@@ -50,13 +50,14 @@ class Deadlines:
         self.provider = provider
         self.idle = provider.read_timeout
         self.first_wait = min(provider.first_byte_timeout, provider.read_timeout)
-        self.first_byte = trio.CancelScope(deadline=trio.current_time() + self.first_wait if stream else math.inf)
+        self.last_read = now = trio.current_time()  # (also when the request went out, for ``Server._pump``)
+        self.first_byte = trio.CancelScope(deadline=now + self.first_wait if stream else math.inf)
         self._waiting = stream
-        self.last_read = trio.current_time()
 
-    def heard(self) -> None:
-        """A chunk arrived: the first-byte deadline is met, and the silence starts again from now."""
-        self.last_read = trio.current_time()
+    def heard(self, now: float | None = None) -> None:
+        """A chunk arrived (``now``: the clock read already, if it was): the first-byte deadline is met, and the
+        silence starts again from now."""
+        self.last_read = trio.current_time() if now is None else now
         if self._waiting:
             self._waiting = False
             self.first_byte.deadline = math.inf
