@@ -225,8 +225,8 @@ class Server:
             self.live.request_done(
                 now, key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
                 status=ex.status, stream=ex.stream, ttfb=ttfb, duration=duration, input_tokens=ex.input_tokens,
-                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000))
-            self.live.streams(now, self.metrics.open_streams)
+                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000),
+                open_streams=self.metrics.open_streams)
         ex.write(duration)
 
     def _book(self, ex: Exchange) -> None:
