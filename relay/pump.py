@@ -142,6 +142,7 @@ class Pump:
             over = self._arrived(upstream, translator)  # a first write made without waiting
             rest = b""
             if over and self.out.started:  # message_start went out early: the rest is ordinary writes
+                self.deadlines.lift()
                 try:
                     await self.flush()
                     await self._end()
@@ -156,9 +157,12 @@ class Pump:
                     except ClientGone:
                         self.gone = True
             if not over or rest:
+                self.deadlines.lift()
                 error = await self._watched(upstream, translator, rest)
             if not self.gone and error is None and translator.error is None:
                 # after the watcher: a client that hangs up once it has its answer must not cost the connection
+                if not upstream.done:  # (drain returns at once when it is)
+                    self.deadlines.lift()
                 await upstream.drain(DRAIN_SECONDS, DRAIN_BYTES)
         finally:
             metrics.open_streams -= 1
@@ -309,7 +313,7 @@ class Pump:
         try:
             if not upstream.arrived():
                 return upstream.done and self._take(None, translator.feed, upstream, translator)
-            self.deadlines.heard(self.deadlines.last_read)
+            self.deadlines.heard(self.deadlines.last_read, lift=False)  # ``run`` lifts it before it waits
             if translator_reads_events(translator):
                 got: Any = upstream.arrived_events()
                 return self._take(got, translator.feed_events, upstream, translator)  # type: ignore[attr-defined]
