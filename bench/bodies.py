@@ -93,17 +93,22 @@ def _file_listing(rng: random.Random, size: int) -> str:
     return "\n".join(lines)[:size]
 
 
-def _turn(i: int, rng: random.Random) -> list[dict[str, Any]]:
-    """One tool round trip: the assistant reads a file, the user side returns it, the user asks on."""
+def _turn(i: int, rng: random.Random, unicode: bool = False) -> list[dict[str, Any]]:
+    """One tool round trip: the assistant reads a file, the user side returns it, the user asks on.
+    ``unicode``: the texts each hold one dash (U+2014), as prose and source files so often do: one such
+    character makes a whole str two bytes a character in CPython, and its UTF-8 form a conversion away."""
     tool_id = f"toolu_bench_{i:05d}"
+    said, listing = _prose(rng, rng.randint(80, 400)), _file_listing(rng, rng.randint(1000, 6000))
+    if unicode:
+        said, listing = said[:-2] + " \u2014", listing[:-2] + " \u2014"
     return [
         {"role": "assistant", "content": [
-            {"type": "text", "text": _prose(rng, rng.randint(80, 400))},
+            {"type": "text", "text": said},
             {"type": "tool_use", "id": tool_id, "name": "Read",
              "input": {"file_path": f"/home/user/project/src/module_{i}.py", "limit": 2000}},
         ]},
         {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": tool_id, "content": _file_listing(rng, rng.randint(1000, 6000))},
+            {"type": "tool_result", "tool_use_id": tool_id, "content": listing},
         ]},
     ]
 
@@ -135,8 +140,9 @@ def _base(rng: random.Random) -> tuple[dict[str, Any], list[dict[str, Any]], lis
     return top, [], opening
 
 
-def claude_code_body(target: int, seed: int = 4) -> bytes:
-    """A streaming Claude Code-shaped request of ``target`` bytes (exact, unless the skeleton is bigger)."""
+def claude_code_body(target: int, seed: int = 4, unicode: bool = False) -> bytes:
+    """A streaming Claude Code-shaped request of ``target`` bytes (exact, unless the skeleton is bigger);
+    ``unicode``: every turn's texts hold one character beyond ASCII (``_turn``)."""
     rng = random.Random(seed)
     top, tools, opening = _base(rng)
     while len(tools) < TOOL_COUNT:
@@ -155,7 +161,7 @@ def claude_code_body(target: int, seed: int = 4) -> bytes:
     size += len(orjson.dumps(closing)) + 1
     i = 0
     while True:
-        turn = _turn(i, rng)
+        turn = _turn(i, rng, unicode)
         extra = sum(len(orjson.dumps(m)) + 1 for m in turn)
         if size + extra > target:
             break

@@ -8,7 +8,8 @@ read) or 16 chunks 20 ms apart (``--shape paced``: one read per chunk, what a re
 zeroes the counters) and stops after ``--requests`` more, so start-up is not in the figure.
 
 ``--body KIB`` sends a Claude Code-shaped request body of that size instead of the smallest one (what relay's
-request side costs: reading, parsing, translating and forwarding the body).
+request side costs: reading, parsing, translating and forwarding the body); ``--unicode`` puts a character
+beyond ASCII in each of its turns' texts, as real prose and source files so often have.
 
 Run: ``python -m bench.callgrind --target relay --requests 200`` (needs valgrind: ``apt-get install valgrind``).
 """
@@ -35,12 +36,13 @@ BODY = orjson.dumps({"model": "mock-model", "max_tokens": 64, "stream": True,
                      "messages": [{"role": "user", "content": "Say hello."}]})
 
 
-def request(target: str, body_kib: int = 0) -> bytes:
+def request(target: str, body_kib: int = 0, unicode: bool = False) -> bytes:
     """``body_kib``: a Claude Code-shaped body of that size (``bench.bodies``, the bodies scenario's), the same
-    bytes to relay and to a floor (which forwards them unread); else the smallest request."""
+    bytes to relay and to a floor (which forwards them unread); else the smallest request. ``unicode``: its
+    turns' texts each hold a character beyond ASCII."""
     if body_kib:
         path = b"/v1/messages" if target == "relay" else b"/p/default/v1/chat/completions"
-        body = claude_code_body(body_kib * 1024)
+        body = claude_code_body(body_kib * 1024, unicode=unicode)
     elif target == "relay":
         path, body = b"/v1/messages", BODY
     else:  # the floors speak OpenAI on both sides
@@ -88,7 +90,7 @@ SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "de
 
 
 def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunks: int = 0,
-            body_kib: int = 0) -> int:
+            body_kib: int = 0, unicode: bool = False) -> int:
     upstream, upstream_port = start_upstream({"default": {**SHAPES[shape], **({"chunks": chunks} if chunks else {})}})
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     port = free_port()
@@ -98,7 +100,7 @@ def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunk
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(workdir / "valgrind.log").open("wb"))
     try:
         wait_port(port, proc, 300)
-        raw = request(target, body_kib)
+        raw = request(target, body_kib, unicode)
         with socket.create_connection(("127.0.0.1", port)) as sock:
             for _ in range(warmup):
                 ask(sock, raw)
@@ -130,9 +132,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="chunks per answer instead of the shape's (two counts give the cost per chunk)")
     parser.add_argument("--body", type=int, default=0, metavar="KIB",
                         help="a Claude Code-shaped request body of this size (as the bodies scenario sends)")
+    parser.add_argument("--unicode", action="store_true",
+                        help="the body's turns each hold a character beyond ASCII (bench.bodies)")
     args = parser.parse_args(argv)
-    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks, args.body)
-    body = f", {args.body} KiB body" if args.body else ""
+    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks, args.body, args.unicode)
+    body = f", {args.body} KiB{' unicode' if args.unicode else ''} body" if args.body else ""
     print(f"{args.target}: {per:,} instructions per {args.shape} request ({args.chunks or SHAPES[args.shape]['chunks']} chunks{body}; "
           f"{args.requests} requests after {args.warmup} warm-up)")
 

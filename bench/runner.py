@@ -24,6 +24,7 @@ from bench.load import LoadPool, LoadSpec, Tally
 from bench.upstream import Profile, stream_events
 
 KIB = 1024
+UNICODE_BODY = 100 * KIB  # the bodies scenario sends this size a second time with text beyond ASCII
 DIRECT, RELAY, RELAY2, PIPE, STACK = "direct", "relay", "relay-2w", "pipe", "stack"
 STORES = ("sqlite", "redis")  # the store scenario's paths: each store with a config key, and "+vkey"
 VKEY = "+vkey"
@@ -279,12 +280,19 @@ class Runner:
         targets = self._targets("bodies")
         try:
             self._warm(targets, self._body_file("simple.json", bodies.simple_body()), 1)
-            for size in plan.body_sizes:
-                body = self._body_file(f"cc-{size}.json", bodies.claude_code_body(size))
+            for size, unicode in self._body_cases():
+                name = f"cc-{size}{'-unicode' if unicode else ''}.json"
+                body = self._body_file(name, bodies.claude_code_body(size, unicode=unicode))
                 specs = {p: self._spec(t, body, concurrency=1, duration=plan.body_seconds) for p, t in targets.items()}
-                self._rounds(Case("bodies", f"{size // KIB} KiB", size, specs), targets)
+                self._rounds(Case("bodies", f"{size // KIB} KiB{' unicode' if unicode else ''}", size, specs), targets)
         finally:
             self._stop(targets)
+
+    def _body_cases(self) -> list[tuple[int, bool]]:
+        """Each size, and 100 KiB again with a character beyond ASCII in every turn's texts (``bench.bodies``):
+        what real prose and source files cost, which the ASCII bodies do not show."""
+        sizes = self.plan.body_sizes
+        return [(size, False) for size in sizes] + ([(UNICODE_BODY, True)] if UNICODE_BODY in sizes else [])
 
     def _paced(self) -> None:
         plan = self.plan
@@ -355,7 +363,7 @@ class Runner:
 
     def _count_phases(self) -> int:
         plan = self.plan
-        levels = {"burst": plan.burst_levels, "bodies": plan.body_sizes, "paced": plan.paced_levels}
+        levels = {"burst": plan.burst_levels, "bodies": self._body_cases(), "paced": plan.paced_levels}
         phases = plan.rounds * sum(len(levels[s]) * len(self._paths(s)) for s in levels if s in self.only)
         if self.use_relay and "store" in self.only:
             phases += plan.rounds * len(plan.store_levels) * (1 + 2 * len(STORES))

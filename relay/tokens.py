@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 from typing import Any
 
 import orjson
@@ -27,7 +28,40 @@ def text_tokens(text: Any) -> int:
         return 0
     if text.isascii():
         return (len(text) + 3) // 4
-    return _tokens(len(text), len(text.encode("utf-8")) - len(text))
+    return _tokens(len(text), utf8_size(text) - len(text))
+
+
+FILL_FROM = 1024  # characters: below, a call through ctypes costs more than the conversion it spares
+
+
+def utf8_size(text: str) -> int:
+    """The size of ``text`` in UTF-8. A long string is measured by CPython's own conversion
+    (``PyUnicode_AsUTF8AndSize``), which keeps the UTF-8 form inside the str: orjson writes a string from that
+    form when it is there, and converts it itself otherwise. A string that is not ASCII costs ~11 instructions
+    a character to convert, against ~1.4 to write once converted, so measuring it this way, rather than with
+    ``encode`` (which converts and keeps nothing), spares the body's serialisation the conversion: a tool
+    result's text goes upstream as the same str (bench/README.md, session 8)."""
+    if len(text) >= FILL_FROM and _as_utf8 is not None:
+        size = ctypes.c_ssize_t()
+        try:
+            _as_utf8(text, ctypes.byref(size))
+        except UnicodeEncodeError:  # a lone surrogate (never from JSON: orjson refuses one)
+            return len(text.encode("utf-8", "surrogatepass"))
+        return size.value
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _utf8_converter() -> Any:
+    try:
+        convert = ctypes.pythonapi.PyUnicode_AsUTF8AndSize  # the stable ABI's, in every CPython relay runs on
+    except AttributeError:  # not CPython: measure by encoding
+        return None
+    convert.argtypes = (ctypes.py_object, ctypes.POINTER(ctypes.c_ssize_t))
+    convert.restype = ctypes.c_void_p
+    return convert
+
+
+_as_utf8 = _utf8_converter()
 
 
 def _tokens(chars: int, extra: int) -> int:
@@ -119,13 +153,17 @@ def _content_tokens(content: Any) -> int:
 
 
 def _json_tokens(value: Any) -> int:
-    """The tokens of a value's JSON text, counted on orjson's bytes (decoded only when they are not ASCII: a
-    tool's schema, on every request, usually is)."""
+    """The tokens of a value's JSON text, counted on orjson's bytes: they are its UTF-8 form already, so only
+    the characters need counting when they are not ASCII (decoding, not a round trip through ``text_tokens``,
+    which would encode them again: Claude Code's tool schemas hold an ellipsis or an arrow on every request)."""
     try:
         data = orjson.dumps(value)
     except (orjson.JSONEncodeError, TypeError):  # deeper than orjson writes: validation will refuse it
         return 0
-    return (len(data) + 3) // 4 if data.isascii() else text_tokens(data.decode())
+    if data.isascii():
+        return (len(data) + 3) // 4
+    chars = len(data.decode())
+    return _tokens(chars, len(data) - chars)
 
 
 def estimate(req: dict[str, Any]) -> int:

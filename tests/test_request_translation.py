@@ -180,8 +180,35 @@ def test_fields_and_caps() -> None:
     {"model": "x", "max_tokens": 1, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": 3}]}]},
     {"model": "x", "max_tokens": 1, "messages": [], "tools": [{"description": "no name"}]},
     {"model": "x", "max_tokens": 1, "messages": [], "temperature": "hot"},
+    {"model": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "q"}],
+     "tools": [{"name": "f", "input_schema": ["not", "an", "object"]}]},
 ])
 def test_invalid_requests_raise_400(req: dict[str, Any]) -> None:
     with pytest.raises(RelayError) as info:
         build(req, PROVIDER, "m", False)
     assert info.value.status == 400 and info.value.error_type == "invalid_request_error"
+
+
+def test_tools_schemas_in_every_format() -> None:
+    """A tool's schema goes on as it came (the request's own object, unchanged: builds pass the usual tool on
+    without a copy, bench/README.md session 8); a tool without one gets an empty object schema."""
+    import copy
+
+    from relay.formats.gemini.request import build as gemini_build
+    from relay.formats.openai_responses.request import build as responses_build
+
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    req = {"model": "x", "max_tokens": 10, "messages": [{"role": "user", "content": "q"}],
+           "tools": [{"name": "f", "description": "finds", "input_schema": schema}, {"name": "g"}]}
+    before = copy.deepcopy(req)
+    empty = {"type": "object", "properties": {}}
+
+    tools = build(req, PROVIDER, "m", False)[0]["tools"]
+    assert [t["function"] for t in tools] == [{"name": "f", "parameters": schema, "description": "finds"},
+                                              {"name": "g", "parameters": empty}]
+    tools = responses_build(req, PROVIDER, "m", False)[0]["tools"]
+    assert [(t["name"], t["parameters"]) for t in tools] == [("f", schema), ("g", empty)]
+    declarations = gemini_build(req, PROVIDER, "m", False)[0]["tools"][0]["functionDeclarations"]
+    assert [d["name"] for d in declarations] == ["f", "g"]
+    assert declarations[0]["parameters"]["required"] == ["q"]
+    assert req == before

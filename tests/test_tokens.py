@@ -49,3 +49,31 @@ def test_a_request_adds_its_parts() -> None:
     schema_tokens = (len(orjson.dumps(schema)) + 3) // 4
     assert tokens.estimate(req) == (25 + 4) + (4 + 5) + (4 + 2) + (8 + 1 + 3 + schema_tokens)
     assert tokens.estimate({"messages": "not a list"}) == 1  # never below one, never an error
+
+
+@pytest.mark.parametrize("words", ["Runs a command \u2026 in the shell", "caf\u00e9 \u2192 \u4e2d\u6587 \U0001f600", "plain"])
+def test_a_schemas_json_counts_as_its_text(words: str) -> None:
+    """A tool's schema (and a tool_use's input) count as their JSON text by the rule for text: counted on orjson's
+    UTF-8 bytes, with no round trip through a str, they must count what the text itself counts."""
+    schema = {"type": "object", "description": words, "properties": {"q": {"type": "string", "description": words}}}
+    text = orjson.dumps(schema).decode()
+    assert tokens._json_tokens(schema) == tokens.text_tokens(text)
+    base = tokens.estimate({"tools": [{"name": "T", "input_schema": {}}]})
+    with_schema = tokens.estimate({"tools": [{"name": "T", "input_schema": schema}]})
+    assert with_schema - base == tokens.text_tokens(text) - tokens.text_tokens("{}")
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 5000, "caf\u00e9 " * 400, "x" * 3000 + "\u2014", "\u4e2d\u6587" * 1500, "ok \U0001f600 " * 300,
+    "\u00e9" * (tokens.FILL_FROM - 1), "\u00e9" * tokens.FILL_FROM, "a\ud800" * 700, "short \u2192",
+])
+def test_utf8_size_is_the_encoded_length(text: str) -> None:
+    """Long strings are measured by CPython's own UTF-8 conversion (which keeps its result for orjson), short
+    ones by encoding: both give the length of the UTF-8 form, lone surrogates included, and the body relay
+    writes of such a string is unchanged."""
+    expect = len(text.encode("utf-8", "surrogatepass"))
+    assert tokens.utf8_size(text) == expect
+    assert tokens.text_tokens(text) == tokens._tokens(len(text), expect - len(text))
+    if "\ud800" not in text:
+        assert orjson.dumps({"t": text}) == b'{"t":' + orjson.dumps(text) + b"}"
+        assert orjson.loads(orjson.dumps(text)) == text

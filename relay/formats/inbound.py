@@ -280,11 +280,12 @@ def client_tools(req: dict[str, Any], dropped: set[str]) -> list[dict[str, Any]]
             if name not in referenced:
                 continue
         schema = tool.get("input_schema")
-        if schema is None:
-            schema = {"type": "object", "properties": {}}
-        if not isinstance(schema, dict):
+        if isinstance(schema, dict):  # the usual tool is passed on as it came (callers only read it)
+            out.append(tool)
+        elif schema is None:
+            out.append({**tool, "input_schema": {"type": "object", "properties": {}}})
+        else:
             raise invalid(f"tools.{i}.input_schema: expected an object")
-        out.append({**tool, "input_schema": schema})
     return out
 
 
