@@ -43,6 +43,11 @@ class ProviderHealth:
                 return key
         return min(self.keys, key=lambda k: self._resting.get(k, 0.0))
 
+    @property
+    def resting(self) -> bool:
+        """Some key rests: ``pick_key`` needs the time (with none resting, any time picks the same key)."""
+        return bool(self._resting)
+
     def key_refused(self, key: str, status: int, now: float, retry_after: float | None = None) -> None:
         if status in (401, 403):
             self._resting[key] = now + AUTH_COOLDOWN

@@ -25,6 +25,11 @@ EXPORT_VERSION = 1  # the shape of ``Live.export``: another shape is left out of
 TTFB_BOUNDS = tuple(0.001 * 1.25 ** i for i in range(48))
 
 
+# One of this process's requests, as ``Live.request_done`` got it: (seq, now, key, model, target, status, stream,
+# ttfb, duration, input_tokens, output_tokens, cost_micros).
+_Done = tuple[int, float, str, str, str, int, "bool | None", "float | None", float, "int | None", "int | None", int]
+
+
 @dataclass
 class _Slot:
     index: int = -1  # which STEP-long span of time this slot holds now (epoch seconds // STEP)
@@ -64,7 +69,8 @@ class Live:
     def __init__(self, name: str = "local") -> None:
         self.name = name  # this process's instance id: requests are told apart across instances by name and number
         self._slots = [_Slot() for _ in range(STEPS)]
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        # this process's requests as ``_Done`` tuples (made into rows when read: ``rows``), others' as rows
+        self.recent: deque[dict[str, Any] | _Done] = deque(maxlen=RECENT)
         self._seq = 0
 
     def _slot(self, now: float) -> _Slot:
@@ -81,10 +87,14 @@ class Live:
 
     def request_done(self, now: float, *, key: str, model: str, target: str, status: int, stream: bool | None,
                      ttfb: float | None, duration: float, input_tokens: int | None, output_tokens: int | None,
-                     cost_micros: int) -> None:
+                     cost_micros: int, open_streams: int | None = None) -> None:
         """One answered request: ``now`` in epoch seconds, ``ttfb`` and ``duration`` in seconds. An error is any
-        answer that is not a 2xx (status 0: the client left before any answer)."""
+        answer that is not a 2xx (status 0: the client left before any answer). ``open_streams``: a sample of the
+        gauge taken with it (as ``streams``). Its row for the table is made when the table is read (at most
+        ``RECENT`` rows, when the console asks), not once per request."""
         slot = self._slot(now)
+        if open_streams is not None and open_streams > slot.streams:
+            slot.streams = open_streams
         slot.requests += 1
         if not 200 <= status < 300:
             slot.errors += 1
@@ -96,12 +106,22 @@ class Live:
                 slot.ttfb = [0] * (len(TTFB_BOUNDS) + 1)
             slot.ttfb[bisect_left(TTFB_BOUNDS, ttfb)] += 1
         self._seq += 1
-        self.recent.append({
-            "id": f"{self.name}-{self._seq}", "time": round(now, 3), "key": printable(key, 80), "model": printable(model),
+        self.recent.append((self._seq, now, key, model, target, status, stream, ttfb, duration, input_tokens,
+                            output_tokens, cost_micros))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The latest requests as the table's rows, in the order they were kept."""
+        return [entry if isinstance(entry, dict) else self._row(*entry) for entry in self.recent]
+
+    def _row(self, seq: int, now: float, key: str, model: str, target: str, status: int, stream: bool | None,
+             ttfb: float | None, duration: float, input_tokens: int | None, output_tokens: int | None,
+             cost_micros: int) -> dict[str, Any]:
+        return {
+            "id": f"{self.name}-{seq}", "time": round(now, 3), "key": printable(key, 80), "model": printable(model),
             "target": printable(target), "status": status, "stream": stream,
             "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1), "duration_ms": round(duration * 1000, 1),
             "input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cost_usd": cost_micros / 1_000_000 if cost_micros else None})
+            "cost_usd": cost_micros / 1_000_000 if cost_micros else None}
 
     def _minute(self, last: int, elapsed: float) -> dict[str, Any]:
         """The headline figures: the last six slots (the one filling included), so a quiet second reads as the
@@ -142,7 +162,7 @@ class Live:
         return {"now": round(now, 3), "step": STEP, "last_minute": self._minute(last, elapsed),
                 "series": {"requests_per_s": rps, "error_rate": err, "tokens_per_s": tps, "cost_usd": cost,
                            "streams_open": streams, "ttfb_p50_ms": p50, "ttfb_p99_ms": p99},
-                "recent": sorted(self.recent, key=lambda r: r["time"])[::-1]}
+                "recent": sorted(self.rows(), key=lambda r: r["time"])[::-1]}
 
     def export(self, now: float, open_streams: int) -> dict[str, Any]:
         """What this process publishes for the other instances' consoles: its slots of the hour that saw
@@ -150,7 +170,7 @@ class Live:
         first = int(now // STEP) - STEPS + 1
         return {"v": EXPORT_VERSION, "slots": [[s.index, s.requests, s.errors, s.tokens, s.cost_micros, s.streams, s.ttfb]
                           for s in self._slots if s.index >= first and (s.requests or s.streams)],
-                "recent": list(self.recent), "streams_open": open_streams}
+                "recent": self.rows(), "streams_open": open_streams}
 
     def absorb(self, exported: Any) -> None:
         """Add another process's ``export`` into this one: counts and histograms add up, as do the streams each
@@ -178,7 +198,7 @@ class Live:
             slot.streams += streams
             if len(ttfb) == len(TTFB_BOUNDS) + 1:
                 slot.ttfb = [a + b for a, b in zip(slot.ttfb or [0] * len(ttfb), ttfb)]
-        newest = sorted([*self.recent, *recent], key=lambda r: r["time"])[-RECENT:]
+        newest = sorted([*self.rows(), *recent], key=lambda r: r["time"])[-RECENT:]
         self.recent = deque(newest, maxlen=RECENT)
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import h11
@@ -113,9 +111,9 @@ class HTTP11Connection(httpcore.AsyncHTTP11Connection):
 class Response:
     """A response whose head httpcore has read; its body is read by relay (``reader``) from ``receive``."""
 
-    __slots__ = ("status", "headers", "reader", "keep_alive", "_first", "_network", "_timeout")
+    __slots__ = ("status", "headers", "reader", "keep_alive", "connection", "key", "_first", "_network", "_timeout")
 
-    def __init__(self, connection: HTTP11Connection, status: int, headers: list[tuple[bytes, bytes]],
+    def __init__(self, connection: HTTP11Connection, key: OriginKey, status: int, headers: list[tuple[bytes, bytes]],
                  http_version: bytes, method: bytes, timeout: float | None) -> None:
         self.status = status
         self.headers = headers
@@ -125,6 +123,8 @@ class Response:
         self._first = ([b""] if closed else []) + ([first] if first else [])  # popped from the end
         self._network = connection.network
         self._timeout = timeout
+        self.connection = connection  # the pool's, lent to this response until ``ConnectionPool.release``
+        self.key = key
 
     @property
     def has_arrived(self) -> bool:
@@ -159,6 +159,26 @@ class Response:
         return self.keep_alive and self.reader.clean
 
 
+class Stream:
+    """``ConnectionPool.stream``'s context: ``open`` on the way in, ``release`` on every way out. A class, not an
+    ``asynccontextmanager``: the generator's machinery cost ~5k instructions per request."""
+
+    __slots__ = ("_pool", "_args", "_response")
+
+    def __init__(self, pool: ConnectionPool, method: str, url: str, headers: list[tuple[bytes, bytes]],
+                 content: bytes | None, timeouts: dict[str, float | None]) -> None:
+        self._pool = pool
+        self._args = (method, url, headers, content, timeouts)
+        self._response: Response | None = None
+
+    async def __aenter__(self) -> Response:
+        self._response = await self._pool.open(*self._args)
+        return self._response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pool.release(self._response)  # type: ignore[arg-type]  # set by __aenter__
+
+
 class ConnectionPool:
     def __init__(self, ssl_context: ssl.SSLContext, max_connections: int, keepalive_expiry: float = 60.0) -> None:
         ssl_context.set_alpn_protocols(["http/1.1"])  # what httpcore's own connection offers without HTTP/2
@@ -183,48 +203,61 @@ class ConnectionPool:
             parsed = self._urls[url] = ((origin.scheme, origin.host, origin.port), origin, u.target)
         return parsed
 
-    @asynccontextmanager
-    async def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
-                     extensions: dict[str, Any]) -> AsyncIterator[Response]:
-        """One request on a pooled connection; the response body is read inside the block (``Response``). The
-        connection goes back to the pool when the body was read to its clean end; anything else (a body cut
-        short or left unread, a framing error, bytes after the end, a cancelled read) closes it."""
+    def stream(self, method: str, url: str, *, headers: list[tuple[bytes, bytes]], content: bytes | None,
+               extensions: dict[str, Any]) -> Stream:
+        """One request on a pooled connection, as ``async with pool.stream(...) as response``; the response body
+        is read inside the block (``Response``). The connection goes back to the pool when the body was read to
+        its clean end; anything else (a body cut short or left unread, a framing error, bytes after the end, a
+        cancelled read) closes it."""
+        return Stream(self, method, url, headers, content, extensions.get("timeout", {}))
+
+    async def open(self, method: str, url: str, headers: list[tuple[bytes, bytes]], content: bytes | None,
+                   timeouts: dict[str, float | None]) -> Response:
+        """``stream``'s way in: the request sent on a connection that is now the response's, and its head read.
+        Whatever happens next, the caller hands the response back with ``release`` (a ``finally``); a failure
+        here has released everything already."""
         key, origin, target = self._parse(url)
         verb = method.encode("ascii")
         try:
             head = request_head(verb, target, headers, None if content is None else len(content))
         except HeadError as exc:
             raise httpcore.LocalProtocolError(str(exc)) from None
-        timeouts = extensions.get("timeout", {})
-        if self._slots is None:
-            self._slots = trio.Semaphore(self._limit)
+        slots = self._slots
+        if slots is None:
+            slots = self._slots = trio.Semaphore(self._limit)
         try:
-            self._slots.acquire_nowait()  # the usual case: no cancel scope, no trip through the scheduler
+            slots.acquire_nowait()  # the usual case: no cancel scope, no trip through the scheduler
         except trio.WouldBlock:  # full (or others already waiting: they go first)
             with trio.move_on_after(timeouts.get("pool") or float("inf")) as waiting:
-                await self._slots.acquire()
+                await slots.acquire()
             if waiting.cancelled_caught:
                 raise httpcore.PoolTimeout(f"no free connection within {timeouts['pool']}s") from None
         try:
             connection = await self._checkout(key, origin, timeouts.get("connect"))
             try:
                 status, response_headers, version = await connection.send(verb, head, content or b"", timeouts)
-                response = Response(connection, status, response_headers, version, verb, timeouts.get("read"))
+                return Response(connection, key, status, response_headers, version, verb, timeouts.get("read"))
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await connection.aclose()
                 raise
-            try:
-                yield response
-            finally:
-                if response.reusable and not self._closed:
-                    connection.reuse()
-                    self._idle.setdefault(key, []).append(connection)
-                else:
-                    with trio.CancelScope(shield=True):
-                        await connection.aclose()
+        except BaseException:
+            slots.release()
+            raise
+
+    async def release(self, response: Response) -> None:
+        """The end of a response ``open`` returned (however its block ended): its connection back to the pool if
+        the body was read to its clean end, else closed; its slot free either way."""
+        try:
+            connection = response.connection
+            if response.reusable and not self._closed:
+                connection.reuse()
+                self._idle.setdefault(response.key, []).append(connection)
+            else:
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
         finally:
-            self._slots.release()
+            self._slots.release()  # type: ignore[union-attr]  # made by ``open``
 
     async def _checkout(self, key: OriginKey, origin: httpcore.Origin,
                         timeout: float | None) -> HTTP11Connection:

@@ -138,10 +138,11 @@ class Pump:
             if self.waits is not None or self._head_done is not None:
                 await self.end_head_watch()
             self.head_over = True
-            self.deadlines.last_read = trio.current_time()
-            over = self._arrived(upstream, translator)
+            self.deadlines.last_read = trio.current_time()  # one clock read for the head, what came with it and
+            over = self._arrived(upstream, translator)  # a first write made without waiting
             rest = b""
             if over and self.out.started:  # message_start went out early: the rest is ordinary writes
+                self.deadlines.lift()
                 try:
                     await self.flush()
                     await self._end()
@@ -152,13 +153,16 @@ class Pump:
                 if error is None:
                     try:
                         rest = self.out.finish_now(self._take_pending())
-                        self.last_write = trio.current_time()
+                        self.last_write = self.deadlines.last_read
                     except ClientGone:
                         self.gone = True
             if not over or rest:
+                self.deadlines.lift()
                 error = await self._watched(upstream, translator, rest)
             if not self.gone and error is None and translator.error is None:
                 # after the watcher: a client that hangs up once it has its answer must not cost the connection
+                if not upstream.done:  # (drain returns at once when it is)
+                    self.deadlines.lift()
                 await upstream.drain(DRAIN_SECONDS, DRAIN_BYTES)
         finally:
             metrics.open_streams -= 1
@@ -309,7 +313,7 @@ class Pump:
         try:
             if not upstream.arrived():
                 return upstream.done and self._take(None, translator.feed, upstream, translator)
-            self.deadlines.heard()
+            self.deadlines.heard(self.deadlines.last_read, lift=False)  # ``run`` lifts it before it waits
             if translator_reads_events(translator):
                 got: Any = upstream.arrived_events()
                 return self._take(got, translator.feed_events, upstream, translator)  # type: ignore[attr-defined]

@@ -225,8 +225,8 @@ class Server:
             self.live.request_done(
                 now, key=ex.client.name if ex.client is not None else "", model=ex.model, target=ex.target,
                 status=ex.status, stream=ex.stream, ttfb=ttfb, duration=duration, input_tokens=ex.input_tokens,
-                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000))
-            self.live.streams(now, self.metrics.open_streams)
+                output_tokens=ex.output_tokens, cost_micros=round((ex.cost_usd or 0) * 1_000_000),
+                open_streams=self.metrics.open_streams)
         ex.write(duration)
 
     def _book(self, ex: Exchange) -> None:
@@ -421,7 +421,8 @@ class Server:
         attempt = 0
         capped = False  # retried once already with the output cap the upstream stated
         while True:
-            key = health.pick_key(trio.current_time(), asked.place.keys.get(provider.name) if asked.place else None)
+            key = health.pick_key(trio.current_time() if health.resting else 0.0,  # (no clock read when no key rests)
+                                  asked.place.keys.get(provider.name) if asked.place else None)
             ex.target = target.label
             try:
                 await self._serve_from(conn, ex, asked, target, key)
@@ -470,7 +471,7 @@ class Server:
         if not server.keepalive:
             return Pump(out, deadlines, estimate, translator)
         start = server.keepalive_start if provider.keepalive_start is None else provider.keepalive_start
-        start_at = trio.current_time() - (time.perf_counter() - out.ex.started) + start
+        start_at = deadlines.last_read - (time.perf_counter() - out.ex.started) + start  # (made just now)
         pump = Pump(out, deadlines, estimate, translator, server.keepalive, start_at)
         if start_at < deadlines.first_byte.deadline:
             self.heads.add(pump, start)

@@ -22,6 +22,7 @@ class Reply:
     cut: bool = False  # drop the connection after the pieces, without ending the body
     delay: float = 0.0  # silence before the head (a server that thinks before it answers at all)
     coalesce: bool = False  # head, pieces (one chunk each) and end in one write: a fast model's whole answer
+    first_with_head: bool = False  # the head and the first piece in one write (the rest as usual)
 
 
 @dataclass
@@ -113,9 +114,13 @@ class MockUpstream:
                                                           if isinstance(p, bytes)) + conn.send(h11.EndOfMessage()))
                     conn.start_next_cycle()
                     continue
+                pieces = reply.pieces
+                if reply.first_with_head and pieces and isinstance(pieces[0], bytes):
+                    head += conn.send(h11.Data(data=pieces[0]))
+                    pieces = pieces[1:]
                 await stream.send_all(head)
                 try:
-                    for piece in reply.pieces:
+                    for piece in pieces:
                         if isinstance(piece, float):
                             with trio.move_on_after(piece):  # pause, but notice a client that hangs up
                                 if not await stream.receive_some(65536):

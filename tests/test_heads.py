@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay import heads
 from relay.heads import HeadError, request_head, response_head
 
 TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -165,3 +166,19 @@ def test_a_line_end_smuggled_into_any_part_is_refused_as_h11_refuses_it(part: st
 def test_a_response_carries_no_framing_or_connection_header_but_relays_own(name: bytes) -> None:
     with pytest.raises(HeadError):
         response_head(200, b"OK", [(name, b"close")], 5)
+
+
+def test_a_line_checked_once_is_remembered_and_lets_no_other_through() -> None:
+    """Lines are checked once and remembered (a provider's head repeats): the same head is written again
+    unchanged, a line that differs from a remembered one is checked on its own, and the memory is bounded."""
+    head = request_head(b"POST", b"/v1", [(b"host", b"x"), (b"x-custom", b"a")], 1)
+    assert request_head(b"POST", b"/v1", [(b"host", b"x"), (b"x-custom", b"a")], 1) == head
+    assert b"x-custom: a\r\n" in heads._GOOD
+    for spoiled in (b"a\r\nx-injected: 1", b"a\r\n", b"a "):
+        with pytest.raises(HeadError):
+            request_head(b"POST", b"/v1", [(b"host", b"x"), (b"x-custom", spoiled)], 1)
+        with pytest.raises(HeadError):
+            response_head(200, b"OK", [(b"x-custom", spoiled)], 1)
+    for i in range(heads.GOOD_LINES + 10):
+        response_head(200, b"OK", [(b"request-id", b"req_%d" % i)], 0)
+    assert len(heads._GOOD) <= heads.GOOD_LINES

@@ -160,6 +160,18 @@ async def test_a_missed_first_byte_after_an_early_start_is_an_error_event(nurser
     assert "no first byte within 1.2s" in events[-1][1]["error"]["message"]
 
 
+async def test_a_first_chunk_that_came_with_the_head_lifts_the_first_byte_deadline(nursery: trio.Nursery) -> None:
+    """The first-byte deadline is met by a chunk that came with the upstream's head (the pump moves it off the
+    scope only before it first waits): a pause longer than first_byte_timeout after it does not cut the stream."""
+    reply = text_stream("a", "b")
+    reply.pieces = [reply.pieces[0], reply.pieces[1], 1.5, *reply.pieces[2:]]
+    reply.first_with_head = True
+    _, relay = await setup(nursery, reply, provider="first_byte_timeout = 0.5")
+    events = await stream_events(relay)
+    check_stream(events)
+    assert names(events)[-1] == "message_stop" and texts(events) == "ab"
+
+
 async def test_a_fast_failure_keeps_its_status_and_its_fallback(nursery: trio.Nursery) -> None:
     """Before keepalive_start nothing is committed: a 503 is still an HTTP status, and the route's next target
     still serves (its own silence then starts the message early)."""

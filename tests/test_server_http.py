@@ -134,6 +134,23 @@ async def test_idle_connection_is_closed(nursery: trio.Nursery, upstream: MockUp
     assert out.startswith(b"HTTP/1.1 408")
 
 
+async def test_a_head_begun_has_header_timeout_to_finish(nursery: trio.Nursery, upstream: MockUpstream) -> None:
+    """The idle allowance is for a connection with nothing sent; once a request's head has begun it has
+    header_timeout to finish (the clock moves when relay finds the head incomplete, not before: a head whole in
+    one read never moves it)."""
+    relay = await start_relay(nursery, relay_config(upstream.base_url).replace(
+        "[server]", "[server]\nidle_timeout = 600\nheader_timeout = 0.3"))
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # no blank line: the head is not done
+    out = b""
+    with trio.fail_after(30):  # far below idle_timeout: only header_timeout can answer within it
+        while more := await stream.receive_some(65536):
+            out += more
+    assert out.startswith(b"HTTP/1.1 408"), out[:200]
+    assert b"request head not received within 0.3s" in out
+    await stream.aclose()
+
+
 async def test_malformed_http_gets_400(relay: RelayHandle) -> None:
     out = await exchange(relay.port, b"THIS IS NOT HTTP\r\n\r\n", read_until_close=True)
     status, headers, body = split(out)
