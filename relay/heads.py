@@ -7,7 +7,7 @@ a regex each, and ran h11's state machine, which relay then did not need: the co
 (the body reader knows when an upstream answer ended, the server loop when a client's did). Here a head is
 written in one pass, each line checked against its grammar (a line's grammar holds no CR or LF before its end, so
 no part can bring a line end of its own: a value holding ``\r\nname: value`` is refused, not an injected
-header). A line checked once is remembered (``_GOOD``): a provider's head is the same lines request after request,
+header). A line checked once is remembered with its grammar (``_GOOD``): a provider's head is the same lines request after request,
 and a regex over ~200 bytes cost ~20k instructions per head. The bytes are h11's bytes for the same head, and a
 head h11 would refuse to write is refused (``tests/test_heads.py`` holds the two side by side).
 """
@@ -31,7 +31,7 @@ _FRAMING = (b"content-length", b"transfer-encoding")
 _CONNECTION = (*_FRAMING, b"connection")
 _NAME = re.compile(_TOKEN)
 GOOD_LINES = 1024  # lines known to be valid, kept (then forgotten all at once): a provider's, relay's own
-_GOOD: dict[bytes, None] = {}
+_GOOD: dict[bytes, re.Pattern[bytes]] = {}  # line -> the grammar it matched: valid as that kind of line only
 
 
 def _check(line: bytes, grammar: re.Pattern[bytes], what: str) -> None:
@@ -42,7 +42,7 @@ def _check(line: bytes, grammar: re.Pattern[bytes], what: str) -> None:
         raise HeadError(f"not a valid {what}: {line[:200]!r}")
     if len(_GOOD) >= GOOD_LINES:
         _GOOD.clear()
-    _GOOD[line] = None
+    _GOOD[line] = grammar
 
 
 def is_header_name(name: str) -> bool:
@@ -57,7 +57,7 @@ def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, by
     host = b""
     good = _GOOD
     line = b"%b %b HTTP/1.1\r\n" % (method, target)
-    if line not in good:
+    if good.get(line) is not _REQUEST_LINE:
         _check(line, _REQUEST_LINE, "request line")
     lines = [line]
     for name, value in headers:
@@ -71,7 +71,7 @@ def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, by
         else:
             line = b"%b: %b\r\n" % (name, value)
             lines.append(line)
-        if line not in good:
+        if good.get(line) is not _FIELD_LINE:
             _check(line, _FIELD_LINE, "header line")
     if not host:
         raise HeadError("no Host header")
@@ -92,14 +92,14 @@ def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, byt
         raise HeadError(f"status {status} is not a final answer's")
     good = _GOOD
     line = b"HTTP/1.1 %d %b\r\n" % (status, reason)
-    if line not in good:
+    if good.get(line) is not _STATUS_LINE:
         _check(line, _STATUS_LINE, "status line")
     lines = [line]
     for name, value in headers:
         if name.lower() in _CONNECTION:
             raise HeadError(f"{name.decode('latin-1')} is relay's to set")
         line = b"%b: %b\r\n" % (name, value)
-        if line not in good:
+        if good.get(line) is not _FIELD_LINE:
             _check(line, _FIELD_LINE, "header line")
         lines.append(line)
     if content_length is not None:

@@ -182,3 +182,14 @@ def test_a_line_checked_once_is_remembered_and_lets_no_other_through() -> None:
     for i in range(heads.GOOD_LINES + 10):
         response_head(200, b"OK", [(b"request-id", b"req_%d" % i)], 0)
     assert len(heads._GOOD) <= heads.GOOD_LINES
+
+
+def test_a_remembered_line_is_valid_only_as_its_own_kind() -> None:
+    """A line remembered as valid is valid as the kind of line it was checked as: a status line whose reason
+    holds ``: `` reads like a header line, and must not let that header (its name has spaces) through."""
+    response_head(200, b"x: y", [], 0)  # a valid status line, remembered
+    with pytest.raises(HeadError):
+        request_head(b"POST", b"/v1", [(b"host", b"x"), (b"HTTP/1.1 200 x", b"y")], 1)
+    request_head(b"POST", b"/v1", [(b"host", b"x"), (b"x-custom", b"b")], 1)  # a valid header line, remembered
+    with pytest.raises(HeadError):
+        response_head(200, b"OK", [(b"HTTP/1.1 200 x", b"y")], 0)
