@@ -44,6 +44,11 @@ class Histogram:
         self.total = 0.0
         self.n = 0
 
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.total += value
+        self.n += 1
+
     def add(self, counts: list[int], total: float, n: int) -> None:
         self.counts = [a + b for a, b in zip(self.counts, counts)]
         self.total += total
@@ -82,16 +87,9 @@ class Metrics:
         model = self.model_label(model, 200 <= status < 300)
         self.requests[(route, provider, model, str(status))] += 1
         if provider:
-            key = (provider,)
-            h = self.duration[key]  # (Histogram.observe written out: two calls less per request)
-            h.counts[bisect_left(BUCKETS, duration)] += 1
-            h.total += duration
-            h.n += 1
+            self.duration[(provider,)].observe(duration)
             if ttfb is not None:
-                h = self.ttfb[key]
-                h.counts[bisect_left(BUCKETS, ttfb)] += 1
-                h.total += ttfb
-                h.n += 1
+                self.ttfb[(provider,)].observe(ttfb)
             if tokens_in:
                 self.tokens[(provider, "input")] += tokens_in
             if tokens_out:

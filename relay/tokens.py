@@ -86,7 +86,7 @@ class OutputCount:
     def add(self, text: str) -> None:
         self.chars += len(text)
         if not text.isascii():
-            self.extra += len(text.encode("utf-8")) - len(text)
+            self.extra += utf8_size(text) - len(text)
 
     def tokens(self) -> int:
         return _tokens(self.chars, self.extra) if self.chars else 0

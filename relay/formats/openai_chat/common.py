@@ -40,6 +40,11 @@ def matched_stop(choice: dict[str, Any], stop_sequences: tuple[str, ...]) -> str
     return None
 
 
+def _count(value: Any) -> int:
+    """A token count as reported, or 0 for anything that is not a non-negative integer."""
+    return value if type(value) is int and value > 0 else 0
+
+
 def text_field(value: Any) -> str:
     """An id or name from the upstream as a string, whatever JSON type it arrived as."""
     if isinstance(value, str):
@@ -55,11 +60,7 @@ def usage_numbers(usage: dict[str, Any]) -> tuple[int, int, int]:
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if not cached:
         cached = usage.get("prompt_cache_hit_tokens") or usage.get("cached_tokens") or 0
-    # a count as reported, or 0 for anything that is not a positive integer (written out: once per stream, and a
-    # call each costs more than the test)
-    prompt = prompt if type(prompt) is int and prompt > 0 else 0
-    completion = completion if type(completion) is int and completion > 0 else 0
-    cached = cached if type(cached) is int and cached > 0 else 0
+    prompt, completion, cached = _count(prompt), _count(completion), _count(cached)
     cached = min(cached, prompt)
     return prompt - cached, completion, cached
 
