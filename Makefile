@@ -22,8 +22,9 @@ TEST_STAMP := $(VENV)/.test-stamp
 
 # The tests also drive a real local model server (llama-cpp-python's, with a 135M model from a wheel). Its install
 # compiles llama.cpp, about 10 minutes on 2 cores. Built for a portable x86-64 (AVX2), not for this CPU: a native
-# build uses AMX where the CPU lists it, and on virtual machines that list AMX without giving it (this project's
-# CI, measured 2026-12-04) every decode crashes with SIGSEGV in ggml_backend_amx_mul_mat. pip's wheel cache does
+# build uses AMX where the CPU lists it, and on virtual machines that list AMX without giving it every decode
+# crashes with SIGSEGV in ggml_backend_amx_mul_mat (seen with gdb on the dev VM on 2026-12-04; CI failed the same
+# way that day). pip's wheel cache does
 # not tell the two builds apart, so this install never takes a cached one.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 $(TEST_STAMP): $(STAMP)

