@@ -76,6 +76,16 @@ class Connection:
             data = await self.stream.receive_some(transport.READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        return self._took(data)
+
+    def receive_now(self) -> bytes | None:
+        """``receive`` without a wait, for the server's stream watcher (``relay.watch``), woken when the socket is
+        readable: None when nothing has come after all."""
+        data = self.stream.receive_now(transport.READ_SIZE)
+        return data if data is None else self._took(data)
+
+    def _took(self, data: bytes) -> bytes:
+        """What one read brought (b"": the client has gone), kept for h11."""
         if self.answering:  # the request is in: this is only read to notice the client leaving
             self.held += len(data)
             if self.held > self.max_header_bytes:

@@ -7,7 +7,8 @@ just before the next upstream read (``Pump.flush``), so nothing ever waits for a
 
 Keep-alive (proxies cut connections idle for 30-60 s): whenever nothing was written for ``keepalive`` seconds,
 Anthropic's ``ping`` event, never before message_start. The stream's watcher times it, as it times the idle
-gap. Before the upstream's head there is no watcher (a fast upstream never needs one): one task per server
+gap: the server's one watcher for all streams (``relay.watch``), or, where it has none, a task of the stream's
+own; either asks the pump what is due (``wake_at``, ``timer``). Before the upstream's head there is no watcher (a fast upstream never needs one): one task per server
 (``HeadWaits``) starts one for a stream still waiting at its ``start_at``. A stream whose upstream has sent
 nothing by then gets its message_start early, and from then on a failure is an ``event: error`` rather than an
 HTTP status (so not before a long wait: fast failures keep their status, their retries and their fallbacks).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,6 +30,9 @@ from relay.http import ClientGone, EventStream
 from relay.metrics import Metrics
 from relay.sse import SSEError
 from relay.upstream import Deadlines, UpstreamBroke, UpstreamResponse, stalled
+
+if TYPE_CHECKING:
+    from relay.watch import StreamWatch
 
 log = logging.getLogger("relay.server")
 
@@ -41,17 +45,21 @@ class Pump:
     ping (0: none, nor an early start); ``start_at``: the time (trio's clock) at which message_start goes out
     if the upstream has not started by then."""
 
-    __slots__ = ("out", "deadlines", "estimate", "translator", "keepalive", "start_at", "pending", "flushing",
-                 "gone", "last_write", "aside", "head_over", "waits", "_head_scope", "_head_done")
+    __slots__ = ("out", "deadlines", "estimate", "translator", "keepalive", "start_at", "watch", "pending",
+                 "flushing", "gone", "last_write", "aside", "head_over", "waits", "scope", "entry",
+                 "_head_scope", "_head_done")
+    scope: trio.CancelScope  # once watched (``_watched``): cancelled when the client leaves (or stops reading),
+    # or by the idle-gap timer (``gone`` tells which)
 
     def __init__(self, out: EventStream, deadlines: Deadlines, estimate: int, translator: Translator,
-                 keepalive: float = 0.0, start_at: float = math.inf) -> None:
+                 keepalive: float = 0.0, start_at: float = math.inf, watch: StreamWatch | None = None) -> None:
         self.out = out
         self.deadlines = deadlines
         self.estimate = estimate  # relay's estimate of the prompt, for the usage of a stream that reports none
         self.translator = translator
         self.keepalive = keepalive
         self.start_at = start_at
+        self.watch = watch  # the server's watcher of streams (None: the stream watches its client itself)
         self.pending: list[bytes] = []  # translated events not yet written
         self.flushing = False  # a client write is under way (a client that stops reading stalls it)
         self.gone = False  # the client left (or stopped reading): nothing more can reach it
@@ -59,6 +67,7 @@ class Pump:
         self.aside: trio.Event | None = None  # set when the watcher's own write (a ping) is done
         self.head_over = False  # the upstream's head came (or the request failed): no head watch from now
         self.waits: dict[Pump, None] | None = None  # where ``HeadWaits`` keeps it until its head comes
+        self.entry: list[Any] | None = None  # the stream's place in its watcher's timers
         self._head_scope: trio.CancelScope | None = None  # a head watch (``HeadWaits``), once started
         self._head_done: trio.Event | None = None
 
@@ -214,85 +223,136 @@ class Pump:
         return None
 
     async def _watched(self, upstream: UpstreamResponse, translator: Translator, rest: bytes) -> RelayError | None:
-        """The stream from here on, with the client watcher: ``rest`` is the unsent end of an answer already
-        complete (a client slow to take it), else the stream is still coming."""
-        ex = self.out.ex
+        """The stream from here on, watched: ``rest`` is the unsent end of an answer already complete (a client
+        slow to take it), else the stream is still coming."""
+        watch = self.watch
+        if watch is not None:
+            watch.add(self)
+            try:
+                return await self._to_end(upstream, translator, rest)
+            finally:
+                watch.discard(self)
+        async with trio.open_nursery() as nursery:  # no watcher for the server's streams: one of the stream's own
+            nursery.start_soon(self._watch_client)
+            error = await self._to_end(upstream, translator, rest)
+            nursery.cancel_scope.cancel()
+        return error
+
+    async def _to_end(self, upstream: UpstreamResponse, translator: Translator, rest: bytes) -> RelayError | None:
+        """One cancel scope (each costs ~40k instructions) for both ways a watcher cuts a stream: the client
+        gone, or the upstream silent for read_timeout (then the error event that ends the stream is written in
+        a scope of its own)."""
         error: RelayError | None = None
-        reading = trio.CancelScope()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_client, nursery.cancel_scope, reading)
+        with trio.CancelScope() as self.scope:
             try:
                 if rest:
                     self.flushing = True
                     await self.out.send_rest(rest)
                     self.flushing = False
-                    nursery.cancel_scope.cancel()
                     return None
-                error = await self._relay_chunks(upstream, translator, reading)
-                await self.flush()
+                error = await self._relay_chunks(upstream, translator)
+                return await self._finish(error)
             except ClientGone:
                 self.gone = True
-            if not self.gone and error is None:
-                if not self.out.started:  # nothing came out at all: never leave the client without an answer
-                    error = empty_stream(ex.target)
-                else:
-                    try:
-                        await self._end()
-                    except ClientGone:
-                        self.gone = True
-            nursery.cancel_scope.cancel()
-        return error
+                return None
+        if self.gone:
+            return None
+        with trio.CancelScope() as self.scope:  # the idle-gap timer cut the reads
+            try:
+                self.pending.append(translator.abort(stalled(self.out.ex.target)))
+                if translator.error is not None and not translator.started:
+                    error = translator.error
+                return await self._finish(error)
+            except ClientGone:
+                self.gone = True
+        return None
 
-    async def _watch_client(self, cancel: trio.CancelScope, reading: trio.CancelScope) -> None:
-        """Cancels everything when the client goes away. Also the stream's one timer, waking at the first of:
-        the idle gap, a ping due (after message_start), the early start (before it). Cheaper here, waking
-        once per keepalive at most, than a cancel scope around every upstream read."""
-        conn, deadlines, out, translator = self.out.conn, self.deadlines, self.out, self.translator
-        idle, keepalive = deadlines.idle, self.keepalive
+    async def _finish(self, error: RelayError | None) -> RelayError | None:
+        """What is pending, then the terminator; ``error``: the error to answer with instead, if any."""
+        await self.flush()
+        if self.gone or error is not None:
+            return error
+        if not self.out.started:  # nothing came out at all: never leave the client without an answer
+            return empty_stream(self.out.ex.target)
+        try:
+            await self._end()
+        except ClientGone:
+            self.gone = True
+        return None
+
+    def left(self) -> None:
+        """The client hung up (or sent more than relay keeps while it answers): the stream is cancelled."""
+        self.gone = True
+        self.scope.cancel()
+
+    def wake_at(self, now: float) -> float:
+        """When the stream's timer looks next: the first of the idle gap, a ping due (after message_start), the
+        early start (before it). One timer per stream, waking once per keepalive at most: far cheaper than a
+        cancel scope around every upstream read."""
+        deadlines, keepalive = self.deadlines, self.keepalive
+        wake = deadlines.last_read + deadlines.idle
+        if keepalive:
+            if self.out.started and not self.flushing:
+                wake = min(wake, self.last_write + keepalive)
+            else:  # before the first write, or during one: the stream's task may change that at any moment, so
+                wake = min(wake, now + keepalive)  # look again within keepalive
+                if not self.translator.started:
+                    wake = min(wake, self.start_at)
+        return wake
+
+    def timer(self, now: float) -> bytes | None:
+        """The stream's timer went off at ``now``: a silence of read_timeout cancels the reads (the stream ends with
+        an error event), or the stream when the client is what took nothing for that long; returns what to write
+        aside of the stream's writes (``aside_write``), if anything: a ping, or an early message_start."""
+        deadlines, keepalive = self.deadlines, self.keepalive
+        if now >= deadlines.last_read + deadlines.idle:
+            if self.flushing:  # the client took nothing for read_timeout: a write cut midway cannot be finished
+                self.gone = True  # with an error event, so the connection is simply closed
+                self.out.ex.note = "client stopped reading"
+            self.scope.cancel()  # (the idle-gap timer's, when the client is not gone: the reads)
+            deadlines.last_read = now  # the clock starts again: the error event then has read_timeout to go out
+            return None
+        if not keepalive or self.flushing:
+            return None
+        if self.out.started:
+            if now >= self.last_write + keepalive:
+                return PING
+        elif now >= self.start_at and not self.translator.started:
+            log.debug("%s %s: no event from the upstream yet; message_start goes out now", self.out.ex.request_id,
+                      self.out.ex.target)
+            return self.translator.start_now()
+        return None
+
+    async def _watch_client(self) -> None:
+        """The stream's own watcher (where the server has none): notices the client leaving, and runs the timer."""
+        conn = self.out.conn
         while True:
-            wake = deadlines.last_read + idle
-            if keepalive:
-                if out.started and not self.flushing:
-                    wake = min(wake, self.last_write + keepalive)
-                else:  # before the first write, or during one: the stream's task may change that at any
-                    wake = min(wake, trio.current_time() + keepalive)  # moment, so look again within keepalive
-                    if not translator.started:
-                        wake = min(wake, self.start_at)
-            with trio.move_on_at(wake) as waiting:
+            with trio.move_on_at(self.wake_at(trio.current_time())) as waiting:
                 data = await conn.receive()  # a pipelined next request: h11 keeps it for later
             if not waiting.cancelled_caught:
                 if not data:
-                    self.gone = True
-                    cancel.cancel()
+                    self.left()
                     return
                 continue
-            now = trio.current_time()
-            if now >= deadlines.last_read + idle:
-                if self.flushing:  # the client took nothing for read_timeout: a write cut midway cannot be
-                    self.gone = True  # finished with an error event, so the connection is simply closed
-                    out.ex.note = "client stopped reading"
-                    cancel.cancel()
-                else:
-                    reading.cancel()
-                return
-            if not keepalive or self.flushing:
-                continue
-            if out.started:
-                if now >= self.last_write + keepalive and not await self._aside(PING):
-                    cancel.cancel()
-                    return
-            elif now >= self.start_at and not translator.started:
-                log.debug("%s %s: no event from the upstream yet; message_start goes out now", out.ex.request_id,
-                          out.ex.target)
-                if not await self._aside(translator.start_now()):
-                    cancel.cancel()
-                    return
+            aside = self.timer(trio.current_time())
+            if aside is not None:
+                self.aside_begin()
+                await self.watched_aside(aside)
 
-    async def _aside(self, data: bytes) -> bool:
-        """A write of a watcher's own, while the stream's writes wait for it; False when the client is gone
-        (or took nothing for read_timeout: a write cut midway leaves nothing to add to)."""
-        done = self.aside = trio.Event()
+    def aside_begin(self) -> None:
+        """A write of a watcher's own is coming: the stream's writes wait for it from now (``aside_write``)."""
+        self.aside = trio.Event()
         self.flushing = True
+
+    async def watched_aside(self, data: bytes) -> None:
+        """A watched stream's ``aside_write``: a client gone cancels the stream."""
+        if not await self.aside_write(data):
+            self.scope.cancel()
+
+    async def aside_write(self, data: bytes) -> bool:
+        """The watcher's write (after ``aside_begin``); False when the client is gone (or took nothing for
+        read_timeout: a write cut midway leaves nothing to add to)."""
+        done = self.aside
         try:
             with trio.move_on_after(self.deadlines.idle) as cut:
                 await self.out.write(data)
@@ -305,8 +365,13 @@ class Pump:
         finally:
             self.flushing = False
             self.aside = None
-            done.set()
+            if done is not None:
+                done.set()
         return not self.gone
+
+    async def _aside(self, data: bytes) -> bool:
+        self.aside_begin()
+        return await self.aside_write(data)
 
     def _arrived(self, upstream: UpstreamResponse, translator: Translator) -> bool:
         """Translate what came with the upstream's head (no I/O); True when that ended the stream."""
@@ -349,24 +414,20 @@ class Pump:
                 pending.append(err.sse())
             translator.error, translator.done = err, True
 
-    async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator,
-                            reading: trio.CancelScope) -> RelayError | None:
+    async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator) -> RelayError | None:
         """Feeds the translator until the stream is over; returns the error to answer with when the upstream
-        failed before anything was produced. ``reading`` is cancelled by the idle-gap timer."""
+        failed before anything was produced."""
         events = translator_reads_events(translator)
         read: Callable[[], Awaitable[Any]] = upstream.events if events else upstream.chunk
         feed: Callable[[Any], bytes] = translator.feed_events if events else translator.feed  # type: ignore[attr-defined]
         try:
-            with reading:
-                while True:
-                    if self.pending:
-                        await self.flush()
-                    got = await read()
-                    self.deadlines.heard()
-                    if self._take(got, feed, upstream, translator):
-                        break
-            if reading.cancelled_caught:
-                self.pending.append(translator.abort(stalled(self.out.ex.target)))
+            while True:
+                if self.pending:
+                    await self.flush()
+                got = await read()
+                self.deadlines.heard()
+                if self._take(got, feed, upstream, translator):
+                    break
         except ClientGone:
             raise
         except Exception as exc:

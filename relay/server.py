@@ -39,6 +39,7 @@ from relay.pump import HeadWaits, Pump
 from relay.resources import connection_budget
 from relay.retry import RAISE, Raise, Retry, next_step, retry_after
 from relay.upstream import Deadlines, Upstreams
+from relay.watch import StreamWatch
 
 log = logging.getLogger("relay.server")
 
@@ -64,6 +65,7 @@ class Server:
         self.healths = Healths()
         self.sessions = Sessions(config.server.affinity_sessions)
         self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
+        self.watch = StreamWatch.create()  # streams being relayed: clients that leave, and the streams' timers
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
         self._retired: list[Upstreams] = []
@@ -104,6 +106,8 @@ class Server:
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
             await background.start(self.heads.run)
+            if self.watch is not None:
+                await background.start(self.watch.run)
             background.start_soon(self._close_retired)
             if self.board is not None:
                 background.start_soon(self.board.run)
@@ -469,10 +473,10 @@ class Server:
         counts from then); a stream that can reach that time waiting for its head is kept in ``heads``."""
         server = self.config.server
         if not server.keepalive:
-            return Pump(out, deadlines, estimate, translator)
+            return Pump(out, deadlines, estimate, translator, watch=self.watch)
         start = server.keepalive_start if provider.keepalive_start is None else provider.keepalive_start
         start_at = deadlines.last_read - (time.perf_counter() - out.ex.started) + start  # (made just now)
-        pump = Pump(out, deadlines, estimate, translator, server.keepalive, start_at)
+        pump = Pump(out, deadlines, estimate, translator, server.keepalive, start_at, self.watch)
         if start_at < deadlines.first_byte.deadline:
             self.heads.add(pump, start)
         return pump

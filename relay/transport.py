@@ -314,6 +314,16 @@ class ClientSocket:
         self._more = len(data) == max_bytes
         return data
 
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """``receive_some`` without a wait, for a caller told the socket is readable: None when nothing has
+        come after all."""
+        try:
+            return os.read(self.socket.fileno(), max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError:  # reset by the peer, or closed under us
+            return b""
+
     async def send_all(self, data: bytes) -> None:
         try:
             await send_all(self.socket, data)

@@ -1,0 +1,134 @@
+"""One watcher for all of a server's streams: it notices a client that hangs up while its answer streams, and runs
+every stream's timer (the idle gap, pings, the early start: ``Pump.wake_at`` and ``Pump.timer`` say what is due).
+
+A task per stream did this before, with a nursery and a cancel scope per wait: ~0.4M instructions per stream,
+paid by every stream that outlives its upstream's head, in the moments when many start at once (bench/README.md,
+session 11). Here a stream costs two epoll calls and a heap entry. The clients' sockets sit in an epoll set of
+the watcher's own, itself one descriptor that trio waits on; the timers are one heap, looked at lazily (a stream's
+entry is moved on when it comes due, not at every chunk). Where there is no epoll (not Linux), ``create`` gives
+None and each stream watches itself (``Pump._watch_client``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import select
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from relay.pump import Pump
+
+log = logging.getLogger("relay.server")
+
+
+class StreamWatch:
+    """The streams being relayed, by their client's socket, and their timers."""
+
+    def __init__(self, poller: Any) -> None:
+        self._poller = poller  # select.epoll: level-triggered, so nothing read is ever missed
+        self._streams: dict[int, Pump] = {}  # by the client socket's descriptor
+        self._timers: list[list[Any]] = []  # a heap of [due, order, pump]; pump None: that stream is over
+        self._order = itertools.count()
+        self._wait: trio.CancelScope | None = None  # the watcher's wait, until the first timer due
+        self._asides: trio.Nursery | None = None  # the watcher's own writes (pings), each in a task
+
+    @classmethod
+    def create(cls) -> StreamWatch | None:
+        epoll = getattr(select, "epoll", None)
+        return None if epoll is None else cls(epoll())
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, pump: Pump) -> None:
+        """``pump`` is watched from now until ``discard``."""
+        fd = pump.out.conn.stream.socket.fileno()
+        self._poller.register(fd, select.EPOLLIN)
+        self._streams[fd] = pump
+        self._schedule(pump, pump.wake_at(pump.deadlines.last_read))
+
+    def discard(self, pump: Pump) -> None:
+        entry = pump.entry
+        if entry is not None:
+            entry[2] = pump.entry = None  # the heap keeps the entry, and drops it when it comes due; but the first
+            timers = self._timers  # one is dropped now, with any dead ones behind it: the watcher's wait need
+            if entry is timers[0]:  # not end for a stream that is over (a wake is ~0.1M instructions)
+                while timers and timers[0][2] is None:
+                    heapq.heappop(timers)
+                wait, due = self._wait, timers[0][0] if timers else math.inf
+                if wait is not None and wait.deadline < due:
+                    wait.deadline = due
+        fd = pump.out.conn.stream.socket.fileno()
+        if self._streams.get(fd) is pump:
+            del self._streams[fd]
+            try:
+                self._poller.unregister(fd)
+            except OSError:  # closed already
+                pass
+
+    def _schedule(self, pump: Pump, due: float) -> None:
+        entry = pump.entry = [due, next(self._order), pump]
+        heapq.heappush(self._timers, entry)
+        wait = self._wait
+        if wait is not None and due < wait.deadline:
+            wait.deadline = due
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        poller, timers = self._poller, self._timers
+        try:
+            async with trio.open_nursery() as asides:
+                self._asides = asides
+                task_status.started()
+                while True:
+                    with trio.move_on_at(timers[0][0] if timers else math.inf) as self._wait:
+                        await trio.lowlevel.wait_readable(poller)
+                    self._wait = None
+                    for fd, _ in poller.poll(0):
+                        pump = self._streams.get(fd)
+                        if pump is not None:
+                            self._readable(fd, pump)
+                    now = trio.current_time()
+                    due: list[Pump] = []
+                    while timers and timers[0][0] <= now:
+                        pump = heapq.heappop(timers)[2]
+                        if pump is not None:
+                            pump.entry = None
+                            due.append(pump)
+                    for pump in due:  # (after the pops: a timer that comes due again waits for the next round)
+                        self._due(pump, now)
+        finally:
+            trio.lowlevel.notify_closing(poller)
+            poller.close()
+
+    def _readable(self, fd: int, pump: Pump) -> None:
+        """The client sent something while its answer streams: a hang-up (the stream is cancelled), or a
+        pipelined next request, which h11 keeps for later."""
+        try:
+            data = pump.out.conn.receive_now()
+        except Exception:  # never leave a socket in the set that nothing reads: that would wake the watcher forever
+            log.exception("%s: reading a streaming client's socket failed", pump.out.ex.request_id)
+            data = b""
+        if data is None:
+            return
+        if not data:
+            pump.left()
+            self.discard(pump)
+
+    def _due(self, pump: Pump, now: float) -> None:
+        try:
+            data = pump.timer(now)
+            if data is not None:
+                pump.aside_begin()  # now: the stream's writes wait from here, not from when the task starts
+                assert self._asides is not None
+                self._asides.start_soon(pump.watched_aside, data)
+        except Exception:  # one stream's failure is not the watcher's: that stream ends
+            log.exception("%s: a stream's timer failed", pump.out.ex.request_id)
+            pump.left()
+            self.discard(pump)
+            return
+        self._schedule(pump, pump.wake_at(now))

@@ -1,0 +1,167 @@
+"""The watcher of streams being relayed (``relay.watch``: one per server; without epoll, a task per stream), end to
+end over loopback: a client that leaves mid-stream cancels the upstream request, a silent upstream is cut at
+read_timeout with pings in the silence, a client that stops reading is cut at read_timeout, a pipelined request
+sent during a stream is answered after it, and the watcher keeps nothing of a stream once it is over. Every test
+runs both ways: the server's watcher, and each stream watching itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from relay.watch import StreamWatch
+from tests.anthropic_events import check_stream, parse_sse
+from tests.client import messages_body, post, roundtrip
+from tests.conftest import RELAY_KEY, UPSTREAM_KEY, RelayHandle, start_relay
+from tests.mock_upstream import MockUpstream, Reply, chunk, sse, text_stream
+
+READ_TIMEOUT = 1.0
+KEEPALIVE = 0.3
+
+
+def config(upstream: MockUpstream) -> str:
+    return f"""
+[server]
+api_keys = ["{RELAY_KEY}"]
+keepalive = {KEEPALIVE}
+
+[providers.up]
+format = "openai"
+base_url = "http://127.0.0.1:{upstream.port}/v1"
+api_key = "{UPSTREAM_KEY}"
+models = ["up-model"]
+read_timeout = {READ_TIMEOUT}
+retries = 0
+
+[routes]
+default = "up/up-model"
+"""
+
+
+@pytest.fixture(params=["server", "stream"])
+def watcher(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def setup(nursery: trio.Nursery, watcher: str, reply: Reply) -> tuple[MockUpstream, RelayHandle]:
+    upstream = MockUpstream(lambda r: reply)
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, config(upstream))
+    if watcher == "stream":
+        relay.server.watch = None  # as on a system without epoll: each stream runs a watcher task of its own
+    else:
+        assert isinstance(relay.server.watch, StreamWatch)
+    return upstream, relay
+
+
+def started(*texts: str) -> list[bytes | float]:
+    return sse(chunk({"role": "assistant", "content": ""}), *(chunk({"content": t}) for t in texts), done=False)
+
+
+async def open_stream(relay: RelayHandle) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(post("/v1/messages", messages_body("up-model", stream=True)))
+    return stream
+
+
+def assert_forgotten(relay: RelayHandle) -> None:
+    """Nothing of the streams that ended stays with the server's watcher (a dead timer holds no stream)."""
+    watch = relay.server.watch
+    if watch is not None:
+        assert len(watch) == 0
+        assert all(entry[2] is None for entry in watch._timers)
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(nursery: trio.Nursery,
+                                                                            watcher: str) -> None:
+    upstream, relay = await setup(nursery, watcher, Reply(pieces=[*started("tick"), 30.0, b"data: [DONE]\n\n"]))
+    stream = await open_stream(relay)
+    got = b""
+    with trio.fail_after(5):
+        while b"tick" not in got:
+            got += await stream.receive_some(65536)
+    await stream.aclose()
+    with trio.fail_after(5):  # promptly, not after the upstream's 30 s
+        await upstream.cancelled.wait()
+    with trio.fail_after(5):
+        while relay.server.metrics.open_streams:
+            await trio.sleep(0.01)
+    assert_forgotten(relay)
+
+
+async def test_a_silent_upstream_is_cut_at_read_timeout_with_pings_in_the_silence(nursery: trio.Nursery,
+                                                                                  watcher: str) -> None:
+    upstream, relay = await setup(nursery, watcher, Reply(pieces=[*started("a"), 30.0, b"data: [DONE]\n\n"]))
+    answer = await roundtrip(relay.port, post("/v1/messages", messages_body("up-model", stream=True)), timeout=10)
+    assert answer.status == 200 and answer.complete
+    assert READ_TIMEOUT <= answer.elapsed < READ_TIMEOUT + 1.5, answer.elapsed
+    events = parse_sse(answer.body)
+    check_stream(events)
+    names = [name for name, _ in events]
+    assert names[-1] == "error" and "read timeout" in events[-1][1]["error"]["message"], names
+    assert 1 <= names.count("ping") <= int(READ_TIMEOUT / KEEPALIVE) + 1, names
+    with trio.fail_after(5):
+        await upstream.cancelled.wait()  # the upstream connection was closed, not left open
+    assert_forgotten(relay)
+
+
+async def test_a_client_that_stops_reading_is_cut_at_read_timeout(nursery: trio.Nursery, watcher: str) -> None:
+    big = "x" * 60_000  # ~12 MB in all: more than the sockets' buffers between relay and a client that reads nothing
+    upstream, relay = await setup(nursery, watcher, Reply(pieces=[*started(*[big] * 200), b"data: [DONE]\n\n"]))
+    stream = await open_stream(relay)
+    with trio.fail_after(5):
+        assert await stream.receive_some(1)  # the stream has started; from now on nothing more is read
+    with trio.fail_after(READ_TIMEOUT + 5):
+        await upstream.cancelled.wait()
+    with trio.fail_after(5):
+        while relay.server.metrics.open_streams:
+            await trio.sleep(0.01)
+    assert_forgotten(relay)
+    await stream.aclose()
+
+
+async def test_a_request_pipelined_during_a_stream_is_answered_after_it(nursery: trio.Nursery,
+                                                                        watcher: str) -> None:
+    reply = Reply(pieces=[*started("one"), 0.2, *sse(chunk({"content": " two"}), chunk({}, "stop"))])
+    upstream, relay = await setup(nursery, watcher, reply)
+    stream = await open_stream(relay)
+    got = b""
+    with trio.fail_after(5):
+        while b"one" not in got:
+            got += await stream.receive_some(65536)
+    upstream.handler = lambda r: text_stream("second")
+    await stream.send_all(post("/v1/messages", messages_body("up-model", stream=True)))  # while the first streams
+    with trio.fail_after(10):
+        while got.count(b"event: message_stop") < 2:
+            more = await stream.receive_some(65536)
+            assert more, got[-300:]
+            got += more
+    await stream.aclose()
+    first, second = got.split(b"event: message_stop", 1)
+    assert b"one" in first and b" two" in first and b"second" not in first
+    assert b"HTTP/1.1 200" in second and b"second" in second
+    assert len(upstream.requests) == 2
+    assert_forgotten(relay)
+
+
+async def test_many_streams_leave_nothing_behind(nursery: trio.Nursery, watcher: str) -> None:
+    """Streams that end while others still run: each one's timer entry is dropped, the set of sockets empties."""
+    reply = Reply(pieces=[*started("a"), 0.05, *sse(chunk({"content": "b"}), chunk({}, "stop"))])
+    upstream, relay = await setup(nursery, watcher, reply)
+    answers: list[Any] = []
+
+    async def one() -> None:
+        answers.append(await roundtrip(relay.port, post("/v1/messages", messages_body("up-model", stream=True))))
+
+    async with trio.open_nursery() as clients:
+        for _ in range(20):
+            clients.start_soon(one)
+    assert len(answers) == 20
+    for answer in answers:
+        assert answer.status == 200 and answer.complete
+        assert "".join(orjson.loads(line[6:]).get("delta", {}).get("text", "") for line in answer.body.split(b"\n")
+                       if line.startswith(b"data: ")) == "ab"
+    assert_forgotten(relay)
