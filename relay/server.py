@@ -28,6 +28,7 @@ from relay.errors import RelayError, invalid
 from relay.formats import anthropic as A
 from relay.formats import registry
 from relay.formats.base import ClientRequest, Options, Translator
+from relay.gate import StartGate
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
@@ -65,6 +66,7 @@ class Server:
         self.healths = Healths()
         self.sessions = Sessions(config.server.affinity_sessions)
         self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
+        self.gate = StartGate()  # new requests' first steps, a few to a scheduler round: running streams go on
         self.watch = StreamWatch.create()  # streams being relayed: clients that leave, and the streams' timers
         self.known = Limits(self.upstreams.get_json, routing.named_targets(config))
         self.metrics = Metrics(routing.configured_names(config))
@@ -106,6 +108,7 @@ class Server:
         async with trio.open_nursery() as background:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
             await background.start(self.heads.run)
+            await background.start(self.gate.run)
             if self.watch is not None:
                 await background.start(self.watch.run)
             background.start_soon(self._close_retired)
@@ -379,6 +382,8 @@ class Server:
     # ---- POST /v1/messages ------------------------------------------------------------------
 
     async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
+        if not self.gate.passes():  # many requests at once: they take turns with the streams already running
+            await self.gate.wait()
         req = _parse(body)
         incoming = ClientRequest(body, req, tuple(headers))
         model = req.get("model")
