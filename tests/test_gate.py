@@ -3,6 +3,7 @@ arrival order, none lost; then end to end, a burst of streaming requests through
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import trio
@@ -81,6 +82,38 @@ async def test_a_request_that_gives_up_waiting_leaves_the_line() -> None:
     kept = [i for at, i in enumerate(came) if at not in (5, 6)]
     assert in_turns(kept, passed) == sorted({r for _, r in passed}) and len(passed) == 8
     assert len(gate) == 0
+
+
+async def test_nobody_waits_much_longer_than_max_wait_when_rounds_are_long() -> None:
+    """Rounds made long (each first step holds the scheduler 3 ms): one to a round would keep the last of 20 waiting
+    ~60 ms; those that have waited max_wait (15 ms) go in together instead."""
+    gate = StartGate(per_round=1, max_wait=0.015)
+    rounds = Rounds()
+    trio.lowlevel.add_instrument(rounds)
+    waits: list[float] = []
+    passed: list[int] = []
+
+    async def request() -> None:
+        came = time.perf_counter()
+        if not gate.passes():
+            await gate.wait()
+        waits.append(time.perf_counter() - came)
+        passed.append(rounds.n)
+        time.sleep(0.003)  # a long first step: the whole round waits for it
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gate.run)
+            async with trio.open_nursery() as requests:
+                for _ in range(20):
+                    requests.start_soon(request)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(rounds)
+    assert len(waits) == 20
+    assert max(Counter(passed).values()) > 1  # the late ones together
+    assert max(waits) < 0.5, waits  # (one at a time would be ~60 ms for the last; this only says none hung)
+    assert len(set(passed)) < 20
 
 
 async def test_requests_that_come_slower_than_a_round_never_wait() -> None:
