@@ -24,7 +24,7 @@ _clock = time.perf_counter
 
 
 class StartGate(trio.abc.Instrument):
-    def __init__(self, per_round: int = 4, max_wait: float = MAX_WAIT) -> None:
+    def __init__(self, per_round: int = 6, max_wait: float = MAX_WAIT) -> None:
         self.per_round = per_round
         self.max_wait = max_wait
         self._used = 0  # first steps let into this round
