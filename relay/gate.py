@@ -9,7 +9,9 @@ gate's task keeps rounds coming while anyone waits (no round is left idle). A re
 ``max_wait`` (0.1 s): when relay has more work than it can do, new requests must not starve behind streams that
 are late anyway (then they all go in, as without the gate).
 
-Rounds are told apart by a trio instrument: ``after_io_wait`` runs once per round, before its tasks do.
+Rounds are told apart by the gate's own task, woken by the request that fills a round: it runs once in the round
+after, and the count starts again (no trio instrument: one would cost every round, each stream's chunks
+included, ~5k instructions).
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ MAX_WAIT = 0.1  # seconds: a request that has waited this long goes in the next 
 _clock = time.perf_counter
 
 
-class StartGate(trio.abc.Instrument):
+class StartGate:
     def __init__(self, per_round: int = 6, max_wait: float = MAX_WAIT) -> None:
         self.per_round = per_round
         self.max_wait = max_wait
         self._used = 0  # first steps let into this round
         self._waiting: deque[tuple[trio.lowlevel.Task, float]] = deque()  # (task, since when)
-        self._wake: trio.Event | None = None  # the gate's task sleeps on it while nobody waits
+        self._task: trio.lowlevel.Task | None = None  # the gate's own
+        self._parked = False  # ... asleep until a round has a first step in it
         self.waited = 0  # requests that ever had to wait for their turn
 
     def __len__(self) -> int:
@@ -38,10 +41,13 @@ class StartGate(trio.abc.Instrument):
     def passes(self) -> bool:
         """Whether a request may take its first step in this round (else: ``await wait()``). Not a coroutine:
         the common case costs no await."""
-        if self._used < self.per_round and not self._waiting:
-            self._used += 1
-            return True
-        return False
+        used = self._used
+        if used >= self.per_round or self._waiting:
+            return False
+        self._used = used + 1
+        if used + 1 == self.per_round and self._parked:  # the round is full: the gate's task starts the next
+            self._wake()
+        return True
 
     async def wait(self) -> None:
         """Returns in the round this request's turn comes: in arrival order, ``per_round`` to a round, and never
@@ -49,8 +55,8 @@ class StartGate(trio.abc.Instrument):
         entry = (trio.lowlevel.current_task(), _clock())
         self._waiting.append(entry)
         self.waited += 1
-        if self._wake is not None:
-            self._wake.set()
+        if self._parked:
+            self._wake()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             self._waiting.remove(entry)
@@ -58,32 +64,31 @@ class StartGate(trio.abc.Instrument):
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def after_io_wait(self, timeout: float) -> None:
-        """A round begins: the next in line run in it, ``per_round`` of them, and any that waited ``max_wait``."""
-        waiting = self._waiting
-        used = 0
-        if waiting:
-            while waiting and used < self.per_round:
-                used += 1
-                trio.lowlevel.reschedule(waiting.popleft()[0])
-            late = _clock() - self.max_wait
-            while waiting and waiting[0][1] <= late:
-                used += 1
-                trio.lowlevel.reschedule(waiting.popleft()[0])
-        self._used = used
+    def _wake(self) -> None:
+        self._parked = False
+        assert self._task is not None
+        trio.lowlevel.reschedule(self._task)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Counts the rounds (as an instrument) and, while requests wait, keeps them coming: a round with no
-        task ready would otherwise sleep until the next I/O."""
-        trio.lowlevel.add_instrument(self)
-        try:
-            task_status.started()
-            while True:
-                self._wake = trio.Event()
-                if not self._waiting:
-                    await self._wake.wait()
-                self._wake = None
-                while self._waiting:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            trio.lowlevel.remove_instrument(self)
+        """Marks the rounds: it runs once in each round after one that filled up (or had requests waiting), and
+        lets the next in line go: ``per_round`` of them, and any that waited ``max_wait``. Asleep while requests
+        come a few at a time: it runs once per ``per_round`` of them, and never for a stream's chunk."""
+        self._task = trio.lowlevel.current_task()
+        task_status.started()
+        waiting = self._waiting
+        while True:
+            if self._used or waiting:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # the next round
+            else:
+                self._parked = True
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+            used = 0
+            if waiting:  # (they run in the round after this one)
+                while waiting and used < self.per_round:
+                    used += 1
+                    trio.lowlevel.reschedule(waiting.popleft()[0])
+                late = _clock() - self.max_wait
+                while waiting and waiting[0][1] <= late:
+                    used += 1
+                    trio.lowlevel.reschedule(waiting.popleft()[0])
+            self._used = used
