@@ -46,7 +46,7 @@ class Pump:
     if the upstream has not started by then."""
 
     __slots__ = ("out", "deadlines", "estimate", "translator", "keepalive", "start_at", "watch", "pending",
-                 "flushing", "gone", "last_write", "aside", "head_over", "waits", "scope", "entry",
+                 "flushing", "gone", "last_write", "aside", "head_over", "waits", "scope", "entry", "watched_fd",
                  "_head_scope", "_head_done")
     scope: trio.CancelScope  # once watched (``_watched``): cancelled when the client leaves (or stops reading),
     # or by the idle-gap timer (``gone`` tells which)
@@ -68,6 +68,7 @@ class Pump:
         self.head_over = False  # the upstream's head came (or the request failed): no head watch from now
         self.waits: dict[Pump, None] | None = None  # where ``HeadWaits`` keeps it until its head comes
         self.entry: list[Any] | None = None  # the stream's place in its watcher's timers
+        self.watched_fd = -1  # the client socket's descriptor, in the watcher's epoll set while watched
         self._head_scope: trio.CancelScope | None = None  # a head watch (``HeadWaits``), once started
         self._head_done: trio.Event | None = None
 

@@ -47,7 +47,7 @@ class StreamWatch:
 
     def add(self, pump: Pump) -> None:
         """``pump`` is watched from now until ``discard``."""
-        fd = pump.out.conn.stream.socket.fileno()
+        fd = pump.watched_fd = pump.out.conn.stream.socket.fileno()
         self._poller.register(fd, select.EPOLLIN)
         self._streams[fd] = pump
         self._schedule(pump, pump.wake_at(pump.deadlines.last_read))
@@ -63,12 +63,12 @@ class StreamWatch:
                 wait, due = self._wait, timers[0][0] if timers else math.inf
                 if wait is not None and wait.deadline < due:
                     wait.deadline = due
-        fd = pump.out.conn.stream.socket.fileno()
+        fd, pump.watched_fd = pump.watched_fd, -1  # (the one it was added with: the socket may be closed by now)
         if self._streams.get(fd) is pump:
             del self._streams[fd]
             try:
                 self._poller.unregister(fd)
-            except OSError:  # closed already
+            except OSError:  # closed already (and so out of the set)
                 pass
 
     def _schedule(self, pump: Pump, due: float) -> None:
