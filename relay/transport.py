@@ -110,6 +110,22 @@ class SocketStream(httpcore.AsyncNetworkStream):
         self._more = len(data) == max_bytes
         return data
 
+    def waitable(self) -> socket.socket | None:
+        """The socket to wait on before ``read_ready``, when one wait and one read will do (the last read did not
+        fill its buffer): a caller that awaits trio's ``wait_readable`` itself saves the coroutines between."""
+        return None if self._more else self._sock
+
+    def read_ready(self, max_bytes: int) -> bytes | None:
+        """``read`` for a socket trio has just found readable: None when it was not after all."""
+        try:
+            data = os.read(self._sock.fileno(), max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
+        self._more = len(data) == max_bytes
+        return data
+
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
             return

@@ -151,11 +151,30 @@ class UpstreamResponse:
     async def events(self) -> list[Event]:
         """The SSE events that the next read completes (relay.sse.SSEError for an oversized one). A connection
         that breaks, or a body that breaks its framing, raises UpstreamBroke (worded as mid-stream)."""
-        return self._reader.feed_events(await self._receive())
+        sock = self._waitable()
+        if sock is None:
+            return self._reader.feed_events(await self._receive())
+        await trio.lowlevel.wait_readable(sock)  # (the one wait per paced chunk, with no coroutine between)
+        data = self._read_ready()
+        return [] if data is None else self._reader.feed_events(data)
 
     async def chunk(self) -> bytes:
         """The body bytes the next read brings, for a translator that reads bytes; errors as ``events``."""
-        return self._reader.feed(await self._receive())
+        sock = self._waitable()
+        if sock is None:
+            return self._reader.feed(await self._receive())
+        await trio.lowlevel.wait_readable(sock)
+        data = self._read_ready()
+        return b"" if data is None else self._reader.feed(data)
+
+    def _waitable(self) -> Any:
+        return None if self._reader.error is not None else self._response.waitable()
+
+    def _read_ready(self) -> bytes | None:
+        try:
+            return self._response.read_ready()
+        except BROKEN as exc:
+            raise midstream_error(self.label, exc) from None
 
     async def read(self, limit: int) -> bytes:
         """The whole body (inside ``Upstreams.request``, which words a broken connection as a failed request)."""

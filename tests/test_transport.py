@@ -267,3 +267,30 @@ async def test_a_sized_json_answer_with_bytes_after_it(nursery: trio.Nursery) ->
             answer = await roundtrip(relay.port, request_bytes(body, key=RELAY_KEY))
             assert answer.status == 200 and orjson.loads(answer.body)["content"][0]["text"] == "sized"
         assert upstream.accepted == connections
+
+
+async def test_one_wait_and_one_read_of_a_plain_socket() -> None:
+    """``SocketStream.waitable`` / ``read_ready`` (the paced chunk's read, without coroutines between): a wake-up
+    with nothing to read gives None, not an end; a read that fills the buffer sends the next one through
+    ``read`` (more is likely there); a socket closed under it is httpcore's ReadError."""
+    import httpcore
+
+    from relay.transport import SocketStream
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    stream = SocketStream(ours)
+    assert stream.waitable() is ours
+    assert stream.read_ready(16) is None  # readable said, nothing there: not b"" (that is the peer closing)
+    theirs.sendall(b"x" * 20)
+    await trio.lowlevel.wait_readable(ours)
+    assert stream.read_ready(16) == b"x" * 16
+    assert stream.waitable() is None  # the buffer filled: the next read goes first, through ``read``
+    assert await stream.read(16) == b"x" * 4
+    assert stream.waitable() is ours
+    theirs.close()
+    await trio.lowlevel.wait_readable(ours)
+    assert stream.read_ready(16) == b""  # the peer's end
+    await stream.aclose()
+    with pytest.raises(httpcore.ReadError):  # a socket closed under the read
+        stream.read_ready(16)
