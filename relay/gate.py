@@ -6,7 +6,7 @@ translate, send upstream) is one long step, ~0.3 ms on a small body; a running s
 next chunk waits for all of them: tens of ms, a stall its client sees (bench/README.md, session 11). The gate lets
 at most ``per_round`` first steps into a round; the rest wait, in arrival order, for the next rounds, and the
 gate's task keeps rounds coming while anyone waits (no round is left idle). A request never waits more than
-``max_wait`` (0.1 s): when relay has more work than it can do, new requests must not starve behind streams that
+``max_wait`` (0.05 s): when relay has more work than it can do, new requests must not starve behind streams that
 are late anyway (then they all go in, as without the gate).
 
 Rounds are told apart by the gate's own task, woken by the request that fills a round: it runs once in the round
@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-MAX_WAIT = 0.1  # seconds: a request that has waited this long goes in the next round, whatever it holds
+MAX_WAIT = 0.05  # seconds: a request that has waited this long goes in the next round, whatever it holds
 _clock = time.perf_counter
 
 
