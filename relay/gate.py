@@ -66,22 +66,32 @@ class StartGate:
 
     def _wake(self) -> None:
         self._parked = False
-        assert self._task is not None
-        trio.lowlevel.reschedule(self._task)
+        if self._task is not None:  # (None: the gate's task has ended, the server stopping)
+            trio.lowlevel.reschedule(self._task)
+
+    def _unpark(self, _: Any) -> trio.lowlevel.Abort:
+        self._parked = False  # cancelled while asleep: nobody may reschedule it now
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Marks the rounds: it runs once in each round after one that filled up (or had requests waiting), and
         lets the next in line go: ``per_round`` of them, and any that waited ``max_wait``. Asleep while requests
         come a few at a time: it runs once per ``per_round`` of them, and never for a stream's chunk."""
         self._task = trio.lowlevel.current_task()
-        task_status.started()
+        try:
+            task_status.started()
+            await self._turn()
+        finally:
+            self._task, self._parked = None, False
+
+    async def _turn(self) -> None:
         waiting = self._waiting
         while True:
             if self._used or waiting:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # the next round
             else:
                 self._parked = True
-                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                await trio.lowlevel.wait_task_rescheduled(self._unpark)
             used = 0
             if waiting:  # (they run in the round after this one)
                 while waiting and used < self.per_round:

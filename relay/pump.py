@@ -271,6 +271,8 @@ class Pump:
     async def _finish(self, error: RelayError | None) -> RelayError | None:
         """What is pending, then the terminator; ``error``: the error to answer with instead, if any."""
         await self.flush()
+        while self.aside is not None:  # a watcher's write (an early message_start) decides what the answer is
+            await self.aside.wait()
         if self.gone or error is not None:
             return error
         if not self.out.started:  # nothing came out at all: never leave the client without an answer
@@ -346,9 +348,15 @@ class Pump:
         self.flushing = True
 
     async def watched_aside(self, data: bytes) -> None:
-        """A watched stream's ``aside_write``: a client gone cancels the stream."""
-        if not await self.aside_write(data):
-            self.scope.cancel()
+        """A watched stream's ``aside_write``: a client gone cancels the stream (so does a failure: it is this
+        stream's, not its watcher's, which may watch every stream of the server)."""
+        try:
+            ok = await self.aside_write(data)
+        except Exception:
+            log.exception("%s: a write of the stream's watcher failed", self.out.ex.request_id)
+            ok = False
+        if not ok:
+            self.left()
 
     async def aside_write(self, data: bytes) -> bool:
         """The watcher's write (after ``aside_begin``); False when the client is gone (or took nothing for

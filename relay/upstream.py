@@ -154,18 +154,22 @@ class UpstreamResponse:
         sock = self._waitable()
         if sock is None:
             return self._reader.feed_events(await self._receive())
-        await trio.lowlevel.wait_readable(sock)  # (the one wait per paced chunk, with no coroutine between)
-        data = self._read_ready()
-        return [] if data is None else self._reader.feed_events(data)
+        while True:
+            await trio.lowlevel.wait_readable(sock)  # (the one wait per paced chunk, with no coroutine between)
+            data = self._read_ready()
+            if data is not None:  # (None: woken without data, it happens; a read timer must not count it)
+                return self._reader.feed_events(data)
 
     async def chunk(self) -> bytes:
         """The body bytes the next read brings, for a translator that reads bytes; errors as ``events``."""
         sock = self._waitable()
         if sock is None:
             return self._reader.feed(await self._receive())
-        await trio.lowlevel.wait_readable(sock)
-        data = self._read_ready()
-        return b"" if data is None else self._reader.feed(data)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            data = self._read_ready()
+            if data is not None:
+                return self._reader.feed(data)
 
     def _waitable(self) -> Any:
         return None if self._reader.error is not None else self._response.waitable()

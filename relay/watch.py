@@ -34,6 +34,7 @@ class StreamWatch:
         self._streams: dict[int, Pump] = {}  # by the client socket's descriptor
         self._timers: list[list[Any]] = []  # a heap of [due, order, pump]; pump None: that stream is over
         self._order = itertools.count()
+        self._dead = 0  # entries in the heap whose stream is over
         self._wait: trio.CancelScope | None = None  # the watcher's wait, until the first timer due
         self._asides: trio.Nursery | None = None  # the watcher's own writes (pings), each in a task
 
@@ -56,20 +57,26 @@ class StreamWatch:
         entry = pump.entry
         if entry is not None:
             entry[2] = pump.entry = None  # the heap keeps the entry, and drops it when it comes due; but the first
-            timers = self._timers  # one is dropped now, with any dead ones behind it: the watcher's wait need
-            if entry is timers[0]:  # not end for a stream that is over (a wake is ~0.1M instructions)
+            self._dead += 1  # one is dropped now, with any dead ones behind it: the watcher's wait need not end
+            timers = self._timers  # for a stream that is over (a wake is ~0.1M instructions)
+            if entry is timers[0]:
                 while timers and timers[0][2] is None:
                     heapq.heappop(timers)
+                    self._dead -= 1
                 wait, due = self._wait, timers[0][0] if timers else math.inf
                 if wait is not None and wait.deadline < due:
                     wait.deadline = due
+            elif self._dead > 1024 and 2 * self._dead > len(timers):  # (with keepalive = 0 an entry lives
+                timers[:] = [e for e in timers if e[2] is not None]  # read_timeout: the dead would pile up)
+                heapq.heapify(timers)
+                self._dead = 0
         fd, pump.watched_fd = pump.watched_fd, -1  # (the one it was added with: the socket may be closed by now)
         if self._streams.get(fd) is pump:
             del self._streams[fd]
             try:
                 self._poller.unregister(fd)
-            except OSError:  # closed already (and so out of the set)
-                pass
+            except (OSError, ValueError):  # the socket closed already (so out of the set); the set itself closed
+                pass  # (the server stopping hard: its watcher ended before this stream)
 
     def _schedule(self, pump: Pump, due: float) -> None:
         entry = pump.entry = [due, next(self._order), pump]
@@ -96,7 +103,9 @@ class StreamWatch:
                     due: list[Pump] = []
                     while timers and timers[0][0] <= now:
                         pump = heapq.heappop(timers)[2]
-                        if pump is not None:
+                        if pump is None:
+                            self._dead -= 1
+                        else:
                             pump.entry = None
                             due.append(pump)
                     for pump in due:  # (after the pops: a timer that comes due again waits for the next round)

@@ -152,3 +152,14 @@ async def test_a_burst_of_streams_through_relay_all_complete(nursery: trio.Nurse
         body = answer.body.decode()
         assert [body.index(f'"text":"{i}"') for i in range(5)] == sorted(body.index(f'"text":"{i}"') for i in range(5))
     assert relay.server.gate.waited > 0 and len(relay.server.gate) == 0
+
+
+async def test_requests_after_the_gate_stopped_do_not_wake_it() -> None:
+    """The server stopping: the gate's task is cancelled while asleep; a request that then fills a round must
+    not reschedule a task that is gone (trio would fail on it)."""
+    gate = StartGate(per_round=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gate.run)
+        await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    assert [gate.passes() for _ in range(4)] == [True, True, False, False]

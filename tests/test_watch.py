@@ -165,3 +165,42 @@ async def test_many_streams_leave_nothing_behind(nursery: trio.Nursery, watcher:
         assert "".join(orjson.loads(line[6:]).get("delta", {}).get("text", "") for line in answer.body.split(b"\n")
                        if line.startswith(b"data: ")) == "ab"
     assert_forgotten(relay)
+
+
+class _FakePump:
+    """What the watcher reads of a pump: its client's socket, its clock, its next wake."""
+
+    def __init__(self, sock: Any, due: float) -> None:
+        self.out = type("Out", (), {"conn": type("Conn", (), {"stream": type("S", (), {"socket": sock})()})()})()
+        self.deadlines = type("D", (), {"last_read": 0.0})()
+        self.entry: Any = None
+        self.watched_fd = -1
+        self._due = due
+
+    def wake_at(self, now: float) -> float:
+        return self._due
+
+
+def test_the_timers_of_streams_that_ended_do_not_pile_up() -> None:
+    """With keepalive = 0 a stream's timer entry is due only read_timeout later: thousands of streams ending before
+    then leave dead entries behind the first one, and the heap is rebuilt once they outnumber the live ones."""
+    import socket
+
+    watch = StreamWatch.create()
+    assert watch is not None
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        first = _FakePump(pairs[0][0], due=1.0)  # a stream still running, its timer first in line
+        watch.add(first)  # type: ignore[arg-type]
+        for i in range(5000):  # streams that come and go behind it (one socket for all, one at a time)
+            pump = _FakePump(pairs[1][0], due=100.0 + i)
+            watch.add(pump)  # type: ignore[arg-type]
+            watch.discard(pump)  # type: ignore[arg-type]
+        assert len(watch) == 1
+        assert len(watch._timers) <= 2 * 1024 + 2, len(watch._timers)  # 5,001 without the rebuild
+        assert [e for e in watch._timers if e[2] is not None] == [first.entry]
+        assert watch._timers[0] is first.entry
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
