@@ -1,8 +1,8 @@
 """New requests take turns with the streams already running.
 
 trio runs every task that is ready once per scheduler round, in no set order. A new request's first step (parse,
-translate, send upstream) is one long step, ~0.3 ms on a small body; a running stream's step (one chunk) is ~25
-µs. When hundreds of requests arrive together, one round holds hundreds of first steps, and every running stream's
+translate, send upstream) is one long step, ~0.3 ms on a small body; a running stream's step (one chunk) is a tenth
+of that. When hundreds of requests arrive together, one round holds hundreds of first steps, and every running stream's
 next chunk waits for all of them: tens of ms, a stall its client sees (bench/README.md, session 11). The gate lets
 at most ``per_round`` first steps into a round; the rest wait, in arrival order, for the next rounds, and the
 gate's task keeps rounds coming while anyone waits (no round is left idle). A request never waits more than
@@ -13,6 +13,7 @@ Rounds are told apart by the gate's own task, woken by the request that fills a 
 after, and the count starts again (no trio instrument: one would cost every round, each stream's chunks
 included, ~5k instructions).
 """
+
 from __future__ import annotations
 
 import time
@@ -26,13 +27,15 @@ _clock = time.perf_counter
 
 
 class StartGate:
+    """The turns of new requests' first steps (``Server._messages``: ``passes``, else ``wait``)."""
+
     def __init__(self, per_round: int = 6, max_wait: float = MAX_WAIT) -> None:
         self.per_round = per_round
         self.max_wait = max_wait
         self._used = 0  # first steps let into this round
         self._waiting: deque[tuple[trio.lowlevel.Task, float]] = deque()  # (task, since when)
         self._task: trio.lowlevel.Task | None = None  # the gate's own
-        self._parked = False  # ... asleep until a round has a first step in it
+        self._parked = False  # ... asleep until a round fills up or a request waits
         self.waited = 0  # requests that ever had to wait for their turn
 
     def __len__(self) -> int:
