@@ -8,10 +8,11 @@ just before the next upstream read (``Pump.flush``), so nothing ever waits for a
 Keep-alive (proxies cut connections idle for 30-60 s): whenever nothing was written for ``keepalive`` seconds,
 Anthropic's ``ping`` event, never before message_start. The stream's watcher times it, as it times the idle
 gap: the server's one watcher for all streams (``relay.watch``), or, where it has none, a task of the stream's
-own; either asks the pump what is due (``wake_at``, ``timer``). Before the upstream's head there is no watcher (a fast upstream never needs one): one task per server
-(``HeadWaits``) starts one for a stream still waiting at its ``start_at``. A stream whose upstream has sent
-nothing by then gets its message_start early, and from then on a failure is an ``event: error`` rather than an
-HTTP status (so not before a long wait: fast failures keep their status, their retries and their fallbacks).
+own; either asks the pump what is due (``wake_at``, ``timer``). Before the upstream's head there is no watcher
+(a fast upstream never needs one): one task per server (``HeadWaits``) starts one for a stream still waiting at
+its ``start_at``. A stream whose upstream has sent nothing by then gets its message_start early, and from then
+on a failure is an ``event: error`` rather than an HTTP status (so not before a long wait: fast failures keep
+their status, their retries and their fallbacks).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class StreamWatch:
                     for fd, _ in poller.poll(0):
                         pump = self._streams.get(fd)
                         if pump is not None:
-                            self._readable(fd, pump)
+                            self._readable(pump)
                     now = trio.current_time()
                     due: list[Pump] = []
                     while timers and timers[0][0] <= now:
@@ -114,7 +114,7 @@ class StreamWatch:
             trio.lowlevel.notify_closing(poller)
             poller.close()
 
-    def _readable(self, fd: int, pump: Pump) -> None:
+    def _readable(self, pump: Pump) -> None:
         """The client sent something while its answer streams: a hang-up (the stream is cancelled), or a
         pipelined next request, which h11 keeps for later."""
         try:

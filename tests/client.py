@@ -100,6 +100,19 @@ class Answer:
         return self.headers.get("content-type", "")
 
 
+async def roundtrips(port: int, raw: bytes, count: int, *, timeout: float = EXCHANGE_TIMEOUT) -> list[Answer]:
+    """``count`` clients sending ``raw`` at once, each on a connection of its own; their answers as they end."""
+    answers: list[Answer] = []
+
+    async def one() -> None:
+        answers.append(await roundtrip(port, raw, timeout=timeout))
+
+    async with trio.open_nursery() as clients:
+        for _ in range(count):
+            clients.start_soon(one)
+    return answers
+
+
 async def roundtrip(port: int, raw: bytes, *, method: str = "POST", timeout: float = EXCHANGE_TIMEOUT,
                     stop_after_first_data: bool = False) -> Answer:
     """Send ``raw`` bytes to 127.0.0.1:port and read one response with an h11 client (primed with a request of

@@ -9,7 +9,7 @@ from collections import Counter
 import trio
 
 from relay.gate import StartGate
-from tests.client import messages_body, post, roundtrip
+from tests.client import messages_body, post, roundtrips
 from tests.conftest import RelayHandle, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Reply, chunk, sse
 
@@ -138,14 +138,7 @@ async def test_a_burst_of_streams_through_relay_all_complete(nursery: trio.Nurse
     await nursery.start(upstream.serve)
     relay: RelayHandle = await start_relay(nursery, relay_config(upstream.base_url))
     relay.server.gate.per_round = 1  # (the clients share relay's scheduler here: few requests reach it per round)
-    answers = []
-
-    async def one() -> None:
-        answers.append(await roundtrip(relay.port, post("/v1/messages", messages_body(stream=True)), timeout=30))
-
-    async with trio.open_nursery() as clients:
-        for _ in range(60):
-            clients.start_soon(one)
+    answers = await roundtrips(relay.port, post("/v1/messages", messages_body(stream=True)), 60, timeout=30)
     assert len(answers) == 60
     for answer in answers:
         assert answer.status == 200 and answer.complete

@@ -24,7 +24,7 @@ FAST = 0.02  # a pause between chunks far below KEEPALIVE: data flowing
 
 
 def config(upstream: MockUpstream, *, keepalive: float = KEEPALIVE, start: float = 0.6, fmt: str = "openai",
-           provider: str = "", routes: str = 'default = "up/up-model"') -> str:
+           provider: str = "", routes: str = 'default = "up/up-model"', read_timeout: float = 5) -> str:
     prefix = "/v1" if fmt == "openai" else ""
     return f"""
 [server]
@@ -37,7 +37,7 @@ format = "{fmt}"
 base_url = "http://127.0.0.1:{upstream.port}{prefix}"
 api_key = "{UPSTREAM_KEY}"
 models = ["up-model"]
-read_timeout = 5
+read_timeout = {read_timeout}
 retries = 0
 {provider}
 

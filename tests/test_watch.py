@@ -14,31 +14,13 @@ import trio
 
 from relay.watch import StreamWatch
 from tests.anthropic_events import check_stream, parse_sse
-from tests.client import messages_body, post, roundtrip
-from tests.conftest import RELAY_KEY, UPSTREAM_KEY, RelayHandle, start_relay
+from tests.client import messages_body, post, roundtrip, roundtrips
+from tests.conftest import RelayHandle, start_relay
 from tests.mock_upstream import MockUpstream, Reply, chunk, sse, text_stream
+from tests.test_keepalive import config
 
 READ_TIMEOUT = 1.0
 KEEPALIVE = 0.3
-
-
-def config(upstream: MockUpstream) -> str:
-    return f"""
-[server]
-api_keys = ["{RELAY_KEY}"]
-keepalive = {KEEPALIVE}
-
-[providers.up]
-format = "openai"
-base_url = "http://127.0.0.1:{upstream.port}/v1"
-api_key = "{UPSTREAM_KEY}"
-models = ["up-model"]
-read_timeout = {READ_TIMEOUT}
-retries = 0
-
-[routes]
-default = "up/up-model"
-"""
 
 
 @pytest.fixture(params=["server", "stream"])
@@ -49,7 +31,7 @@ def watcher(request: pytest.FixtureRequest) -> str:
 async def setup(nursery: trio.Nursery, watcher: str, reply: Reply) -> tuple[MockUpstream, RelayHandle]:
     upstream = MockUpstream(lambda r: reply)
     await nursery.start(upstream.serve)
-    relay = await start_relay(nursery, config(upstream))
+    relay = await start_relay(nursery, config(upstream, keepalive=KEEPALIVE, start=20.0, read_timeout=READ_TIMEOUT))
     if watcher == "stream":
         relay.server.watch = None  # as on a system without epoll: each stream runs a watcher task of its own
     else:
@@ -151,14 +133,7 @@ async def test_many_streams_leave_nothing_behind(nursery: trio.Nursery, watcher:
     """Streams that end while others still run: each one's timer entry is dropped, the set of sockets empties."""
     reply = Reply(pieces=[*started("a"), 0.05, *sse(chunk({"content": "b"}), chunk({}, "stop"))])
     upstream, relay = await setup(nursery, watcher, reply)
-    answers: list[Any] = []
-
-    async def one() -> None:
-        answers.append(await roundtrip(relay.port, post("/v1/messages", messages_body("up-model", stream=True))))
-
-    async with trio.open_nursery() as clients:
-        for _ in range(20):
-            clients.start_soon(one)
+    answers = await roundtrips(relay.port, post("/v1/messages", messages_body("up-model", stream=True)), 20)
     assert len(answers) == 20
     for answer in answers:
         assert answer.status == 200 and answer.complete
