@@ -4,6 +4,7 @@ the books, the access log and /metrics; then several relay processes sharing one
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ def gateway_config(upstream: MockUpstream, store: str, refresh: float = 0.05, ra
     text = relay_config(upstream.base_url, extra_provider=PRICES)
     text = text.replace("[server]", f'[server]\nadmin_keys = ["{ADMIN}"]', 1)
     return text + f'\n[store]\nurl = "{store}"\nrefresh = {refresh}\ntimeout = 1\nrate_window = {rate_window}\n'
+
+
+async def clear_of_a_window_edge(seconds: float, window: float = 60) -> None:
+    """Rate windows are aligned to the wall clock: a test counting requests against an rpm must not straddle an
+    edge, or the count starts over half way through. Sleeps past the next edge if fewer than ``seconds`` are left."""
+    left = window - time.time() % window
+    if left < seconds:
+        await trio.sleep(left + 0.05)
 
 
 class Answer:
@@ -77,6 +86,7 @@ async def test_virtual_keys_limits_budgets_and_the_admin_api(nursery: trio.Nurse
     # the admin API: admin keys only
     assert (await run(call, url, "GET", "/admin/keys", RELAY_KEY)).status_code == 403
     assert (await run(call, url, "GET", "/admin/keys", "wrong")).status_code == 401
+    await clear_of_a_window_edge(15)
     made = await run(call, url, "POST", "/admin/keys", ADMIN, {"name": "alice", "rpm": 3, "models": ["mock-*"]})
     assert made.status_code == 201, made.text
     secret = made.json()["secret"]
@@ -217,6 +227,7 @@ async def test_three_instances_share_keys_limits_and_books(nursery: trio.Nursery
     config.write_text(gateway_config(upstream, redis_server.url, refresh=0.1))
     async with running(config, "relay0", "relay1", "relay2") as instances:
         one, two, three = (i.url for i in instances)
+        await clear_of_a_window_edge(15)
         made = await run(call, one, "POST", "/admin/keys", ADMIN, {"name": "team", "rpm": 4})
         secret = made.json()["secret"]
         # created on one, working on the others within a second
@@ -293,6 +304,7 @@ async def test_refused_requests_add_no_row_per_invented_model_name(nursery: trio
     """A key over its limit asking for ever new model names is booked under "other", not one row per name."""
     upstream.handler = lambda r: text_stream("ok", usage=(1, 1))
     relay = await start_relay(nursery, gateway_config(upstream, f"sqlite://{tmp_path / 'relay.sqlite3'}"))
+    await clear_of_a_window_edge(10)
     secret = (await run(call, relay.url, "POST", "/admin/keys", ADMIN, {"name": "tight", "rpm": 1})).json()["secret"]
     assert await run(ask, relay.url, secret) == "ok"
     for n in range(5):
