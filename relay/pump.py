@@ -48,7 +48,7 @@ class Pump:
 
     __slots__ = ("out", "deadlines", "estimate", "translator", "keepalive", "start_at", "watch", "pending",
                  "flushing", "gone", "last_write", "aside", "head_over", "waits", "scope", "entry", "watched_fd",
-                 "_head_scope", "_head_done")
+                 "unsent", "upstream", "events", "_head_scope", "_head_done")
     scope: trio.CancelScope  # once watched (``_watched``): cancelled when the client leaves (or stops reading),
     # or by the idle-gap timer (``gone`` tells which)
 
@@ -70,6 +70,9 @@ class Pump:
         self.waits: dict[Pump, None] | None = None  # where ``HeadWaits`` keeps it until its head comes
         self.entry: list[Any] | None = None  # the stream's place in its watcher's timers
         self.watched_fd = -1  # the client socket's descriptor, in the watcher's epoll set while watched
+        self.unsent = b""  # what the watcher's write of a chunk (``pull``) left for the stream's task to send
+        self.upstream: UpstreamResponse | None = None  # while the chunks are relayed
+        self.events = True  # the translator reads parsed SSE events (else bytes)
         self._head_scope: trio.CancelScope | None = None  # a head watch (``HeadWaits``), once started
         self._head_done: trio.Event | None = None
 
@@ -424,16 +427,70 @@ class Pump:
                 pending.append(err.sse())
             translator.error, translator.done = err, True
 
+    def pull(self, now: float) -> bool | None:
+        """One read of the upstream, made by the watcher (``StreamWatch.follow``) when it found the socket
+        readable at ``now``: translate it and write it without waiting. None: the stream goes on, followed; True:
+        it is over; False: the stream's task takes it from here (a write that has to wait, a ping being written,
+        a broken body). Raises ClientGone."""
+        upstream, translator = self.upstream, self.translator
+        assert upstream is not None
+        try:
+            if self.events:
+                got: Any = upstream.events_ready()
+                feed: Callable[[Any], bytes] = translator.feed_events  # type: ignore[attr-defined]
+            else:
+                got, feed = upstream.chunk_ready(), translator.feed
+            if got is None:
+                return None  # woken without data (it happens): no read to count
+            self.deadlines.heard(now)
+            if self._take(got, feed, upstream, translator):
+                return True
+        except Exception as exc:
+            self._failed(exc, translator)
+            return True
+        if upstream.broken:  # the next read raises: the task's, since the socket may never be readable again
+            return False
+        pending = self.pending
+        if pending:
+            if self.aside is not None:  # a ping is being written: the stream's bytes follow it (``flush``)
+                return False
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            rest = self.out.write_now(data)
+            if rest:  # the client's buffer is full: the task sends the rest, waiting
+                self.unsent = rest
+                self.flushing = True
+                return False
+            if rest is None:  # the head is not out yet: ``flush`` sends it
+                pending.append(data)
+                return False
+            self.last_write = now
+        return None
+
     async def _relay_chunks(self, upstream: UpstreamResponse, translator: Translator) -> RelayError | None:
         """Feeds the translator until the stream is over; returns the error to answer with when the upstream
-        failed before anything was produced."""
-        events = translator_reads_events(translator)
+        failed before anything was produced. With the server's watcher, the reads are made in its task while this
+        one sleeps (``StreamWatch.follow``), whenever the upstream's socket can be followed there."""
+        events = self.events = translator_reads_events(translator)
         read: Callable[[], Awaitable[Any]] = upstream.events if events else upstream.chunk
         feed: Callable[[Any], bytes] = translator.feed_events if events else translator.feed  # type: ignore[attr-defined]
+        watch = self.watch
+        self.upstream = upstream
         try:
             while True:
+                if self.unsent:
+                    rest, self.unsent = self.unsent, b""
+                    await self.out.conn.send_bytes(rest)  # (``flushing`` was set when it was left)
+                    self.flushing = False
+                    self.last_write = self.deadlines.last_read = trio.current_time()
                 if self.pending:
                     await self.flush()
+                if watch is not None:
+                    sock = upstream.followable()
+                    if sock is not None:
+                        if await watch.follow(self, sock):
+                            break
+                        continue
                 got = await read()
                 self.deadlines.heard()
                 if self._take(got, feed, upstream, translator):

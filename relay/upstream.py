@@ -174,6 +174,30 @@ class UpstreamResponse:
     def _waitable(self) -> Any:
         return None if self._reader.error is not None else self._response.waitable()
 
+    def followable(self) -> Any:
+        """The socket a watcher may read this body from in its own task (``StreamWatch.follow``): a plain TCP
+        connection with nothing left from the head, no timeout of its own and an unbroken framing; else None."""
+        return self._waitable()
+
+    @property
+    def broken(self) -> bool:
+        """The body broke its framing: the next read raises (what came before it was handed out)."""
+        return self._reader.error is not None
+
+    def events_ready(self) -> list[Event] | None:
+        """``events`` for a socket found readable by a watcher: None when it was not after all."""
+        if self._reader.error is not None:
+            raise midstream_error(self.label, _broken_framing(self._reader))
+        data = self._read_ready()
+        return None if data is None else self._reader.feed_events(data)
+
+    def chunk_ready(self) -> bytes | None:
+        """``chunk`` for a socket found readable by a watcher, as ``events_ready``."""
+        if self._reader.error is not None:
+            raise midstream_error(self.label, _broken_framing(self._reader))
+        data = self._read_ready()
+        return None if data is None else self._reader.feed(data)
+
     def _read_ready(self) -> bytes | None:
         try:
             return self._response.read_ready()

@@ -17,6 +17,7 @@ from tests.anthropic_events import check_stream, parse_sse
 from tests.client import messages_body, post, roundtrip, roundtrips
 from tests.conftest import RelayHandle, start_relay
 from tests.mock_upstream import MockUpstream, Reply, chunk, sse, text_stream
+from tests.test_faults import SSE_HEAD, RawUpstream, _chunked
 from tests.test_keepalive import config
 
 READ_TIMEOUT = 1.0
@@ -139,6 +140,98 @@ async def test_many_streams_leave_nothing_behind(nursery: trio.Nursery, watcher:
         assert answer.status == 200 and answer.complete
         assert "".join(orjson.loads(line[6:]).get("delta", {}).get("text", "") for line in answer.body.split(b"\n")
                        if line.startswith(b"data: ")) == "ab"
+    assert_forgotten(relay)
+
+
+def _texts(body: bytes) -> str:
+    return "".join(orjson.loads(line[6:]).get("delta", {}).get("text", "") for line in body.split(b"\n")
+                   if line.startswith(b"data: "))
+
+
+@pytest.fixture
+def pulls(monkeypatch: pytest.MonkeyPatch) -> dict[Any, int]:
+    """What each read made by the server's watcher (``Pump.pull``) returned, counted (an exception as "raised")."""
+    from relay.pump import Pump
+
+    counts: dict[Any, int] = {}
+    pull = Pump.pull
+
+    def counted(self: Pump, now: float) -> bool | None:
+        try:
+            got = pull(self, now)
+        except Exception:
+            counts["raised"] = counts.get("raised", 0) + 1
+            raise
+        counts[got] = counts.get(got, 0) + 1
+        return got
+
+    monkeypatch.setattr(Pump, "pull", counted)
+    return counts
+
+
+async def test_a_paced_stream_is_read_by_the_watcher_and_handed_back_for_a_slow_client(
+        nursery: trio.Nursery, watcher: str, pulls: dict[Any, int]) -> None:
+    """Chunks 5 ms apart are read, translated and written in the watcher's task; a client that reads nothing for
+    a while (~8 MB: more than the sockets' buffers) fills its socket, so a write is left half done: the stream's
+    task sends the rest and the watcher reads on. The client gets every byte, in order."""
+    texts = [f"<{n}:" + "y" * (200_000 if n % 2 else 10) + ">" for n in range(80)]
+    pieces: list[bytes | float] = [*started()]
+    for text in texts:
+        pieces += [0.005, *sse(chunk({"content": text}), done=False)]
+    pieces += sse(chunk({}, "stop"))
+    upstream, relay = await setup(nursery, watcher, Reply(pieces=pieces))
+    stream = await open_stream(relay)
+    got = b""
+    with trio.fail_after(20):
+        got += await stream.receive_some(4096)
+        await trio.sleep(1.0)  # the stream goes on, the client's socket fills, a write is left half done
+        while b"event: message_stop" not in got:
+            more = await stream.receive_some(65536)
+            assert more, got[-300:]
+            got += more
+    await stream.aclose()
+    body = got.split(b"\r\n\r\n", 1)[1]
+    unframed = b"".join(body.split(b"\r\n")[1::2])  # the chunks' payloads (no payload holds CRLF)
+    check_stream(parse_sse(unframed))
+    assert _texts(unframed) == "".join(texts)
+    if watcher == "server":
+        assert pulls.get(None, 0) > 20, pulls  # chunks relayed by the watcher, the stream's task asleep
+        assert pulls.get(False, 0) >= 2, pulls  # handed back: the head's write, and one the socket did not take whole
+        assert pulls.get(True, 0) == 1, pulls
+    else:
+        assert not pulls
+    assert_forgotten(relay)
+
+
+class _BreaksThenSilent(RawUpstream):
+    """A stream whose chunked framing turns to nonsense after its first events, then nothing (the connection stays
+    open)."""
+
+    async def _misbehave(self, stream: trio.SocketStream, stream_wanted: bool) -> None:
+        await stream.send_all(SSE_HEAD + b"".join(_chunked(p) for p in started("fine") if isinstance(p, bytes)))
+        await trio.sleep(0.05)
+        await stream.send_all(b"zz\r\nnot a chunk\r\n")
+        await trio.sleep(30)
+
+
+async def test_a_body_that_breaks_its_framing_while_followed_ends_with_an_error_event(
+        nursery: trio.Nursery, watcher: str, pulls: dict[Any, int]) -> None:
+    """Broken framing arriving while the watcher reads the stream, then silence: the stream ends at once with an
+    error event (not at read_timeout), what came before it delivered."""
+    upstream = _BreaksThenSilent("bad_chunk")
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, config(upstream, keepalive=KEEPALIVE, start=20.0, read_timeout=READ_TIMEOUT))
+    if watcher == "stream":
+        relay.server.watch = None
+    answer = await roundtrip(relay.port, post("/v1/messages", messages_body("up-model", stream=True)), timeout=10)
+    assert answer.status == 200 and answer.complete
+    assert answer.elapsed < READ_TIMEOUT, answer.elapsed
+    events = parse_sse(answer.body)
+    check_stream(events)
+    assert _texts(answer.body) == "fine"
+    assert events[-1][0] == "error" and "broke" in events[-1][1]["error"]["message"], events[-1]
+    if watcher == "server":
+        assert pulls.get(None, 0) + pulls.get(False, 0) >= 1, pulls
     assert_forgotten(relay)
 
 
