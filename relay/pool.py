@@ -82,19 +82,20 @@ class HTTP11Connection(httpcore.AsyncHTTP11Connection):
         except httpcore.WriteError:  # a server may refuse a request before reading it all, and still answer it
             pass
         timeout = timeouts.get("read")
+        event: Any = h11.NEED_DATA  # (a fresh parser holds nothing: a first look would cost ~10k instructions)
         while True:
-            try:
-                event = state.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise httpcore.RemoteProtocolError(str(exc)) from exc
             if event is h11.NEED_DATA:
                 data = await self.network.read(READ_SIZE, timeout)
                 if not data and state.their_state is h11.SEND_RESPONSE:
                     raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
                 state.receive_data(data)
-            elif type(event) is h11.Response or (type(event) is h11.InformationalResponse and event.status_code == 101):
+            try:
+                event = state.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpcore.RemoteProtocolError(str(exc)) from exc
+            if type(event) is h11.Response or (type(event) is h11.InformationalResponse and event.status_code == 101):
                 return event.status_code, event.headers.raw_items(), b"HTTP/" + event.http_version
-            # else a 1xx before the answer (100 Continue, 103 Early Hints): read on
+            # else NEED_DATA, or a 1xx before the answer (100 Continue, 103 Early Hints): read on
 
     def leftover(self) -> tuple[bytes, bool]:
         """What the read that finished the response head held after it, and whether the peer had closed."""
