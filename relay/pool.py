@@ -140,16 +140,17 @@ class Response:
 
     def waitable(self) -> Any:
         """The socket to wait on when the next bytes are one wait and one read away (nothing left from the head,
-        no timeout, a plain TCP connection; else None: ``receive``). Per paced chunk that saves the four
-        coroutines between here and trio's wait, ~7k instructions of ~104k (bench/README.md, session 11)."""
+        no timeout, relay's own TCP or TLS stream; else None: ``receive``). Per paced chunk that saves the four
+        coroutines between here and trio's wait, ~7k instructions of ~104k (bench/README.md, session 11), and it
+        lets the server's watcher read the body (``StreamWatch.follow``)."""
         network = self._network
-        if self._first or self._timeout is not None or type(network) is not SocketStream:
+        if self._first or self._timeout is not None or type(network) not in (SocketStream, TLSStream):
             return None
-        return network.waitable()
+        return network.waitable()  # type: ignore[union-attr]
 
     def read_ready(self) -> bytes | None:
         """The read after ``waitable``'s socket was found readable (None: it was not after all)."""
-        return self._network.read_ready(READ_SIZE)  # type: ignore[union-attr]  # (only after waitable: plain TCP)
+        return self._network.read_ready(READ_SIZE)  # type: ignore[union-attr]  # (only after waitable)
 
     async def receive(self) -> bytes:
         """The connection's next bytes (b"": it closed): first what came with the head, then one network read.

@@ -173,6 +173,7 @@ class TLSStream(httpcore.AsyncNetworkStream):
         self._in = incoming  # ciphertext from the network, waiting to be decrypted
         self._out = outgoing  # ciphertext the TLS layer produced, waiting to be sent
         self._more = False  # as SocketStream: the last socket read filled its buffer
+        self._owed = b""  # ciphertext a read without waiting (``read_ready``) could not send at once
 
     async def _receive(self, timeout: float | None) -> None:
         data = await receive_some(self._sock, READ_SIZE, self._more, timeout)
@@ -183,8 +184,51 @@ class TLSStream(httpcore.AsyncNetworkStream):
             self._in.write_eof()
 
     async def _send_pending(self, timeout: float | None) -> None:
+        if self._owed:
+            owed, self._owed = self._owed, b""
+            await send_all(self._sock, owed, timeout)
         if self._out.pending:
             await send_all(self._sock, self._out.read(), timeout)
+
+    def waitable(self) -> socket.socket | None:
+        """As ``SocketStream.waitable``: the socket, when all that was received is decrypted and handed out (a
+        read returns one record; others may wait in memory, where no socket wait would see them) and nothing is
+        owed to the peer."""
+        if self._more or self._in.pending or self._tls.pending() or self._owed or self._out.pending:
+            return None
+        return self._sock
+
+    def read_ready(self, max_bytes: int) -> bytes | None:
+        """``read`` for a socket trio or the watcher found readable: one socket read, then every record it
+        completed (None: no whole record yet, or nothing came). What TLS has to answer (a post-handshake
+        message) is written without waiting; what the socket does not take goes out before the next write."""
+        try:
+            raw = os.read(self._sock.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
+        self._more = len(raw) == READ_SIZE
+        if raw:
+            self._in.write(raw)
+        else:
+            self._in.write_eof()
+        parts = []
+        try:
+            while True:
+                try:
+                    parts.append(self._tls.read(max_bytes))
+                except ssl.SSLWantReadError:  # the rest of a record is still to come
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # the end: after what came before it, if any
+                    if not parts:
+                        return b""
+                    break
+            if self._out.pending:
+                self._owed += send_now(self._sock, self._out.read())
+        except (ssl.SSLError, OSError) as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
+        return b"".join(parts) if parts else None
 
     async def handshake(self, timeout: float | None) -> None:
         try:

@@ -7,6 +7,7 @@ import shutil
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from relay.config import ConfigError, parse
 from tests.conftest import RELAY_KEY, relay_config, start_relay
 from tests.mock_upstream import MockUpstream, Recorded, Reply, completion, text_stream
 from tests.client import roundtrip
+from tests.test_watch import pulls, watcher  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test CA")
 
@@ -67,6 +69,34 @@ async def test_streams_and_reuses_one_tls_connection(nursery: trio.Nursery, cert
     assert answer.status == 200 and orjson.loads(answer.body)["content"][0]["text"] == "plain answer"
     assert upstream.accepted == 1  # one TLS handshake, then keep-alive
     assert upstream.requests[0].headers["authorization"].startswith("Bearer ")
+
+
+async def test_a_paced_tls_stream_is_read_without_a_task_per_chunk(nursery: trio.Nursery, certificate: tuple[Path, Path],
+                                                                    watcher: str, pulls: dict[Any, int]) -> None:
+    """Chunks 10 ms apart over TLS, some larger than a record (several records in one socket read): with the
+    server's watcher they are read, decrypted, translated and written in its task (``TLSStream.read_ready``);
+    without it, by the stream's task the same way. The client gets every byte."""
+    cert, key = certificate
+    texts = [f"<{n}:" + ("z" * 40_000 if n % 5 == 2 else "") + ">" for n in range(30)]
+    paced = text_stream(*texts)
+    paced.pieces = [p for piece in paced.pieces for p in (0.01, piece)]  # the end right after [DONE]
+    upstream = MockUpstream(lambda rec: paced, tls=server_context(cert, key))
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(upstream.base_url, f'ca_file = "{cert}"'))
+    if watcher == "stream":
+        relay.server.watch = None
+    for _ in range(2):  # the second on the kept-alive connection
+        answer = await roundtrip(relay.port, request(), timeout=20)
+        assert answer.status == 200 and answer.complete, answer
+        text = "".join(orjson.loads(line[6:])["delta"].get("text", "")
+                       for line in answer.body.split(b"\n") if line.startswith(b"data: ") and b"text_delta" in line)
+        assert text == "".join(texts)
+        assert answer.body.rstrip().endswith(b'data: {"type":"message_stop"}')
+    assert upstream.accepted == 1
+    if watcher == "server":
+        assert pulls.get(None, 0) >= 40 and pulls.get(True, 0) == 2, pulls
+    else:
+        assert not pulls
 
 
 async def test_an_untrusted_certificate_is_a_clear_502(nursery: trio.Nursery, certificate: tuple[Path, Path]) -> None:
