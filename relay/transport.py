@@ -117,13 +117,9 @@ class SocketStream(httpcore.AsyncNetworkStream):
 
     def read_ready(self, max_bytes: int) -> bytes | None:
         """``read`` for a socket trio has just found readable: None when it was not after all."""
-        try:
-            data = os.read(self._sock.fileno(), max_bytes)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
-        self._more = len(data) == max_bytes
+        data = _read_now(self._sock, max_bytes)
+        if data is not None:
+            self._more = len(data) == max_bytes
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -202,12 +198,9 @@ class TLSStream(httpcore.AsyncNetworkStream):
         """``read`` for a socket trio or the watcher found readable: one socket read, then every record it
         completed (None: no whole record yet, or nothing came). What TLS has to answer (a post-handshake
         message) is written without waiting; what the socket does not take goes out before the next write."""
-        try:
-            raw = os.read(self._sock.fileno(), READ_SIZE)
-        except BlockingIOError:
+        raw = _read_now(self._sock, READ_SIZE)
+        if raw is None:
             return None
-        except OSError as exc:
-            raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
         self._more = len(raw) == READ_SIZE
         if raw:
             self._in.write(raw)
@@ -297,6 +290,16 @@ class TLSStream(httpcore.AsyncNetworkStream):
         if info == "ssl_object":
             return self._tls
         return _extra(self._sock, info)
+
+
+def _read_now(sock: socket.socket, max_bytes: int) -> bytes | None:
+    """One read of a socket found readable: None when it was not after all. Raises httpcore.ReadError."""
+    try:
+        return os.read(sock.fileno(), max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
 
 
 def _extra(sock: socket.socket, info: str) -> Any:
