@@ -148,6 +148,11 @@ class Response:
             return None
         return network.waitable()  # type: ignore[union-attr]
 
+    @property
+    def held_back(self) -> bool:
+        """After ``read_ready``: the next read needs no socket event (``TLSStream.held_back``)."""
+        return self._network.held_back  # type: ignore[union-attr, no-any-return]  # (only after waitable)
+
     def read_ready(self) -> bytes | None:
         """The read after ``waitable``'s socket was found readable (None: it was not after all)."""
         return self._network.read_ready(READ_SIZE)  # type: ignore[union-attr]  # (only after waitable)

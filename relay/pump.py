@@ -448,7 +448,7 @@ class Pump:
         except Exception as exc:
             self._failed(exc, translator)
             return True
-        if upstream.broken:  # the next read raises: the task's, since the socket may never be readable again
+        if upstream.settled:  # the next read needs no socket event, and may never get one: the task's to make
             return False
         pending = self.pending
         if pending:

@@ -115,6 +115,8 @@ class SocketStream(httpcore.AsyncNetworkStream):
         fill its buffer): a caller that awaits trio's ``wait_readable`` itself saves the coroutines between."""
         return None if self._more else self._sock
 
+    held_back = False  # (TLSStream's: nothing is ever held where no socket event would bring it)
+
     def read_ready(self, max_bytes: int) -> bytes | None:
         """``read`` for a socket trio has just found readable: None when it was not after all."""
         data = _read_now(self._sock, max_bytes)
@@ -170,6 +172,7 @@ class TLSStream(httpcore.AsyncNetworkStream):
         self._out = outgoing  # ciphertext the TLS layer produced, waiting to be sent
         self._more = False  # as SocketStream: the last socket read filled its buffer
         self._owed = b""  # ciphertext a read without waiting (``read_ready``) could not send at once
+        self._ended = False  # a close_notify or the connection's end was decrypted: every read now says b""
 
     async def _receive(self, timeout: float | None) -> None:
         data = await receive_some(self._sock, READ_SIZE, self._more, timeout)
@@ -189,15 +192,24 @@ class TLSStream(httpcore.AsyncNetworkStream):
     def waitable(self) -> socket.socket | None:
         """As ``SocketStream.waitable``: the socket, when all that was received is decrypted and handed out (a
         read returns one record; others may wait in memory, where no socket wait would see them) and nothing is
-        owed to the peer."""
-        if self._more or self._in.pending or self._tls.pending() or self._owed or self._out.pending:
+        owed to the peer; never after the end (no socket event would bring the b"" that says so)."""
+        if self._more or self._ended or self._in.pending or self._tls.pending() or self._owed or self._out.pending:
             return None
         return self._sock
+
+    @property
+    def held_back(self) -> bool:
+        """Something waits that no socket event will bring: the end, decrypted with the last bytes (the next read
+        says b"" at once), or bytes owed to the peer. A watcher reading this stream hands it back."""
+        return self._ended or bool(self._owed)
 
     def read_ready(self, max_bytes: int) -> bytes | None:
         """``read`` for a socket trio or the watcher found readable: one socket read, then every record it
         completed (None: no whole record yet, or nothing came). What TLS has to answer (a post-handshake
-        message) is written without waiting; what the socket does not take goes out before the next write."""
+        message) is written without waiting; what the socket does not take goes out before the next write.
+        After a close_notify, ``SSLObject.read`` says b"" for ever rather than raising: that is the end too."""
+        if self._ended:
+            return b""
         raw = _read_now(self._sock, READ_SIZE)
         if raw is None:
             return None
@@ -210,18 +222,22 @@ class TLSStream(httpcore.AsyncNetworkStream):
         try:
             while True:
                 try:
-                    parts.append(self._tls.read(max_bytes))
+                    data = self._tls.read(max_bytes)
                 except ssl.SSLWantReadError:  # the rest of a record is still to come
                     break
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # the end: after what came before it, if any
-                    if not parts:
-                        return b""
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                if not data:  # the end: handed out after what came before it, if anything did
+                    self._ended = True
                     break
+                parts.append(data)
             if self._out.pending:
                 self._owed += send_now(self._sock, self._out.read())
         except (ssl.SSLError, OSError) as exc:
             raise httpcore.ReadError(str(exc) or type(exc).__name__) from None
-        return b"".join(parts) if parts else None
+        if parts:
+            return b"".join(parts)
+        return b"" if self._ended else None
 
     async def handshake(self, timeout: float | None) -> None:
         try:

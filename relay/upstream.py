@@ -180,9 +180,10 @@ class UpstreamResponse:
         return self._waitable()
 
     @property
-    def broken(self) -> bool:
-        """The body broke its framing: the next read raises (what came before it was handed out)."""
-        return self._reader.error is not None
+    def settled(self) -> bool:
+        """After a read made by a watcher: the next read needs no socket event, so it is the stream's task's to
+        make. The body broke its framing (the read raises), or the connection holds its end already (TLS)."""
+        return self._reader.error is not None or self._response.held_back
 
     def events_ready(self) -> list[Event] | None:
         """``events`` for a socket found readable by a watcher: None when it was not after all."""

@@ -99,6 +99,92 @@ async def test_a_paced_tls_stream_is_read_without_a_task_per_chunk(nursery: trio
         assert not pulls
 
 
+class _ClosingTLSUpstream:
+    """A TLS server made of ``ssl.SSLObject`` by hand, so that it controls what shares a write: each answer is a
+    paced stream with ``Connection: close``, whose last chunk, chunked terminator and close_notify go out in one
+    write (so relay reads them in one)."""
+
+    def __init__(self, context: ssl.SSLContext, framing: str) -> None:
+        self.context = context
+        self.framing = framing  # "chunked", or "close": the body ends where the connection does, with no [DONE]
+        self.port = 0
+        self.served = 0
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        self.port = listener.socket.getsockname()[1]
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                nursery.start_soon(self._answer, await listener.accept())
+
+    async def _answer(self, sock: trio.SocketStream) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+
+        async def flush() -> None:
+            if outgoing.pending:
+                await sock.send_all(outgoing.read())
+
+        async def pull() -> None:
+            await flush()
+            incoming.write(await sock.receive_some(65536) or b"")
+
+        async with sock:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await pull()
+            await flush()
+            request = b""
+            while b"\r\n\r\n" not in request or not request.rstrip().endswith(b"}"):
+                try:
+                    request += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    await pull()
+            self.served += 1
+            pieces = [p for p in text_stream(*[f"w{i} " for i in range(12)]).pieces if isinstance(p, bytes)]
+            chunked = self.framing == "chunked"
+            if not chunked:
+                pieces = pieces[:-1]  # no [DONE]: the end of the connection is the end of the stream
+            tls.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                      + (b"transfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n"))
+            for piece in pieces[:-1]:
+                tls.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                await flush()
+                await trio.sleep(0.01)
+            tls.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(pieces[-1]), pieces[-1]) if chunked else pieces[-1])
+            try:
+                tls.unwrap()  # the close_notify, into the same buffer as the end of the body
+            except ssl.SSLWantReadError:
+                pass
+            await flush()
+            await trio.sleep(0.5)  # TCP stays open: the close_notify is the only end
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+async def test_a_paced_tls_stream_whose_upstream_closes_after_it_ends_cleanly(
+        nursery: trio.Nursery, certificate: tuple[Path, Path], watcher: str, framing: str) -> None:
+    """After a close_notify ``SSLObject.read`` says b"" for ever rather than raising: read as the end, once (a
+    first draft looped on it in the watcher's step, and the whole server froze). A body that ends with its
+    connection ends at once: the end came with the last bytes, and no socket event will say it again."""
+    cert, key = certificate
+    upstream = _ClosingTLSUpstream(server_context(cert, key), framing)
+    await nursery.start(upstream.serve)
+    relay = await start_relay(nursery, relay_config(f"https://127.0.0.1:{upstream.port}/v1", f'ca_file = "{cert}"'))
+    if watcher == "stream":
+        relay.server.watch = None
+    for _ in range(2):
+        with trio.fail_after(10):
+            answer = await roundtrip(relay.port, request(), timeout=10)
+        assert answer.status == 200 and answer.complete, answer
+        assert b"w11 " in answer.body and answer.body.rstrip().endswith(b'data: {"type":"message_stop"}'), answer.body[-300:]
+        assert answer.elapsed < 0.45, answer.elapsed  # not after the server's wait before it closes TCP
+    assert upstream.served == 2
+
+
 async def test_an_untrusted_certificate_is_a_clear_502(nursery: trio.Nursery, certificate: tuple[Path, Path]) -> None:
     cert, key = certificate
     upstream = MockUpstream(many_chunks, tls=server_context(cert, key))
