@@ -488,7 +488,12 @@ class Pump:
                 if watch is not None:
                     sock = upstream.followable()
                     if sock is not None:
-                        if await watch.follow(self, sock):
+                        try:
+                            over = await watch.follow(self, sock)
+                        except (OSError, ValueError):  # the set took no more (ENOSPC), or it is closed: this
+                            watch = None  # stream reads in its own task
+                            continue
+                        if over:
                             break
                         continue
                 got = await read()

@@ -203,6 +203,26 @@ async def test_a_paced_stream_is_read_by_the_watcher_and_handed_back_for_a_slow_
     assert_forgotten(relay)
 
 
+async def test_a_stream_the_watcher_cannot_follow_reads_in_its_own_task(nursery: trio.Nursery,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An epoll set that takes no more sockets (ENOSPC: the system's limit on watches) costs no stream: each reads
+    its upstream in its own task, and is still watched for a client that leaves."""
+    import errno
+
+    async def full(self: StreamWatch, pump: Any, sock: Any) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StreamWatch, "follow", full)
+    reply = Reply(pieces=[*started("a", "b"), 0.05, *sse(chunk({"content": "c"}), chunk({}, "stop"))])
+    upstream, relay = await setup(nursery, "server", reply)
+    answers = await roundtrips(relay.port, post("/v1/messages", messages_body("up-model", stream=True)), 5)
+    for answer in answers:
+        assert answer.status == 200 and answer.complete
+        check_stream(parse_sse(answer.body))
+        assert _texts(answer.body) == "abc"
+    assert_forgotten(relay)
+
+
 class _BreaksThenSilent(RawUpstream):
     """A stream whose chunked framing turns to nonsense after its first events, then nothing (the connection stays
     open)."""
