@@ -94,7 +94,7 @@ async def test_a_paced_tls_stream_is_read_without_a_task_per_chunk(nursery: trio
         assert answer.body.rstrip().endswith(b'data: {"type":"message_stop"}')
     assert upstream.accepted == 1
     if watcher == "server":
-        assert pulls.get(None, 0) >= 40 and pulls.get(True, 0) == 2, pulls
+        assert pulls.get(None, 0) >= 20 and pulls.get(True, 0) == 2, pulls
     else:
         assert not pulls
 
@@ -161,7 +161,7 @@ class _ClosingTLSUpstream:
             except ssl.SSLWantReadError:
                 pass
             await flush()
-            await trio.sleep(0.5)  # TCP stays open: the close_notify is the only end
+            await trio.sleep(3)  # TCP stays open: the close_notify is the only end
 
 
 @pytest.mark.parametrize("framing", ["chunked", "close"])
@@ -181,7 +181,7 @@ async def test_a_paced_tls_stream_whose_upstream_closes_after_it_ends_cleanly(
             answer = await roundtrip(relay.port, request(), timeout=10)
         assert answer.status == 200 and answer.complete, answer
         assert b"w11 " in answer.body and answer.body.rstrip().endswith(b'data: {"type":"message_stop"}'), answer.body[-300:]
-        assert answer.elapsed < 0.45, answer.elapsed  # not after the server's wait before it closes TCP
+        assert answer.elapsed < 2, answer.elapsed  # not after the server's wait before it closes TCP
     assert upstream.served == 2
 
 
