@@ -27,6 +27,7 @@ from relay.auth import is_loopback
 from relay.config import ServerConfig
 from relay.errors import RelayError
 from relay.formats.anthropic import request_id as new_request_id
+from relay.headmemo import HeadMemo, RequestHead
 from relay.heads import response_head
 from relay.log import Exchange
 
@@ -48,9 +49,12 @@ class ClientGone(Exception):
 class Connection:
     """One client connection: an h11 state machine and the socket it reads and writes."""
 
-    def __init__(self, stream: trio.SocketStream, max_header_bytes: int) -> None:
+    def __init__(self, stream: trio.SocketStream, max_header_bytes: int, memo: HeadMemo | None = None) -> None:
         self.stream = transport.ClientSocket(stream)
         self.max_header_bytes = max_header_bytes
+        self.memo = memo or HeadMemo()
+        self._fresh: bytes | None = b""  # what the fresh parser was given, while it came in one piece (else None)
+        self.after_head: bytes | None = None  # a head the memo answered: what came after it (h11 saw none of it)
         self.held = 0  # bytes received while a response is out (a pipelined next request), bounded
         self.folded = False  # the request head being read uses obsolete line folding
         self._tail = b""  # the last bytes of the head read so far, for a fold or a head end split across reads
@@ -93,6 +97,7 @@ class Connection:
                 return b""  # as if gone: the response is cancelled and the connection closed
         elif self.h11.their_state is h11.IDLE:
             self._scan_head(data)
+            self._fresh = data if self._fresh == b"" else None
         self.h11.receive_data(data)
         return data
 
@@ -106,6 +111,7 @@ class Connection:
         pieces (bench/README.md, session 7). A read never asks for more than ``room()`` (what the global body
         budget has left, at least a byte): many connections together hold no more than the budget."""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        self._fresh = None
         left = length - received
         while left:
             data = await self.stream.receive_some(min(left, BODY_READ, max(room(), 1)))
@@ -126,10 +132,11 @@ class Connection:
             self.folded = True
         self._tail = window[-3:] if end < 0 else b""
 
-    def begin(self, request: h11.Request, headers: Headers) -> None:
-        """A request has come (``headers``: its headers, as a list, kept for the host: h11's ``Headers`` is walked
-        item by item in Python): whether its answer may keep the connection open is h11's rule (HTTP/1.1, and no
-        ``Connection: close``), which relay, writing the answer itself, now applies."""
+    def begin(self, request: RequestHead) -> None:
+        """A request has come (its headers are kept for the host): whether its answer may keep the connection
+        open is h11's rule (HTTP/1.1, and no ``Connection: close``), which relay, writing the answer itself, now
+        applies."""
+        headers = request.headers
         self.http11 = keeps = request.http_version == b"1.1"
         for name, value in headers:  # (a loop: a generator in any() cost ~3k instructions per request)
             if name == b"connection" and b"close" in (v.strip() for v in value.lower().split(b",")):
@@ -164,17 +171,37 @@ class Connection:
     def restart(self, received: bytes, closed: bool) -> None:
         """h11 starts over as a fresh parser, given what was received past the last request it parsed."""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        self._fresh = None if closed else received
         if received:
             self.h11.receive_data(received)
         if closed:
             self.h11.receive_data(b"")
 
     async def next_event(self) -> Any:
+        """The next request's head (a ``RequestHead``), or h11's event that says there is none (ConnectionClosed).
+        A head that came whole in one read is first looked up in the memo (``relay.headmemo``); a head h11
+        parsed is remembered there."""
         begun = False  # a read brought some of the head: if more is to come, header_timeout is its clock now
         while True:
+            whole = b""
+            fresh = self._fresh
+            if fresh:  # the fresh parser holds one read's bytes: they may start with a whole head
+                self._fresh = None
+                end = fresh.find(b"\r\n\r\n")
+                if end >= 0:
+                    whole = fresh[:end + 4]
+                    found = self.memo.find(whole)
+                    if found is not None:  # h11 is not asked (it holds the bytes, but is restarted after the body)
+                        self.after_head = fresh[end + 4:]
+                        return found
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
-                return event
+                if type(event) is not h11.Request:
+                    return event
+                request = RequestHead.of(event)
+                if whole and not self.folded:
+                    self.memo.remember(whole, request)
+                return request
             if begun and self.head_scope is not None:  # (a head whole in one read never moves the deadline)
                 self._idle_ended()
             begun = bool(await self.receive())
@@ -392,13 +419,24 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
         return False
 
     try:
-        if length is not None:
-            received, closed = conn.h11.trailing_data
-            if len(received) >= length:  # the whole body came with its head (the usual small request): taken
-                take(received[:length])  # as it is, not as h11's Data and EndOfMessage (~20k instructions)
-                conn.restart(received[length:], closed)  # (a pipelined request after it, if any)
+        received, closed = b"", False
+        if conn.after_head is not None:  # the memo's head: h11 has not seen the request (and a head is only
+            received, conn.after_head = conn.after_head, None  # remembered with a Content-Length or no body at all)
+            length = length or 0
+            if len(received) < length:
+                if received:
+                    take(received)
+                with trio.fail_after(timeout):  # (the clock is read here, as below)
+                    await conn.read_rest(length, size, take, budget.room)
                 conn.answering = True
-                return parts[0]
+                return b"".join(parts)
+        elif length is not None:
+            received, closed = conn.h11.trailing_data
+        if length is not None and len(received) >= length:  # the whole body came with its head (the usual small
+            take(received[:length])  # request): taken as it is, not as h11's Data and EndOfMessage (~20k instructions)
+            conn.restart(received[length:], closed)  # (a pipelined request after it, if any)
+            conn.answering = True
+            return parts[0]
         event = conn.h11.next_event()
         while event is not h11.NEED_DATA:
             if ended(event):
@@ -444,10 +482,10 @@ def protocol_error(exc: h11.RemoteProtocolError, max_header_bytes: int) -> Relay
     return RelayError(status, message, "request_too_large" if status == 413 else "invalid_request_error")
 
 
-def head_size(request: h11.Request, headers: Headers) -> int:
+def head_size(request: RequestHead) -> int:
     """The request head's size as sent, near enough: line, headers, line ends."""
     size = len(request.target) + 16
-    for name, value in headers:
+    for name, value in request.headers:
         size += len(name) + len(value) + 4
     return size
 
@@ -462,11 +500,11 @@ class Host(Protocol):
     @property
     def limits(self) -> ServerConfig: ...
 
-    def admit(self, conn: Connection, ex: Exchange, request: h11.Request) -> None:
+    def admit(self, conn: Connection, ex: Exchange, request: RequestHead) -> None:
         """Checks made on the head alone (route, key), before any body byte is read or held: raises the
         RelayError to answer with."""
 
-    async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None: ...
+    async def respond(self, conn: Connection, ex: Exchange, request: RequestHead, body: bytes) -> None: ...
 
     def done(self, ex: Exchange) -> None: ...
 
@@ -494,11 +532,11 @@ async def serve_connection(conn: Connection, host: Host) -> None:
             await send_raw(conn.stream, RelayError(408, f"request head not received within {limits.header_timeout:g}s",
                                                    "invalid_request_error"))
             return
-        if not isinstance(event, h11.Request):
+        if type(event) is not RequestHead:
             return
         request = event
-        headers = list(request.headers)  # once: h11's Headers is iterated item by item, in Python
-        if head_size(request, headers) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
+        headers = request.headers
+        if head_size(request) > limits.max_header_bytes:  # h11 checks only heads still incomplete in a read
             await send_raw(conn.stream, RelayError(431, f"request head larger than {limits.max_header_bytes} bytes",
                                                    "invalid_request_error"))
             return
@@ -506,7 +544,7 @@ async def serve_connection(conn: Connection, host: Host) -> None:
         if refused:
             await send_raw(conn.stream, RelayError(400, refused, "invalid_request_error"))
             return
-        conn.begin(request, headers)
+        conn.begin(request)
         ex = Exchange(request.method.decode("latin-1"), request.target.decode("latin-1"))
         refusal: RelayError | None = None
         try:

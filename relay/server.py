@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import h11
 import orjson
 import trio
 
@@ -31,6 +30,7 @@ from relay.formats.base import ClientRequest, Options, Translator
 from relay.gate import StartGate
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
+from relay.headmemo import HeadMemo, RequestHead
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
 from relay.live import Live
 from relay.log import Exchange
@@ -84,6 +84,7 @@ class Server:
         self._accepting = trio.CancelScope()
         self.idle_waits: set[trio.CancelScope] = set()
         self.bodies = BodyBudget(config.server.body_memory)
+        self.head_memo = HeadMemo()  # request heads h11 parsed, for the connections' next ones
         self._drain_deadline = float("inf")
         self._open = 0
         self.max_open = connection_budget(config.server.max_connections)
@@ -203,7 +204,7 @@ class Server:
             return
         self._open += 1
         try:
-            await serve_connection(Connection(stream, self.config.server.max_header_bytes), self)
+            await serve_connection(Connection(stream, self.config.server.max_header_bytes, self.head_memo), self)
         except ClientGone:
             pass
         except Exception:  # a bug must cost one connection, never the server
@@ -246,7 +247,7 @@ class Server:
 
     # ---- endpoints ---------------------------------------------------------------------------
 
-    def admit(self, conn: Connection, ex: Exchange, request: h11.Request) -> None:
+    def admit(self, conn: Connection, ex: Exchange, request: RequestHead) -> None:
         """The route and the key, from the head alone: nobody without a key gets relay to read, let alone
         hold, a request body."""
         path = ex.path.split("?", 1)[0]
@@ -271,14 +272,14 @@ class Server:
         else:
             raise RelayError(404, f"no route for {ex.method} {path}", "not_found_error")
 
-    async def respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+    async def respond(self, conn: Connection, ex: Exchange, request: RequestHead, body: bytes) -> None:
         """A request ``admit`` let in, with its body."""
         try:
             await self._respond(conn, ex, request, body)
         finally:
             self._book(ex)
 
-    async def _respond(self, conn: Connection, ex: Exchange, request: h11.Request, body: bytes) -> None:
+    async def _respond(self, conn: Connection, ex: Exchange, request: RequestHead, body: bytes) -> None:
         path = ex.path.split("?", 1)[0]
         method = ex.method
         try:
