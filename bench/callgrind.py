@@ -7,6 +7,9 @@ keep-alive requests for a 50-chunk stream written in one piece (``--shape burst`
 read) or 16 chunks 20 ms apart (``--shape paced``: one read per chunk, what a real model's stream costs). Counting starts after a warm-up (callgrind_control
 zeroes the counters) and stops after ``--requests`` more, so start-up is not in the figure.
 
+``--claude-code-head`` sends Claude Code's own request head (its 20 headers, as recorded in
+``tests/fixtures/reference``) instead of a 4-header one: what a real client's head costs to read.
+
 ``--body KIB`` sends a Claude Code-shaped request body of that size instead of the smallest one (what relay's
 request side costs: reading, parsing, translating and forwarding the body); ``--unicode`` puts a character
 beyond ASCII in each of its turns' texts, as real prose and source files so often have.
@@ -36,10 +39,19 @@ BODY = orjson.dumps({"model": "mock-model", "max_tokens": 64, "stream": True,
                      "messages": [{"role": "user", "content": "Say hello."}]})
 
 
-def request(target: str, body_kib: int = 0, unicode: bool = False) -> bytes:
+CLAUDE_CODE = ROOT / "tests" / "fixtures" / "reference" / "claude-code-2.1.331-request-1.json"
+
+
+def claude_code_headers() -> bytes:
+    """Claude Code's request headers as it sends them (but Host and Content-Length), one line each."""
+    headers = orjson.loads(CLAUDE_CODE.read_bytes())["headers"]
+    return b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items())
+
+
+def request(target: str, body_kib: int = 0, unicode: bool = False, claude_code_head: bool = False) -> bytes:
     """``body_kib``: a Claude Code-shaped body of that size (``bench.bodies``, the bodies scenario's), the same
     bytes to relay and to a floor (which forwards them unread); else the smallest request. ``unicode``: its
-    turns' texts each hold a character beyond ASCII."""
+    turns' texts each hold a character beyond ASCII. ``claude_code_head``: Claude Code's headers, not four."""
     if body_kib:
         path = b"/v1/messages" if target == "relay" else b"/p/default/v1/chat/completions"
         body = claude_code_body(body_kib * 1024, unicode=unicode)
@@ -48,6 +60,9 @@ def request(target: str, body_kib: int = 0, unicode: bool = False) -> bytes:
     else:  # the floors speak OpenAI on both sides
         path, body = b"/p/default/v1/chat/completions", orjson.dumps(
             {"model": "mock-model", "stream": True, "messages": [{"role": "user", "content": "Say hello."}]})
+    if claude_code_head:
+        return (b"POST %b HTTP/1.1\r\nHost: 127.0.0.1\r\n%bContent-Length: %d\r\n\r\n%b"
+                % (path, claude_code_headers(), len(body), body))
     return (b"POST %b HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nanthropic-version: 2023-06-01\r\n"
             b"content-length: %d\r\n\r\n%b" % (path, len(body), body))
 
@@ -90,7 +105,7 @@ SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "de
 
 
 def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunks: int = 0,
-            body_kib: int = 0, unicode: bool = False) -> int:
+            body_kib: int = 0, unicode: bool = False, claude_code_head: bool = False) -> int:
     upstream, upstream_port = start_upstream({"default": {**SHAPES[shape], **({"chunks": chunks} if chunks else {})}})
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     port = free_port()
@@ -100,7 +115,7 @@ def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunk
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(workdir / "valgrind.log").open("wb"))
     try:
         wait_port(port, proc, 300)
-        raw = request(target, body_kib, unicode)
+        raw = request(target, body_kib, unicode, claude_code_head)
         with socket.create_connection(("127.0.0.1", port)) as sock:
             for _ in range(warmup):
                 ask(sock, raw)
@@ -134,9 +149,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="a Claude Code-shaped request body of this size (as the bodies scenario sends)")
     parser.add_argument("--unicode", action="store_true",
                         help="the body's turns each hold a character beyond ASCII (bench.bodies)")
+    parser.add_argument("--claude-code-head", action="store_true",
+                        help="Claude Code's own request headers (tests/fixtures/reference), not four")
     args = parser.parse_args(argv)
-    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks, args.body, args.unicode)
+    per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks, args.body, args.unicode,
+                  args.claude_code_head)
     body = f", {args.body} KiB{' unicode' if args.unicode else ''} body" if args.body else ""
+    body += ", Claude Code's head" if args.claude_code_head else ""
     print(f"{args.target}: {per:,} instructions per {args.shape} request ({args.chunks or SHAPES[args.shape]['chunks']} chunks{body}; "
           f"{args.requests} requests after {args.warmup} warm-up)")
 

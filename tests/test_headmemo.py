@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from relay.headmemo import HeadMemo, RequestHead
 from tests.client import get, messages_body, post, request_bytes, split
 from tests.conftest import RELAY_KEY, RelayHandle
-from tests.mock_upstream import MockUpstream, completion
+from tests.mock_upstream import MockUpstream, Reply, completion, text_stream
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 TAIL = b'{"a":1}\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n'  # a body holding a blank line, then a pipelined request
@@ -256,3 +256,31 @@ async def test_a_head_unlike_the_remembered_one_is_judged_anew(relay: RelayHandl
             assert words in out.decode(), out
     assert len(upstream.requests) == 1
     assert orjson.loads(upstream.requests[0].body)["messages"][0]["content"] == "hi"
+
+
+async def test_a_request_pipelined_while_a_stream_is_out_is_read_whole(relay: RelayHandle,
+                                                                       upstream: MockUpstream) -> None:
+    """The next request's head and the start of its body come with the one before; the rest of its body comes
+    while the first one's answer is streaming. Its head is the remembered one's: its body is what was sent, all of
+    it (relay's fresh parser after a stream holds what came during it, and the memo reads from there)."""
+    def reply(r: Any) -> Reply:
+        if r.json.get("stream"):
+            slow = text_stream("one", "two")
+            slow.pieces.insert(1, 0.3)  # the stream is out for a while
+            return slow
+        return completion({"content": "ok"})
+    upstream.handler = reply
+    first = request_bytes(messages_body(stream=True, text="streamed"), key=RELAY_KEY)
+    second = request_bytes(messages_body(text="x" * 3000), key=RELAY_KEY)
+    head_end = second.index(b"\r\n\r\n") + 4
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(first + second[:head_end + 10])
+    await trio.sleep(0.15)  # the first answer has begun, and waits on its upstream
+    await stream.send_all(second[head_end + 10:])
+    data = b""
+    with trio.fail_after(10):
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"}"):
+            data += await stream.receive_some(65536)
+    await stream.aclose()
+    assert b"event: message_stop" in data and data.count(b"HTTP/1.1 200") == 2
+    assert [r.json["messages"][0]["content"] for r in upstream.requests] == ["streamed", "x" * 3000]
