@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -108,12 +109,14 @@ def front_main(prog: str, description: str, serve: Serve, argv: list[str] | None
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--upstream-ca", default="", help="the upstream is HTTPS, with this CA (bench.tls_front)")
     args = parser.parse_args(argv)
     sock = listen(args.host, args.port)
+    tls = {"ca_file": args.upstream_ca} if args.upstream_ca else {}
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve, sock, args.upstream_port)
+            port = await nursery.start(functools.partial(serve, **tls), sock, args.upstream_port)
             print(f"READY {port}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -10,6 +10,9 @@ zeroes the counters) and stops after ``--requests`` more, so start-up is not in 
 ``--claude-code-head`` sends Claude Code's own request head (its 20 headers, as recorded in
 ``tests/fixtures/reference``) instead of a 4-header one: what a real client's head costs to read.
 
+``--tls`` puts ``bench.tls_front`` between the server and the mock: the upstream is HTTPS, as every hosted
+provider is, and each chunk is a TLS record to decrypt (``relay`` and ``stack`` only).
+
 ``--body KIB`` sends a Claude Code-shaped request body of that size instead of the smallest one (what relay's
 request side costs: reading, parsing, translating and forwarding the body); ``--unicode`` puts a character
 beyond ASCII in each of its turns' texts, as real prose and source files so often have.
@@ -33,7 +36,8 @@ from pathlib import Path
 import orjson
 
 from bench.bodies import claude_code_body
-from bench.procs import ROOT, free_port, relay_config, start_upstream
+from bench.procs import ROOT, free_port, relay_config, start_tls_front, start_upstream
+from bench.tls_front import make_certificate
 
 BODY = orjson.dumps({"model": "mock-model", "max_tokens": 64, "stream": True,
                      "messages": [{"role": "user", "content": "Say hello."}]})
@@ -93,25 +97,33 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> None:
     raise RuntimeError(f"nothing listening on {port} after {seconds:.0f}s")
 
 
-def server_argv(target: str, upstream_port: int, port: int, config: Path) -> list[str]:
+def server_argv(target: str, upstream_port: int, port: int, config: Path, ca_file: str = "") -> list[str]:
     if target == "relay":
-        config.write_text(relay_config(upstream_port, "default"))
+        config.write_text(relay_config(upstream_port, "default", ca_file=ca_file))
         return [sys.executable, "-m", "relay", "serve", "-c", str(config), "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
-    return [sys.executable, "-m", f"bench.{target}", "--upstream-port", str(upstream_port), "--port", str(port)]
+    tls = ["--upstream-ca", ca_file] if ca_file else []
+    return [sys.executable, "-m", f"bench.{target}", "--upstream-port", str(upstream_port), "--port", str(port), *tls]
 
 
 SHAPES = {"burst": {"chunks": 50, "coalesce": True}, "paced": {"chunks": 16, "delay": 0.02}}
 
 
 def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunks: int = 0,
-            body_kib: int = 0, unicode: bool = False, claude_code_head: bool = False) -> int:
+            body_kib: int = 0, unicode: bool = False, claude_code_head: bool = False, tls: bool = False) -> int:
     upstream, upstream_port = start_upstream({"default": {**SHAPES[shape], **({"chunks": chunks} if chunks else {})}})
     workdir = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
+    front, ca_file = None, ""
+    if tls:
+        if target == "pipe":
+            raise SystemExit("--tls: pipe copies bytes to a plain upstream only")
+        cert, key = make_certificate(workdir)
+        front, upstream_port = start_tls_front(upstream_port, cert, key)
+        ca_file = str(cert)
     port = free_port()
     out = workdir / "callgrind.out"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-            *server_argv(target, upstream_port, port, workdir / "relay.toml")]
+            *server_argv(target, upstream_port, port, workdir / "relay.toml", ca_file)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(workdir / "valgrind.log").open("wb"))
     try:
         wait_port(port, proc, 300)
@@ -134,6 +146,8 @@ def measure(target: str, requests: int, warmup: int, shape: str = "burst", chunk
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if front is not None:
+            front.stop()
         upstream.stop()
 
 
@@ -149,13 +163,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="a Claude Code-shaped request body of this size (as the bodies scenario sends)")
     parser.add_argument("--unicode", action="store_true",
                         help="the body's turns each hold a character beyond ASCII (bench.bodies)")
+    parser.add_argument("--tls", action="store_true", help="an HTTPS upstream (bench.tls_front before the mock)")
     parser.add_argument("--claude-code-head", action="store_true",
                         help="Claude Code's own request headers (tests/fixtures/reference), not four")
     args = parser.parse_args(argv)
     per = measure(args.target, args.requests, args.warmup, args.shape, args.chunks, args.body, args.unicode,
-                  args.claude_code_head)
+                  args.claude_code_head, args.tls)
     body = f", {args.body} KiB{' unicode' if args.unicode else ''} body" if args.body else ""
     body += ", Claude Code's head" if args.claude_code_head else ""
+    body += ", HTTPS upstream" if args.tls else ""
     print(f"{args.target}: {per:,} instructions per {args.shape} request ({args.chunks or SHAPES[args.shape]['chunks']} chunks{body}; "
           f"{args.requests} requests after {args.warmup} warm-up)")
 

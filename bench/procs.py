@@ -169,6 +169,12 @@ def _start_ready(name: str, argv: list[str]) -> tuple[Child, int]:
     return child, int(line[1])
 
 
+def start_tls_front(upstream_port: int, cert: Path, key: Path) -> tuple[Child, int]:
+    """Start ``bench.tls_front`` (HTTPS with this certificate) before the mock; returns it and its port."""
+    return _start_ready("tls-front", [sys.executable, "-m", "bench.tls_front", "--upstream-port", str(upstream_port),
+                                      "--cert", str(cert), "--key", str(key)])
+
+
 def start_upstream(profiles: dict[str, dict[str, object]]) -> tuple[Child, int]:
     """Start ``bench.upstream`` with these profiles; returns it and the port it listens on."""
     return _start_ready("upstream", [sys.executable, "-m", "bench.upstream", "--port", "0",
@@ -200,9 +206,10 @@ def relay_supports_workers() -> bool:
     return "--workers" in out.stdout
 
 
-def relay_config(upstream_port: int, profile: str, store: str = "") -> str:
+def relay_config(upstream_port: int, profile: str, store: str = "", ca_file: str = "") -> str:
     """A relay config whose one provider is the mock upstream's ``profile``; ``store``: a store url (with a
-    config key, ``bench``, and a price for the model, so every request is booked with a cost), else no store."""
+    config key, ``bench``, and a price for the model, so every request is booked with a cost), else no store;
+    ``ca_file``: the upstream is HTTPS (``bench.tls_front``), with this CA."""
     server = 'api_keys = ["bench"]\n' if store else 'usage_db = ""\n'  # no store: stays out of the user's usage book
     return (
         "[server]\n"
@@ -212,7 +219,8 @@ def relay_config(upstream_port: int, profile: str, store: str = "") -> str:
         + (f'[store]\nurl = "{store}"\n' if store else "")
         + "[providers.mock]\n"
         'format = "openai"\n'
-        f'base_url = "http://127.0.0.1:{upstream_port}/p/{profile}/v1"\n'
+        f'base_url = "{"https" if ca_file else "http"}://127.0.0.1:{upstream_port}/p/{profile}/v1"\n'
+        + (f'ca_file = "{ca_file}"\n' if ca_file else "") +
         'api_key = "x"\n'
         'models = ["mock-model"]\n'
         "max_connections = 4096\n"  # measure relay, not its per-provider cap (1,024 by default)

@@ -75,12 +75,14 @@ async def _serve_connection(client: socket.socket, pool: ConnectionPool, origin:
         _net.close(client)
 
 
-async def serve(listener: socket.socket, upstream_port: int,
+async def serve(listener: socket.socket, upstream_port: int, ca_file: str = "",
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    pool = ConnectionPool(ssl.create_default_context(), 65536)
+    """``ca_file``: the upstream is HTTPS (``bench.tls_front``), with this CA."""
+    pool = ConnectionPool(ssl.create_default_context(cafile=ca_file or None), 65536)
+    origin = f"{'https' if ca_file else 'http'}://127.0.0.1:{upstream_port}"
     async with trio.open_nursery() as nursery:
         task_status.started(listener.getsockname()[1])
-        await _net.accept_forever(listener, nursery, _serve_connection, pool, f"http://127.0.0.1:{upstream_port}")
+        await _net.accept_forever(listener, nursery, _serve_connection, pool, origin)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.callgrind import ask, request, server_argv, wait_port
+from bench.procs import free_port, start_tls_front, start_upstream
+from bench.tls_front import make_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +65,28 @@ def test_bench_pieces_run() -> None:
         proc = subprocess.run([sys.executable, "-m", "bench.pieces", piece, "3"], cwd=ROOT, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0, f"{piece}:\n{proc.stderr[-3000:]}"
+
+
+def test_the_tls_front_serves_relay_and_stack(tmp_path: Path) -> None:
+    """``bench.callgrind --tls`` puts ``bench.tls_front`` before the mock: relay and ``stack`` each stream a
+    paced answer from it over HTTPS, chunk by chunk, as ``bench.callgrind`` asks them (its own request and wait)."""
+    upstream, upstream_port = start_upstream({"default": {"chunks": 5, "delay": 0.01}})
+    cert, key = make_certificate(tmp_path)
+    front, front_port = start_tls_front(upstream_port, cert, key)
+    try:
+        for target in ("relay", "stack"):
+            port = free_port()
+            proc = subprocess.Popen(server_argv(target, front_port, port, tmp_path / "relay.toml", str(cert)), cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                wait_port(port, proc, 30)
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    for _ in range(2):  # the second on the kept-alive TLS connection
+                        ask(sock, request(target))
+            finally:
+                proc.terminate()
+                _, err = proc.communicate(timeout=10)
+            assert b"Traceback" not in err, err.decode()[-2000:]
+    finally:
+        front.stop()
+        upstream.stop()
