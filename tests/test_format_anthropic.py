@@ -3,6 +3,8 @@ the stream passed through byte for byte, and the whole path over loopback with t
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.config import Provider
+from relay.formats.anthropic import message_id, request_id
 from relay.formats.anthropic_passthrough.request import forwarded_headers, retarget
 from relay.formats.anthropic_passthrough.response import translate
 from relay.formats.anthropic_passthrough.stream import PassthroughTranslator
@@ -245,3 +248,22 @@ async def test_client_disconnect_cancels_upstream(nursery: trio.Nursery, upstrea
     await stream.aclose()
     with trio.fail_after(5):
         await upstream.cancelled.wait()
+
+
+def test_ids_are_distinct_and_a_forked_child_makes_its_own() -> None:
+    """Ids come from a pool of the system's random bytes, refilled one call at a time: every id differs, across
+    refills too, and a forked child (``--workers``) does not make the ids its parent makes next."""
+    ids = [request_id() for _ in range(5000)] + [message_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"(req|msg)_01[0-9A-Za-z]{22}", i) for i in ids)
+    request_id()  # the pool holds bytes now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out without running anything else
+        os.write(write, request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child.startswith("req_01") and child != request_id()
