@@ -111,7 +111,7 @@ class Connection:
         pieces (bench/README.md, session 7). A read never asks for more than ``room()`` (what the global body
         budget has left, at least a byte): many connections together hold no more than the budget."""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
-        self._fresh = None
+        self._fresh = b""  # (it holds nothing: what follows the body is read into it later, in one piece or more)
         left = length - received
         while left:
             data = await self.stream.receive_some(min(left, BODY_READ, max(room(), 1)))

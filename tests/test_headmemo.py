@@ -190,7 +190,7 @@ async def test_remembered_heads_read_each_requests_own_body(relay: RelayHandle, 
     memo = relay.server.head_memo
     find = memo.find
     memo.find = lambda head: found.append((answer := find(head)) is not None) or answer  # type: ignore[method-assign]
-    texts = ["a", "bb" * 50, "c" * 5000, "d" * 70_000]
+    texts = ["a", "bb" * 50, "c" * 5000, "d" * 70_000, "e"]
     raws = [request_bytes(messages_body(text=text), key=RELAY_KEY) for text in texts]
     stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
     reader = h11.Connection(h11.CLIENT)
@@ -219,9 +219,11 @@ async def test_remembered_heads_read_each_requests_own_body(relay: RelayHandle, 
     await trio.sleep(0.05)
     await stream.send_all(raws[3][head_end + 100:])
     assert await answer() == 200
+    await stream.send_all(raws[4])  # after a body read past h11 (``read_rest``)
+    assert await answer() == 200
     await stream.aclose()
     assert [r.json["messages"][0]["content"] for r in upstream.requests] == texts
-    assert found == [False, True, True, True]
+    assert found == [False, True, True, True, True]
 
 
 async def test_a_head_unlike_the_remembered_one_is_judged_anew(relay: RelayHandle, upstream: MockUpstream) -> None:
