@@ -128,12 +128,13 @@ class RssSampler:
 class Child:
     """A child process with its stderr in a log file, stopped by its own pid only."""
 
-    def __init__(self, name: str, argv: list[str], stdout: int | None = None, owns: Path | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], stdout: int | None = None, owns: Path | None = None,
+                 cwd: str | None = None) -> None:
         self.name = name
         self.owns = owns  #: a file (relay's config) removed when the process is stopped
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=stdout, stderr=self._log, preexec_fn=_net.raise_fd_limit)
+        self.proc = subprocess.Popen(argv, cwd=cwd or ROOT, stdout=stdout, stderr=self._log, preexec_fn=_net.raise_fd_limit)
 
     @property
     def pid(self) -> int:
@@ -158,9 +159,9 @@ class Child:
             self.owns.unlink(missing_ok=True)
 
 
-def _start_ready(name: str, argv: list[str]) -> tuple[Child, int]:
+def _start_ready(name: str, argv: list[str], cwd: str | None = None) -> tuple[Child, int]:
     """Start a harness server that prints ``READY <port>`` once listening; returns it and the port."""
-    child = Child(name, argv, stdout=subprocess.PIPE)
+    child = Child(name, argv, stdout=subprocess.PIPE, cwd=cwd)
     assert child.proc.stdout is not None
     line = child.proc.stdout.readline().decode().split()
     if len(line) != 2 or line[0] != "READY":
@@ -186,9 +187,15 @@ def start_pipe(upstream_port: int) -> tuple[Child, int]:
     return _start_ready("pipe", [sys.executable, "-m", "bench.pipe", "--upstream-port", str(upstream_port)])
 
 
+STACK_ROOT = "RELAY_BENCH_STACK_ROOT"  # a checkout whose ``stack`` (and relay pool under it) runs instead of this one's
+
+
 def start_stack(upstream_port: int) -> tuple[Child, int]:
-    """Start ``bench.stack`` (the library floor: h11 + httpcore, nothing else) in front of the mock."""
-    return _start_ready("stack", [sys.executable, "-m", "bench.stack", "--upstream-port", str(upstream_port)])
+    """Start ``bench.stack`` (the library floor: h11 + httpcore, nothing else) in front of the mock; from the
+    checkout ``$RELAY_BENCH_STACK_ROOT`` names, if set: the libraries as relay used them at another commit (issue 17
+    measures relay against the floor of the day it was filed)."""
+    return _start_ready("stack", [sys.executable, "-m", "bench.stack", "--upstream-port", str(upstream_port)],
+                        cwd=os.environ.get(STACK_ROOT) or None)
 
 
 class RelayUnavailable(RuntimeError):

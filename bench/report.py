@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from bench.procs import STACK_ROOT
 from bench.store_path import format_results as store_path_results
 from bench.translator import format_results
 
@@ -118,6 +119,7 @@ def summarise(phases: list[Phase], plan: Plan, translator: dict[str, Any] | None
             "python": platform.python_version(),
             "cpus": os.cpu_count() or 1,
             "plan": dict(vars(plan)),
+            "stack_root": os.environ.get(STACK_ROOT) or None,  # stack from another checkout, if so
         },
         "notes": notes,
         "cases": cases,
