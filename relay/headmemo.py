@@ -20,8 +20,10 @@ Headers = list[tuple[bytes, bytes]]
 
 _MARK = b"\r\ncontent-length:"  # a header line's start: a value holds no CR or LF, nor does a request line
 MAX_DIGITS = 18  # the longest length answered from here (h11 takes 20): within it, h11 accepts every digit string
-LONGEST = 8192  # heads longer than this are not remembered (Claude Code's is ~900 bytes)
-HEADS = 256  # heads kept (one per client and path, near enough); the oldest is forgotten first
+LONGEST = 4096  # heads longer than this are not remembered (Claude Code's is ~900 bytes)
+MOST_HEADERS = 64  # nor heads of more headers (Claude Code sends 20): what one entry holds stays ~3x its bytes
+HEADS = 256  # heads kept (one per client and path, near enough); the oldest is forgotten first. Remembered
+# before a key is checked, so anyone can fill it: at most ~3 MB, and a head pushed out costs a parse, no more
 _DECLINE = (b"transfer-encoding", b"expect", b"upgrade")  # headers that make a head's framing more than its length
 
 
@@ -75,16 +77,15 @@ class HeadMemo:
         if found is None:
             return None
         parsed, at = found
-        if at < 0:
-            return parsed
-        headers = parsed.headers.copy()
-        headers[at] = (b"content-length", keyed[1])
+        headers = parsed.headers.copy()  # each request its own list: none can change another's (or the memo's)
+        if at >= 0:
+            headers[at] = (b"content-length", keyed[1])
         return RequestHead(parsed.method, parsed.target, parsed.http_version, headers)
 
     def remember(self, head: bytes, parsed: RequestHead) -> None:
         """``parsed`` is h11's parse of ``head`` (a whole head, through its blank line, from a fresh parser):
         kept, unless a different length could make h11 read the head otherwise."""
-        if len(head) > LONGEST or head.count(b"\n") != head.count(b"\r\n"):
+        if len(head) > LONGEST or len(parsed.headers) > MOST_HEADERS or head.count(b"\n") != head.count(b"\r\n"):
             return  # a bare LF may end a line, or the head, for h11: it might have ended elsewhere
         keyed = _key(head)
         if keyed is None:

@@ -160,8 +160,9 @@ class Connection:
         open); True when a pipelined one is already here (it is scanned now, as it was received before this cycle
         began). h11 starts over as a fresh parser, given what the client sent after its last request, unless it
         is one already: the parser ``read_body`` started after the body, given what followed it, and nothing
-        since (a fresh parser costs ~15k instructions)."""
-        if self.held or self.h11.their_state is not h11.IDLE:
+        since (a fresh parser costs ~15k instructions). Not when what it holds is unknown (``_fresh`` None: the
+        client had also closed): then it starts over, and what it holds is scanned for folding as always."""
+        if self.held or self._fresh is None or self.h11.their_state is not h11.IDLE:
             pipelined, closed = self.h11.trailing_data
             self.restart(pipelined, closed)
         else:

@@ -5,6 +5,7 @@ and it answers the heads clients repeat. Then end to end: the memo's heads read 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.headmemo import HeadMemo, RequestHead
+from relay.http import BodyBudget, Connection, read_body
 from tests.client import get, messages_body, post, request_bytes, split
 from tests.conftest import RELAY_KEY, RelayHandle
 from tests.mock_upstream import MockUpstream, Reply, completion, text_stream
@@ -177,6 +179,43 @@ def test_the_memo_is_bounded() -> None:
     long = b"GET / HTTP/1.1\r\nhost: x\r\nx-long: " + b"a" * 9000 + b"\r\n\r\n"
     memo_parse(memo, long)
     assert memo_parse(memo, long) is None  # longer than LONGEST: never remembered
+    many = b"GET / HTTP/1.1\r\nhost: x\r\n" + b"a: 1\r\n" * 65 + b"\r\n"  # short, but of many headers
+    memo_parse(memo, many)
+    assert memo_parse(memo, many) is None
+    memo_parse(memo, raws[0])
+    first, second = memo.find(raws[0]), memo.find(raws[0])
+    assert first is not None and second is not None and first.headers is not second.headers  # each its own list
+
+
+async def test_a_folded_head_pipelined_before_a_half_close_is_still_seen() -> None:
+    """Requests pipelined while an answer is out, then the client's FIN, and the answer still counted whole (a
+    watcher may read the FIN after the stream ended): the third head's obsolete folding is noticed, as it is
+    without the memo (relay refuses folding: a front proxy may read a folded head otherwise). Found in review."""
+    a, b = trio.socket.socketpair()
+    conn = Connection(trio.SocketStream(a), 65536)
+    client = trio.SocketStream(b)
+    budget = BodyBudget(1 << 20)
+    plain = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+    folded = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-a: 1\r\n folded\r\ncontent-length: 2\r\n\r\n{}"
+    await client.send_all(plain)
+    head = await conn.next_event()
+    await read_body(conn, head.headers, 1 << 20, budget, 5)
+    await client.send_all(plain + folded)  # while the answer is out
+    with trio.fail_after(5):
+        assert await conn.receive() == plain + folded
+        b.shutdown(socket.SHUT_WR)
+        assert await conn.receive() == b""
+    for _ in range(2):
+        conn.answered = True
+        conn.next_cycle()
+        head = await conn.next_event()
+        assert not conn.folded or head.headers[1] == (b"x-a", b"1 folded")
+        if head.headers[1][0] == b"x-a":
+            break
+        await read_body(conn, head.headers, 1 << 20, budget, 5)
+    assert conn.folded
+    await client.aclose()
+    await conn.stream.aclose()
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
