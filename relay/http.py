@@ -27,14 +27,13 @@ from relay.auth import is_loopback
 from relay.config import ServerConfig
 from relay.errors import RelayError
 from relay.formats.anthropic import request_id as new_request_id
-from relay.headmemo import HeadMemo, RequestHead
+from relay.headmemo import Headers, HeadMemo, RequestHead
 from relay.heads import response_head
 from relay.log import Exchange
 
 log = logging.getLogger("relay.server")
 
 SERVER_HEADER = (b"server", b"relay")
-Headers = list[tuple[bytes, bytes]]
 
 
 # The most one read of a request body's rest asks for (``Connection.read_rest``; less when the global body budget
@@ -166,7 +165,7 @@ class Connection:
             pipelined, closed = self.h11.trailing_data
             self.restart(pipelined, closed)
         else:
-            pipelined = self._fresh or b""
+            pipelined = self._fresh
         self.held = 0
         self.answering = self.folded = False
         self._tail = b""
@@ -426,16 +425,10 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
 
     try:
         received, closed = b"", False
-        if conn.after_head is not None:  # the memo's head: h11 has not seen the request (and a head is only
-            received, conn.after_head = conn.after_head, None  # remembered with a Content-Length or no body at all)
+        from_memo = conn.after_head is not None  # the memo's head: h11 has not seen the request (and a head is
+        if conn.after_head is not None:  # only remembered with a Content-Length or no body at all, and no Expect)
+            received, conn.after_head = conn.after_head, None
             length = length or 0
-            if len(received) < length:
-                if received:
-                    take(received)
-                with trio.fail_after(timeout):  # (the clock is read here, as below)
-                    await conn.read_rest(length, size, take, budget.room)
-                conn.answering = True
-                return b"".join(parts)
         elif length is not None:
             received, closed = conn.h11.trailing_data
         if length is not None and len(received) >= length:  # the whole body came with its head (the usual small
@@ -443,15 +436,19 @@ async def read_body(conn: Connection, headers: Headers, limit: int, budget: Body
             conn.restart(received[length:], closed)  # (a pipelined request after it, if any)
             conn.answering = True
             return parts[0]
-        event = conn.h11.next_event()
-        while event is not h11.NEED_DATA:
-            if ended(event):
-                conn.answering = True
-                return b"".join(parts)
+        if from_memo:
+            if received:
+                take(received)
+        else:
             event = conn.h11.next_event()
+            while event is not h11.NEED_DATA:
+                if ended(event):
+                    conn.answering = True
+                    return b"".join(parts)
+                event = conn.h11.next_event()
         with trio.fail_after(timeout):  # the rest is still to come (no wait before this: the clock is read here)
-            if conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the client may send it
-                await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            if not from_memo and conn.h11.client_is_waiting_for_100_continue:  # the head was admitted: now the
+                await conn.send(h11.InformationalResponse(status_code=100, headers=[]))  # client may send it
             if length is not None:
                 await conn.read_rest(length, size, take, budget.room)
             else:
