@@ -110,6 +110,7 @@ class Server:
             await background.start(self.gateway.run)  # one round with the store at most: never waits on it
             await background.start(self.heads.run)
             await background.start(self.gate.run)
+            await background.start(self.bodies.run)
             if self.watch is not None:
                 await background.start(self.watch.run)
             background.start_soon(self._close_retired)

@@ -436,6 +436,35 @@ async def test_memory_is_given_back_after_large_bodies(upstream: MockUpstream, t
     assert kept < 40 * 1024 * 1024, f"{kept / 1e6:.0f} MB still resident after the bodies were answered"
 
 
+async def test_heap_is_trimmed_after_bodies_stop_not_between_them(monkeypatch: pytest.MonkeyPatch,
+                                                                    autojump_clock: trio.testing.MockClock) -> None:
+    """1 MiB bodies one after another are never interrupted by a trim (each would fault the next body's pages
+    back in); once TRIM_AFTER was answered and no body came for TRIM_QUIET, the heap is trimmed, once."""
+    from relay import http
+
+    trims: list[float] = []
+    monkeypatch.setattr(http, "trim_heap", lambda: trims.append(trio.current_time()))
+    budget = http.BodyBudget(1 << 30)
+    mib = 1 << 20
+    async with trio.open_nursery() as nursery:
+        await nursery.start(budget.run)
+        for _ in range(40):  # 40 MiB, a body every 20 ms: five times TRIM_AFTER, never a quiet spell
+            budget.take(mib)
+            await trio.sleep(0.01)
+            budget.give(mib)
+            await trio.sleep(0.01)
+        assert trims == []
+        last = trio.current_time()
+        await trio.sleep(1)
+        assert len(trims) == 1
+        assert last + http.TRIM_QUIET <= trims[0] <= last + 2 * http.TRIM_QUIET + 0.01
+        budget.take(mib)  # less than TRIM_AFTER since: no second trim
+        budget.give(mib)
+        await trio.sleep(1)
+        assert len(trims) == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_bytes_sent_behind_a_stream_are_bounded(relay, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
     """A client (with a key) writes junk while its stream runs: relay holds at most a request head's worth of
     it, then closes the connection (and the upstream stream), instead of buffering without end."""
