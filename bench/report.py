@@ -229,6 +229,7 @@ def _targets(summary: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     if summary.get("store_path"):
         add("store: request-path CPU a limited virtual key adds, in process (admit + finish, ms)",
             summary["store_path"]["added_us"] / 1e3, REFERENCE, None)
+    _issue17_targets(summary, add)
     t = summary.get("translator") or {}
     figure = t.get("min_per_event_feed")
     add("translator alone: chunks/s on one core (slowest stream, one event per feed)", figure, ">= 200,000",
@@ -244,6 +245,34 @@ def _targets(summary: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
 
 
 REFERENCE = "reference"  #: a figure shown beside the targets to read them by, not a target itself
+
+
+def _issue17_targets(summary: dict[str, Any], add: Callable[[str, float | None, str, bool | None], None]) -> None:
+    """Issue 17's: relay's own work against the libraries alone and against a direct connection, each read within
+    this run (the 100 KiB one is above, the translator's and the workers' below)."""
+    big = _case(summary, "bodies", "1024 KiB")
+    r = big["ratios"].get(RELAY) if big else None
+    add("TTFB added, c=1, 1 MiB Claude Code body, p50 (ms)", r and r["added_ttfb_p50_ms"], "< 4",
+        r and r["added_ttfb_p50_ms"] < 4)
+    burst = _case(summary, "burst", "c=10")
+    paths = burst["paths"] if burst else {}
+    x = _ratio(paths[RELAY]["relay_cpu_us_per_request"], paths[STACK]["relay_cpu_us_per_request"]) \
+        if RELAY in paths and STACK in paths else None
+    add("burst c=10: relay CPU per request / the library floor's (bench.stack)", x, "<= 1",
+        None if x is None or math.isnan(x) else x <= 1)
+    wide = _case(summary, "paced", "c=256")
+    paths = wide["paths"] if wide else {}
+    if RELAY in paths and DIRECT in paths:
+        stalled = paths[RELAY]["stalled"] + paths[RELAY]["errors"]
+        held = paths[DIRECT]["stalled"] == 0 and paths[DIRECT]["errors"] == 0  # else the host could not hold them
+        add("paced c=256: relay streams with a gap > 2x pace (where direct has none)", stalled, "0",
+            stalled == 0 if held else None)
+    else:
+        add("paced c=256: relay streams with a gap > 2x pace (where direct has none)", None, "0", None)
+    starts = _case(summary, "paced", "c=128")
+    r = starts["ratios"].get(RELAY) if starts else None
+    add("paced c=128: TTFB added by simultaneous starts, p50 (ms)", r and r["added_ttfb_p50_ms"], "< 20",
+        r and r["added_ttfb_p50_ms"] < 20)
 
 
 def _clean_level(paced: list[dict[str, Any]], path: str) -> int:
@@ -336,7 +365,7 @@ def render(summary: dict[str, Any]) -> str:
         lines += ["", format_results(summary["translator"])]
     if summary.get("store_path"):
         lines += ["", store_path_results(summary["store_path"])]
-    lines += ["", "targets (issues 4 and 15):"]
+    lines += ["", "targets (issues 4, 15 and 17):"]
     for t in summary["targets"]:
         verdict = "for reference" if t["limit"] == REFERENCE else {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         figure = t["figure"]

@@ -90,3 +90,35 @@ def test_the_tls_front_serves_relay_and_stack(tmp_path: Path) -> None:
     finally:
         front.stop()
         upstream.stop()
+
+
+def test_issue_17_targets_are_read_within_the_run() -> None:
+    """Issue 17's targets come out of one run's figures: 1 MiB added first byte, burst CPU against `stack`'s,
+    paced c=256 stalls (judged only where `direct` held 256), TTFB added at 128 starts."""
+    from bench import report
+    from bench.runner import FULL
+
+    def case(scenario: str, name: str, paths: dict[str, dict[str, float]],
+             ratios: dict[str, dict[str, float]] | None = None) -> dict[str, object]:
+        return {"scenario": scenario, "case": name, "level": 0, "paths": paths, "ratios": ratios or {}}
+
+    def verdicts(cases: list[dict[str, object]]) -> dict[str, tuple[object, object]]:
+        got = report._targets({"cases": cases}, FULL)
+        named = {"TTFB added, c=1, 1 MiB": "1 MiB", "burst c=10: relay CPU": "burst", "paced c=256": "c=256",
+                 "paced c=128": "c=128"}
+        return {short: (t["figure"], t["met"]) for t in got for start, short in named.items()
+                if t["target"].startswith(start)}
+
+    calm = {"stalled": 0, "errors": 0}
+    cases = [
+        case("bodies", "1024 KiB", {}, {"relay": {"added_ttfb_p50_ms": 3.5, "added_ttfb_p99_ms": 5.0}}),
+        case("burst", "c=10", {"relay": {"relay_cpu_us_per_request": 300.0},
+                               "stack": {"relay_cpu_us_per_request": 250.0}}),
+        case("paced", "c=256", {"direct": calm, "relay": {"stalled": 3, "errors": 0}}),
+        case("paced", "c=128", {"direct": calm, "relay": calm}, {"relay": {"added_ttfb_p50_ms": 7.0}}),
+    ]
+    v = verdicts(cases)
+    assert v == {"1 MiB": (3.5, True), "burst": (1.2, False), "c=256": (3, False), "c=128": (7.0, True)}
+    cases[2]["paths"]["direct"] = {"stalled": 1, "errors": 0}  # type: ignore[index]  # the host did not hold 256
+    assert verdicts(cases)["c=256"] == (3, None)
+    assert verdicts([]) == {"1 MiB": (None, None), "burst": (None, None), "c=256": (None, None), "c=128": (None, None)}
