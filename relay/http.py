@@ -323,14 +323,14 @@ class EventStream:
 
 class BodyBudget:
     """Request-body bytes held across all connections at once: one large body per connection, many
-    connections, is bounded as a whole (each body alone is bounded by ``body_limit``). Also when the C heap is
-    trimmed (``run``)."""
+    connections, is bounded as a whole (each body alone is bounded by ``body_limit``). It also decides when the
+    C heap is trimmed (``run``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self.given = 0  # body bytes answered since the last trim
-        self.takes = 0  # reads counted so far: ``run`` tells a quiet spell by this not moving
+        self.read = 0  # body bytes read so far: ``run`` tells a quiet spell by how little this moves
         self._due = trio.Event()  # set once ``given`` reaches TRIM_AFTER
 
     def take(self, size: int) -> None:
@@ -338,7 +338,7 @@ class BodyBudget:
             raise RelayError(529, "relay is holding as many request bodies as it may; retry shortly", "overloaded_error",
                              [(b"retry-after", b"1")])
         self.held += size
-        self.takes += 1
+        self.read += size
 
     def room(self) -> int:
         return self.limit - self.held
@@ -350,16 +350,19 @@ class BodyBudget:
             self._due.set()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Trims the heap once TRIM_AFTER bytes of bodies were answered and then none arrived for TRIM_QUIET. Not
-        at once: the next large body would fault every page of its parse back in. At 1 MiB bodies back to back, a
-        trim every 8 MiB cost a quarter of relay's CPU, and the request after it ~4 ms more (bench/README.md,
-        session 14). While bodies keep coming the heap reuses what they free; when they stop, it goes back."""
+        """Trims the heap once TRIM_AFTER bytes of bodies were answered, when less than TRIM_QUIET_BYTES of bodies
+        then arrive in TRIM_QUIET, or TRIM_LATEST after it was due whatever arrives. Not at once: the next large
+        body would fault every page of its parse back in. At 1 MiB bodies back to back, a trim every 8 MiB cost a
+        quarter of relay's CPU and the request after it ~4 ms (bench/README.md, session 14). While large bodies keep
+        coming the heap reuses what they free; when they stop (small ones may go on), it goes back."""
         task_status.started()
         while True:
             await self._due.wait()
-            seen = -1
-            while self.takes != seen:
-                seen = self.takes
+            latest = trio.current_time() + TRIM_LATEST
+            seen = self.read
+            await trio.sleep(TRIM_QUIET)
+            while self.read - seen >= TRIM_QUIET_BYTES and trio.current_time() < latest:
+                seen = self.read
                 await trio.sleep(TRIM_QUIET)
             self._due = trio.Event()
             self.given = 0
@@ -370,7 +373,9 @@ class BodyBudget:
 # freed takes 0.03-0.6 ms (measured: 64 KiB blocks beside 200k live small objects); on a heap left fragmented by
 # 100 MB of them, ~13 ms.
 TRIM_AFTER = 8 * 1024 * 1024
-TRIM_QUIET = 0.1  # seconds without a body read
+TRIM_QUIET = 0.1  # seconds in which...
+TRIM_QUIET_BYTES = 1024 * 1024  # ...less than this many body bytes arrive is quiet
+TRIM_LATEST = 2.0  # seconds after a trim is due: trimmed then, quiet or not
 
 
 def _trimmer() -> Callable[[int], object] | None:

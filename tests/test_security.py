@@ -438,30 +438,44 @@ async def test_memory_is_given_back_after_large_bodies(upstream: MockUpstream, t
 
 async def test_heap_is_trimmed_after_bodies_stop_not_between_them(monkeypatch: pytest.MonkeyPatch,
                                                                     autojump_clock: trio.testing.MockClock) -> None:
-    """1 MiB bodies one after another are never interrupted by a trim (each would fault the next body's pages
-    back in); once TRIM_AFTER was answered and no body came for TRIM_QUIET, the heap is trimmed, once."""
+    """1 MiB bodies one after another are not interrupted by a trim (each would fault the next body's pages back
+    in) until TRIM_LATEST; once TRIM_AFTER was answered and the large bodies stop, the heap is trimmed once, small
+    bodies going on or not."""
     from relay import http
 
     trims: list[float] = []
     monkeypatch.setattr(http, "trim_heap", lambda: trims.append(trio.current_time()))
     budget = http.BodyBudget(1 << 30)
     mib = 1 << 20
+
+    async def bodies(size: int, count: int, every: float) -> float:
+        for _ in range(count):
+            budget.take(size)
+            await trio.sleep(every / 2)
+            budget.give(size)
+            await trio.sleep(every / 2)
+        return trio.current_time()
+
     async with trio.open_nursery() as nursery:
         await nursery.start(budget.run)
-        for _ in range(40):  # 40 MiB, a body every 20 ms: five times TRIM_AFTER, never a quiet spell
-            budget.take(mib)
-            await trio.sleep(0.01)
-            budget.give(mib)
-            await trio.sleep(0.01)
+        last = await bodies(mib, 60, 0.02)  # 60 MiB in 1.2 s: never a quiet spell, and not yet TRIM_LATEST
         assert trims == []
-        last = trio.current_time()
         await trio.sleep(1)
         assert len(trims) == 1
         assert last + http.TRIM_QUIET <= trims[0] <= last + 2 * http.TRIM_QUIET + 0.01
-        budget.take(mib)  # less than TRIM_AFTER since: no second trim
-        budget.give(mib)
+        await bodies(mib, 1, 0.02)  # less than TRIM_AFTER since: no second trim
         await trio.sleep(1)
         assert len(trims) == 1
+
+        last = await bodies(mib, 10, 0.02)  # due again; then small bodies, 20 a second, go on: quiet all the same
+        await bodies(2000, 20, 0.05)
+        assert len(trims) == 2 and last + http.TRIM_QUIET <= trims[1] <= last + 2 * http.TRIM_QUIET + 0.01
+
+        start = trio.current_time()  # large bodies without end: a trim at the latest TRIM_LATEST after it is due
+        await bodies(mib, 300, 0.02)
+        spans = [b - a for a, b in zip(trims[2:], trims[3:])]
+        assert len(trims) - 2 >= (trio.current_time() - start) // (http.TRIM_LATEST + 0.2) - 1
+        assert spans and all(http.TRIM_LATEST <= d <= http.TRIM_LATEST + 0.3 for d in spans), spans
         nursery.cancel_scope.cancel()
 
 
