@@ -7,11 +7,13 @@ nothing else shares its interpreter. Linux only, as is this machine.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -189,13 +191,36 @@ def start_pipe(upstream_port: int) -> tuple[Child, int]:
 
 STACK_ROOT = "RELAY_BENCH_STACK_ROOT"  # a checkout whose ``stack`` (and relay pool under it) runs instead of this one's
 
+#: Issue 17's burst target: relay's CPU per request "no more than today's ``stack`` figure", the day it was filed.
+#: ``stack`` runs on relay's own pool, head writer and body reader, so it got cheaper as relay did; the floor of
+#: that day is ``stack`` at the commit the issue's figures were measured from.
+ISSUE17_FLOOR = "17a9cf9f5fdc04dac122a7e80fa0856a46a7ebd6"
 
-def start_stack(upstream_port: int) -> tuple[Child, int]:
+
+def checkout(commit: str, into: Path) -> Path:
+    """This repository's ``relay/`` and ``bench/`` as they were at ``commit`` (``git archive``), written under
+    ``into``; RuntimeError saying why when git or the commit is not there (a shallow clone, an unpacked sdist)."""
+    dest = into / commit[:12]
+    if (dest / "bench" / "stack.py").exists():
+        return dest
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "relay", "bench"],
+                             capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"git archive {commit[:12]}: {exc}") from exc
+    if out.returncode:
+        raise RuntimeError(f"git archive {commit[:12]}: {out.stderr.decode(errors='replace').strip()[:200]}")
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def start_stack(upstream_port: int, root: Path | None = None) -> tuple[Child, int]:
     """Start ``bench.stack`` (the library floor: h11 + httpcore, nothing else) in front of the mock; from the
-    checkout ``$RELAY_BENCH_STACK_ROOT`` names, if set: the libraries as relay used them at another commit (issue 17
-    measures relay against the floor of the day it was filed)."""
+    checkout ``root`` or ``$RELAY_BENCH_STACK_ROOT`` names, if given: the libraries as relay used them at another
+    commit."""
     return _start_ready("stack", [sys.executable, "-m", "bench.stack", "--upstream-port", str(upstream_port)],
-                        cwd=os.environ.get(STACK_ROOT) or None)
+                        cwd=str(root) if root else os.environ.get(STACK_ROOT) or None)
 
 
 class RelayUnavailable(RuntimeError):

@@ -6,11 +6,14 @@ Scenarios (see ``bench/README.md``): ``burst`` (50-chunk streams, no delay, seve
 20 ms, concurrency stepping up to 1,024). Burst and paced also run relay with 2 workers (when it has
 ``--workers``) and two floors: ``pipe`` (``bench.pipe``, bytes copied on relay's socket layer with nothing
 parsed) and ``stack`` (``bench.stack``, h11 + relay's httpcore pool and nothing else: the libraries' own cost).
+Burst also runs ``stack@filed``: ``stack`` as it was when issue 17 was filed (``procs.ISSUE17_FLOOR``, taken from
+git), the floor that issue's burst target names.
 Bodies run ``stack`` too: the TTFB those libraries add before relay does any work of its own.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -21,11 +24,11 @@ from typing import Any
 
 from bench import _net, bodies, procs, report, store_path, translator
 from bench.load import LoadPool, LoadSpec, Tally
+from bench.report import DIRECT, PIPE, RELAY, RELAY2, STACK, STACK_FILED
 from bench.upstream import Profile, stream_events
 
 KIB = 1024
 UNICODE_BODY = 100 * KIB  # the bodies scenario sends this size a second time with text beyond ASCII
-DIRECT, RELAY, RELAY2, PIPE, STACK = "direct", "relay", "relay-2w", "pipe", "stack"
 STORES = ("sqlite", "redis")  # the store scenario's paths: each store with a config key, and "+vkey"
 VKEY = "+vkey"
 
@@ -131,6 +134,7 @@ class Runner:
         self.done = 0
         self.total = 0
         self.workers2 = False  #: relay --workers 2 is measured too (decided in run)
+        self.filed_root: Path | None = None  #: the checkout ``stack@filed`` runs from (decided in run)
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
         self.profiles = {
             "burst": Profile(chunks=50, coalesce=True, stream="always"),
@@ -158,6 +162,8 @@ class Runner:
             if scenario != "bodies":
                 paths.append(PIPE)
             paths.append(STACK)
+            if scenario == "burst" and self.filed_root is not None:
+                paths.append(STACK_FILED)
         return paths
 
     def _targets(self, scenario: str) -> dict[str, Target]:
@@ -167,9 +173,12 @@ class Runner:
             for path in self._paths(scenario):
                 if path == DIRECT:
                     targets[path] = direct
-                elif path in (PIPE, STACK):  # the same requests as direct, through a floor
-                    start = procs.start_pipe if path == PIPE else procs.start_stack
-                    child, port = start(self.upstream_port)
+                elif path in (PIPE, STACK, STACK_FILED):  # the same requests as direct, through a floor
+                    if path == PIPE:
+                        child, port = procs.start_pipe(self.upstream_port)
+                    else:
+                        child, port = procs.start_stack(self.upstream_port,
+                                                        self.filed_root if path == STACK_FILED else None)
                     targets[path] = Target(port, direct.path, direct.marker, child=child)
                 else:
                     child, port = procs.start_relay(self.upstream_port, scenario, workers=2 if path == RELAY2 else 1)
@@ -369,6 +378,19 @@ class Runner:
             phases += plan.rounds * len(plan.store_levels) * (1 + 2 * len(STORES))
         return phases
 
+    def _filed_root(self) -> Path | None:
+        """Where ``stack@filed`` runs from, or None (with a note saying why) when it is not measured."""
+        if not (self.use_relay and self.plan.floor and "burst" in self.only):
+            return None
+        if os.environ.get(procs.STACK_ROOT):
+            self.notes.append(f"stack runs from ${procs.STACK_ROOT}: stack@filed not measured beside it")
+            return None
+        try:
+            return procs.checkout(procs.ISSUE17_FLOOR, self.workdir)
+        except RuntimeError as exc:
+            self.notes.append(f"stack@filed (issue 17's floor) not measured: {exc}")
+            return None
+
     def run(self) -> Path:
         """Run the selected scenarios; returns the path of the JSON results."""
         _net.raise_fd_limit()
@@ -380,6 +402,7 @@ class Runner:
             self.workers2 = procs.relay_supports_workers()
             if not self.workers2:
                 self.notes.append("relay serve has no --workers yet: 1 vs 2 workers not measured")
+        self.filed_root = self._filed_root()
         self.total = self._count_phases()
         if not self.use_relay:
             self.notes.append("direct path only (--direct-only): no relay figures")
