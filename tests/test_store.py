@@ -280,3 +280,30 @@ async def test_the_worst_overshoot_is_n_times_the_limit_within_one_refresh(store
             with pytest.raises(RelayError):
                 view.admit(key)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_round_writes_what_it_held_and_close_writes_the_rest(store_url: str) -> None:
+    """Rows that come while a round is writing wait for the next round (writing until nothing was left kept the
+    store busy back to back under load); at close, rounds go on until nothing is left."""
+    view = View.open(store_url, settings(refresh=60.0), Clock())
+    applied: list[list[str]] = []
+    real = view.backend.apply
+
+    async def apply(batch: Batch) -> None:
+        applied.append(sorted(row.model for row in batch.rows))
+        if len(applied) < 4:
+            view.record("k", f"came-during-{len(applied)}", input_tokens=1)
+        await real(batch)
+
+    view.backend.apply = apply  # type: ignore[method-assign]
+    view.record("k", "held", input_tokens=1)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            await nursery.start(view.run)  # after its first round
+        assert applied == [["held"]] and view.buffered == 1
+        with trio.fail_after(5):
+            await view.close()
+    assert applied == [["held"], ["came-during-1"], ["came-during-2"], ["came-during-3"]] and view.buffered == 0
+    async with connected(store_url) as backend:
+        rows = summarize(await backend.usage())
+    assert sorted(r.model for r in rows) == ["came-during-1", "came-during-2", "came-during-3", "held"]
