@@ -15,6 +15,7 @@ from __future__ import annotations
 import calendar
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 PERIODS = ("day", "month")
@@ -31,21 +32,32 @@ class Limits:
     budget: float | None = None  # USD per budget period
     budget_period: str = "month"
 
-    @property
+    @cached_property  # asked on every request of a virtual key; not a field, so never stored
     def any(self) -> bool:
         return any(v is not None for v in (self.rpm, self.tpm, self.max_streams, self.budget))
 
 
 @dataclass(frozen=True)
 class Windows:
-    """Window lengths in seconds. ``day``/``month`` None = the calendar's (UTC)."""
+    """Window lengths in seconds. ``day``/``month`` None = the calendar's (UTC). Each period's last span is
+    kept: a limited key's request asks for spans six times, nearly always the same ones (a month's costs a
+    ``gmtime`` and two ``timegm``)."""
 
     rate: float = 60.0
     day: float | None = None
     month: float | None = None
+    _last: dict[str, tuple[float, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def span(self, period: str, now: float) -> tuple[float, float]:
         """(start, end) of the window of ``period`` (``rate``, ``day`` or ``month``) holding ``now``."""
+        last = self._last.get(period)
+        if last is not None and last[0] <= now < last[1]:
+            return last
+        span = self._span(period, now)
+        self._last[period] = span
+        return span
+
+    def _span(self, period: str, now: float) -> tuple[float, float]:
         length = self.rate if period == "rate" else getattr(self, period)
         if length:
             start = now - now % length

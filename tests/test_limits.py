@@ -25,6 +25,18 @@ def test_windows_are_aligned_so_every_instance_names_them_alike() -> None:
     assert short.span("month", 101.5) == (98.0, 105.0)
 
 
+def test_a_kept_span_is_the_one_a_fresh_reckoning_gives_across_every_edge() -> None:
+    """Each period's last span is kept; a time at its end, past it or before it (a wall clock stepped back)
+    reckons again."""
+    kept, short = Windows(), Windows(rate=2.0, day=5.0, month=7.0)
+    april = calendar.timegm((2026, 4, 1, 0, 0, 0))
+    times = [T0, T0 + 29.9, T0 + 30, T0 + 10, april - 0.001, april, april - 1, T0 - 86400, 99.0, 100.0, 101.99, 102.0]
+    for now in times:
+        for period in ("rate", "day", "month"):
+            assert kept.span(period, now) == Windows().span(period, now), (period, now)
+            assert short.span(period, now) == Windows(rate=2.0, day=5.0, month=7.0).span(period, now), (period, now)
+
+
 def run(limits: Limits, meter: Meter, now: float, w: Windows, streams: int = 0):  # type: ignore[no-untyped-def]
     refusal = check("alice", limits, meter.counts("alice"), streams, now, w)
     if refusal is None:
