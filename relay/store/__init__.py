@@ -596,10 +596,11 @@ class View:
             self.up, self.last_error = True, ""
 
     async def _write(self) -> None:
-        """The batch a failed round left, then what was held when this one began, as one batch; the rows that
-        come meanwhile wait for the next round. (Writing until nothing was left kept the store busy back to back
-        under load: every batch took long enough for new rows to come, a hundred batches a second and more at
-        2,000 requests a second, each a transaction or a script.) At close, until nothing is left."""
+        """The batch a failed round left, if any, then everything held when this round began, as one batch;
+        rows that come meanwhile wait for the next round. At close, batches go on until nothing is left. (Writing
+        until nothing was left at every round kept the store busy back to back under load: each batch took long
+        enough for new rows to come, a hundred batches a second and more at 2,000 requests a second, each a
+        transaction or a script.)"""
         left_over = self._batch is not None
         while True:
             if self._batch is None:
