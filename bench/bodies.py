@@ -18,6 +18,10 @@ import orjson
 
 MODEL = "mock-model"
 TOOL_COUNT = 20
+# A text the load generator rewrites in every request (``bench.load.LoadSpec.vary``), to the same length. In the
+# last message it makes each request the next turn of one conversation (as Claude Code's are: the history the
+# same, the end new); in the first, each request a conversation of its own.
+VARY = "[turn 0000000000]"
 
 
 def reference_dir() -> Path:
@@ -140,9 +144,10 @@ def _base(rng: random.Random) -> tuple[dict[str, Any], list[dict[str, Any]], lis
     return top, [], opening
 
 
-def claude_code_body(target: int, seed: int = 4, unicode: bool = False) -> bytes:
+def claude_code_body(target: int, seed: int = 4, unicode: bool = False, vary: str = "") -> bytes:
     """A streaming Claude Code-shaped request of ``target`` bytes (exact, unless the skeleton is bigger);
-    ``unicode``: every turn's texts hold one character beyond ASCII (``_turn``)."""
+    ``unicode``: every turn's texts hold one character beyond ASCII (``_turn``); ``vary``: ``"last"`` or
+    ``"first"``, the message that holds ``VARY``."""
     rng = random.Random(seed)
     top, tools, opening = _base(rng)
     while len(tools) < TOOL_COUNT:
@@ -169,9 +174,16 @@ def claude_code_body(target: int, seed: int = 4, unicode: bool = False) -> bytes
         size += extra
         i += 1
     body["messages"].append(closing)
+    if vary == "first":
+        first = body["messages"][0] = dict(body["messages"][0])
+        content = first["content"]
+        first["content"] = VARY + content if isinstance(content, str) else \
+            [{**content[0], "text": VARY + content[0]["text"]}, *content[1:]]
+    elif vary:
+        closing_block["text"] = VARY
     pad = target - len(orjson.dumps(body))
     if pad > 0:
-        closing_block["text"] = _prose(rng, pad).replace('"', "'").replace("\n", " ")
+        closing_block["text"] += _prose(rng, pad).replace('"', "'").replace("\n", " ")
     return orjson.dumps(body)
 
 

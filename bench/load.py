@@ -46,6 +46,9 @@ class LoadSpec:
     marker: str = ""  #: text the body must contain (at its end, for SSE) for the request to count as good
     stagger: float = 0.0  #: clients start spread evenly over this many seconds (desynchronises paced streams)
     timeout: float = 60.0  #: per request
+    #: a text in the body rewritten for every request, to the same length (``bench.bodies.VARY``): no two requests
+    #: of the phase are the same bytes
+    vary: str = ""
     # Set by LoadPool when it splits a spec over processes:
     share_index: int = 0
     share_count: int = 1
@@ -230,6 +233,25 @@ def build_request(spec: LoadSpec, body: bytes) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+class _Varied:
+    """The request with ``spec.vary`` rewritten each time: the process's index, then a count, in its width."""
+
+    def __init__(self, request: bytes, spec: LoadSpec) -> None:
+        marker = spec.vary.encode()
+        at = request.find(marker)
+        if at < 0 or request.count(marker) != 1:
+            raise ValueError(f"the body must hold {spec.vary!r} once")
+        self.before, self.after = request[:at], request[at + len(marker):]
+        self.width = len(marker) - 2
+        self.prefix = f"{spec.share_index:03d}"
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        text = f"[{self.prefix}{self.count:0{self.width - len(self.prefix)}d}]".encode()
+        return b"".join((self.before, text, self.after))
+
+
 def _connect(spec: LoadSpec) -> socket.socket:
     """Blocking connect (loopback answers from the kernel's backlog at once), then non-blocking use."""
     sock = socket.create_connection((spec.host, spec.port), timeout=10)
@@ -261,6 +283,7 @@ class Engine:
         self.spec = spec
         self.marker = spec.marker.encode()
         self.request = build_request(spec, Path(spec.body_file).read_bytes())
+        self.varied = _Varied(self.request, spec) if spec.vary else None
         self.requests = requests
         self.budget = _Budget(0, 0)
         self.tally = Tally()
@@ -330,9 +353,10 @@ class Engine:
                 except OSError:
                     self.tally.error("connect")
                     continue
+            request = self.varied.next() if self.varied else self.request  # (made before the clock starts)
             conn.t0 = time.perf_counter()
             conn.reader = ResponseReader(self.marker, conn.t0)
-            if self._push(conn, memoryview(self.request)):
+            if self._push(conn, memoryview(request)):
                 return
             conn = None
         if conn is not None:

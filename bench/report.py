@@ -255,6 +255,10 @@ def _issue17_targets(summary: dict[str, Any], add: Callable[[str, float | None, 
     r = big["ratios"].get(RELAY) if big else None
     add("TTFB added, c=1, 1 MiB Claude Code body, p50 (ms)", r and r["added_ttfb_p50_ms"], "< 4",
         r and r["added_ttfb_p50_ms"] < 4)
+    cold = _case(summary, "bodies", "1024 KiB cold")
+    r = cold["ratios"].get(RELAY) if cold else None
+    add("the same, each request a conversation's first (nothing to reuse), p50 (ms)", r and r["added_ttfb_p50_ms"],
+        REFERENCE, None)
     burst = _case(summary, "burst", "c=10")
     paths = burst["paths"] if burst else {}
     for floor, name, limit in ((STACK_FILED, "stack@filed's (the floor when issue 17 was filed)", "<= 1"),
@@ -416,8 +420,8 @@ def draw(summary: dict[str, Any], path: Path) -> str:
         (axes[1][1], "bodies", "ttfb_p99", "bodies: TTFB p50 (solid) / p99 (dashed), ms", "body KiB"),
     ]
     for ax, scenario, key, title, xlabel in panels:
-        cases = sorted((c for c in summary["cases"] if c["scenario"] == scenario and not c["case"].endswith("unicode")),
-                       key=lambda c: c["level"])  # (the unicode body is a row of the table, not a point of the line)
+        cases = sorted((c for c in summary["cases"] if c["scenario"] == scenario and not c["case"].endswith(("unicode", "cold"))),
+                       key=lambda c: c["level"])  # (the unicode and cold bodies are rows of the table, not points)
         if not cases:
             ax.set_visible(False)
             continue

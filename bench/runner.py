@@ -289,19 +289,25 @@ class Runner:
         targets = self._targets("bodies")
         try:
             self._warm(targets, self._body_file("simple.json", bodies.simple_body()), 1)
-            for size, unicode in self._body_cases():
-                name = f"cc-{size}{'-unicode' if unicode else ''}.json"
-                body = self._body_file(name, bodies.claude_code_body(size, unicode=unicode))
-                specs = {p: self._spec(t, body, concurrency=1, duration=plan.body_seconds) for p, t in targets.items()}
-                self._rounds(Case("bodies", f"{size // KIB} KiB{' unicode' if unicode else ''}", size, specs), targets)
+            for size, kind in self._body_cases():
+                name = f"cc-{size}{'-' + kind if kind else ''}.json"
+                vary = "first" if kind == "cold" else "last"
+                body = self._body_file(name, bodies.claude_code_body(size, unicode=kind == "unicode", vary=vary))
+                specs = {p: self._spec(t, body, concurrency=1, duration=plan.body_seconds, vary=bodies.VARY)
+                         for p, t in targets.items()}
+                self._rounds(Case("bodies", f"{size // KIB} KiB{' ' + kind if kind else ''}", size, specs), targets)
         finally:
             self._stop(targets)
 
-    def _body_cases(self) -> list[tuple[int, bool]]:
-        """Each size, and 100 KiB again with a character beyond ASCII in every turn's texts (``bench.bodies``):
-        what real prose and source files cost, which the ASCII bodies do not show."""
+    def _body_cases(self) -> list[tuple[int, str]]:
+        """(size, kind). Each size as the next turn of a conversation (each request the last one with its end
+        rewritten, as an agent loop sends them); 100 KiB again with a character beyond ASCII in every turn's
+        texts (``bench.bodies``): what real prose and source files cost, which the ASCII bodies do not show; and
+        the largest size "cold", each request a conversation of its own (its first message rewritten), which is
+        what a conversation's first request costs (relay.history has nothing of it to reuse)."""
         sizes = self.plan.body_sizes
-        return [(size, False) for size in sizes] + ([(UNICODE_BODY, True)] if UNICODE_BODY in sizes else [])
+        cases = [(size, "") for size in sizes] + ([(UNICODE_BODY, "unicode")] if UNICODE_BODY in sizes else [])
+        return cases + ([(max(sizes), "cold")] if sizes else [])
 
     def _paced(self) -> None:
         plan = self.plan

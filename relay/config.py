@@ -138,6 +138,7 @@ class ServerConfig:
     keepalive: float = 10.0
     keepalive_start: float = 20.0
     affinity_sessions: int = 10_000  # Claude Code sessions kept on their upstream key and target (0: no affinity)
+    history_memory: int = 64 * 1024 * 1024  # bodies of recent large requests kept to read only what the next adds
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ _SERVER_KEYS = {
     "keepalive": (int, float),
     "keepalive_start": (int, float),
     "affinity_sessions": int,
+    "history_memory": int,
 }
 _PROVIDER_KEYS: dict[str, Any] = {
     "preset": str,
@@ -399,6 +401,8 @@ def parse(text: str, path: str = "<config>", env: dict[str, str] | None = None) 
             raise src.error("server", name, "must be >= 0 seconds (keepalive = 0 turns pings off)")
     if server.affinity_sessions < 0:
         raise src.error("server", "affinity_sessions", "must be >= 0 (0 turns session affinity off)")
+    if server.history_memory < 0:
+        raise src.error("server", "history_memory", "must be >= 0 bytes (0 turns the history's reuse off)")
 
     providers: dict[str, Provider] = {}
     for name, raw in data.get("providers", {}).items():

@@ -30,6 +30,7 @@ from relay.formats.base import ClientRequest, Options, Translator
 from relay.gate import StartGate
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
+from relay.history import Histories, Reuse
 from relay.headmemo import HeadMemo, RequestHead
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
 from relay.live import Live
@@ -65,6 +66,7 @@ class Server:
         self.upstreams = Upstreams(config)
         self.healths = Healths()
         self.sessions = Sessions(config.server.affinity_sessions)
+        self.histories = Histories(config.server.history_memory)
         self.heads = HeadWaits()  # streams waiting for their upstream's head: the keep-alive's early start
         self.gate = StartGate()  # new requests' first steps, a few to a scheduler round: running streams go on
         self.watch = StreamWatch.create()  # streams being relayed: clients that leave, and the streams' timers
@@ -193,6 +195,7 @@ class Server:
         self.known = known
         self.config = config
         self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
+        self.histories.memory = config.server.history_memory  # (a smaller bound is met as the next request is kept)
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)
@@ -386,7 +389,9 @@ class Server:
     async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
         if not self.gate.passes():  # many requests at once: they take turns with the streams already running
             await self.gate.wait()
-        req = _parse(body)
+        client = ex.client.name if ex.client else ""
+        req, reuse = _parse_messages(body, self.histories, client)
+        parsed = req
         incoming = ClientRequest(body, req, tuple(headers))
         model = req.get("model")
         if not isinstance(model, str) or not model:
@@ -402,7 +407,10 @@ class Server:
         stream = req.get("stream") is True
         ex.stream = stream
         override, req = routing.take_model_tag(req)  # a sub-agent's <relay-model> choice
-        estimate = tokens.estimate(req)
+        if reuse is not None and req.get("messages") is parsed.get("messages"):  # (a model tag makes a copy)
+            estimate = tokens.estimate(req, reuse.count, reuse.tokens)
+        else:
+            estimate = tokens.estimate(req)
         targets = permitted(ex.client or OPEN, model, routing.resolve(self.config, override or model, req, estimate))
         session = incoming.session_id if "metadata" in req else None  # (its first read costs ~2 us)
         place = self.sessions.place(ex.client.name if ex.client else "", session)
@@ -424,6 +432,7 @@ class Server:
         finally:
             if failures:
                 ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
+            self.histories.learn(client, body, parsed, reuse)  # after the answer: the next turn extends this one
 
     async def _try_target(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
                           health: ProviderHealth, failures: list[str], last: bool) -> bool:
@@ -607,6 +616,19 @@ def _parse(body: bytes) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise invalid("request body must be a JSON object")
     return req
+
+
+def _parse_messages(body: bytes, histories: Histories, client: str) -> tuple[dict[str, Any], Reuse | None]:
+    """A /v1/messages body: as ``_parse``, reading only what it adds to a kept request of the client's."""
+    if not body:
+        raise invalid("request body is empty; expected a JSON object")
+    try:
+        req, reuse = histories.parse(client, body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise invalid("request body must be a JSON object")
+    return req, reuse
 
 
 def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:

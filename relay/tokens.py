@@ -166,14 +166,20 @@ def _json_tokens(value: Any) -> int:
     return _tokens(chars, len(data) - chars)
 
 
-def estimate(req: dict[str, Any]) -> int:
-    total = 0
+def message_tokens(message: Any) -> int:
+    """One message's share of ``estimate`` (``relay.history`` keeps these for the messages a request repeats)."""
+    return PER_MESSAGE + _content_tokens(message.get("content")) if type(message) is dict else 0
+
+
+def estimate(req: dict[str, Any], known: int = 0, known_tokens: int = 0) -> int:
+    """``known``: the first messages are already counted, at ``known_tokens`` (``relay.history.Reuse``)."""
+    total = known_tokens
     system = req.get("system")
     if system is not None:
         total += _content_tokens(system) + PER_MESSAGE
     messages = req.get("messages")
     if type(messages) is list:
-        for message in messages:
+        for message in messages[known:] if known else messages:
             if type(message) is dict:
                 total += PER_MESSAGE + _content_tokens(message.get("content"))
     tools = req.get("tools")

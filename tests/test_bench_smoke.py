@@ -51,7 +51,8 @@ def test_bench_smoke_runs_clean(tmp_path: Path) -> None:
         where = f"{phase['scenario']} {phase['case']} {phase['path']}"
         assert phase["errors"] == 0, f"{where}: {phase['error_kinds']}"
         assert phase["requests"] > 0, where
-    assert {c["case"] for c in results["cases"] if c["scenario"] == "bodies"} == {"10 KiB", "100 KiB", "100 KiB unicode"}
+    assert {c["case"] for c in results["cases"] if c["scenario"] == "bodies"} == {"10 KiB", "100 KiB", "100 KiB unicode",
+                                                                                            "100 KiB cold"}
     for case in results["cases"]:
         relay = case["paths"]["relay"]
         assert relay["relay_rss_peak"] > 0, case["case"]  # /proc sampling found the relay process
