@@ -339,26 +339,26 @@ def render(summary: dict[str, Any]) -> str:
         else:
             title = _TITLES[scenario]
         widths = [max(11, len(h) + 2) for h, _, _ in columns]
-        header = [f"{'case':<10}", f"{'path':<12}"] + [f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True)]
+        header = [f"{'case':<16}", f"{'path':<12}"] + [f"{h:>{w}}" for (h, _, _), w in zip(columns, widths, strict=True)]
         lines += ["", title, "".join(header), "-" * len("".join(header))]
         for c in cases:
             label = c["case"]
             for path, stats in c["paths"].items():
-                row = [f"{label:<10}", f"{path:<12}"] + [
+                row = [f"{label:<16}", f"{path:<12}"] + [
                     f"{_fmt(stats.get(k), f):>{w}}" for (_, k, f), w in zip(columns, widths, strict=True)]
                 lines.append("".join(row))
                 label = ""
                 ratio = c["ratios"].get(path)
                 if ratio and scenario == "store":
-                    lines.append(f"{'':<10}{'  vs ' + ratio['vs']:<12}  req/s {_fmt(ratio['rps'], 'x')}, TTFB p50 "
+                    lines.append(f"{'':<16}{'  vs ' + ratio['vs']:<12}  req/s {_fmt(ratio['rps'], 'x')}, TTFB p50 "
                                  f"{ratio['added_ttfb_p50_ms']:+.3f} ms, CPU {ratio['added_cpu_us']:+.0f} us/req")
                 elif ratio:
                     cells = [f"{_fmt(ratio.get(k), 'x') if k in ratio else '':>{w}}"
                              for (_, k, _), w in zip(columns, widths, strict=True)]
-                    lines.append("".join([f"{'':<10}", f"{'  /direct':<12}"] + cells))
+                    lines.append("".join([f"{'':<16}", f"{'  /direct':<12}"] + cells))
             if scenario == "bodies" and RELAY in c["ratios"]:
                 r = c["ratios"][RELAY]
-                lines.append(f"{'':<10}{'  added':<12}  TTFB p50 +{r['added_ttfb_p50_ms']:.2f} ms, "
+                lines.append(f"{'':<16}{'  added':<12}  TTFB p50 +{r['added_ttfb_p50_ms']:.2f} ms, "
                              f"p99 +{r['added_ttfb_p99_ms']:.2f} ms")
     harness = [c["paths"][DIRECT]["harness_cores"] for c in summary["cases"] if DIRECT in c["paths"]]
     other = [p["other_load_cores"] for p in summary["phases"]]

@@ -14,9 +14,11 @@ request as the bytes that are new only:
   random string made per process). Finding it first in the top-level ``messages`` proves the array cut is the
   one that counts (not a nested one, not one a later duplicate key replaces); otherwise the whole body is
   parsed as usual;
-- a message's end is learnt after the request is answered, by serialising the parsed message and finding those
-  very bytes in place: so the bytes between two ends are one complete value, the message kept. A client that
-  writes JSON another way (spaces, escapes orjson does not make) is simply never reused.
+- a kept message's end is found by serialising the parsed message and finding those very bytes in place: so the
+  bytes between two ends are one complete value, the message kept. A client that writes JSON another way
+  (spaces, escapes orjson does not make) is simply never reused. Ends are found only when a request shares
+  the bytes, and only as far as it does: keeping a request costs nothing but its memory, so a client whose
+  large requests never repeat (a one-shot prompt each time) pays only a comparison that fails early.
 
 Pure: bytes and dicts in, values out. Reuse is per client identity, so one key's history never speeds up (or
 times) another's. Bounded by ``memory`` (bytes of kept bodies), least recently used forgotten first.
@@ -25,8 +27,9 @@ times) another's. Bounded by ``memory`` (bytes of kept bodies), least recently u
 from __future__ import annotations
 
 import secrets
+from bisect import bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,13 +44,35 @@ KEY = b'"messages":'
 
 @dataclass(eq=False)  # kept requests are told apart by identity
 class Kept:
-    """One request as learnt: its body, where its messages array starts, where each known message ends."""
+    """One request as kept: its body, where its messages array starts, where each message found so far ends."""
 
     body: bytes
     start: int  # the offset of the first message's first byte (just past ``"messages":[``)
-    ends: list[int]  # ends[i]: the offset just past message i, for the messages whose bytes were found in place
-    messages: list[Any]  # the request's parsed messages (all of them; ``ends`` may cover fewer)
-    counts: list[int]  # counts[i]: relay's token estimate of messages 0..i (``tokens.message_tokens`` summed)
+    messages: list[Any]  # the request's parsed messages
+    ends: list[int] = field(default_factory=list)  # ends[i]: the offset just past message i, as far as found
+    counts: list[int] = field(default_factory=list)  # counts[i]: relay's estimate of messages 0..i (summed
+    # ``tokens.message_tokens``)
+    stuck: bool = False  # a message's bytes are not orjson's: no more ends to find
+
+    def find_ends(self, limit: int) -> None:
+        """Find message ends until one reaches ``limit`` (or the messages, or the bytes that are orjson's, end)."""
+        ends, counts, body = self.ends, self.counts, self.body
+        at = ends[-1] + 1 if ends else self.start
+        total = counts[-1] if counts else 0
+        while not self.stuck and len(ends) < len(self.messages) and (not ends or ends[-1] < limit):
+            if ends and body[ends[-1]] != 0x2C:  # the last one found closed the array
+                self.stuck = True
+                return
+            message = self.messages[len(ends)]
+            data = orjson.dumps(message)
+            end = at + len(data)
+            if not body.startswith(data, at) or body[end:end + 1] not in (b",", b"]"):
+                self.stuck = True
+                return
+            ends.append(end)
+            total += tokens.message_tokens(message)
+            counts.append(total)
+            at = end + 1
 
 
 @dataclass
@@ -96,66 +121,53 @@ class Histories:
                     if req is not None:
                         self._order.move_to_end(id(reuse.kept))
                         return req, reuse
+                    self._forget(reuse.kept)  # its array is not the one that counts: no use keeping it
         return orjson.loads(body), None
 
     def _parse_rest(self, body: bytes, reuse: Reuse) -> Any:
         """The body with the reused messages cut to the sentinel, parsed; the messages put back in its place.
-        None when the sentinel is not where it was put (the whole body is parsed instead)."""
+        None when the sentinel is not first in the top-level messages (the whole body is parsed instead)."""
         kept, count = reuse.kept, reuse.count
-        end = kept.ends[count - 1] + reuse.start - kept.start  # body[end] is "," (new messages follow) or "]"
-        rest = (b",", body[end + 1:]) if body[end] == 0x2C else (body[end:],)
+        # The reused messages' bytes (whole values, a "," between two) give way to the sentinel, one value: the
+        # document around them reads as before, whatever follows them ("," and more messages, "]", or bytes that
+        # make the body invalid, and then the whole body's error is reported).
+        end = kept.ends[count - 1] + reuse.start - kept.start
+        rest = (b",", body[end + 1:]) if body[end:end + 1] == b"," else (body[end:],)
         try:
             req = orjson.loads(b"".join((body[:reuse.start], self._sentinel, *rest)))
         except orjson.JSONDecodeError:
             return None  # the error is the whole body's to report, with its own offsets
         messages = req.get("messages") if type(req) is dict else None
         if type(messages) is not list or not messages or messages[0] != self._mark:
-            return None  # not the array that counts (a later duplicate key replaced it)
+            return None  # a nested array, or one a later duplicate key replaced
         messages[0:1] = kept.messages[:count]
         return req
 
     def learn(self, client: str, body: bytes, req: Any, reuse: Reuse | None) -> None:
-        """Keep ``body`` (answered, parsed to ``req``) for the requests that will extend it. Runs after the answer:
-        finding a message's bytes costs a serialisation of it, for the new messages only."""
+        """Keep ``body`` (answered, parsed to ``req``) for the requests that will extend it: its bytes and its
+        parsed messages, and the ends (and counts) of the messages it reused; the others are found if a request
+        shares them."""
         if self.memory <= 0 or len(body) < REUSE_FROM or len(body) > self.memory or type(req) is not dict:
             return
         messages = req.get("messages")
         if type(messages) is not list or not messages:
             return
         if reuse is not None:
-            start, ends, counts = reuse.start, reuse.ends(), reuse.kept.counts[:reuse.count]
+            kept = Kept(body, reuse.start, messages, reuse.ends(), reuse.kept.counts[:reuse.count])
             self._forget(reuse.kept)  # this request extends it: the new one replaces it
         else:
-            found = _messages_start(body)
-            if found is None:
+            start = _messages_start(body)
+            if start is None:
                 return
-            start, ends, counts = found, [], []
-        _find_ends(body, messages, start, ends, counts)
-        if not ends:
-            return
-        kept = Kept(body, start, ends, messages, counts)
-        if reuse is None and not self._counts(kept):
-            return
-        mine = self._clients.setdefault(client, [])
-        if len(mine) >= PER_CLIENT:
+            kept = Kept(body, start, messages)
+        mine = self._clients.get(client)
+        if mine is not None and len(mine) >= PER_CLIENT:
             self._forget(mine[0])
-        mine.append(kept)
+        self._clients.setdefault(client, []).append(kept)
         self._order[id(kept)] = (client, kept)
         self._held += len(body)
         while self._held > self.memory:
             self._forget(next(iter(self._order.values()))[1])
-
-    def _counts(self, kept: Kept) -> bool:
-        """Whether the array found first is the one that counts (on first sight: a reused request's was proved
-        when it was parsed). Not needed for exactness, which the sentinel checks on every reuse, but a kept request
-        that could never be reused would cost every later request a parse in vain."""
-        try:
-            cut = orjson.loads(b"".join((kept.body[:kept.start], self._sentinel, kept.body[kept.ends[-1]:])))
-        except orjson.JSONDecodeError:
-            return False
-        messages = cut.get("messages") if type(cut) is dict else None
-        return (type(messages) is list and len(messages) == len(kept.messages) - len(kept.ends) + 1
-                and messages[0] == self._mark)
 
     def _forget(self, kept: Kept) -> None:
         entry = self._order.pop(id(kept), None)
@@ -168,28 +180,9 @@ class Histories:
         self._held -= len(kept.body)
 
 
-def _find_ends(body: bytes, messages: list[Any], start: int, ends: list[int], counts: list[int]) -> None:
-    """Extend ``ends`` and ``counts`` over the messages whose serialisation is in ``body`` where they must be."""
-    at = ends[-1] + 1 if ends else start
-    total = counts[-1] if counts else 0
-    for message in messages[len(ends):]:
-        if ends and body[ends[-1]] != 0x2C:  # the last one found closed the array
-            return
-        data = orjson.dumps(message)
-        if not body.startswith(data, at):
-            return
-        at += len(data)
-        if body[at:at + 1] not in (b",", b"]"):  # a body written with spaces between its values
-            return
-        ends.append(at)
-        total += tokens.message_tokens(message)
-        counts.append(total)
-        at += 1
-
-
 def _messages_start(body: bytes) -> int | None:
     """The offset just past the first ``"messages":[``: the top-level one, unless the sentinel's parse finds
-    otherwise (``Histories._parse_rest``, ``Histories._counts``)."""
+    otherwise (``Histories._parse_rest``)."""
     at = body.find(KEY)
     if at < 0:
         return None
@@ -202,8 +195,6 @@ def _messages_start(body: bytes) -> int | None:
 def _best(candidates: list[Kept], body: bytes, start: int) -> Reuse | None:
     best: Reuse | None = None
     for kept in reversed(candidates):
-        if best is not None and len(kept.ends) <= best.count:
-            continue
         count = _shared(kept, body, start)
         if count and (best is None or count > best.count):
             best = Reuse(kept, count, kept.counts[count - 1], start)
@@ -212,22 +203,23 @@ def _best(candidates: list[Kept], body: bytes, start: int) -> Reuse | None:
 
 def _shared(kept: Kept, body: bytes, start: int) -> int:
     """How many of ``kept``'s messages ``body``, its messages starting at ``start``, holds byte for byte."""
-    shift = start - kept.start
-    ends = kept.ends
-    view = memoryview(kept.body)
-    size = len(body)
-    last = ends[-1]
-    if last + shift < size and body[last + shift] in (0x2C, 0x5D) and body.startswith(view[kept.start:last], start):
-        return len(ends)  # the usual case when nothing changed: all of it, in one comparison
-    # the first message that differs, by halves: each step compares only the bytes not yet proved equal
-    low, high, proved = 0, len(ends) - 1, kept.start  # messages [0, low) are equal; message high may not be
-    while low < high:
+    limit = kept.start + _common(memoryview(kept.body)[kept.start:], body, start)  # kept's bytes before it: equal
+    if limit - kept.start < 2:
+        return 0
+    kept.find_ends(limit)
+    return bisect_right(kept.ends, limit)  # the messages whose bytes all lie before the limit
+
+
+def _common(kept: memoryview, body: bytes, start: int) -> int:
+    """How many bytes ``body`` from ``start`` has in common with ``kept``, from their starts. By halves: each step
+    compares only bytes not yet proved equal, so the whole costs about two passes of memcmp over the shared part."""
+    low, high = 0, min(len(kept), len(body) - start)
+    if body.startswith(kept[:high], start):
+        return high
+    while high - low > 1:  # bytes [0, low) are equal; [low, high) hold a difference
         mid = (low + high) // 2
-        end = ends[mid]
-        if body.startswith(view[proved:end], proved + shift):
-            low, proved = mid + 1, end
+        if body.startswith(kept[low:mid], start + low):
+            low = mid
         else:
             high = mid
-    while low > 0 and not (ends[low - 1] + shift < size and body[ends[low - 1] + shift] in (0x2C, 0x5D)):
-        low -= 1
     return low

@@ -171,10 +171,10 @@ def test_a_nested_messages_key_before_the_real_one_is_never_taken_for_it() -> No
     decoy = {"messages": messages[:1]}  # the first "messages": [...] in the body, and its first element matches
     first = orjson.dumps({"metadata": decoy, "model": "m", "messages": messages})
     histories.learn("k", first, orjson.loads(first), None)
-    assert histories.held == 0  # the array found first is not the one that counts: nothing kept
     second = orjson.dumps({"metadata": decoy, "model": "m", "messages": messages + _turn(rng, 2)})
     req, reuse = histories.parse("k", second)
     assert reuse is None and req == orjson.loads(second)
+    assert histories.held == 0  # the array found first is not the one that counts: forgotten, not tried again
 
 
 def test_a_body_written_with_spaces_is_not_kept() -> None:
@@ -291,10 +291,14 @@ def test_message_ends_are_learnt_only_where_the_bytes_are_orjsons() -> None:
     histories = Histories(1 << 26)
     histories.learn("k", body, orjson.loads(body), None)
     kept = histories._clients["k"][0]
-    assert kept.ends == [len(head) + len(first)]
+    assert kept.ends == []  # found only when a request shares the bytes
+    kept.find_ends(len(body))
+    assert kept.ends == [len(head) + len(first)] and kept.stuck
     spaced = head + first + b"," + json.dumps(orjson.loads(third)).encode() + b"]}"
     histories.learn("k2", spaced, orjson.loads(spaced), None)
-    assert histories._clients["k2"][0].ends == [len(head) + len(first)]
+    kept = histories._clients["k2"][0]
+    kept.find_ends(len(spaced))
+    assert kept.ends == [len(head) + len(first)] and kept.stuck
 
 
 def test_what_comes_before_the_messages_may_change() -> None:
@@ -315,3 +319,47 @@ def test_what_comes_before_the_messages_may_change() -> None:
         histories.learn("k", body, req, reuse)
         assert histories._clients["k"][-1].ends[:reuse.count] == reuse.ends()
         messages = more
+
+
+def test_whatever_follows_a_shared_message_reads_as_in_the_whole_body() -> None:
+    """The shared messages give way to the sentinel and the rest is read as it is: a space, the array's end or
+    the body's end right after them, each as a whole parse reads it."""
+    rng = random.Random(14)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "go " * 12000}]}] + _turn(rng, 1)
+    first = orjson.dumps({"model": "m", "messages": messages, "max_tokens": 5})
+    end = len(b'{"model":"m","messages":[') + len(orjson.dumps(messages[0]))
+    assert first[end:end + 1] == b","
+    for body in (first[:end] + b" " + first[end:], first[:end] + b"]}", first[:end] + b"\n,\n" + first[end + 1:]):
+        histories = Histories(1 << 26)
+        histories.learn("k", first, orjson.loads(first), None)
+        req, reuse = histories.parse("k", body)
+        assert reuse is not None and reuse.count == 1
+        assert _same(req, orjson.loads(body))
+    for body in (first[:end], first[:end] + b"}", first[:end] + b",]}"):
+        histories = Histories(1 << 26)
+        histories.learn("k", first, orjson.loads(first), None)
+        with pytest.raises(orjson.JSONDecodeError) as whole:
+            orjson.loads(body)
+        with pytest.raises(orjson.JSONDecodeError) as ours:
+            histories.parse("k", body)
+        assert str(ours.value) == str(whole.value)
+
+
+def test_a_message_that_goes_on_past_the_kept_ones_end_is_read_again() -> None:
+    """The same bytes up to the kept message's last byte but one: the new one differs only where the kept one
+    closed (a field added at its end)."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "go " * 12000}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+                {"role": "user", "content": [{"type": "text", "text": "more"}]}]
+    first = orjson.dumps({"model": "m", "messages": messages})
+    grown = [{**messages[0], "extra": 1}, *messages[1:]]
+    body = orjson.dumps({"model": "m", "messages": grown})
+    histories = Histories(1 << 26)
+    histories.learn("k", first, orjson.loads(first), None)
+    req, reuse = histories.parse("k", body)
+    assert reuse is None and req["messages"][0]["extra"] == 1
+    histories.learn("k", body, req, reuse)
+    shorter = orjson.dumps({"model": "m", "messages": grown[:2] + [{**grown[2], "extra": 2}]})
+    req, reuse = histories.parse("k", shorter)
+    assert reuse is not None and reuse.count == 2 and req["messages"][2]["extra"] == 2
+    assert _same(req, orjson.loads(shorter))
