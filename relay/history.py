@@ -48,7 +48,7 @@ class Kept:
 
     body: bytes
     start: int  # the offset of the first message's first byte (just past ``"messages":[``)
-    messages: list[Any]  # the request's parsed messages
+    messages: list[Any] | None  # the request's parsed messages; None: kept as bytes only (see ``Histories.learn``)
     ends: list[int] = field(default_factory=list)  # ends[i]: the offset just past message i, as far as found
     counts: list[int] = field(default_factory=list)  # counts[i]: relay's estimate of messages 0..i (summed
     # ``tokens.message_tokens``)
@@ -59,11 +59,14 @@ class Kept:
         ends, counts, body = self.ends, self.counts, self.body
         at = ends[-1] + 1 if ends else self.start
         total = counts[-1] if counts else 0
-        while not self.stuck and len(ends) < len(self.messages) and (not ends or ends[-1] < limit):
+        messages = self.messages
+        if messages is None:
+            return
+        while not self.stuck and len(ends) < len(messages) and (not ends or ends[-1] < limit):
             if ends and body[ends[-1]] != 0x2C:  # the last one found closed the array
                 self.stuck = True
                 return
-            message = self.messages[len(ends)]
+            message = messages[len(ends)]
             data = orjson.dumps(message)
             end = at + len(data)
             if not body.startswith(data, at) or body[end:end + 1] not in (b",", b"]"):
@@ -77,7 +80,8 @@ class Kept:
 
 @dataclass
 class Reuse:
-    """What a request took from a kept one: its first ``count`` messages, worth ``tokens`` in the estimate.
+    """What a request took from a kept one: its first ``count`` messages, worth ``tokens`` in the estimate; none
+    when it shares bytes with one kept as bytes only (it is a conversation going on: its own messages are kept).
     ``start``: where the request's own messages start (what comes before them may differ from the kept one's:
     another model, other tools)."""
 
@@ -116,6 +120,8 @@ class Histories:
             start = _messages_start(body) if kept else None
             if kept and start is not None:
                 reuse = _best(kept, body, start)
+                if reuse is not None and not reuse.count:
+                    return orjson.loads(body), reuse
                 if reuse is not None:
                     req = self._parse_rest(body, reuse)
                     if req is not None:
@@ -140,13 +146,18 @@ class Histories:
         messages = req.get("messages") if type(req) is dict else None
         if type(messages) is not list or not messages or messages[0] != self._mark:
             return None  # a nested array, or one a later duplicate key replaced
+        assert kept.messages is not None  # (only a request kept with its messages has their ends)
         messages[0:1] = kept.messages[:count]
         return req
 
     def learn(self, client: str, body: bytes, req: Any, reuse: Reuse | None) -> None:
-        """Keep ``body`` (answered, parsed to ``req``) for the requests that will extend it: its bytes and its
-        parsed messages, and the ends (and counts) of the messages it reused; the others are found if a request
-        shares them."""
+        """Keep ``body`` (answered, parsed to ``req``) for the requests that will extend it.
+
+        A request that shared bytes with a kept one is kept with its parsed messages (and the ends and counts of
+        those it reused; the others are found if a request shares them). One that shared nothing is kept as bytes
+        only, until a request shares them: holding every large request's parsed objects slowed a client whose
+        requests never repeat by ~0.7 ms a request (their memory, no longer reused while still in cache, made
+        the next parse and the build slower), and such a client would never gain from them."""
         if self.memory <= 0 or len(body) < REUSE_FROM or len(body) > self.memory or type(req) is not dict:
             return
         messages = req.get("messages")
@@ -159,7 +170,7 @@ class Histories:
             start = _messages_start(body)
             if start is None:
                 return
-            kept = Kept(body, start, messages)
+            kept = Kept(body, start, None)
         mine = self._clients.get(client)
         if mine is not None and len(mine) >= PER_CLIENT:
             self._forget(mine[0])
@@ -193,21 +204,21 @@ def _messages_start(body: bytes) -> int | None:
 
 
 def _best(candidates: list[Kept], body: bytes, start: int) -> Reuse | None:
+    """The kept request ``body`` shares the most messages with; or one it shares ``REUSE_FROM`` bytes of
+    messages with (``Reuse.count`` 0: kept as bytes only); or None."""
     best: Reuse | None = None
     for kept in reversed(candidates):
-        count = _shared(kept, body, start)
+        shared = _common(memoryview(kept.body)[kept.start:], body, start)
+        if shared < 2:
+            continue
+        limit = kept.start + shared  # kept's bytes before it are body's
+        kept.find_ends(limit)
+        count = bisect_right(kept.ends, limit)  # the messages whose bytes all lie before the limit
         if count and (best is None or count > best.count):
             best = Reuse(kept, count, kept.counts[count - 1], start)
+        elif best is None and shared >= REUSE_FROM:
+            best = Reuse(kept, 0, 0, start)
     return best
-
-
-def _shared(kept: Kept, body: bytes, start: int) -> int:
-    """How many of ``kept``'s messages ``body``, its messages starting at ``start``, holds byte for byte."""
-    limit = kept.start + _common(memoryview(kept.body)[kept.start:], body, start)  # kept's bytes before it: equal
-    if limit - kept.start < 2:
-        return 0
-    kept.find_ends(limit)
-    return bisect_right(kept.ends, limit)  # the messages whose bytes all lie before the limit
 
 
 def _common(kept: memoryview, body: bytes, start: int) -> int:

@@ -88,6 +88,15 @@ def _session(seed: int) -> list[list[dict[str, Any]]]:
     return steps
 
 
+def _keep(histories: Histories, client: str, body: bytes) -> None:
+    """``body`` kept with its messages: seen once (kept as bytes only), then again (a conversation going on)."""
+    histories.learn(client, body, orjson.loads(body), None)
+    req, reuse = histories.parse(client, body)
+    assert reuse is not None and reuse.count == 0 and reuse.kept.messages is None
+    histories.learn(client, body, req, reuse)
+    assert histories._clients[client][-1].messages is req["messages"]
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal values of the same types all the way down (``orjson.dumps`` writes 1, 1.0 and true apart)."""
     return orjson.dumps(a) == orjson.dumps(b)
@@ -111,23 +120,28 @@ def test_a_session_reads_as_the_whole_parse_and_estimate_would(seed: int) -> Non
 
 
 def test_an_appended_turn_reuses_all_but_the_message_that_lost_its_cache_mark() -> None:
+    """A conversation's requests as Claude Code sends them: the first is kept as bytes; the second shares them, is
+    parsed whole and kept with its messages; from the third on, all but the last message of the one before are
+    reused (that one lost its cache mark)."""
     rng = random.Random(7)
     messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 30}]}]
     for n in range(8):
         messages += _turn(rng, n)
     histories = Histories(1 << 26)
-    first = _body(messages)
-    req, reuse = histories.parse("k", first)
-    assert reuse is None
-    histories.learn("k", first, req, reuse)
-    second = _body(messages + _turn(rng, 99))
-    req, reuse = histories.parse("k", second)
-    assert reuse is not None and reuse.count == len(messages) - 1
-    assert _same(req, orjson.loads(second))
-    assert req["messages"][0] is reuse.kept.messages[0]  # reused, not parsed again
-    histories.learn("k", second, req, reuse)
-    again = histories.parse("k", second)[1]  # the same body once more: every message
-    assert again is not None and again.count == len(messages) + 2
+    counts = []
+    for n in range(4):
+        body = _body(messages)
+        req, reuse = histories.parse("k", body)
+        assert _same(req, orjson.loads(body))
+        counts.append(None if reuse is None else reuse.count)
+        if reuse is not None and reuse.count:
+            assert req["messages"][0] is reuse.kept.messages[0]  # reused, not parsed again
+        histories.learn("k", body, req, reuse)
+        previous = len(messages)
+        messages = messages + _turn(rng, 100 + n)
+    assert counts == [None, 0, previous - 2 - 1 - 2, previous - 2 - 1]
+    again = histories.parse("k", body)[1]  # the same body once more: every message
+    assert again is not None and again.count == previous
 
 
 def test_a_value_equal_by_eq_but_written_otherwise_is_read_again() -> None:
@@ -138,7 +152,7 @@ def test_a_value_equal_by_eq_but_written_otherwise_is_read_again() -> None:
                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{n}", "content": "ok"}]}]
     histories = Histories(1 << 26)
     first = _body(messages)
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     changed = json.loads(json.dumps(messages))
     changed[1]["content"][0]["input"]["flag"] = 1  # True -> 1: == says equal
     changed[3]["content"][0]["input"]["flag"] = 1.0  # 1 -> 1.0
@@ -155,7 +169,7 @@ def test_a_later_duplicate_messages_key_wins_as_in_a_whole_parse() -> None:
     messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
     histories = Histories(1 << 26)
     first = _body(messages)
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     assert histories.held == len(first)
     second = _body(messages + _turn(rng, 2))
     duplicated = second[:-1] + b',"messages":[{"role":"user","content":"the last key wins"}]}'
@@ -170,7 +184,7 @@ def test_a_nested_messages_key_before_the_real_one_is_never_taken_for_it() -> No
     histories = Histories(1 << 26)
     decoy = {"messages": messages[:1]}  # the first "messages": [...] in the body, and its first element matches
     first = orjson.dumps({"metadata": decoy, "model": "m", "messages": messages})
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     second = orjson.dumps({"metadata": decoy, "model": "m", "messages": messages + _turn(rng, 2)})
     req, reuse = histories.parse("k", second)
     assert reuse is None and req == orjson.loads(second)
@@ -205,7 +219,7 @@ def test_bad_json_after_the_shared_messages_is_reported_as_for_the_whole_body() 
     messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
     histories = Histories(1 << 26)
     first = _body(messages)
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     broken = _body(messages + _turn(rng, 2))[:-20] + b"{oops"
     with pytest.raises(orjson.JSONDecodeError) as whole:
         orjson.loads(broken)
@@ -266,7 +280,7 @@ def test_an_earlier_message_edited_to_the_same_length_is_read_again() -> None:
         messages += _turn(rng, n)
     histories = Histories(1 << 26)
     first = _body(messages)
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     for at in (1, 4, 9, len(messages) - 2):
         edited = json.loads(json.dumps(messages))
         block = edited[at]["content"][0]  # a text block, or a tool result's
@@ -289,13 +303,13 @@ def test_message_ends_are_learnt_only_where_the_bytes_are_orjsons() -> None:
     head = b'{"model":"m","messages":['
     body = head + first + b"," + other + b"," + third + b"]}"
     histories = Histories(1 << 26)
-    histories.learn("k", body, orjson.loads(body), None)
+    _keep(histories, "k", body)
     kept = histories._clients["k"][0]
     assert kept.ends == []  # found only when a request shares the bytes
     kept.find_ends(len(body))
     assert kept.ends == [len(head) + len(first)] and kept.stuck
     spaced = head + first + b"," + json.dumps(orjson.loads(third)).encode() + b"]}"
-    histories.learn("k2", spaced, orjson.loads(spaced), None)
+    _keep(histories, "k2", spaced)
     kept = histories._clients["k2"][0]
     kept.find_ends(len(spaced))
     assert kept.ends == [len(head) + len(first)] and kept.stuck
@@ -308,7 +322,7 @@ def test_what_comes_before_the_messages_may_change() -> None:
     messages = [{"role": "user", "content": [{"type": "text", "text": "go " * 12000}]}] + _turn(rng, 1)
     histories = Histories(1 << 26)
     first = orjson.dumps({"model": "claude-sonnet-4-5", "tools": [{"name": "A"}], "messages": messages})
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     for head in ({"model": "claude-haiku-4-5-20251001", "tools": [{"name": "A"}]},
                  {"model": "m", "tools": [{"name": "A", "description": "x" * 500}, {"name": "B"}]}):
         more = messages + _turn(rng, 2)
@@ -331,13 +345,13 @@ def test_whatever_follows_a_shared_message_reads_as_in_the_whole_body() -> None:
     assert first[end:end + 1] == b","
     for body in (first[:end] + b" " + first[end:], first[:end] + b"]}", first[:end] + b"\n,\n" + first[end + 1:]):
         histories = Histories(1 << 26)
-        histories.learn("k", first, orjson.loads(first), None)
+        _keep(histories, "k", first)
         req, reuse = histories.parse("k", body)
         assert reuse is not None and reuse.count == 1
         assert _same(req, orjson.loads(body))
     for body in (first[:end], first[:end] + b"}", first[:end] + b",]}"):
         histories = Histories(1 << 26)
-        histories.learn("k", first, orjson.loads(first), None)
+        _keep(histories, "k", first)
         with pytest.raises(orjson.JSONDecodeError) as whole:
             orjson.loads(body)
         with pytest.raises(orjson.JSONDecodeError) as ours:
@@ -355,9 +369,9 @@ def test_a_message_that_goes_on_past_the_kept_ones_end_is_read_again() -> None:
     grown = [{**messages[0], "extra": 1}, *messages[1:]]
     body = orjson.dumps({"model": "m", "messages": grown})
     histories = Histories(1 << 26)
-    histories.learn("k", first, orjson.loads(first), None)
+    _keep(histories, "k", first)
     req, reuse = histories.parse("k", body)
-    assert reuse is None and req["messages"][0]["extra"] == 1
+    assert reuse is not None and reuse.count == 0 and req["messages"][0]["extra"] == 1
     histories.learn("k", body, req, reuse)
     shorter = orjson.dumps({"model": "m", "messages": grown[:2] + [{**grown[2], "extra": 2}]})
     req, reuse = histories.parse("k", shorter)
