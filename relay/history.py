@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from relay import tokens
+from relay.formats.resume import Translation
 
 # Below this a request is parsed whole: the reuse would save microseconds and the memory is better spent.
 REUSE_FROM = 32 * 1024
@@ -53,6 +54,7 @@ class Kept:
     counts: list[int] = field(default_factory=list)  # counts[i]: relay's estimate of messages 0..i (summed
     # ``tokens.message_tokens``)
     stuck: bool = False  # a message's bytes are not orjson's: no more ends to find
+    translation: Translation | None = None  # its messages as translated (relay.formats.resume), when they were
 
     def find_ends(self, limit: int) -> None:
         """Find message ends until one reaches ``limit`` (or the messages, or the bytes that are orjson's, end)."""
@@ -89,6 +91,7 @@ class Reuse:
     count: int
     tokens: int
     start: int
+    translation: Translation | None = None  # this request's messages as translated (kept with it)
 
     def ends(self) -> list[int]:
         """The reused messages' ends, in the request's body."""
@@ -164,7 +167,8 @@ class Histories:
         if type(messages) is not list or not messages:
             return
         if reuse is not None:
-            kept = Kept(body, reuse.start, messages, reuse.ends(), reuse.kept.counts[:reuse.count])
+            kept = Kept(body, reuse.start, messages, reuse.ends(), reuse.kept.counts[:reuse.count],
+                        translation=reuse.translation)
             self._forget(reuse.kept)  # this request extends it: the new one replaces it
         else:
             start = _messages_start(body)

@@ -392,7 +392,7 @@ class Server:
         client = ex.client.name if ex.client else ""
         req, reuse = _parse_messages(body, self.histories, client)
         parsed = req
-        incoming = ClientRequest(body, req, tuple(headers))
+        incoming = ClientRequest(body, req, tuple(headers), reuse)
         model = req.get("model")
         if not isinstance(model, str) or not model:
             raise invalid("model: Field required")

@@ -16,13 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from relay.config import Provider
 from relay.errors import RelayError, as_anthropic_overflow
 from relay.formats.inbound import session_id
+from relay.formats.resume import Translation
+
+if TYPE_CHECKING:
+    from relay.history import Reuse
 
 
 @dataclass
@@ -41,6 +45,7 @@ class ClientRequest:
     body: bytes  # the raw request body
     json: dict[str, Any]  # ``body`` parsed; a build that receives another dict knows relay changed the request
     headers: tuple[tuple[bytes, bytes], ...] = ()  # the client's request headers (lower-case names)
+    reuse: Reuse | None = None  # what its parse took from the conversation's request before (relay.history)
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -125,10 +130,18 @@ class Translated:
     translator: Callable[..., Translator]
     translate: Callable[..., dict[str, Any]]
     extra: Callable[[Options], dict[str, Any]] = _no_extra
+    resumes: bool = False  # build_body takes ``history`` (relay.formats.resume)
 
     def build(self, req: dict[str, Any], provider: Provider, model: str, stream: bool,
               client: ClientRequest | None = None) -> UpstreamCall:
-        body, dropped = self.build_body(req, provider, model, stream)
+        reuse = client.reuse if client is not None else None
+        messages = req.get("messages")
+        if self.resumes and reuse is not None and type(messages) is list:  # a conversation going on
+            record = reuse.translation = Translation(provider, messages)
+            body, dropped = self.build_body(req, provider, model, stream,  # type: ignore[call-arg]
+                                            history=(reuse.kept.translation, record))
+        else:
+            body, dropped = self.build_body(req, provider, model, stream)
         return UpstreamCall(self.path(model, stream), orjson.dumps(body), dropped=dropped)
 
     def stream_translator(self, opts: Options) -> Translator:

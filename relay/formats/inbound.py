@@ -52,9 +52,10 @@ def system_text(system: Any) -> str:
     return text_of_blocks(system, "system")
 
 
-def turns(req: dict[str, Any]) -> Iterator[tuple[int, str, str | list[Any]]]:
-    """(index, role, content) for each message, validated as Anthropic's API does. The index, not its place's
-    name (``place``): a name is only needed for an error, and making one per message cost a third of this loop.
+def turns(req: dict[str, Any], start: int = 0) -> Iterator[tuple[int, str, str | list[Any]]]:
+    """(index, role, content) for each message from ``start`` on (the ones before were translated with the request
+    before: ``relay.formats.resume``), validated as Anthropic's API does. The index, not its place's name
+    (``place``): a name is only needed for an error, and making one per message cost a third of this loop.
     (Exact type checks: the request is orjson's, which makes no subclasses, and ``type() is`` is the cheaper
     check; this runs for every message of every request.)"""
     messages = req.get("messages")
@@ -62,7 +63,7 @@ def turns(req: dict[str, Any]) -> Iterator[tuple[int, str, str | list[Any]]]:
         raise invalid("messages: Field required (a list)")
     if not messages:
         raise invalid("messages: at least one message is required")
-    for n, message in enumerate(messages):
+    for n, message in enumerate(messages[start:] if start else messages, start):
         if type(message) is not dict:
             raise invalid(f"{place(n)}: expected an object")
         role = message.get("role")

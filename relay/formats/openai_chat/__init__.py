@@ -15,4 +15,4 @@ def _quirks(opts: Options) -> dict[str, Any]:
 
 
 FORMAT = Translated(request.build, lambda model, stream: "/chat/completions", StreamTranslator, response.translate,
-                    _quirks)
+                    _quirks, resumes=True)

@@ -13,6 +13,7 @@ import orjson
 from relay.config import Provider
 from relay.errors import invalid
 from relay.formats.fields import audit
+from relay.formats.resume import Translation
 from relay.formats.inbound import (
     INTERRUPTED,
     PendingCalls,
@@ -124,17 +125,35 @@ def _reasoning(body: dict[str, Any], req: dict[str, Any], provider: Provider, dr
         dropped.add(f"thinking (reasoning_control {control} is not an OpenAI Chat control)")
 
 
-def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> tuple[dict[str, Any], set[str]]:
-    """Returns the upstream body and the set of things deliberately dropped (for a debug log line)."""
+def build(req: dict[str, Any], provider: Provider, model: str, stream: bool,
+          history: tuple[Translation | None, Translation] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Returns the upstream body and the set of things deliberately dropped (for a debug log line).
+
+    ``history``: (the translation of the request before in the conversation, or None; this one's, to fill): the
+    messages that are the very ones translated before are not translated again (``relay.formats.resume``). The
+    body then holds their JSON as ``orjson.Fragment``s (it is only ever serialised)."""
     dropped: set[str] = set()
     messages_in = req.get("messages")
     if not isinstance(messages_in, list):
         raise invalid("messages: Field required (a list)")
     system = system_text(req.get("system"))
-    merged_system: list[str] = [system] if system else []
+    merged: list[str] = []  # system turns merged into the system prompt
     out: list[dict[str, Any]] = []
     pending: PendingCalls[dict[str, Any]] = PendingCalls(
         lambda call_id: {"role": "tool", "tool_call_id": call_id, "content": INTERRUPTED})
+    record = history[1] if history else None
+    done = history[0].covers(messages_in, provider) if history and history[0] else 0
+    made = 0  # upstream messages carried from the translation before
+    if record is not None and done:
+        assert history and history[0]
+        made, waiting, _, dropped_before = history[0].carry(done, record)
+        out, merged = record.out, record.merged
+        pending.ids = list(waiting)
+        dropped |= dropped_before
+    elif record is not None:
+        record.out, record.merged = out, merged
+    seen = len(dropped)
+    snapshot = frozenset(dropped)
 
     def answer_pending() -> None:
         if pending.ids:
@@ -142,11 +161,15 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
 
     # (Per message and per block: exact type checks, and a place named only for an error. A 1 MiB Claude Code
     # request has ~480 messages and ~700 blocks; see bench/README.md, session 7.)
-    for n, role, content in turns(req):
+    for n, role, content in turns(req, done):
+        if record is not None and n > done:  # the state after the message before
+            if len(dropped) != seen:
+                seen, snapshot = len(dropped), frozenset(dropped)
+            record.marks.append((len(out), tuple(pending.ids), len(merged), snapshot))
         if role == "system":
             text = text_of_blocks(content, f"{place(n)}.content")
             if provider.system_turns == "merge" or not out:  # a system turn before any other is the system prompt
-                merged_system.append(text)
+                merged.append(text)
             else:
                 answer_pending()
                 out.append({"role": "user" if provider.system_turns == "user" else "system", "content": text})
@@ -230,11 +253,16 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool) -> 
         parts = follow_images + _user_parts(rest, place(n), dropped) if rest else follow_images
         if parts:
             out.append({"role": "user", "content": _collapse(parts)})
+    if record is not None and len(record.marks) < len(messages_in):  # the state after the last message
+        record.marks.append((len(out), tuple(pending.ids), len(merged),
+                             snapshot if len(dropped) == seen else frozenset(dropped)))
 
+    sent: list[Any] = record.json(made) + out[made:] if made and record is not None else out
+    merged_system = [system, *merged] if system else merged
     if merged_system:
-        out.insert(0, {"role": "system", "content": "\n\n".join(merged_system)})
+        sent = [{"role": "system", "content": "\n\n".join(merged_system)}, *sent]
 
-    body: dict[str, Any] = {"model": model, "messages": out}
+    body: dict[str, Any] = {"model": model, "messages": sent}
     body[provider.max_tokens_field] = max_tokens(req, provider)
 
     tools = _tools(req, dropped)
