@@ -49,7 +49,8 @@ class Kept:
 
     body: bytes
     start: int  # the offset of the first message's first byte (just past ``"messages":[``)
-    messages: list[Any] | None  # the request's parsed messages; None: kept as bytes only (see ``Histories.learn``)
+    messages: list[Any] | None  # the request's parsed messages; None: kept as its first messages' bytes only
+    # (``REUSE_FROM`` of them, from ``start``: see ``Histories.learn``)
     ends: list[int] = field(default_factory=list)  # ends[i]: the offset just past message i, as far as found
     counts: list[int] = field(default_factory=list)  # counts[i]: relay's estimate of messages 0..i (summed
     # ``tokens.message_tokens``)
@@ -157,10 +158,11 @@ class Histories:
         """Keep ``body`` (answered, parsed to ``req``) for the requests that will extend it.
 
         A request that shared bytes with a kept one is kept with its parsed messages (and the ends and counts of
-        those it reused; the others are found if a request shares them). One that shared nothing is kept as bytes
-        only, until a request shares them: holding every large request's parsed objects slowed a client whose
-        requests never repeat by ~0.7 ms a request (their memory, no longer reused while still in cache, made
-        the next parse and the build slower), and such a client would never gain from them."""
+        those it reused; the others are found if a request shares them). One that shared nothing is kept as the
+        first ``REUSE_FROM`` bytes of its messages only, until a request shares them: a client whose large
+        requests never repeat would never gain from more, and holding more cost it. Its parsed objects, then its
+        whole bodies, held for the next requests, slowed it by ~0.7 and ~0.4 ms a 1 MiB request: the memory was
+        no longer reused while still in cache, and the next parse and build ran slower."""
         if self.memory <= 0 or len(body) < REUSE_FROM or len(body) > self.memory or type(req) is not dict:
             return
         messages = req.get("messages")
@@ -172,15 +174,15 @@ class Histories:
             self._forget(reuse.kept)  # this request extends it: the new one replaces it
         else:
             start = _messages_start(body)
-            if start is None:
+            if start is None or len(body) - start < REUSE_FROM:  # (little to reuse: the bulk is elsewhere)
                 return
-            kept = Kept(body, start, None)
+            kept = Kept(body[start:start + REUSE_FROM], 0, None)
         mine = self._clients.get(client)
         if mine is not None and len(mine) >= PER_CLIENT:
             self._forget(mine[0])
         self._clients.setdefault(client, []).append(kept)
         self._order[id(kept)] = (client, kept)
-        self._held += len(body)
+        self._held += len(kept.body)
         while self._held > self.memory:
             self._forget(next(iter(self._order.values()))[1])
 

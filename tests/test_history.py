@@ -209,9 +209,12 @@ def test_reuse_is_per_client_and_small_bodies_are_parsed_whole() -> None:
     histories.learn("a", body, orjson.loads(body), None)
     assert histories.parse("b", body)[1] is None  # another key's history is not this one's to reuse (or time)
     assert histories.parse("a", body)[1] is not None
+    assert histories.held == REUSE_FROM  # a first sight: its first messages' bytes only
     small = _body([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     histories.learn("a", small, orjson.loads(small), None)
-    assert histories.held == len(body)
+    tools = orjson.dumps({"model": "m", "tools": [{"name": "t" * REUSE_FROM}], "messages": messages[-1:]})
+    histories.learn("a", tools, orjson.loads(tools), None)  # large, but not its messages: nothing to reuse
+    assert histories.held == REUSE_FROM
 
 
 def test_bad_json_after_the_shared_messages_is_reported_as_for_the_whole_body() -> None:
