@@ -432,7 +432,10 @@ class Server:
         finally:
             if failures:
                 ex.note = ("failed=" + ",".join(failures) + " " + ex.note).strip()
-            self.histories.learn(client, body, parsed, reuse)  # after the answer: the next turn extends this one
+            try:  # after the answer: the next turn extends this one
+                self.histories.learn(client, body, parsed, reuse)
+            except Exception:  # a fault in an optimisation must not fail a request already answered
+                log.exception("%s keeping the request for the conversation's next turn failed", ex.request_id)
 
     async def _try_target(self, conn: Connection, ex: Exchange, asked: Asked, target: routing.Target,
                           health: ProviderHealth, failures: list[str], last: bool) -> bool:
@@ -623,7 +626,13 @@ def _parse_messages(body: bytes, histories: Histories, client: str) -> tuple[dic
     if not body:
         raise invalid("request body is empty; expected a JSON object")
     try:
-        req, reuse = histories.parse(client, body)
+        try:
+            req, reuse = histories.parse(client, body)
+        except orjson.JSONDecodeError:
+            raise
+        except Exception:  # a fault in the reuse: the request is read whole, as without it
+            log.exception("reading the request with the conversation's history failed; reading it whole")
+            req, reuse = orjson.loads(body), None
     except orjson.JSONDecodeError as exc:
         raise invalid(f"request body is not valid JSON: {exc}") from None
     if not isinstance(req, dict):

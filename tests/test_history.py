@@ -380,3 +380,21 @@ def test_a_message_that_goes_on_past_the_kept_ones_end_is_read_again() -> None:
     req, reuse = histories.parse("k", shorter)
     assert reuse is not None and reuse.count == 2 and req["messages"][2]["extra"] == 2
     assert _same(req, orjson.loads(shorter))
+
+
+async def test_a_fault_in_the_reuse_reads_the_request_whole_and_answers_it(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the history")
+
+    monkeypatch.setattr(Histories, "parse", broken)
+    monkeypatch.setattr(Histories, "learn", broken)
+    bodies = [orjson.dumps({**orjson.loads(_body(m)), "model": "mock-model"}) for m in _session(12)[:3]]
+    sent, held = await _upstream_bodies(nursery, 64 * 1024 * 1024, bodies)  # (each answered 200: checked there)
+    monkeypatch.undo()
+    plain, _ = await _upstream_bodies(nursery, 0, bodies)
+    assert sent == plain and held == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "relay.server"]
+    assert sum("reading it whole" in m for m in said) == 3  # caught where it happened, each time, and said
+    assert sum("for the conversation's next turn failed" in m for m in said) == 3
+    assert not any("bug" in m for m in said), said
