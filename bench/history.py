@@ -64,7 +64,7 @@ def main() -> None:
         return
     for _ in range(args.rounds):
         for vary, name in (("last", "next turn"), ("first", "first request (cold)")):
-            for memory, label in ((64 * 1024 * 1024, "with the history"), (0, "without")):
+            for memory, label in ((256 * 1024 * 1024, "with the history"), (0, "without")):
                 out = subprocess.run([sys.executable, "-m", "bench.history", "--kib", str(args.kib), "--requests",
                                       str(args.requests), "--one", vary, str(memory)],
                                      capture_output=True, text=True, check=True).stdout.strip()

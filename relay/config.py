@@ -138,9 +138,9 @@ class ServerConfig:
     keepalive: float = 10.0
     keepalive_start: float = 20.0
     affinity_sessions: int = 10_000  # Claude Code sessions kept on their upstream key and target (0: no affinity)
-    # Bytes of recent large requests' bodies kept to read only what the next adds (relay.history; with their parsed
-    # messages and translation, ~2.5x this in memory at most); 0: off.
-    history_memory: int = 64 * 1024 * 1024
+    # Memory recent large requests may hold, to read only what the next adds (relay.history, reckoned by
+    # ``relay.history.weight``: ~64 MiB of Claude Code bodies); 0: off.
+    history_memory: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ class Server:
         self.known = known
         self.config = config
         self.sessions.size = config.server.affinity_sessions  # places stay: each is checked against the config in use
-        self.histories.memory = config.server.history_memory  # (a smaller bound is met as the next request is kept)
+        self.histories.memory = config.server.history_memory  # (a smaller bound is met at once)
         self.gateway.config = config
         self._auth = Keys(config, self.gateway.view)
         self.max_open = connection_budget(config.server.max_connections)

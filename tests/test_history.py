@@ -170,7 +170,7 @@ def test_a_later_duplicate_messages_key_wins_as_in_a_whole_parse() -> None:
     histories = Histories(1 << 26)
     first = _body(messages)
     _keep(histories, "k", first)
-    assert histories.held == len(first)
+    assert histories.held >= 4 * len(first)  # (kept with its messages: their objects reckoned too)
     second = _body(messages + _turn(rng, 2))
     duplicated = second[:-1] + b',"messages":[{"role":"user","content":"the last key wins"}]}'
     req, reuse = histories.parse("k", duplicated)
@@ -398,3 +398,50 @@ async def test_a_fault_in_the_reuse_reads_the_request_whole_and_answers_it(
     assert sum("reading it whole" in m for m in said) == 3  # caught where it happened, each time, and said
     assert sum("for the conversation's next turn failed" in m for m in said) == 3
     assert not any("bug" in m for m in said), said
+
+
+def test_a_smaller_bound_on_reload_is_met_at_once_and_zero_turns_reuse_off() -> None:
+    rng = random.Random(15)
+    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    body = _body(messages)
+    histories = Histories(1 << 26)
+    _keep(histories, "k", body)
+    assert histories.parse("k", body)[1] is not None
+    histories.memory = histories.held - 1
+    assert histories.held == 0 and histories.parse("k", body)[1] is None
+    histories.learn("k", body, orjson.loads(body), None)
+    histories.memory = 0
+    assert histories.held == 0
+    histories.learn("k", body, orjson.loads(body), None)
+    assert histories.held == 0 and histories.parse("k", body) == (orjson.loads(body), None)
+
+
+def test_a_message_deeper_than_orjson_writes_stops_the_reuse_there() -> None:
+    deep: Any = "x"
+    for _ in range(400):  # orjson reads 1,024 levels and writes 255
+        deep = [deep]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "go " * 12000}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n", "input": {"d": deep}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}]
+    first = orjson.dumps({"model": "m", "messages": messages[:1]})[:-2] + b"," + b",".join(
+        [_dumps_deep(m) for m in messages[1:]]) + b"]}"
+    histories = Histories(1 << 26)
+    histories.learn("k", first, orjson.loads(first), None)
+    req, reuse = histories.parse("k", first)
+    histories.learn("k", first, req, reuse)
+    req, reuse = histories.parse("k", first)  # finds ends: the second message cannot be written
+    assert reuse is not None and reuse.count == 1 and histories._clients["k"][-1].stuck
+    assert req == orjson.loads(first)
+
+
+def _dumps_deep(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_memory_is_reckoned_by_values_not_only_bytes() -> None:
+    """A body of tiny values holds far more in objects than its bytes: reckoned so, the bound holds it."""
+    tiny = {"role": "user", "content": [{"type": "text", "text": "t", "x": [{} for _ in range(20000)]}]}
+    body = orjson.dumps({"model": "m", "messages": [tiny, tiny]})
+    histories = Histories(1 << 28)
+    _keep(histories, "k", body)
+    assert histories.held >= 25 * len(body)
