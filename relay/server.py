@@ -7,6 +7,7 @@ happens here beyond choosing the translator: bodies are parsed once and handed t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from relay.formats.base import ClientRequest, Options, Translator
 from relay.gate import StartGate
 from relay.gateway import Gateway
 from relay.health import Healths, ProviderHealth
-from relay.history import Histories, Reuse
+from relay.history import REUSE_FROM, Histories, Reuse
 from relay.headmemo import HeadMemo, RequestHead
 from relay.http import BodyBudget, ClientGone, Connection, EventStream, send_body, send_error, send_raw, serve_connection
 from relay.live import Live
@@ -389,7 +390,10 @@ class Server:
     async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
         if not self.gate.passes():  # many requests at once: they take turns with the streams already running
             await self.gate.wait()
-        client = ex.client.name if ex.client else ""
+        # Whose history: the key itself (two keys may share a name), by digest; only where a body is large enough
+        # to be kept.
+        client = hashlib.blake2b(ex.client.key.encode(), digest_size=16).hexdigest() \
+            if ex.client and len(body) >= REUSE_FROM else ""
         req, reuse = _parse_messages(body, self.histories, client)
         parsed = req
         incoming = ClientRequest(body, req, tuple(headers), reuse)

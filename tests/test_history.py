@@ -445,3 +445,19 @@ def test_memory_is_reckoned_by_values_not_only_bytes() -> None:
     histories = Histories(1 << 28)
     _keep(histories, "k", body)
     assert histories.held >= 25 * len(body)
+
+
+async def test_two_keys_of_one_name_have_histories_of_their_own(nursery: trio.Nursery) -> None:
+    """History is per key, not per name: names are not unique (two [[keys]] may share one)."""
+    upstream = MockUpstream(lambda r: text_stream("ok"))
+    await nursery.start(upstream.serve)
+    config = relay_config(upstream.base_url) + '\n[[keys]]\nkey = "sk-one"\nname = "team"\n' \
+        '\n[[keys]]\nkey = "sk-two"\nname = "team"\n'
+    handle = await start_relay(nursery, config)
+    body = orjson.dumps({**orjson.loads(_body(_session(16)[6])), "model": "mock-model"})
+    for key in ("sk-one", "sk-one"):
+        assert (await roundtrip(handle.port, request_bytes(body, key=key))).status == 200
+    histories = handle.server.histories
+    assert len(histories._clients) == 1
+    assert (await roundtrip(handle.port, request_bytes(body, key="sk-two"))).status == 200
+    assert len(histories._clients) == 2  # sk-two's first sight: not sk-one's history
