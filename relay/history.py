@@ -21,7 +21,8 @@ request as the bytes that are new only:
   large requests never repeat (a one-shot prompt each time) pays only a comparison that fails early.
 
 Pure: bytes and dicts in, values out. Reuse is per client identity, so one key's history never speeds up (or
-times) another's. Bounded by ``memory`` (bytes of kept bodies), least recently used forgotten first.
+times) another's. Bounded by ``memory`` (the memory kept requests hold, reckoned by ``weight``), least recently
+used forgotten first.
 """
 
 from __future__ import annotations
