@@ -133,8 +133,7 @@ class Histories:
     def memory(self, memory: int) -> None:
         """A new bound (a config reload), met at once: 0 forgets everything."""
         self._memory = memory
-        while self._held > memory and self._order:
-            self._forget(next(iter(self._order.values()))[1])
+        self._shrink()
 
     def parse(self, client: str, body: bytes) -> tuple[Any, Reuse | None]:
         """``body`` parsed, as ``orjson.loads`` parses it, with the messages it shares with a kept request reused.
@@ -210,7 +209,11 @@ class Histories:
         self._clients.setdefault(client, []).append(kept)
         self._order[id(kept)] = (client, kept)
         self._held += kept.held
-        while self._held > self._memory:
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """The least recently used forgotten until what is held is within the bound."""
+        while self._held > self._memory and self._order:
             self._forget(next(iter(self._order.values()))[1])
 
     def _forget(self, kept: Kept) -> None:

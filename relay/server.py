@@ -7,7 +7,6 @@ happens here beyond choosing the translator: bodies are parsed once and handed t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -41,6 +40,7 @@ from relay.metrics import Metrics
 from relay.pump import HeadWaits, Pump
 from relay.resources import connection_budget
 from relay.retry import RAISE, Raise, Retry, next_step, retry_after
+from relay.store import digest
 from relay.upstream import Deadlines, Upstreams
 from relay.watch import StreamWatch
 
@@ -390,11 +390,10 @@ class Server:
     async def _messages(self, conn: Connection, ex: Exchange, body: bytes, headers: Any = ()) -> None:
         if not self.gate.passes():  # many requests at once: they take turns with the streams already running
             await self.gate.wait()
-        # Whose history: the key itself (two keys may share a name), by digest; only where a body is large enough
-        # to be kept.
-        client = hashlib.blake2b(ex.client.key.encode(), digest_size=16).hexdigest() \
-            if ex.client and len(body) >= REUSE_FROM else ""
-        req, reuse = _parse_messages(body, self.histories, client)
+        # Whose history: the key itself (two keys may share a name), by its digest; only where a body is large
+        # enough to be kept.
+        client = digest(ex.client.key) if ex.client and len(body) >= REUSE_FROM else ""
+        req, reuse = _parse_reusing(body, self.histories, client)
         parsed = req
         incoming = ClientRequest(body, req, tuple(headers), reuse)
         model = req.get("model")
@@ -614,34 +613,34 @@ def _only_nesting(exc: orjson.JSONEncodeError) -> None:
 
 
 def _parse(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or the Anthropic-format 400."""
+    return _parse_reusing(body, None, "")[0]
+
+
+def _parse_reusing(body: bytes, histories: Histories | None, client: str) -> tuple[dict[str, Any], Reuse | None]:
+    """As ``_parse``; with ``histories`` (a /v1/messages body), only what it adds to a kept request of
+    ``client``'s is read."""
     if not body:
         raise invalid("request body is empty; expected a JSON object")
     try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(req, dict):
-        raise invalid("request body must be a JSON object")
-    return req
-
-
-def _parse_messages(body: bytes, histories: Histories, client: str) -> tuple[dict[str, Any], Reuse | None]:
-    """A /v1/messages body: as ``_parse``, reading only what it adds to a kept request of the client's."""
-    if not body:
-        raise invalid("request body is empty; expected a JSON object")
-    try:
-        try:
-            req, reuse = histories.parse(client, body)
-        except orjson.JSONDecodeError:
-            raise
-        except Exception:  # a fault in the reuse: the request is read whole, as without it
-            log.exception("reading the request with the conversation's history failed; reading it whole")
-            req, reuse = orjson.loads(body), None
+        req, reuse = _read(body, histories, client)
     except orjson.JSONDecodeError as exc:
         raise invalid(f"request body is not valid JSON: {exc}") from None
     if not isinstance(req, dict):
         raise invalid("request body must be a JSON object")
     return req, reuse
+
+
+def _read(body: bytes, histories: Histories | None, client: str) -> tuple[Any, Reuse | None]:
+    if histories is None:
+        return orjson.loads(body), None
+    try:
+        return histories.parse(client, body)
+    except orjson.JSONDecodeError:
+        raise  # the body's own error
+    except Exception:  # a fault in the reuse: the request is read whole, as without it
+        log.exception("reading the request with the conversation's history failed; reading it whole")
+        return orjson.loads(body), None
 
 
 def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:

@@ -52,6 +52,11 @@ def _turn(rng: random.Random, n: int) -> list[dict[str, Any]]:
     ]
 
 
+def _opening(rng: random.Random) -> list[dict[str, Any]]:
+    """A long first user message and one tool round trip: the smallest conversation worth keeping."""
+    return [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+
+
 def _body(messages: list[dict[str, Any]], **extra: Any) -> bytes:
     """A Claude Code-shaped body (its key order: model, messages, system, tools, ...), the last message marked
     for the prompt cache as Claude Code marks it."""
@@ -166,7 +171,7 @@ def test_a_value_equal_by_eq_but_written_otherwise_is_read_again() -> None:
 
 def test_a_later_duplicate_messages_key_wins_as_in_a_whole_parse() -> None:
     rng = random.Random(3)
-    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    messages = _opening(rng)
     histories = Histories(1 << 26)
     first = _body(messages)
     _keep(histories, "k", first)
@@ -180,7 +185,7 @@ def test_a_later_duplicate_messages_key_wins_as_in_a_whole_parse() -> None:
 
 def test_a_nested_messages_key_before_the_real_one_is_never_taken_for_it() -> None:
     rng = random.Random(4)
-    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    messages = _opening(rng)
     histories = Histories(1 << 26)
     decoy = {"messages": messages[:1]}  # the first "messages": [...] in the body, and its first element matches
     first = orjson.dumps({"metadata": decoy, "model": "m", "messages": messages})
@@ -193,7 +198,7 @@ def test_a_nested_messages_key_before_the_real_one_is_never_taken_for_it() -> No
 
 def test_a_body_written_with_spaces_is_not_kept() -> None:
     rng = random.Random(5)
-    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    messages = _opening(rng)
     body = json.dumps({"model": "m", "messages": messages}).encode()  # ", " and ": " between values
     histories = Histories(1 << 26)
     histories.learn("k", body, orjson.loads(body), None)
@@ -203,7 +208,7 @@ def test_a_body_written_with_spaces_is_not_kept() -> None:
 
 def test_reuse_is_per_client_and_small_bodies_are_parsed_whole() -> None:
     rng = random.Random(6)
-    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    messages = _opening(rng)
     body = _body(messages)
     histories = Histories(1 << 26)
     histories.learn("a", body, orjson.loads(body), None)
@@ -219,7 +224,7 @@ def test_reuse_is_per_client_and_small_bodies_are_parsed_whole() -> None:
 
 def test_bad_json_after_the_shared_messages_is_reported_as_for_the_whole_body() -> None:
     rng = random.Random(8)
-    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    messages = _opening(rng)
     histories = Histories(1 << 26)
     first = _body(messages)
     _keep(histories, "k", first)
@@ -402,7 +407,7 @@ async def test_a_fault_in_the_reuse_reads_the_request_whole_and_answers_it(
 
 def test_a_smaller_bound_on_reload_is_met_at_once_and_zero_turns_reuse_off() -> None:
     rng = random.Random(15)
-    messages = [{"role": "user", "content": [{"type": "text", "text": _text(rng) * 40}]}] + _turn(rng, 1)
+    messages = _opening(rng)
     body = _body(messages)
     histories = Histories(1 << 26)
     _keep(histories, "k", body)

@@ -141,17 +141,15 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool,
     out: list[dict[str, Any]] = []
     pending: PendingCalls[dict[str, Any]] = PendingCalls(
         lambda call_id: {"role": "tool", "tool_call_id": call_id, "content": INTERRUPTED})
-    record = history[1] if history else None
-    done = history[0].covers(messages_in, provider) if history and history[0] else 0
+    before, record = history if history is not None else (None, None)
+    done = before.covers(messages_in, provider) if before is not None else 0  # messages translated before
     made = 0  # upstream messages carried from the translation before
-    if record is not None and done:
-        assert history and history[0]
-        made, waiting, _, dropped_before = history[0].carry(done, record)
-        out, merged = record.out, record.merged
-        pending.ids = list(waiting)
-        dropped |= dropped_before
-    elif record is not None:
-        record.out, record.merged = out, merged
+    if record is not None:
+        if before is not None and done:
+            made, waiting, _, dropped_before = before.carry(done, record)
+            pending.ids = list(waiting)
+            dropped |= dropped_before
+        out, merged = record.out, record.merged  # (made here, the record's are this translation's)
     seen = len(dropped)
     snapshot = frozenset(dropped)
 
@@ -159,13 +157,19 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool,
         if pending.ids:
             out.extend(pending.close())
 
+    def mark() -> None:
+        """The state after a message, into the record (one snapshot of ``dropped`` while it does not change)."""
+        nonlocal seen, snapshot
+        assert record is not None
+        if len(dropped) != seen:
+            seen, snapshot = len(dropped), frozenset(dropped)
+        record.marks.append((len(out), tuple(pending.ids), len(merged), snapshot))
+
     # (Per message and per block: exact type checks, and a place named only for an error. A 1 MiB Claude Code
     # request has ~480 messages and ~700 blocks; see bench/README.md, session 7.)
     for n, role, content in turns(req, done):
         if record is not None and n > done:  # the state after the message before
-            if len(dropped) != seen:
-                seen, snapshot = len(dropped), frozenset(dropped)
-            record.marks.append((len(out), tuple(pending.ids), len(merged), snapshot))
+            mark()
         if role == "system":
             text = text_of_blocks(content, f"{place(n)}.content")
             if provider.system_turns == "merge" or not out:  # a system turn before any other is the system prompt
@@ -254,8 +258,7 @@ def build(req: dict[str, Any], provider: Provider, model: str, stream: bool,
         if parts:
             out.append({"role": "user", "content": _collapse(parts)})
     if record is not None and len(record.marks) < len(messages_in):  # the state after the last message
-        record.marks.append((len(out), tuple(pending.ids), len(merged),
-                             snapshot if len(dropped) == seen else frozenset(dropped)))
+        mark()
 
     sent: list[Any] = record.json(made) + out[made:] if made and record is not None else out
     merged_system = [system, *merged] if system else merged
